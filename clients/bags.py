@@ -1,0 +1,127 @@
+"""Learning from aggregate responses: bag-level, instance-level and interpolating losses.
+
+Javanmard, Chen, Mirrokni, Badanidiyuru, Fu, "Learning from Aggregate Responses:
+Instance Level versus Bag Level Loss Functions", ICLR 2024 (arXiv 2401.11081).
+
+With bags B_a of size k, released means y_a, f_i = f(x_i) and f_a = mean of f over B_a:
+  L_bag = (1/m) sum_a l(y_a, f_a)
+  L_ins = (1/n) sum_a sum_{i in B_a} l(y_a, f_i)
+  for squared loss L_ins = L_bag + R,  R = (1/n) sum_a sum_{i in B_a} (f_i - f_a)^2
+  L_rho = L_bag + rho R = (1 - rho) L_bag + rho L_ins.
+For classification, bags carry label proportions; L_bag is the cross-entropy between the
+proportion and the bag's mean predicted distribution (DLLP), L_ins uses the proportion as a
+soft label, and L_rho interpolates the two linearly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from clients.trainer import LocalResult, TrainSettings
+from fedsim.config import Config
+from fedsim.errors import FedsimError
+from fedsim.experiment import derive_seed
+from fedsim.privacy.bag_mechanism import make_bags, release_bag_means, release_label_proportions
+
+
+def squared_losses(pred: torch.Tensor, bag_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_bag, R) for predictions of shape (m, k) and bag targets of shape (m,)."""
+    bag_mean = pred.mean(dim=1)
+    l_bag = ((bag_targets - bag_mean) ** 2).mean()
+    r = ((pred - bag_mean[:, None]) ** 2).mean()
+    return l_bag, r
+
+
+def interpolated_loss(pred: torch.Tensor, bag_targets: torch.Tensor, rho: float) -> torch.Tensor:
+    """L_rho = L_bag + rho * R for regression (pred (m, k), targets (m,))."""
+    l_bag, r = squared_losses(pred, bag_targets)
+    return l_bag + rho * r
+
+
+def proportion_loss(logits: torch.Tensor, proportions: torch.Tensor, rho: float) -> torch.Tensor:
+    """(1 - rho) CE(p_a, mean softmax) + rho * mean_i CE(p_a, softmax(z_i)); logits (m, k, C)."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    mean_probs = log_probs.exp().mean(dim=1).clamp_min(1e-12)
+    l_bag = -(proportions * mean_probs.log()).sum(-1).mean()
+    l_ins = -(proportions[:, None, :] * log_probs).sum(-1).mean()
+    return (1 - rho) * l_bag + rho * l_ins
+
+
+_RELEASES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def client_bags(cfg: Config, x: np.ndarray, y: np.ndarray, bag_size: int, partition_id: int,
+                task: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bags, released targets) of one client: drawn and noised ONCE from a fixed seed.
+
+    Every round re-derives the identical release (same seed), which is what "release once,
+    reuse as post-processing" means in a stateless simulation.
+    """
+    if bag_size > len(y):
+        raise FedsimError(f"bags.bag_size: {bag_size} is larger than client {partition_id}'s "
+                          f"{len(y)} samples; lower bags.bag_size or federation.num_clients")
+    key = (cfg.seed, partition_id, bag_size, cfg.bags.label_epsilon, cfg.bags.mechanism, len(y), task)
+    if key not in _RELEASES:
+        rng = np.random.default_rng(derive_seed(cfg.seed, partition_id, bag_size, "bags"))
+        bags = make_bags(len(y), bag_size, rng)
+        b = cfg.bags
+        if task == "classification":
+            targets = release_label_proportions(y, bags, num_classes, epsilon=b.label_epsilon,
+                                                delta=cfg.privacy.delta, mechanism=b.mechanism, rng=rng)
+        else:
+            rng_range = tuple(b.label_range) if b.label_range else None
+            if b.label_epsilon > 0 and rng_range is None:
+                raise FedsimError("bags.label_range: label-DP on bag means needs a public response "
+                                  "range [a, b]; set bags.label_range")
+            targets = release_bag_means(y, bags, epsilon=b.label_epsilon, delta=cfg.privacy.delta,
+                                        mechanism=b.mechanism, label_range=rng_range, rng=rng)
+        if len(_RELEASES) > 4096:
+            _RELEASES.clear()
+        _RELEASES[key] = (bags, targets)
+    return _RELEASES[key]
+
+
+def _bag_batches(num_bags: int, per_batch: int, gen: torch.Generator):
+    """Endless minibatches of bag indices, reshuffled every epoch."""
+    while True:
+        order = torch.randperm(num_bags, generator=gen)
+        for start in range(0, num_bags, per_batch):
+            yield order[start:start + per_batch]
+
+
+def train_bags(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Config, settings: TrainSettings,
+               bag_size: int, rho: float, partition_id: int, seed: int) -> LocalResult:
+    """Local SGD on minibatches of bags with L_rho. Label-DP comes from the release, so no DP-SGD."""
+    from fedsim.datasets import load_dataset
+
+    data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+    bags, targets = client_bags(cfg, x, y, bag_size, partition_id, settings.task, data.num_classes)
+    torch.manual_seed(seed)
+    device = settings.device
+    model.to(device).train()
+    xt = torch.as_tensor(x, dtype=torch.float32, device=device)
+    tt = torch.as_tensor(targets, dtype=torch.float32, device=device)
+    m = len(bags)
+    per_batch = max(1, settings.batch_size // bag_size)
+    steps = settings.local_steps or settings.local_epochs * math.ceil(m / per_batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for chosen in itertools.islice(_bag_batches(m, per_batch, gen), steps):
+        idx = torch.as_tensor(bags[chosen.numpy()], device=device)
+        out = model(xt[idx.reshape(-1)])
+        if settings.task == "classification":
+            loss = proportion_loss(out.reshape(len(chosen), bag_size, -1), tt[chosen], rho)
+        else:
+            loss = interpolated_loss(out.reshape(len(chosen), bag_size), tt[chosen], rho)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return LocalResult(m * bag_size, steps, float(np.mean(losses)), [], min(1.0, per_batch / m))

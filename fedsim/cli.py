@@ -1,0 +1,235 @@
+"""The `fedsim` command line.
+
+Every flag maps to one config key and goes through the same validation as the TOML
+file, so a bad value is refused with the key's name and allowed values. Bad input
+prints one line and exits 2; a failing client exits 1 with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from fedsim.errors import ClientFailure, FedsimError
+
+# flag -> config key, for `run`, `partition` and `sweep`
+RUN_FLAGS: dict[str, str] = {
+    "--dataset": "data.dataset", "--model": "model.name", "--strategy": "strategy.name",
+    "--num-clients": "federation.num_clients", "--clients-per-round": "federation.clients_per_round",
+    "--rounds": "federation.rounds", "--local-epochs": "client.local_epochs",
+    "--batch-size": "client.batch_size", "--lr": "client.lr",
+    "--noise-multiplier": "privacy.noise_multiplier", "--max-grad-norm": "privacy.max_grad_norm",
+    "--delta": "privacy.delta", "--accountant": "privacy.accountant",
+    "--partitioner": "data.partitioner", "--alpha": "data.alpha",
+    "--runtime": "runtime.name", "--device": "runtime.device", "--seed": "seed", "--out": "output.dir",
+    "--bag-size": "bags.bag_size", "--rho": "bags.rho", "--label-epsilon": "bags.label_epsilon",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {self.prog}: {message}\n")
+        raise SystemExit(2)
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="experiment TOML (default: built-in defaults)")
+    group = p.add_argument_group("experiment overrides (each sets one config key)")
+    for flag, key in RUN_FLAGS.items():
+        group.add_argument(flag, dest=key, metavar="V", help=key)
+    group.add_argument("--target-epsilon", dest="privacy.target_epsilon", metavar="EPS",
+                       help="calibrate sigma to this sample-level epsilon")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any key, e.g. --set strategy.proximal_mu=0.1 (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show fedsim's and Flower's logs")
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    from fedsim.config import parse_assignment, parse_value
+
+    out = {key: parse_value(getattr(args, key)) for key in
+           list(RUN_FLAGS.values()) + ["privacy.target_epsilon"] if getattr(args, key, None) is not None}
+    for item in args.set:
+        key, value = parse_assignment(item)
+        out[key] = value
+    if "output.dir" in out:
+        out["output.dir"] = str(out["output.dir"])
+    return out
+
+
+def _load(args: argparse.Namespace):
+    from fedsim.config import load_config
+
+    return load_config(args.config, overrides_from(args))
+
+
+def setup_logging(verbose: bool) -> None:
+    """Quiet by default: warnings only, and Flower's INFO chatter hidden unless -v."""
+    import flwr.common.logger  # noqa: F401 - flwr configures its logger on import; override after
+
+    level = logging.INFO if verbose else logging.WARNING
+    fedsim_log = logging.getLogger("fedsim")
+    if not fedsim_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s fedsim: %(message)s"))
+        fedsim_log.addHandler(handler)
+    fedsim_log.handlers[0].setLevel(level)
+    fedsim_log.propagate = False
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.INFO if verbose else logging.ERROR)
+    flwr_log.propagate = False
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if not verbose:
+        warnings.filterwarnings("ignore")
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedsim.results import read_summary
+    from fedsim.run import run_experiment
+
+    cfg = _load(args)
+    out = run_experiment(cfg, progress=not args.no_progress)
+    summary = read_summary(out) or {}
+    line = f"{summary.get('metric_name')}: final {summary.get('final_metric'):.4f}, best {summary.get('best_metric'):.4f}"
+    sample = summary.get("sample_level") or {}
+    if sample.get("accountant"):
+        line += (f"; sample-level eps {sample['epsilon_max']:.2f} at delta={sample['delta']:g} "
+                 f"({sample['accountant']})")
+    user = summary.get("user_level")
+    if user:
+        line += f"; user-level eps {user['epsilon']:.2f} at delta={user['delta']:g} ({user['accountant']})"
+    print(line)
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from fedsim.partition import label_counts
+
+    cfg = _load(args)
+    counts = label_counts(cfg)
+    width = max(3, len(str(counts.max())))
+    header = "client  size  " + " ".join(f"{c:>{width}}" for c in range(counts.shape[1]))
+    print(f"{cfg.data.dataset}: {counts.sum()} training samples over {len(counts)} clients "
+          f"({cfg.data.partitioner}); label counts per client:")
+    print(header)
+    for i, row in enumerate(counts):
+        print(f"{i:>6} {row.sum():>5}  " + " ".join(f"{c:>{width}}" for c in row))
+    if args.plot:
+        from fedsim.plots import plot_label_distribution
+
+        plot_label_distribution(cfg, counts, Path(args.plot))
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from fedsim.datasets import BUILTIN_DESCRIPTIONS
+
+    for name, text in BUILTIN_DESCRIPTIONS.items():
+        print(f"{name:<14} {text}")
+    print(f"{'file':<14} your CSV / Parquet / NPZ: data.path and data.label_column")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsim.sweep import run_sweep
+
+    return run_sweep(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedsim.report import run_report
+
+    return run_report(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="fedsim", formatter_class=_formatter,
+                    description="Federated, privacy-aware training simulator on Flower and Opacus.",
+                    epilog="example:\n  fedsim run configs/quickstart.toml --rounds 5 --noise-multiplier 1.0")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("run", help="run one experiment", formatter_class=_formatter,
+                       description="Run one federated experiment and write rounds.csv, clients.csv, "
+                                   "summary.json and config.toml to its run directory.",
+                       epilog="examples:\n  fedsim run configs/quickstart.toml\n"
+                              "  fedsim run configs/quickstart.toml --noise-multiplier 1.0 --rounds 20 "
+                              "--set strategy.proximal_mu=0.1")
+    _add_config_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("partition", help="show how a config splits the data", formatter_class=_formatter,
+                       description="Print per-client sizes and label counts; optionally plot them.",
+                       epilog="example:\n  fedsim partition --dataset digits --partitioner dirichlet "
+                              "--alpha 0.1 --num-clients 20 --plot labels.png")
+    _add_config_flags(p)
+    p.add_argument("--plot", metavar="FILE.png", help="write a per-client label distribution plot")
+    p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("datasets", help="list the built-in datasets", formatter_class=_formatter,
+                       description="List the datasets that work offline.", epilog="example:\n  fedsim datasets")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("sweep", help="run a grid of experiments (resumable)", formatter_class=_formatter,
+                       description="Run every cell of a grid; re-running skips finished cells.",
+                       epilog="example:\n  fedsim sweep configs/privacy-utility.toml --jobs 2\n"
+                              "  fedsim sweep configs/quickstart.toml --grid privacy.noise_multiplier=0,1 "
+                              "--grid strategy.name=fedavg,fedprox --seeds 0,1,2")
+    _add_config_flags(p)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="an axis of the grid (repeatable)")
+    p.add_argument("--seeds", metavar="S1,S2", help="seeds axis, e.g. 0,1,2")
+    p.add_argument("--target-epsilons", metavar="E1,E2",
+                   help="target sample-level epsilons axis (0 = non-private), e.g. 0,1,3,8")
+    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")
+    p.add_argument("--max-cells", type=int, default=0, help="stop after this many new cells (0 = all)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="privacy-utility table from runs", formatter_class=_formatter,
+                       description="Aggregate run directories (over seeds) into a privacy-utility table.",
+                       epilog="example:\n  fedsim report sweeps/privacy-utility --format md --plot pu.png")
+    p.add_argument("path", help="a run directory or a sweep directory")
+    p.add_argument("--format", default="md", choices=("md", "csv", "latex", "json"), help="table format")
+    p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
+    p.add_argument("--plot", metavar="FILE.png", help="metric against epsilon, one line per strategy")
+    p.add_argument("--group-by", default="", metavar="KEYS",
+                   help="extra config keys that split rows, e.g. data.alpha,data.dataset")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        return args.func(args)
+    except FedsimError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except ClientFailure as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        if exc.client_traceback:
+            sys.stderr.write("client traceback:\n" + exc.client_traceback)
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: finished rounds are kept in the run directory\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""Built-in and user datasets, as numpy arrays with a held-out test split.
+
+Everything here works offline: the built-ins ship inside scikit-learn or are
+generated. A dataset is loaded once per process and cached, because every
+simulated client of a run reads the same arrays and only keeps its indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedsim.config import DataConfig
+from fedsim.errors import ConfigError, FedsimError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train/test arrays plus what a model needs to know about them."""
+
+    name: str
+    task: str  # "classification" or "regression"
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int  # 1 for regression
+    input_shape: tuple[int, ...]  # per-sample shape, e.g. (1, 8, 8) for digits
+    groups_train: np.ndarray | None = field(default=None, repr=False)  # natural client ids
+
+    @property
+    def num_features(self) -> int:
+        return int(np.prod(self.input_shape))
+
+
+BUILTIN_DESCRIPTIONS = {
+    "digits": "scikit-learn digits: 1,797 8x8 images, 10 classes (pixels scaled to [0, 1])",
+    "breast-cancer": "scikit-learn breast cancer: 569 samples, 30 features, binary (standardized)",
+    "diabetes": "scikit-learn diabetes: 442 samples, 10 features, regression (target standardized)",
+    "synthetic": "Synthetic(alpha, beta) of FedProx (Li et al. 2020): 60 features, 10 classes, "
+                 "one natural group per client; scales to 1,000+ clients",
+    "linear": "Gaussian linear model y = x.theta + noise, d = data.linear_dim (regression)",
+}
+
+
+def _split(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, test_fraction: float,
+           seed: int) -> tuple:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    n_test = max(1, int(round(test_fraction * len(y))))
+    test, train = order[:n_test], np.sort(order[n_test:])
+    g = groups[train] if groups is not None else None
+    return x[train], y[train], x[test], y[test], g
+
+
+def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-8
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def synthetic_fedprox(num_groups: int, alpha: float, beta: float, mean_samples: int,
+                      seed: int, dim: int = 60, num_classes: int = 10):
+    """Synthetic(alpha, beta) from FedProx (Li et al., MLSys 2020, Sec. 5.1).
+
+    Group k draws u_k ~ N(0, alpha), B_k ~ N(0, beta); W_k, b_k ~ N(u_k, 1);
+    v_k ~ N(B_k, 1); x ~ N(v_k, Sigma) with Sigma = diag(j^-1.2); y = argmax(softmax(W_k x + b_k)).
+    alpha controls how much the local models differ, beta how much local features differ.
+    Group sizes follow a lognormal (the paper's power law) with the given mean.
+    """
+    rng = np.random.default_rng(seed)
+    sigma = np.arange(1, dim + 1) ** -1.2
+    sizes = np.maximum(10, rng.lognormal(np.log(mean_samples) - 0.5, 1.0, num_groups).astype(int))
+    xs, ys, gs = [], [], []
+    for k in range(num_groups):
+        u = rng.normal(0, np.sqrt(alpha))
+        b_mean = rng.normal(0, np.sqrt(beta))
+        w = rng.normal(u, 1, (dim, num_classes))
+        b = rng.normal(u, 1, num_classes)
+        v = rng.normal(b_mean, 1, dim)
+        x = rng.normal(v, np.sqrt(sigma), (sizes[k], dim))
+        ys.append(np.argmax(x @ w + b, axis=1))
+        xs.append(x)
+        gs.append(np.full(sizes[k], k))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys), np.concatenate(gs)
+
+
+def linear_gaussian(n: int, dim: int, noise: float, seed: int):
+    """y = x . theta* + N(0, noise^2), x ~ N(0, I_d): the linear setting of Javanmard et al. 2024."""
+    rng = np.random.default_rng(seed)
+    theta = rng.normal(0, 1, dim) / np.sqrt(dim)
+    x = rng.normal(0, 1, (n, dim)).astype(np.float32)
+    y = x @ theta + rng.normal(0, noise, n)
+    return x, y.astype(np.float32)
+
+
+def _read_user_file(cfg: DataConfig):
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise ConfigError(f"data.path: file not found: {path}")
+    import pandas as pd
+
+    if path.suffix == ".npz":
+        arrays = np.load(path)
+        keys = {k.lower(): k for k in arrays.files}
+        if "x" not in keys or "y" not in keys:
+            raise ConfigError(f"data.path: an NPZ file needs arrays 'x' and 'y' (found {arrays.files})")
+        x, y = arrays[keys["x"]], arrays[keys["y"]]
+        groups = arrays[keys["group"]] if "group" in keys else None
+        return x.reshape(len(x), -1).astype(np.float32), y, groups
+    frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+    if cfg.label_column not in frame.columns:
+        raise ConfigError(f"data.label_column: {cfg.label_column!r} is not a column of {path.name}; "
+                          f"columns: {', '.join(map(str, frame.columns))}")
+    groups = None
+    if cfg.partitioner == "natural-id":
+        if cfg.natural_id_column not in frame.columns:
+            raise ConfigError(f"data.natural_id_column: {cfg.natural_id_column!r} is not a column of {path.name}")
+        groups = pd.factorize(frame.pop(cfg.natural_id_column))[0]
+    y = frame.pop(cfg.label_column).to_numpy()
+    non_numeric = [c for c in frame.columns if not np.issubdtype(frame[c].dtype, np.number)]
+    if non_numeric:
+        raise ConfigError(f"data.path: feature column {non_numeric[0]!r} is not numeric")
+    return frame.to_numpy(np.float32), y, groups
+
+
+def _infer_task(y: np.ndarray, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if not np.issubdtype(y.dtype, np.number):
+        return "classification"
+    is_integral = np.all(np.mod(y, 1) == 0)
+    return "classification" if is_integral and len(np.unique(y)) <= 100 else "regression"
+
+
+def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
+    from sklearn import datasets as skd
+
+    groups = None
+    name = cfg.dataset
+    if name == "digits":
+        d = skd.load_digits()
+        x, y, task, shape = (d.data / 16.0).astype(np.float32), d.target, "classification", (1, 8, 8)
+    elif name == "breast-cancer":
+        d = skd.load_breast_cancer()
+        x, y, task, shape = d.data.astype(np.float32), d.target, "classification", (30,)
+    elif name == "diabetes":
+        d = skd.load_diabetes()
+        x, y, task, shape = d.data.astype(np.float32), d.target.astype(np.float32), "regression", (10,)
+    elif name == "synthetic":
+        x, y, groups = synthetic_fedprox(num_clients, cfg.synthetic_alpha, cfg.synthetic_beta,
+                                         cfg.synthetic_samples, seed)
+        task, shape = "classification", (60,)
+    elif name == "linear":
+        x, y = linear_gaussian(cfg.synthetic_samples * num_clients, cfg.linear_dim, cfg.linear_noise, seed)
+        task, shape = "regression", (cfg.linear_dim,)
+    else:
+        x, y, groups = _read_user_file(cfg)
+        task, shape = _infer_task(y, cfg.task), (x.shape[1],)
+    if cfg.task != "auto":
+        task = cfg.task
+    if task == "classification":
+        y = np.unique(y, return_inverse=True)[1].astype(np.int64)
+        num_classes = int(y.max()) + 1
+    else:
+        if not np.issubdtype(np.asarray(y).dtype, np.number):
+            raise ConfigError(f"data.label_column: regression needs a numeric label column, "
+                              f"got values like {y[0]!r}")
+        y = np.asarray(y, dtype=np.float32)
+        num_classes = 1
+    x_tr, y_tr, x_te, y_te, g_tr = _split(x, y, groups, cfg.test_fraction, seed)
+    if name in ("breast-cancer", "file"):
+        x_tr, x_te = _standardize(x_tr, x_te)
+    if task == "regression" and name in ("diabetes", "file"):
+        # Standardize the target on train statistics so one learning rate fits every dataset;
+        # MSE is then in units of the target's variance.
+        mu, sd = y_tr.mean(), y_tr.std() + 1e-8
+        y_tr, y_te = (y_tr - mu) / sd, (y_te - mu) / sd
+    if len(y_tr) == 0:
+        raise FedsimError("data: the training split is empty; lower data.test_fraction")
+    return Dataset(name, task, x_tr.astype(np.float32), y_tr, x_te.astype(np.float32), y_te,
+                   num_classes, shape, g_tr)
+
+
+_CACHE: dict[tuple, Dataset] = {}
+
+
+def load_dataset(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
+    """The dataset of an experiment, cached per process (configs are mutable, so key on repr)."""
+    key = (repr(cfg), num_clients, seed)
+    if key not in _CACHE:
+        if len(_CACHE) >= 8:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = _load(cfg, num_clients, seed)
+    return _CACHE[key]

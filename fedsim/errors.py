@@ -1,0 +1,18 @@
+"""The errors fedsim turns into one clear line (and an exit code) at the CLI."""
+
+
+class FedsimError(Exception):
+    """Bad input or an impossible setting: the CLI prints ``error: <message>`` and exits 2."""
+
+
+class ConfigError(FedsimError):
+    """A config key has a wrong type, an out-of-range value, or is unknown."""
+
+
+class ClientFailure(Exception):
+    """A client raised during a round, or a node was lost. The message names the node,
+    partition and round; ``client_traceback`` holds the client's own traceback (exit 1)."""
+
+    def __init__(self, message: str, client_traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.client_traceback = client_traceback

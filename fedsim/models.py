@@ -1,0 +1,93 @@
+"""Model registry: models are chosen by name in config.
+
+The registry is open (`register_model`) so that other modules, like the LoRA
+wrappers for FedSVD, add names without touching this file. Every model is
+Opacus-compatible: GroupNorm instead of BatchNorm, no in-place tricks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedsim.config import ModelConfig
+from fedsim.datasets import Dataset
+from fedsim.errors import ConfigError
+
+ModelBuilder = Callable[[ModelConfig, Dataset], nn.Module]
+_REGISTRY: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    def wrap(builder: ModelBuilder) -> ModelBuilder:
+        _REGISTRY[name] = builder
+        return builder
+    return wrap
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(cfg: ModelConfig, data: Dataset, seed: int) -> nn.Module:
+    """Build a model with a seeded initialization, identical on every client and the server."""
+    if cfg.name not in _REGISTRY:
+        raise ConfigError(f"model.name: must be one of {', '.join(model_names())} (got {cfg.name!r})")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _REGISTRY[cfg.name](cfg, data)
+
+
+class Reshape(nn.Module):
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+
+@register_model("logreg")
+@register_model("linear")
+def _linear(cfg: ModelConfig, data: Dataset) -> nn.Module:
+    """Logistic regression (classification) or linear regression: one Linear layer."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(data.num_features, data.num_classes))
+
+
+def mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+@register_model("mlp")
+def _mlp(cfg: ModelConfig, data: Dataset) -> nn.Module:
+    return mlp(data.num_features, cfg.hidden, data.num_classes)
+
+
+@register_model("cnn")
+def _cnn(cfg: ModelConfig, data: Dataset) -> nn.Module:
+    """Two conv blocks with GroupNorm (Opacus rejects BatchNorm) and a linear head."""
+    if len(data.input_shape) != 3:
+        raise ConfigError(f"model.name: 'cnn' needs image data (channels, height, width); "
+                          f"{data.name} has per-sample shape {data.input_shape}")
+    channels = data.input_shape[0]
+    return nn.Sequential(
+        Reshape(data.input_shape),
+        nn.Conv2d(channels, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, data.num_classes),
+    )
+
+
+def loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy for classification, mean squared error for regression."""
+    if task == "classification":
+        return nn.functional.cross_entropy
+    return lambda out, y: nn.functional.mse_loss(out.squeeze(-1), y)

@@ -1,0 +1,150 @@
+"""Heterogeneity partitioners: which training sample goes to which client.
+
+The label- and size-based splits are flwr-datasets partitioners run over a local
+``datasets.Dataset`` holding only the label and the row index (no hub, no copy of
+the features). fedsim adds two things they don't have: a power-law ``quantity``
+size vector and ``feature-skew`` (an IID split whose clients each see shifted or
+noisier features; the shift itself is applied in `client_data`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsim.config import Config
+from fedsim.datasets import Dataset, load_dataset
+from fedsim.errors import FedsimError
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REGRESSION_BINS = 10  # label-skew partitioners see regression targets as deciles
+
+
+def partition_labels(data: Dataset) -> np.ndarray:
+    """The labels partitioners split on. Decision: for regression, label skew is
+    defined on target deciles, since Dirichlet/shard splits need discrete classes."""
+    if data.task == "classification":
+        return data.y_train
+    edges = np.quantile(data.y_train, np.linspace(0, 1, REGRESSION_BINS + 1)[1:-1])
+    return np.digitize(data.y_train, edges)
+
+
+def power_law_sizes(n: int, num_clients: int, power: float, seed: int) -> list[int]:
+    """Client sizes proportional to rank^-power (power 0 = equal), each at least 1, summing to n."""
+    if n < num_clients:
+        raise FedsimError(f"data: {n} training samples cannot give {num_clients} clients one sample each")
+    weights = np.arange(1, num_clients + 1, dtype=float) ** -power
+    np.random.default_rng(seed).shuffle(weights)
+    sizes = np.maximum(1, np.floor(weights / weights.sum() * n)).astype(int)
+    while sizes.sum() > n:  # the max(1, .) floor can overshoot by a few
+        sizes[np.argmax(sizes)] -= 1
+    sizes[np.argmax(sizes)] += n - sizes.sum()
+    return sizes.tolist()
+
+
+def _make_partitioner(cfg: Config, labels: np.ndarray, groups: np.ndarray | None):
+    from flwr_datasets import partitioner as fp
+
+    d, n_clients, seed = cfg.data, cfg.federation.num_clients, cfg.seed
+    kind = d.partitioner
+    if kind in ("iid", "feature-skew"):
+        return fp.IidPartitioner(num_partitions=n_clients)
+    if kind == "dirichlet":
+        return fp.DirichletPartitioner(num_partitions=n_clients, partition_by="label", alpha=d.alpha,
+                                       min_partition_size=1, self_balancing=False, seed=seed)
+    if kind == "shard":
+        return fp.ShardPartitioner(num_partitions=n_clients, partition_by="label",
+                                   num_shards_per_partition=d.classes_per_client, seed=seed)
+    if kind == "pathological":
+        return fp.PathologicalPartitioner(num_partitions=n_clients, partition_by="label",
+                                          num_classes_per_partition=d.classes_per_client, seed=seed)
+    if kind == "quantity":
+        return fp.SizePartitioner(power_law_sizes(len(labels), n_clients, d.quantity_power, seed))
+    if kind == "natural-id":
+        if groups is None:
+            raise FedsimError(f"data.partitioner: 'natural-id' needs a group column; dataset "
+                              f"{d.dataset!r} has none (use 'synthetic' or a file with data.natural_id_column)")
+        n_groups = len(np.unique(groups))
+        if n_groups != n_clients:
+            raise FedsimError(f"federation.num_clients: natural-id found {n_groups} groups, "
+                              f"so num_clients must be {n_groups} (got {n_clients})")
+        return fp.NaturalIdPartitioner(partition_by="group")
+    raise FedsimError(f"data.partitioner: unknown {kind!r}")
+
+
+def _hf_dataset(labels: np.ndarray, groups: np.ndarray | None, seed: int, shuffle: bool):
+    from datasets import Dataset as HFDataset
+
+    order = np.random.default_rng(seed).permutation(len(labels)) if shuffle else np.arange(len(labels))
+    columns = {"idx": order, "label": labels[order]}
+    if groups is not None:
+        columns["group"] = groups[order]
+    return HFDataset.from_dict(columns)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Row indices of the training split for each client, plus the partitioner (for plots)."""
+
+    indices: list[np.ndarray]
+    partitioner: object
+
+
+_CACHE: dict[str, Partition] = {}
+
+
+def partition(cfg: Config, data: Dataset | None = None) -> Partition:
+    """Split the training rows across ``cfg.federation.num_clients`` clients.
+
+    Every row goes to exactly one client. A client left with no rows is refused here,
+    with the knob to turn, rather than crashing inside training later. Clients smaller
+    than a batch are allowed: Poisson sampling handles them (with q = 1, see the warning
+    in `clients.trainer`).
+    """
+    key = repr((cfg.data, cfg.federation.num_clients, cfg.seed))
+    if key in _CACHE:
+        return _CACHE[key]
+    data = data or load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+    labels = partition_labels(data)
+    # quantity (SizePartitioner) takes contiguous rows, so it needs a shuffled dataset;
+    # the other partitioners shuffle on their own and see the rows in order.
+    shuffled = cfg.data.partitioner in ("quantity", "iid", "feature-skew")
+    part = _make_partitioner(cfg, labels, data.groups_train)
+    part.dataset = _hf_dataset(labels, data.groups_train, cfg.seed, shuffled)
+    try:
+        indices = [np.asarray(part.load_partition(i)["idx"], dtype=np.int64)
+                   for i in range(cfg.federation.num_clients)]
+    except ValueError as exc:
+        raise FedsimError(f"data.partitioner: {cfg.data.partitioner} could not split "
+                          f"{len(labels)} samples over {cfg.federation.num_clients} clients: {exc}") from None
+    empty = [i for i, idx in enumerate(indices) if len(idx) == 0]
+    if empty:
+        raise FedsimError(f"data.partitioner: client {empty[0]} got no samples "
+                          f"({len(empty)} empty clients); raise data.alpha or lower federation.num_clients")
+    result = Partition(indices, part)
+    _CACHE[key] = result
+    return result
+
+
+def client_data(cfg: Config, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (x, y) training arrays of one client, with its feature skew applied."""
+    data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+    idx = partition(cfg, data).indices[partition_id]
+    x, y = data.x_train[idx], data.y_train[idx]
+    if cfg.data.partitioner == "feature-skew":
+        rng = np.random.default_rng([cfg.seed, partition_id, 7])
+        shift = rng.normal(0, cfg.data.feature_shift, x.shape[1:]).astype(np.float32)
+        noise = rng.normal(0, cfg.data.feature_noise, x.shape).astype(np.float32)
+        x = x + shift + noise
+    return x, y
+
+
+def label_counts(cfg: Config) -> np.ndarray:
+    """(num_clients, num_labels) count matrix of the partition labels."""
+    data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+    labels = partition_labels(data)
+    n_labels = int(labels.max()) + 1
+    return np.stack([np.bincount(labels[idx], minlength=n_labels) for idx in partition(cfg, data).indices])

@@ -1,0 +1,1 @@
+"""Privacy accounting (sample- and user-level) and label-DP mechanisms."""

@@ -1,0 +1,75 @@
+"""Message keys and record helpers shared by strategies, clients and runtimes.
+
+Strategies and clients never import each other; they agree through the names
+defined here. A model travels as an ArrayRecord of its *federated* tensors: all
+of them for ordinary models, only the adapters for LoRA models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from torch import nn
+
+# RecordDict keys
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+CONTROL = "control"  # SCAFFOLD control variates (server c downlink, delta c_i uplink)
+ACCOUNTANT_STATE = "fedsim-accountant"  # key in a node's context.state
+CLIENT_STATE = "fedsim-client"
+
+# MetricRecord keys in train replies
+NUM_EXAMPLES = "num-examples"
+UNIT_WEIGHT = "unit-weight"  # 1.0 for every client: uniform averaging under central DP
+PARTITION_ID = "partition-id"
+EPSILON = "epsilon"
+TRAIN_LOSS = "train-loss"
+LOCAL_STEPS = "local-steps"
+SAMPLE_RATE = "sample-rate"
+
+# ConfigRecord keys the server sends
+SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"  # flwr's FedProx name
+TRAINABLE = "trainable"  # which tensors a client trains: "all", "lora-b", "lora"
+UPLOAD = "upload"  # which tensors a client returns: "all", "lora-b", "lora"
+USE_SCAFFOLD = "scaffold"
+MARGIN_LAMBDA = "margin-lambda"
+BAG_SIZE = "bag-size"
+RHO = "rho"
+
+# message types
+QUERY_PARTITION = "query"  # discovery: which partition does this node hold?
+
+# run_config key carrying the whole experiment as TOML (simulation and deployment alike)
+RUN_CONFIG_KEY = "fedsim-config"
+
+
+def federated_keys(model: nn.Module) -> list[str]:
+    """Names of the tensors that travel: a model may narrow them with `federated_keys`."""
+    keys = getattr(model, "federated_keys", None)
+    return list(keys) if keys is not None else list(model.state_dict().keys())
+
+
+def model_to_record(model: nn.Module, keys: list[str] | None = None) -> ArrayRecord:
+    state = model.state_dict()
+    keys = federated_keys(model) if keys is None else keys
+    return ArrayRecord({k: Array(state[k].detach().cpu().numpy()) for k in keys})
+
+
+def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def numpy_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def load_record(model: nn.Module, record: ArrayRecord) -> None:
+    """Copy the record's tensors into the model (other tensors keep their values)."""
+    state = {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
+    missing = set(state) - set(model.state_dict())
+    if missing:
+        raise KeyError(f"record has tensors the model lacks: {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,76 @@
+"""Run outputs, written atomically as each round completes.
+
+A killed run keeps every finished round: each file is rewritten whole into a
+temporary file in the same directory and renamed over the old one, which is atomic
+on POSIX, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROUNDS_CSV = "rounds.csv"
+CLIENTS_CSV = "clients.csv"
+SUMMARY_JSON = "summary.json"
+CONFIG_TOML = "config.toml"
+
+ROUND_COLUMNS = ["round", "metric_name", "metric", "test_loss", "train_loss",
+                 "sample_epsilon_max", "sample_epsilon_mean", "user_epsilon",
+                 "clients_trained", "wall_seconds"]
+CLIENT_COLUMNS = ["partition_id", "num_examples", "participations", "sample_epsilon", "sample_rate"]
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return repr(value) if value == value else "nan"
+    return "" if value is None else value
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    p = Path(run_dir) / SUMMARY_JSON
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    summary = read_summary(run_dir)
+    return bool(summary) and summary.get("status") == "finished"

@@ -1,0 +1,1 @@
+"""Runtimes that drive fedsim's ServerApp logic against its ClientApp."""

@@ -1,0 +1,53 @@
+"""The Ray runtime: Flower's own simulation engine (`flwr.simulation.run_simulation`).
+
+Use it to compare against fedsim's in-process runtime, to give clients their own CPU/GPU
+share (``runtime.num_cpus`` / ``runtime.num_gpus``), or to outgrow one machine: with
+``RAY_ADDRESS`` set, `ray.init` joins that existing cluster.
+
+`run_simulation` passes no run config to the apps, so the experiment TOML is filled in
+by the ServerApp/ClientApp wrappers here. It also swallows ServerApp exceptions, so the
+first one is kept and re-raised once the simulation has shut down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.config import Config
+from fedsim.experiment import run_config_for
+
+log = logging.getLogger("fedsim")
+
+
+def run_ray(cfg: Config, *, progress: bool = True) -> None:
+    from flwr.simulation import run_simulation
+
+    from clients.app import make_client_app
+    from fedsim.server import server_main
+
+    run_config = run_config_for(cfg)
+    failure: list[BaseException] = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        context.run_config.update(run_config)
+        try:
+            server_main(grid, context, progress=progress)
+        except BaseException as exc:  # noqa: BLE001 - re-raised after Ray shuts down
+            failure.append(exc)
+
+    backend_config = {"client_resources": {"num_cpus": cfg.runtime.num_cpus, "num_gpus": cfg.runtime.num_gpus},
+                      "init_args": {"logging_level": logging.ERROR, "log_to_driver": False}}
+    if os.environ.get("RAY_ADDRESS"):
+        log.info("joining the Ray cluster at RAY_ADDRESS=%s", os.environ["RAY_ADDRESS"])
+        backend_config["init_args"]["address"] = os.environ["RAY_ADDRESS"]
+    run_simulation(server_app=server, client_app=make_client_app(run_config),
+                   num_supernodes=cfg.federation.num_clients, backend_config=backend_config,
+                   verbose_logging=log.isEnabledFor(logging.DEBUG))
+    if failure:
+        raise failure[0]

@@ -1,0 +1,310 @@
+"""fedsim's ServerApp logic: discovery, the strategy's rounds, central evaluation, outputs.
+
+`server_main(grid, context)` is the same function for every runtime: fedsim's
+in-process grid, Flower's Ray simulation and a real SuperLink. It wraps the grid in
+`TrackedGrid`, which
+
+* asks every node which partition it holds (a ``query`` message) and then lists node
+  ids in partition order. Together with a per-round seed of Python's ``random`` (which
+  Flower's ``sample_nodes`` uses), the same partitions train in the same rounds in every
+  runtime, although node ids differ.
+* waits until all nodes are connected before round 1 (Flower's round-1 race).
+* hands every train reply to the `RunRecorder`, and turns a client's error reply into a
+  `ClientFailure` that names the node, partition and round (or skips it, by config).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim import records as R
+from fedsim.config import Config, dumps_toml
+from fedsim.datasets import load_dataset
+from fedsim.errors import ClientFailure
+from fedsim.experiment import config_from_context, derive_seed
+from fedsim.models import build_model
+from fedsim.privacy.accounting import accountant_label, user_level_epsilon
+from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, ROUND_COLUMNS, ROUNDS_CSV,
+                            SUMMARY_JSON, csv_text, write_atomic, write_json)
+
+log = logging.getLogger("fedsim")
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("fedsim", "flwr", "opacus", "torch", "dp-accounting", "flwr-datasets", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@dataclass
+class ClientRecord:
+    num_examples: int = 0
+    participations: int = 0
+    epsilon: float = 0.0
+    sample_rate: float = float("nan")
+
+
+@dataclass
+class RunRecorder:
+    """Everything the outputs say, updated per reply and written per round."""
+
+    cfg: Config
+    out_dir: Path
+    progress: bool = True
+    clients: dict[int, ClientRecord] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+    trained_this_round: int = 0
+    train_losses: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    _bar: object = None
+
+    def __post_init__(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.out_dir / CONFIG_TOML, dumps_toml(self.cfg))
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.cfg.federation.rounds, desc=self.cfg.name, unit="round",
+                             leave=True, dynamic_ncols=True)
+
+    @property
+    def private(self) -> bool:
+        return self.cfg.privacy.noise_multiplier > 0
+
+    def on_train_reply(self, metrics: MetricRecord) -> None:
+        pid = int(metrics[R.PARTITION_ID])
+        rec = self.clients.setdefault(pid, ClientRecord())
+        rec.num_examples = int(metrics[R.NUM_EXAMPLES])
+        rec.participations += 1
+        rec.epsilon = float(metrics[R.EPSILON]) if self.private else math.inf
+        rec.sample_rate = float(metrics[R.SAMPLE_RATE])
+        self.trained_this_round += 1
+        if np.isfinite(metrics[R.TRAIN_LOSS]):
+            self.train_losses.append(float(metrics[R.TRAIN_LOSS]))
+
+    def user_epsilon(self, rounds: int) -> float | None:
+        p, fed = self.cfg.privacy, self.cfg.federation
+        if p.user_noise_multiplier <= 0:
+            return None
+        return user_level_epsilon(p.user_noise_multiplier, fed.clients_per_round / fed.num_clients,
+                                  rounds, p.delta, p.accountant)
+
+    def on_round_end(self, server_round: int, evaluation: dict[str, float]) -> None:
+        metric_name = "accuracy" if "accuracy" in evaluation else "mse"
+        # Sample-level epsilon over clients that have trained at least once; a client that
+        # never trained has released nothing (epsilon 0) and is left out of the mean.
+        eps = [c.epsilon for c in self.clients.values()]
+        row = {
+            "round": server_round, "metric_name": metric_name, "metric": evaluation[metric_name],
+            "test_loss": evaluation["loss"],
+            "train_loss": float(np.mean(self.train_losses)) if self.train_losses else float("nan"),
+            "sample_epsilon_max": max(eps) if eps and self.private else (math.inf if eps else 0.0),
+            "sample_epsilon_mean": float(np.mean(eps)) if eps and self.private else (math.inf if eps else 0.0),
+            "user_epsilon": self.user_epsilon(server_round),
+            "clients_trained": self.trained_this_round,
+            "wall_seconds": time.perf_counter() - self.started,
+        }
+        self.rows.append(row)
+        self.trained_this_round, self.train_losses = 0, []
+        self.write(status="running")
+        if self._bar is not None:
+            text = f"{metric_name}={row['metric']:.4f}"
+            if self.private:
+                text += f" eps={row['sample_epsilon_max']:.2f}"
+            if row["user_epsilon"] is not None:
+                text += f" user_eps={row['user_epsilon']:.2f}"
+            self._bar.set_postfix_str(text)
+            self._bar.update(1)
+
+    def summary(self, status: str) -> dict:
+        p = self.cfg.privacy
+        last = self.rows[-1] if self.rows else {}
+        metric_name = last.get("metric_name", "accuracy")
+        better = max if metric_name == "accuracy" else min
+        best = better(self.rows, key=lambda r: r["metric"]) if self.rows else {}
+        sample = {"epsilon_max": last.get("sample_epsilon_max"), "epsilon_mean": last.get("sample_epsilon_mean"),
+                  "delta": p.delta, "accountant": accountant_label(p.accountant) if self.private else None,
+                  "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm}
+        user = None
+        if p.user_noise_multiplier > 0:
+            user = {"epsilon": last.get("user_epsilon"), "delta": p.delta,
+                    "accountant": accountant_label(p.accountant) + ", Poisson client sampling assumed",
+                    "noise_multiplier": p.user_noise_multiplier, "clip": p.user_clip}
+        return {
+            "status": status, "name": self.cfg.name, "seed": self.cfg.seed,
+            "strategy": self.cfg.strategy.name, "dataset": self.cfg.data.dataset,
+            "rounds_completed": len(self.rows), "rounds_planned": self.cfg.federation.rounds,
+            "num_clients": self.cfg.federation.num_clients,
+            "clients_per_round": self.cfg.federation.clients_per_round,
+            "metric_name": metric_name, "final_metric": last.get("metric"),
+            "best_metric": best.get("metric"), "best_round": best.get("round"),
+            "final_test_loss": last.get("test_loss"),
+            "sample_level": sample, "user_level": user,
+            "wall_seconds": time.perf_counter() - self.started, "versions": package_versions(),
+        }
+
+    def write(self, status: str) -> None:
+        write_atomic(self.out_dir / ROUNDS_CSV, csv_text(ROUND_COLUMNS, self.rows))
+        client_rows = [{"partition_id": pid, "num_examples": c.num_examples,
+                        "participations": c.participations,
+                        "sample_epsilon": c.epsilon, "sample_rate": c.sample_rate}
+                       for pid, c in sorted(self.clients.items())]
+        write_atomic(self.out_dir / CLIENTS_CSV, csv_text(CLIENT_COLUMNS, client_rows))
+        write_json(self.out_dir / SUMMARY_JSON, self.summary(status))
+
+    def close(self, status: str) -> None:
+        self.write(status)
+        if self._bar is not None:
+            self._bar.close()
+
+
+class TrackedGrid(Grid):
+    """A Grid wrapper: partition-ordered node ids, reply tracking, error policy."""
+
+    def __init__(self, inner: Grid, recorder: RunRecorder, on_client_error: str = "fail") -> None:
+        self.inner = inner
+        self.recorder = recorder
+        self.on_client_error = on_client_error
+        self.partition_of: dict[int, int] = {}
+        self.current_round = 0
+
+    # -- delegation -------------------------------------------------------------------
+    def set_run(self, run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    # -- what fedsim adds -------------------------------------------------------------
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.partition_of, key=self.partition_of.get)
+
+    def discover(self, expected: int, timeout: float) -> None:
+        """Wait for `expected` nodes, then ask each which partition it holds."""
+        deadline = time.monotonic() + timeout
+        while len(nodes := list(self.inner.get_node_ids())) < expected:
+            if time.monotonic() > deadline:
+                raise ClientFailure(f"only {len(nodes)} of {expected} nodes connected within {timeout:.0f} s")
+            time.sleep(0.05)
+        query = [Message(RecordDict({R.CONFIG: ConfigRecord()}), node, R.QUERY_PARTITION) for node in nodes]
+        replies = list(self.inner.send_and_receive(query, timeout=timeout))
+        self._raise_errors(replies, "discovery")
+        for reply in replies:
+            self.partition_of[reply.metadata.src_node_id] = int(reply.content[R.METRICS][R.PARTITION_ID])
+        missing = expected - len(self.partition_of)
+        if missing > 0:
+            raise ClientFailure(f"{missing} of {expected} nodes did not answer discovery within {timeout:.0f} s")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        is_train = bool(messages) and messages[0].metadata.message_type.startswith("train")
+        if is_train:
+            self.current_round += 1
+            answered = {r.metadata.src_node_id for r in replies}
+            lost = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
+            for node in lost:
+                log.warning("round %d: node %d (partition %s) did not reply; the round goes on without it",
+                            self.current_round, node, self.partition_of.get(node, "?"))
+            self._raise_errors(replies, f"round {self.current_round}")
+            for reply in replies:
+                if not reply.has_error():
+                    self.recorder.on_train_reply(reply.content[R.METRICS])
+        return replies
+
+    def _raise_errors(self, replies: list[Message], where: str) -> None:
+        for reply in replies:
+            if not reply.has_error():
+                continue
+            node = reply.metadata.src_node_id
+            text = (f"node {node} (partition {self.partition_of.get(node, '?')}) failed in {where}: "
+                    f"{reply.error.reason.strip().splitlines()[-1] if reply.error.reason else 'no reason given'}")
+            if self.on_client_error == "fail":
+                raise ClientFailure(text, reply.error.reason)
+            log.warning("%s (skipped)", text)
+
+
+def evaluation_function(cfg: Config, recorder: RunRecorder):
+    """Central evaluation on the held-out split after every round, which also writes the round."""
+    from clients.trainer import evaluate, resolve_device
+
+    data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+    model = build_model(cfg.model, data, cfg.seed)
+    device = resolve_device(cfg.runtime.device)
+
+    def evaluate_fn(server_round: int, arrays) -> MetricRecord:
+        R.load_record(model, arrays)
+        result = evaluate(model, data.x_test, data.y_test, data.task, device)
+        if server_round > 0:
+            recorder.on_round_end(server_round, result)
+        seed_round_sampling(cfg.seed, server_round + 1)
+        return MetricRecord(result)
+
+    return model, evaluate_fn
+
+
+def seed_round_sampling(seed: int, server_round: int) -> None:
+    """Seed what Flower draws from global RNGs in round `server_round`: Python's `random`
+    (node sampling) and numpy's (central DP noise). evaluate_fn runs right before each
+    round's configure_train, which is where this is called from."""
+    random.seed(derive_seed(seed, server_round, "sample"))
+    np.random.seed(derive_seed(seed, server_round, "server-noise"))
+
+
+def server_main(grid: Grid, context: Context, *, progress: bool = True,
+                discovery_timeout: float = 120.0, round_timeout: float = 3600.0) -> RunRecorder:
+    from strategies import build_strategy
+
+    cfg = config_from_context(context)
+    recorder = RunRecorder(cfg, Path(cfg.output.dir or "runs/deployed"), progress=progress)
+    tracked = TrackedGrid(grid, recorder, cfg.runtime.on_client_error)
+    status = "failed"
+    try:
+        tracked.discover(cfg.federation.num_clients, discovery_timeout)
+        model, evaluate_fn = evaluation_function(cfg, recorder)
+        initial = R.model_to_record(model)
+        strategy = build_strategy(cfg)
+        strategy.start(grid=tracked, initial_arrays=initial, num_rounds=cfg.federation.rounds,
+                       timeout=round_timeout, train_config=ConfigRecord(), evaluate_fn=evaluate_fn)
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        recorder.close(status)
+    return recorder
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    """Entry point when Flower loads fedsim as an app (`flwr run`, deployment)."""
+    server_main(grid, context, progress=False)

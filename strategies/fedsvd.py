@@ -1,0 +1,82 @@
+"""FedSVD: adaptive orthogonalization for private federated LoRA
+(Lee et al., "FedSVD: Adaptive Orthogonalization for Private Federated Learning with
+LoRA", 2025, arXiv 2505.12805).
+
+Like FFA-LoRA, clients train only B (A frozen before Opacus wraps the model, so DP noise
+touches B alone) and upload B; the server averages B. Unlike FFA-LoRA, A does not stay
+random: at the start of each round i > 1, per LoRA layer,
+    U, S, V^T = SVD(B_i A_{i-1})          (the unscaled product)
+    A_i = V^T[:r]   (orthonormal rows)     B_i = U[:, :r] diag(S[:r])
+which leaves B A unchanged (rank(B A) <= r) while aligning A with the directions the
+federation has learned, so later noisy B updates act on informative directions.
+
+Decisions the paper leaves open:
+  * Round 1 sends A0 (Kaiming-uniform) and B0 = 0 untouched: B0 A0 = 0, so an SVD would
+    throw A0 away. When B A is rank-deficient later, the trailing rows of V^T from the thin
+    SVD are an orthonormal completion: A keeps orthonormal rows and B A is still exact,
+    because the matching singular values are 0.
+  * "exact" never forms B A: with B = Q_B R_B and A^T = Q_A R_A (thin QR), B A =
+    Q_B (R_B R_A^T) Q_A^T, so the SVD of the r x r core gives the exact factors in
+    O((d_out + d_in) r^2). "randomized" runs torch.svd_lowrank on the product instead.
+  * svd_period n refactorizes in rounds 1 + n, 1 + 2n, ...; other rounds behave as FFA-LoRA.
+
+Parameters
+----------
+svd_period : int
+    Refactorize every n rounds (default 1).
+svd_method : str
+    "exact" (QR + small SVD) or "randomized".
+**fedavg_kwargs
+    Sampling and key options of `flwr.serverapp.strategy.FedAvg`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from fedsim import records as R
+from strategies.ffa_lora import FFALoRA
+
+
+def refactorize(b: np.ndarray, a: np.ndarray, method: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+    """(B_new, A_new) with B_new A_new = B A and A_new having orthonormal rows.
+
+    When the SVD yields fewer than r directions (d_out < r, e.g. a 5-class head with
+    r = 8), the missing rows of A are completed from the previous A, orthonormalized
+    against the kept ones, with zero columns in B: the product is unchanged.
+    """
+    rank = a.shape[0]
+    if method == "randomized":
+        u, s, v = torch.svd_lowrank(torch.as_tensor(b @ a, dtype=torch.float64), q=rank, niter=4)
+        u, s, vt = u.numpy(), s.numpy(), v.numpy().T
+    else:
+        qb, rb = np.linalg.qr(b.astype(np.float64))
+        qa, ra = np.linalg.qr(a.T.astype(np.float64))
+        uc, s, vct = np.linalg.svd(rb @ ra.T)
+        u, vt = qb @ uc, (qa @ vct.T).T
+    kept = min(rank, len(s))
+    b_new = np.zeros((b.shape[0], rank))
+    b_new[:, :kept] = u[:, :kept] * s[:kept]
+    a_new = vt[:kept]
+    if kept < rank:
+        basis, _ = np.linalg.qr(np.concatenate([a_new, a.astype(np.float64)]).T)
+        a_new = np.concatenate([a_new, basis[:, kept:rank].T])
+    return b_new.astype(b.dtype), a_new.astype(a.dtype)
+
+
+class FedSVD(FFALoRA):
+    def __init__(self, *, svd_period: int = 1, svd_method: str = "exact", **fedavg_kwargs) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.svd_period = svd_period
+        self.svd_method = svd_method
+
+    def prepare_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        if server_round == 1 or (server_round - 1) % self.svd_period != 0:
+            return arrays
+        tensors = R.record_to_numpy(arrays)
+        for key_b in [k for k in tensors if ".lora_B." in k]:
+            key_a = key_b.replace(".lora_B.", ".lora_A.")
+            tensors[key_b], tensors[key_a] = refactorize(tensors[key_b], tensors[key_a], self.svd_method)
+        return R.numpy_to_record(tensors)

@@ -1,0 +1,51 @@
+"""FFA-LoRA: federated freeze-A LoRA (Sun et al., "Improving LoRA in Privacy-preserving
+Federated Learning", ICLR 2024, arXiv 2403.12313).
+
+A stays at its random initialization for the whole run; clients train and upload only
+B, and the server averages B. With A fixed, averaging B averages the products B A
+exactly, which is what makes LoRA aggregation sound under DP noise. It is also the base
+of FedSVD, which re-orthogonalizes A between rounds (`strategies.fedsvd`).
+
+Parameters
+----------
+**fedavg_kwargs
+    Sampling and key options of `flwr.serverapp.strategy.FedAvg`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedsim import records as R
+
+
+class FFALoRA(FedAvg):
+    trainable = "lora-b"
+
+    def __init__(self, **fedavg_kwargs) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.current = ArrayRecord()
+
+    def prepare_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The adapters sent this round; FedSVD refactorizes here, FFA-LoRA sends them as they are."""
+        return arrays
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current = self.prepare_round(server_round, arrays)
+        config[R.TRAINABLE] = self.trainable
+        config[R.UPLOAD] = self.trainable
+        return super().configure_train(server_round, self.current, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        averaged_b, metrics = super().aggregate_train(server_round, replies)
+        if averaged_b is None:
+            return None, metrics
+        merged = R.record_to_numpy(self.current)
+        merged.update(R.record_to_numpy(averaged_b))  # B_{i+1} = sum_k n_k/n B_k; A as sent
+        return R.numpy_to_record(merged), metrics
