@@ -25,7 +25,7 @@ from fedsim.lora import select_keys, set_trainable
 from fedsim.models import build_model
 from fedsim.node_data import node_data, node_partition_id
 
-def query(msg: Message, context: Context) -> Message:
+def query(msg: Message, context: Context, config_text: str | None = None) -> Message:
     """Discovery: the server asks which partition this node holds, to sample reproducibly."""
     pid = node_partition_id(context.node_config)
     return Message(RecordDict({R.METRICS: MetricRecord({R.PARTITION_ID: pid})}), reply_to=msg)
@@ -52,8 +52,8 @@ def settings_for(cfg: Config, task: str) -> TrainSettings:
                          device=resolve_device(cfg.runtime.device))
 
 
-def train(msg: Message, context: Context) -> Message:
-    cfg = config_from_context(context)
+def train(msg: Message, context: Context, config_text: str | None = None) -> Message:
+    cfg = config_from_context(context, config_text)
     server_cfg = msg.content.config_records.get(R.CONFIG, ConfigRecord())
     server_round = int(server_cfg.get(R.SERVER_ROUND, 0))
     pid = node_partition_id(context.node_config)
@@ -133,20 +133,19 @@ def _scaffold_update(context: Context, model, start, controls, steps: int, lr: f
     return R.numpy_to_record(delta)
 
 
-def make_client_app(run_config: dict | None = None) -> ClientApp:
-    """The ClientApp. `run_config` fills in keys the runtime does not deliver itself
-    (Flower's `run_simulation` passes no run config; `flwr run` and the in-process grid do)."""
+def make_client_app(config_text: str | None = None) -> ClientApp:
+    """The ClientApp. `config_text` is the experiment TOML for runtimes that deliver no
+    run config (Flower's `run_simulation`); `flwr run` and the in-process grid deliver it."""
     client_app = ClientApp()
 
-    def with_config(handler):
-        def wrapped(msg: Message, context: Context) -> Message:
-            for key, value in (run_config or {}).items():
-                context.run_config.setdefault(key, value)
-            return handler(msg, context)
-        return wrapped
+    @client_app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return query(msg, context, config_text)
 
-    client_app.query()(with_config(query))
-    client_app.train()(with_config(train))
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, config_text)
+
     return client_app
 
 

@@ -23,8 +23,10 @@ def _parse(text: str) -> Config:
     return loads_toml(text)
 
 
-def config_from_context(context: Context) -> Config:
-    text = context.run_config.get(RUN_CONFIG_KEY)
+def config_from_context(context: Context, fallback: str | None = None) -> Config:
+    """The experiment of this run: from the run config, else `fallback` (Flower's
+    `run_simulation` delivers no run config, and its Context is read-only)."""
+    text = context.run_config.get(RUN_CONFIG_KEY) or fallback
     if not isinstance(text, str):
         raise ConfigError(f"run config: key {RUN_CONFIG_KEY!r} with the experiment TOML is missing")
     return _parse(text)

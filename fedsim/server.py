@@ -277,11 +277,11 @@ def seed_round_sampling(seed: int, server_round: int) -> None:
     np.random.seed(derive_seed(seed, server_round, "server-noise"))
 
 
-def server_main(grid: Grid, context: Context, *, progress: bool = True,
+def server_main(grid: Grid, context: Context, *, progress: bool = True, config_text: str | None = None,
                 discovery_timeout: float = 120.0, round_timeout: float = 3600.0) -> RunRecorder:
     from strategies import build_strategy
 
-    cfg = config_from_context(context)
+    cfg = config_from_context(context, config_text)
     recorder = RunRecorder(cfg, Path(cfg.output.dir or "runs/deployed"), progress=progress)
     tracked = TrackedGrid(grid, recorder, cfg.runtime.on_client_error)
     status = "failed"

@@ -4,8 +4,8 @@ Use it to compare against fedsim's in-process runtime, to give clients their own
 share (``runtime.num_cpus`` / ``runtime.num_gpus``), or to outgrow one machine: with
 ``RAY_ADDRESS`` set, `ray.init` joins that existing cluster.
 
-`run_simulation` passes no run config to the apps, so the experiment TOML is filled in
-by the ServerApp/ClientApp wrappers here. It also swallows ServerApp exceptions, so the
+`run_simulation` passes no run config to the apps (and its Context is read-only), so the
+experiment TOML reaches them through the app closures here. It also swallows ServerApp exceptions, so the
 first one is kept and re-raised once the simulation has shut down.
 """
 
@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim.config import Config
 from fedsim.experiment import run_config_for
+from fedsim.records import RUN_CONFIG_KEY
 
 log = logging.getLogger("fedsim")
 
@@ -29,15 +30,14 @@ def run_ray(cfg: Config, *, progress: bool = True) -> None:
     from clients.app import make_client_app
     from fedsim.server import server_main
 
-    run_config = run_config_for(cfg)
+    config_text = run_config_for(cfg)[RUN_CONFIG_KEY]
     failure: list[BaseException] = []
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        context.run_config.update(run_config)
         try:
-            server_main(grid, context, progress=progress)
+            server_main(grid, context, progress=progress, config_text=config_text)
         except BaseException as exc:  # noqa: BLE001 - re-raised after Ray shuts down
             failure.append(exc)
 
@@ -46,7 +46,7 @@ def run_ray(cfg: Config, *, progress: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         log.info("joining the Ray cluster at RAY_ADDRESS=%s", os.environ["RAY_ADDRESS"])
         backend_config["init_args"]["address"] = os.environ["RAY_ADDRESS"]
-    run_simulation(server_app=server, client_app=make_client_app(run_config),
+    run_simulation(server_app=server, client_app=make_client_app(config_text),
                    num_supernodes=cfg.federation.num_clients, backend_config=backend_config,
                    verbose_logging=log.isEnabledFor(logging.DEBUG))
     if failure:

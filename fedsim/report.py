@@ -1,0 +1,234 @@
+"""`fedsim report`: privacy-utility tables from run directories.
+
+Rows are strategy x privacy setting (plus any --group-by keys), averaged over seeds:
+final metric as mean +- 95% CI (Student t over seeds), best-round metric, and the
+epsilon of each privacy level with its accountant and delta. A non-private row
+(sigma = 0, epsilon = inf) is the reference. Every output format is rendered from the
+same rounded numbers, so markdown, CSV, LaTeX and JSON agree digit for digit.
+Unfinished or missing cells are listed, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedsim.errors import FedsimError
+from fedsim.results import CONFIG_TOML, read_summary
+
+PRIVACY_KEYS = ["privacy.noise_multiplier", "privacy.target_epsilon", "privacy.user_noise_multiplier"]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def find_runs(path: Path) -> list[Path]:
+    if (path / CONFIG_TOML).is_file():
+        return [path]
+    return sorted(p.parent for p in path.rglob(CONFIG_TOML))
+
+
+def load_runs(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """One row per finished run; plus the names of runs that are missing or unfinished."""
+    from fedsim.sweep import read_manifest
+
+    if not path.exists():
+        raise FedsimError(f"report: {path} does not exist")
+    rows, unfinished = [], []
+    for run in find_runs(path):
+        summary = read_summary(run)
+        if not summary or summary.get("status") != "finished":
+            unfinished.append(f"{run.name} ({summary.get('status', 'no summary') if summary else 'no summary'})")
+            continue
+        cfg = _flatten(tomllib.loads((run / CONFIG_TOML).read_text()))
+        sample, user = summary.get("sample_level") or {}, summary.get("user_level") or {}
+        rows.append({**cfg, "run": run.name, "metric_name": summary["metric_name"],
+                     "final_metric": summary["final_metric"], "best_metric": summary["best_metric"],
+                     "sample_epsilon": sample.get("epsilon_max") if sample.get("accountant") else math.inf,
+                     "sample_accountant": sample.get("accountant") or "",
+                     "user_epsilon": user.get("epsilon") if user else None,
+                     "user_accountant": user.get("accountant", "") if user else "",
+                     "delta": sample.get("delta")})
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest:
+        present = {r["run"] for r in rows} | {u.split(" (")[0] for u in unfinished}
+        unfinished += [f"{name} (not started)" for name in manifest if name not in present]
+    if not rows:
+        raise FedsimError(f"report: no finished runs under {path}" +
+                          (f" ({len(unfinished)} unfinished)" if unfinished else ""))
+    frame = pd.DataFrame(rows)
+    names = frame["metric_name"].unique()
+    if len(names) > 1:
+        raise FedsimError(f"report: runs have incompatible metrics ({', '.join(names)}); "
+                          f"report them separately")
+    return frame, unfinished
+
+
+def mean_ci95(values: np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (nan for one seed)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    mean = float(values.mean())
+    if n < 2:
+        return mean, float("nan")
+    return mean, float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+
+
+def build_table(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
+    """The privacy-utility table, numbers already rounded for display."""
+    is_acc = frame["metric_name"].iloc[0] == "accuracy"
+    scale, digits = (100.0, 1) if is_acc else (1.0, 4)
+    extra = [k for k in group_by if k in frame]
+    keys = ["strategy.name"] + extra + PRIVACY_KEYS
+    out = []
+    for group, sub in frame.groupby(keys, sort=True, dropna=False):
+        group = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
+        final_mean, final_ci = mean_ci95(sub["final_metric"].to_numpy() * scale)
+        best_mean, _ = mean_ci95(sub["best_metric"].to_numpy() * scale)
+        sample_eps = sub["sample_epsilon"].astype(float)
+        row = {"strategy": group["strategy.name"]}
+        row.update({k: group[k] for k in extra})
+        row.update({
+            "sigma": round(float(sub["privacy.noise_multiplier"].mean()), 3),
+            "sample_epsilon": round(float(sample_eps.mean()), 2) if np.isfinite(sample_eps).all() else math.inf,
+            "sample_accountant": sub["sample_accountant"].iloc[0] or "-",
+        })
+        if sub["user_epsilon"].notna().any():
+            row["user_sigma"] = round(float(sub["privacy.user_noise_multiplier"].mean()), 3)
+            row["user_epsilon"] = round(float(sub["user_epsilon"].astype(float).mean()), 2)
+            row["user_accountant"] = sub["user_accountant"].iloc[0]
+        row.update({
+            "delta": float(sub["delta"].iloc[0]),
+            f"final_{frame['metric_name'].iloc[0]}": round(final_mean, digits),
+            "ci95": round(final_ci, digits) if np.isfinite(final_ci) else math.nan,
+            f"best_{frame['metric_name'].iloc[0]}": round(best_mean, digits),
+            "rounds": int(sub["federation.rounds"].iloc[0]),
+            "clients": int(sub["federation.num_clients"].iloc[0]),
+            "per_round": int(sub["federation.clients_per_round"].iloc[0]),
+            "seeds": len(sub),
+        })
+        out.append(row)
+    table = pd.DataFrame(out)
+    # non-private reference first within each strategy, then by growing epsilon
+    return table.sort_values(["strategy", "sample_epsilon", "sigma"], ascending=[True, False, True],
+                             key=lambda s: s if s.name != "sample_epsilon" else s.replace(math.inf, 1e18),
+                             ignore_index=True)
+
+
+def _cell(value, column: str) -> str:
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        if math.isnan(value):
+            return "-"
+        if column.endswith("epsilon"):
+            return f"{value:.2f}"
+        return f"{value:g}"
+    return str(value)
+
+
+def to_markdown(table: pd.DataFrame, metric_unit: str) -> str:
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_cell(row[c], c) for c in cols) + " |")
+    return "\n".join(lines) + f"\n\nMetric in {metric_unit}; ci95 is the half-width of the 95% t-interval over seeds.\n"
+
+
+def _latex_escape(text: str) -> str:
+    return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    cols = list(table.columns)
+    align = "".join("r" if pd.api.types.is_numeric_dtype(table[c]) else "l" for c in cols)
+
+    def cell(v, c):
+        text = _cell(v, c)
+        return r"$\infty$" if text == "inf" else _latex_escape(text)
+
+    body = [" & ".join(_latex_escape(c) for c in cols) + r" \\", r"\midrule"]
+    for _, row in table.iterrows():
+        body.append(" & ".join(cell(row[c], c) for c in cols) + r" \\")
+    return "\n".join([r"% requires \usepackage{booktabs}", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+                      *body, r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+def to_json(table: pd.DataFrame, unfinished: list[str]) -> str:
+    records = [{k: (None if isinstance(v, float) and math.isnan(v) else
+                    ("inf" if isinstance(v, float) and math.isinf(v) else v))
+                for k, v in row.items()} for row in table.to_dict("records")]
+    return json.dumps({"rows": records, "unfinished": unfinished}, indent=2, default=str) + "\n"
+
+
+def render(table: pd.DataFrame, fmt: str, unfinished: list[str], metric_unit: str) -> str:
+    if fmt == "md":
+        return to_markdown(table, metric_unit)
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    if fmt == "latex":
+        return to_latex(table)
+    return to_json(table, unfinished)
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    """Metric against sample-level epsilon, one line per strategy, with a 95% CI band.
+    The non-private reference (epsilon = inf) is a dashed horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = next(c for c in table.columns if c.startswith("final_"))
+    eps_col = "sample_epsilon" if np.isfinite(table["sample_epsilon"]).any() else "user_epsilon"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (strategy, sub) in enumerate(table.groupby("strategy")):
+        color = f"C{i}"
+        finite = sub[np.isfinite(sub[eps_col].astype(float))].sort_values(eps_col)
+        ci = finite["ci95"].fillna(0)
+        ax.plot(finite[eps_col], finite[metric], "o-", color=color, label=strategy)
+        ax.fill_between(finite[eps_col], finite[metric] - ci, finite[metric] + ci, color=color, alpha=0.2)
+        ref = sub[~np.isfinite(sub[eps_col].astype(float))]
+        if len(ref):
+            ax.axhline(float(ref[metric].iloc[0]), color=color, ls="--", lw=1)
+    ax.set_xlabel(f"{eps_col.replace('_', ' ')} (delta = {table['delta'].iloc[0]:g})")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title("privacy-utility (dashed: non-private)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    frame, unfinished = load_runs(Path(args.path))
+    group_by = [k.strip() for k in args.group_by.split(",") if k.strip()]
+    table = build_table(frame, group_by)
+    unit = "% accuracy" if frame["metric_name"].iloc[0] == "accuracy" else "test MSE"
+    text = render(table, args.format, unfinished, unit)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    for name in unfinished:
+        sys.stderr.write(f"unfinished: {name}\n")
+    if args.plot:
+        plot(table, Path(args.plot))
+    return 0
