@@ -57,10 +57,14 @@ def _make_partitioner(cfg: Config, labels: np.ndarray, groups: np.ndarray | None
                                        min_partition_size=1, self_balancing=False, seed=seed)
     if kind == "shard":
         return fp.ShardPartitioner(num_partitions=n_clients, partition_by="label",
-                                   num_shards_per_partition=d.classes_per_client, seed=seed)
+                                   num_shards_per_partition=d.classes_per_client,
+                                   keep_incomplete_shard=True, seed=seed)
     if kind == "pathological":
+        # first-deterministic: client i's first class is i mod C, so every class is held
+        # by some client whenever num_clients >= number of classes
         return fp.PathologicalPartitioner(num_partitions=n_clients, partition_by="label",
-                                          num_classes_per_partition=d.classes_per_client, seed=seed)
+                                          num_classes_per_partition=d.classes_per_client,
+                                          class_assignment_mode="first-deterministic", seed=seed)
     if kind == "quantity":
         return fp.SizePartitioner(power_law_sizes(len(labels), n_clients, d.quantity_power, seed))
     if kind == "natural-id":
@@ -83,6 +87,31 @@ def _hf_dataset(labels: np.ndarray, groups: np.ndarray | None, seed: int, shuffl
     if groups is not None:
         columns["group"] = groups[order]
     return HFDataset.from_dict(columns)
+
+
+def assign_leftovers(indices: list[np.ndarray], labels: np.ndarray, cfg: Config) -> list[np.ndarray]:
+    """Give every sample a client. flwr-datasets' shard and pathological partitioners leave
+    some samples out (incomplete shards, classes no client drew). Documented rule: each
+    left-out sample goes to a client that already holds its label, round-robin, so the
+    label skew is kept. A label that no client holds is refused, with the knobs to turn.
+    """
+    taken = np.zeros(len(labels), dtype=bool)
+    for idx in indices:
+        taken[idx] = True
+    left = np.flatnonzero(~taken)
+    if len(left) == 0:
+        return indices
+    holders = {lab: [i for i, idx in enumerate(indices) if np.any(labels[idx] == lab)] for lab in np.unique(labels[left])}
+    orphan = [lab for lab, who in holders.items() if not who]
+    if orphan:
+        raise FedsimError(f"data.partitioner: with {cfg.federation.num_clients} clients and "
+                          f"{cfg.data.classes_per_client} classes per client no client holds label {orphan[0]}; "
+                          f"raise data.classes_per_client or federation.num_clients")
+    extra: dict[int, list[int]] = {}
+    for lab, who in holders.items():
+        for j, sample in enumerate(left[labels[left] == lab]):
+            extra.setdefault(who[j % len(who)], []).append(sample)
+    return [np.concatenate([idx, np.asarray(extra.get(i, []), dtype=np.int64)]) for i, idx in enumerate(indices)]
 
 
 @dataclass(frozen=True)
@@ -120,6 +149,7 @@ def partition(cfg: Config, data: Dataset | None = None) -> Partition:
     except ValueError as exc:
         raise FedsimError(f"data.partitioner: {cfg.data.partitioner} could not split "
                           f"{len(labels)} samples over {cfg.federation.num_clients} clients: {exc}") from None
+    indices = assign_leftovers(indices, labels, cfg)
     empty = [i for i, idx in enumerate(indices) if len(idx) == 0]
     if empty:
         raise FedsimError(f"data.partitioner: client {empty[0]} got no samples "

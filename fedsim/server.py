@@ -223,7 +223,10 @@ class TrackedGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        # Replies in partition order: Ray and a SuperLink return them in arrival order, and
+        # float sums in aggregation depend on order, so this makes every runtime bit-identical.
+        replies = sorted(self.inner.send_and_receive(messages, timeout=timeout),
+                         key=lambda r: self.partition_of.get(r.metadata.src_node_id, -1))
         is_train = bool(messages) and messages[0].metadata.message_type.startswith("train")
         if is_train:
             self.current_round += 1

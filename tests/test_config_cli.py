@@ -1,0 +1,113 @@
+"""Config validation and the CLI's bad-input contract: one line naming the key, exit 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedsim.config import load_config
+from fedsim.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "exp.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("toml, expected", [
+    ('[federation]\nnum_clientz = 3\n', "federation.num_clientz: unknown key"),
+    ('[federation]\nrounds = "ten"\n', "federation.rounds: expected a integer"),
+    ('[federation]\nrounds = 0\n', "federation.rounds: must be >= 1"),
+    ('[privacy]\naccountant = "gdp"\n', "privacy.accountant: must be one of rdp, prv"),
+    ('[bags]\nrho = 1.5\n', "bags.rho: must be <= 1.0"),
+    ('[federation]\nnum_clients = 3\nclients_per_round = 5\n', "federation.clients_per_round: must be <="),
+    ('[data]\ndataset = "mnist"\n', "data.dataset: must be one of digits"),
+    ('rounds = 3\n', "rounds: unknown key in top level"),
+])
+def test_bad_config_names_the_key(tmp_path, toml, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(".", r"\.")):
+        load_config(write(tmp_path, toml))
+
+
+def test_override_beats_file_and_ints_are_floats(tmp_path):
+    cfg = load_config(write(tmp_path, "[client]\nlr = 0.5\n"), {"client.lr": 1, "seed": 3})
+    assert cfg.client.lr == 1.0 and isinstance(cfg.client.lr, float) and cfg.seed == 3
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["run", "--rounds", "abc"], "federation.rounds"),
+    (["run", "--accountant", "gdp"], "privacy.accountant"),
+    (["run", "--set", "privacy.nois=1"], "privacy.nois"),
+    (["run", "--num-clients", "3", "--clients-per-round", "4"], "federation.clients_per_round"),
+    (["run", "--model", "resnet"], "model.name"),
+    (["run", "--dataset", "file", "--set", "data.path='/nonexistent.csv'"], "data.path"),
+    (["run", "--strategy", "bags", "--dataset", "diabetes", "--num-clients", "10",
+      "--clients-per-round", "2", "--bag-size", "64"], "bags.bag_size"),
+    (["run", "--partitioner", "dirichlet", "--alpha", "0.001", "--num-clients", "400",
+      "--clients-per-round", "2"], "data.partitioner"),
+    (["report", "/nonexistent-dir"], "report"),
+])
+def test_cli_bad_input_is_one_line_exit_2(cli, tmp_path, argv, key):
+    code, out, err = cli(*argv, *(["--out", str(tmp_path / "r")] if argv[0] == "run" else []))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_cli_subprocess_bad_input_no_traceback(tmp_path):
+    p = write(tmp_path, "[privacy]\naccountant = 'gdp'\n")
+    res = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", str(p)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: privacy.accountant: must be one of rdp, prv (got 'gdp')"
+
+
+def test_bags_non_numeric_label_is_refused(cli, tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("a,b,label\n" + "".join(f"{i},{i * 2},{'yes' if i % 2 else 'no'}\n" for i in range(60)))
+    code, _, err = cli("run", "--strategy", "bags", "--dataset", "file", "--set", f"data.path='{data}'",
+                       "--set", "data.task='regression'", "--num-clients", "2", "--clients-per-round", "2",
+                       "--out", tmp_path / "r")
+    assert code == 2 and "data.label_column" in err and "numeric" in err
+
+
+def test_every_command_has_help_with_example(cli):
+    for command in ["run", "partition", "datasets", "sweep", "report"]:
+        with pytest.raises(SystemExit) as exc:
+            cli(command, "--help")
+        assert exc.value.code == 0
+
+
+def test_cli_end_to_end_digits(cli, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, _ = cli("run", "--dataset", "digits", "--num-clients", "6", "--clients-per-round", "3",
+                          "--rounds", "2", "--noise-multiplier", "1.0", "--batch-size", "32",
+                          "--out", out, "--no-progress")
+    assert code == 0 and "RDP (Opacus)" in stdout and "delta=1e-05" in stdout
+    rows = list(csv.DictReader((out / "rounds.csv").open()))
+    assert [r["round"] for r in rows] == ["1", "2"]
+    assert all(0 <= float(r["metric"]) <= 1 and int(r["clients_trained"]) == 3 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["sample_level"]["accountant"] == "RDP (Opacus)"
+    assert (out / "config.toml").is_file() and (out / "clients.csv").is_file()
+    resolved = load_config(out / "config.toml")
+    assert resolved.privacy.noise_multiplier == 1.0 and resolved.federation.rounds == 2
+
+
+def test_partition_command_prints_counts_and_plots(cli, tmp_path):
+    png = tmp_path / "labels.png"
+    code, out, _ = cli("partition", "--partitioner", "dirichlet", "--alpha", "0.3", "--num-clients", "5",
+                       "--clients-per-round", "2", "--plot", png)
+    assert code == 0 and png.stat().st_size > 1000
+    body = [line.split() for line in out.splitlines()[2:7]]
+    assert sum(int(r[1]) for r in body) == 1438  # 80% of the 1,797 digits
+
+
+def test_datasets_lists_builtins(cli):
+    code, out, _ = cli("datasets")
+    assert code == 0 and all(n in out for n in ["digits", "breast-cancer", "diabetes", "synthetic"])

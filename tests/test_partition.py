@@ -1,0 +1,81 @@
+"""Partitioners: coverage, measured skew, quantity sizes, natural ids, feature skew."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsim.datasets import load_dataset
+from fedsim.errors import FedsimError
+from fedsim.partition import client_data, label_counts, partition, power_law_sizes
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shard", "pathological", "quantity", "feature-skew"])
+def test_every_sample_goes_to_exactly_one_client(tiny, partitioner):
+    cfg = tiny(**{"data.partitioner": partitioner, "federation.num_clients": 10})
+    indices = np.concatenate(partition(cfg).indices)
+    n = len(load_dataset(cfg.data, 10, cfg.seed).y_train)
+    assert np.array_equal(np.sort(indices), np.arange(n))
+
+
+def mean_total_variation(counts: np.ndarray) -> float:
+    """Mean over clients of TV distance between the client's and the global label mix."""
+    global_mix = counts.sum(0) / counts.sum()
+    client_mix = counts / counts.sum(1, keepdims=True)
+    return float(0.5 * np.abs(client_mix - global_mix).sum(1).mean())
+
+
+def test_dirichlet_skew_grows_as_alpha_falls(tiny):
+    tv = {a: mean_total_variation(label_counts(tiny(**{"data.partitioner": "dirichlet", "data.alpha": a,
+                                                          "federation.num_clients": 10})))
+          for a in (100.0, 0.5, 0.05)}
+    # measured with seed 0: about 0.07, 0.50 and 0.82
+    assert tv[100.0] < 0.15 < tv[0.5] < tv[0.05]
+    assert tv[0.05] > 0.7
+
+
+def test_pathological_gives_k_classes_per_client(tiny):
+    counts = label_counts(tiny(**{"data.partitioner": "pathological", "data.classes_per_client": 2,
+                                  "federation.num_clients": 10}))
+    assert ((counts > 0).sum(1) <= 2).all()
+
+
+def test_quantity_sizes_follow_the_power_law(tiny):
+    cfg = tiny(**{"data.partitioner": "quantity", "data.quantity_power": 1.5, "federation.num_clients": 8})
+    sizes = sorted((len(i) for i in partition(cfg).indices), reverse=True)
+    n = sum(sizes)
+    expected = np.arange(1, 9) ** -1.5 / (np.arange(1, 9) ** -1.5).sum() * n
+    # each size is floored (off by < 1); the largest client takes the remainder (< 8)
+    assert np.all(np.abs(np.array(sizes[1:]) - expected[1:]) <= 1) and abs(sizes[0] - expected[0]) < 8
+    assert sorted(power_law_sizes(n, 8, 1.5, cfg.seed), reverse=True) == sizes
+
+
+def test_natural_id_keeps_synthetic_groups(tiny):
+    cfg = tiny(**{"data.dataset": "synthetic", "data.partitioner": "natural-id", "federation.num_clients": 5})
+    data = load_dataset(cfg.data, 5, cfg.seed)
+    for part, idx in enumerate(partition(cfg).indices):
+        assert len(np.unique(data.groups_train[idx])) == 1
+
+
+def test_synthetic_scales_to_1000_clients(tiny):
+    cfg = tiny(**{"data.dataset": "synthetic", "data.partitioner": "natural-id", "federation.num_clients": 1000,
+                  "data.synthetic_samples": 20})
+    sizes = [len(i) for i in partition(cfg).indices]
+    assert len(sizes) == 1000 and min(sizes) >= 1
+
+
+def test_feature_skew_shifts_each_client(tiny):
+    cfg = tiny(**{"data.partitioner": "feature-skew", "data.feature_shift": 1.0})
+    data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+    x0, _ = client_data(cfg, 0)
+    raw = data.x_train[partition(cfg).indices[0]]
+    shift = x0 - raw
+    assert np.allclose(shift, shift[0])  # one constant shift per client...
+    assert 0.5 < shift[0].std() < 1.5  # ...drawn with std feature_shift
+
+
+def test_empty_client_is_refused_with_the_knob_to_turn(tiny):
+    cfg = tiny(**{"data.partitioner": "shard", "data.classes_per_client": 1, "federation.num_clients": 1500,
+                  "federation.clients_per_round": 2})
+    with pytest.raises(FedsimError, match="data.partitioner"):
+        partition(cfg)
