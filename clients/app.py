@@ -62,13 +62,15 @@ def train(msg: Message, context: Context, config_text: str | None = None) -> Mes
     model = build_model(cfg.model, data, cfg.seed)
     R.load_record(model, msg.content.array_records[R.ARRAYS])
     set_trainable(model, str(server_cfg.get(R.TRAINABLE, "all")))
-    start = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     settings = settings_for(cfg, data.task)
     seed = derive_seed(cfg.seed, server_round, pid, "train")
     history = _load_history(context)
 
     extra_loss = post_step = None
     mu = float(server_cfg.get(R.PROXIMAL_MU, 0.0))
+    use_scaffold = bool(server_cfg.get(R.USE_SCAFFOLD, False))
+    start = ({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+             if mu > 0 or use_scaffold else {})
     if mu > 0:
         post_step = proximal_step(model, start, mu, settings.lr)
     lam = float(server_cfg.get(R.MARGIN_LAMBDA, 0.0))
@@ -79,7 +81,7 @@ def train(msg: Message, context: Context, config_text: str | None = None) -> Mes
         mode = "sample" if settings.noise_multiplier > 0 else cfg.client.margin_mode
         extra_loss = margin_loss(lam, mode)
     controls = None
-    if bool(server_cfg.get(R.USE_SCAFFOLD, False)):
+    if use_scaffold:
         controls = _scaffold_controls(msg, context, model)
         post_step = scaffold_step(model, controls[0], controls[1], settings.lr)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.trainer import LocalResult, TrainSettings
+from clients.trainer import LocalResult, TrainSettings, seed_everything
 from fedsim.config import Config
 from fedsim.errors import FedsimError
 from fedsim.experiment import derive_seed
@@ -101,7 +101,7 @@ def train_bags(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Config, sett
 
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     bags, targets = client_bags(cfg, x, y, bag_size, partition_id, settings.task, data.num_classes)
-    torch.manual_seed(seed)
+    seed_everything(seed, settings.device)
     device = settings.device
     model.to(device).train()
     xt = torch.as_tensor(x, dtype=torch.float32, device=device)

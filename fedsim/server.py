@@ -15,6 +15,7 @@ in-process grid, Flower's Ray simulation and a real SuperLink. It wraps the grid
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -40,6 +41,7 @@ from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, ROUND_COLU
 log = logging.getLogger("fedsim")
 
 
+@functools.lru_cache(maxsize=1)
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
