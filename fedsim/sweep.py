@@ -78,6 +78,8 @@ def build_axes(args: argparse.Namespace, table: dict) -> list[tuple[str, list[An
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(_fmt(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -86,8 +88,19 @@ def cell_name(assignment: dict[str, Any]) -> str:
 
 
 def cell_overrides(assignment: dict[str, Any]) -> dict[str, Any]:
-    """A target epsilon of 0 is the non-private reference cell: sigma = 0."""
-    out = dict(assignment)
+    """Config overrides of one cell.
+
+    A key naming several config keys ("data.partitioner,data.alpha") takes one list per
+    value and sets them together, for axes that are not a cross product (IID next to
+    Dirichlet alphas). A target epsilon of 0 is the non-private reference cell: sigma = 0.
+    """
+    out: dict[str, Any] = {}
+    for key, value in assignment.items():
+        keys = [k.strip() for k in key.split(",")]
+        values = value if len(keys) > 1 else [value]
+        if len(keys) > 1 and (not isinstance(value, list) or len(value) != len(keys)):
+            raise ConfigError(f"sweep.grid: {key!r} needs lists of {len(keys)} values (got {value!r})")
+        out.update(zip(keys, values))
     if TARGET_KEY in out and not out[TARGET_KEY]:
         out["privacy.noise_multiplier"] = 0.0
     return out

@@ -50,28 +50,37 @@ from fedsim import records as R
 
 def principal_gradient_update(deltas: np.ndarray, k_fraction: float = 0.8,
                               normalization: str = "all") -> np.ndarray:
-    """The aggregated update g = (1/m) sum_i Delta~_i for G = deltas of shape (m, d)."""
-    g = np.asarray(deltas, dtype=np.float64)
+    """The aggregated update g = (1/m) sum_i Delta~_i for G = deltas of shape (m, d).
+
+    Only the Gram matrix touches d. With H = G G^T / m = E diag(s) E^T and v_j = G^T e_j:
+      <Delta_i, v_j> = (G G^T e_j)_i = m s_j E_ij      ||v_j|| = sqrt(e_j^T G G^T e_j) = sqrt(m s_j)
+      ||Delta_i||    = sqrt(m H_ii)
+    and sum_i sum_j w_ij v_j / ||v_j|| = G^T (E_k c) with c_j = sum_i w_ij / ||v_j||.
+    So one round costs O(m^2 d) for the Gram plus O(m d) for the final product, and never
+    materializes the k x d directions.
+    """
+    g = np.asarray(deltas)
+    if g.dtype not in (np.float32, np.float64):
+        g = g.astype(np.float64)
     m = g.shape[0]
-    gram = g @ g.T / m
+    gram = (g @ g.T).astype(np.float64) / m
     eigvecs, s, _ = np.linalg.svd(gram)  # H is symmetric PSD: its SVD is its eigendecomposition
     k = max(1, int(k_fraction * m))
-    directions = eigvecs[:, :k].T @ g  # v_j = G^T e_j, shape (k, d)
-    norms = np.linalg.norm(directions, axis=1)
-    total = s.sum() if normalization == "all" else s[:k].sum()
+    s_k = np.clip(s[:k], 0.0, None)
+    total = s.sum() if normalization == "all" else s_k.sum()
     if total <= 0:
-        return np.zeros(g.shape[1])
-    proj = g @ directions.T  # <Delta_i, v_j>, shape (m, k)
-    flip = (proj < 0).sum(axis=0) > (proj >= 0).sum(axis=0)
-    directions[flip] *= -1
-    proj[:, flip] *= -1
+        return np.zeros(g.shape[1], dtype=g.dtype)
+    proj = m * eigvecs[:, :k] * s_k  # <Delta_i, v_j>, shape (m, k)
+    flip = np.where((proj < 0).sum(axis=0) > (proj >= 0).sum(axis=0), -1.0, 1.0)  # step 3
+    proj = proj * flip
     signs = np.where(proj >= 0, 1.0, -1.0)
-    usable = norms > 0
-    unit = np.zeros_like(directions)
-    unit[usable] = directions[usable] / norms[usable, None]
-    client_norms = np.linalg.norm(g, axis=1)
-    weights = (s[:k] / total)[None, :] * signs * client_norms[:, None]  # (m, k)
-    return (weights @ unit).sum(axis=0) / m
+    client_norms = np.sqrt(np.clip(np.diag(gram) * m, 0.0, None))
+    weights = (s_k / total)[None, :] * signs * client_norms[:, None]  # (m, k)
+    norms = np.sqrt(m * s_k)
+    usable = norms > 0  # guard: a zero singular value has no direction
+    coef = np.zeros(k)
+    coef[usable] = weights.sum(axis=0)[usable] / norms[usable] * flip[usable]
+    return (g.T @ (eigvecs[:, :k] @ coef).astype(g.dtype)) / m
 
 
 class FedLD(FedAvg):

@@ -1,0 +1,124 @@
+"""Sweeps (cells, resume) and reports (seed aggregation, formats agree)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import pytest
+from scipy import stats
+
+from fedsim.config import dumps_toml, load_config
+from fedsim.results import write_json
+
+SWEEP_ARGS = ["--num-clients", "4", "--clients-per-round", "2", "--rounds", "2", "--set", "model.hidden=[16]",
+              "--grid", "privacy.noise_multiplier=0,1", "--grid", "strategy.name=fedavg,fedprox"]
+
+
+def cells(sweep):
+    return sorted(p.name for p in sweep.iterdir() if p.is_dir())
+
+
+def test_tiny_sweep_makes_the_expected_cells(cli, tmp_path):
+    code, out, _ = cli("sweep", *SWEEP_ARGS, "--out", tmp_path / "sw")
+    assert code == 0
+    assert cells(tmp_path / "sw") == sorted(
+        f"privacy.noise_multiplier={s}__strategy.name={n}" for s in (0, 1) for n in ("fedavg", "fedprox"))
+    for cell in (tmp_path / "sw").iterdir():
+        if cell.is_dir():
+            assert json.loads((cell / "summary.json").read_text())["status"] == "finished"
+    cfg = load_config(tmp_path / "sw" / "privacy.noise_multiplier=1__strategy.name=fedprox" / "config.toml")
+    assert cfg.strategy.name == "fedprox" and cfg.privacy.noise_multiplier == 1.0
+
+
+def test_interrupted_sweep_resumes_and_keeps_finished_cells(cli, tmp_path):
+    sweep = tmp_path / "sw"
+    code, out, _ = cli("sweep", *SWEEP_ARGS, "--out", sweep, "--max-cells", "2")  # "killed" after 2
+    done = {c: (sweep / c / "summary.json").stat().st_mtime_ns for c in cells(sweep)}
+    assert len(done) == 2
+    # a third cell that died mid-run: its summary says "running"
+    broken = sweep / "privacy.noise_multiplier=1__strategy.name=fedavg"
+    broken.mkdir()
+    write_json(broken / "summary.json", {"status": "running"})
+    code, out, _ = cli("sweep", *SWEEP_ARGS, "--out", sweep)
+    assert code == 0 and "2 already finished, running 2" in out
+    assert all((sweep / c / "summary.json").stat().st_mtime_ns == t for c, t in done.items())
+    assert json.loads((broken / "summary.json").read_text())["status"] == "finished"
+    code, out, _ = cli("sweep", *SWEEP_ARGS, "--out", sweep)
+    assert "4 already finished, running 0" in out
+
+
+def fake_run(root, name, strategy, sigma, seed, final, best, eps, metric="accuracy"):
+    cfg = load_config(None, {"strategy.name": strategy, "privacy.noise_multiplier": sigma, "seed": seed,
+                             "federation.rounds": 5, "federation.num_clients": 10,
+                             "federation.clients_per_round": 5})
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(dumps_toml(cfg))
+    write_json(run / "summary.json", {
+        "status": "finished", "metric_name": metric, "final_metric": final, "best_metric": best,
+        "sample_level": {"epsilon_max": eps, "delta": 1e-5,
+                         "accountant": "RDP (Opacus)" if sigma else None}, "user_level": None})
+
+
+@pytest.fixture
+def fixture_runs(tmp_path):
+    root = tmp_path / "runs"
+    finals = [0.80, 0.82, 0.90]
+    for seed, f in enumerate(finals):
+        fake_run(root, f"dp-{seed}", "fedavg", 1.0, seed, f, f + 0.01, 2.0 + seed * 0.01)
+        fake_run(root, f"nodp-{seed}", "fedavg", 0.0, seed, 0.95, 0.96, math.inf)
+    (root / "dead").mkdir()
+    (root / "dead" / "config.toml").write_text(dumps_toml(load_config(None)))
+    return root, finals
+
+
+def test_report_mean_and_ci_match_hand_computation(cli, fixture_runs):
+    root, finals = fixture_runs
+    code, out, err = cli("report", root, "--format", "json")
+    rows = json.loads(out)["rows"]
+    dp = next(r for r in rows if r["sigma"] == 1.0)
+    mean = sum(finals) / 3 * 100
+    sd = (sum((f * 100 - mean) ** 2 for f in finals) / 2) ** 0.5
+    ci = stats.t.ppf(0.975, 2) * sd / 3 ** 0.5
+    assert dp["final_accuracy"] == round(mean, 1) and dp["ci95"] == round(ci, 1)
+    assert dp["best_accuracy"] == round(mean + 1, 1)
+    assert dp["sample_epsilon"] == 2.01 and dp["sample_accountant"] == "RDP (Opacus)" and dp["seeds"] == 3
+    ref = next(r for r in rows if r["sigma"] == 0.0)
+    assert ref["sample_epsilon"] == "inf" and rows[0] is not dp  # reference row first
+    assert "dead (no summary)" in json.loads(out)["unfinished"] and "unfinished: dead" in err
+
+
+def test_all_formats_carry_the_same_numbers(cli, fixture_runs):
+    root, _ = fixture_runs
+    outputs = {fmt: cli("report", root, "--format", fmt)[1] for fmt in ("md", "csv", "latex", "json")}
+    from_csv = list(csv.DictReader(io.StringIO(outputs["csv"])))
+    from_json = json.loads(outputs["json"])["rows"]
+    md_rows = [line.strip("| ").split(" | ") for line in outputs["md"].splitlines()[2:] if line.startswith("|")]
+    tex_rows = [line.rstrip(" \\").split(" & ") for line in outputs["latex"].splitlines()
+                if "&" in line and not line.startswith("strategy")]
+    assert r"\toprule" in outputs["latex"] and r"\bottomrule" in outputs["latex"]
+    for i, row in enumerate(from_csv):
+        for j, key in enumerate(row):
+            as_json = from_json[i][key]
+            for other in (md_rows[i][j], tex_rows[i][j].replace(r"$\infty$", "inf").replace("\\_", "_")):
+                if key in ("final_accuracy", "ci95", "best_accuracy", "sample_epsilon", "sigma"):
+                    assert float(other) == float(row[key]) == float(as_json), (key, other, row[key], as_json)
+
+
+def test_report_refuses_empty_and_mixed_metrics(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("report", tmp_path / "empty")
+    assert code == 2 and "no finished runs" in err
+    fake_run(tmp_path / "mixed", "a", "fedavg", 0.0, 0, 0.9, 0.9, math.inf)
+    fake_run(tmp_path / "mixed", "b", "fedavg", 0.0, 1, 0.5, 0.5, math.inf, metric="mse")
+    code, _, err = cli("report", tmp_path / "mixed")
+    assert code == 2 and "incompatible metrics" in err
+
+
+def test_report_plot(cli, fixture_runs, tmp_path):
+    root, _ = fixture_runs
+    code, _, _ = cli("report", root, "--plot", tmp_path / "pu.png")
+    assert code == 0 and (tmp_path / "pu.png").stat().st_size > 1000
