@@ -59,7 +59,7 @@ def train(msg: Message, context: Context, config_text: str | None = None) -> Mes
     pid = node_partition_id(context.node_config)
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     x, y = node_data(cfg, context.node_config)
-    model = build_model(cfg.model, data, cfg.seed)
+    model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
     R.load_record(model, msg.content.array_records[R.ARRAYS])
     set_trainable(model, str(server_cfg.get(R.TRAINABLE, "all")))
     settings = settings_for(cfg, data.task)

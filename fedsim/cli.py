@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="metric against epsilon, one line per strategy")
     p.add_argument("--group-by", default="", metavar="KEYS",
                    help="extra config keys that split rows, e.g. data.alpha,data.dataset")
+    p.add_argument("--best-per", default="", metavar="KEYS",
+                   help="keep only the best row per group, e.g. bags.label_epsilon (keys must be in --group-by)")
+    p.add_argument("--pivot", default="", metavar="COLUMN",
+                   help="one column per value of COLUMN (e.g. strategy) holding final +- ci95")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -38,6 +38,7 @@ class DataConfig:
     dataset: str = _f("digits", "built-in dataset name, or 'file' to read data.path", choices=DATASETS)
     path: str = _f("", "CSV, Parquet or NPZ file when dataset = 'file'")
     label_column: str = _f("label", "label column of a user file")
+    classes: list[int] = _f([], "keep only these classes (relabelled 0..C-1); empty = all")
     task: str = _f("auto", "classification or regression; auto infers it", choices=("auto", "classification", "regression"))
     test_fraction: float = _f(0.2, "held-out share for central evaluation", lo=0.0, hi=0.9, lo_open=True)
     partitioner: str = _f("iid", "how samples are split across clients", choices=PARTITIONERS)
@@ -62,6 +63,7 @@ class ModelConfig:
     lora_alpha: float = _f(16.0, "LoRA scale alpha (update scaled by alpha/r)", lo=0.0, lo_open=True)
     lora_dropout: float = _f(0.0, "LoRA dropout on the adapter input", lo=0.0, hi=0.9)
     lora_targets: list[str] = _f([], "names of Linear modules to adapt; empty = every hidden Linear")
+    pretrain_classes: list[int] = _f([], "lora-mlp: classes of the central source task (empty = all)")
     pretrain_epochs: int = _f(30, "central pretraining epochs of the LoRA backbone", lo=1)
     pretrained_path: str = _f("", "local Hugging Face model directory (optional)")
 

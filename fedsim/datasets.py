@@ -38,7 +38,7 @@ class Dataset:
 BUILTIN_DESCRIPTIONS = {
     "digits": "scikit-learn digits: 1,797 8x8 images, 10 classes (pixels scaled to [0, 1])",
     "breast-cancer": "scikit-learn breast cancer: 569 samples, 30 features, binary (standardized)",
-    "diabetes": "scikit-learn diabetes: 442 samples, 10 features, regression (target standardized)",
+    "diabetes": "scikit-learn diabetes: 442 samples, 10 features, regression (features and target standardized)",
     "synthetic": "Synthetic(alpha, beta) of FedProx (Li et al. 2020): 60 features, 10 classes, "
                  "one natural group per client; scales to 1,000+ clients",
     "linear": "Gaussian linear model y = x.theta + noise, d = data.linear_dim (regression)",
@@ -160,6 +160,14 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         task, shape = _infer_task(y, cfg.task), (x.shape[1],)
     if cfg.task != "auto":
         task = cfg.task
+    if cfg.classes:
+        if task != "classification":
+            raise ConfigError("data.classes: only classification datasets have classes")
+        keep = np.isin(y, cfg.classes)
+        if not keep.any():
+            raise ConfigError(f"data.classes: none of {cfg.classes} occurs in {name}")
+        x, y = x[keep], y[keep]
+        groups = groups[keep] if groups is not None else None
     if task == "classification":
         y = np.unique(y, return_inverse=True)[1].astype(np.int64)
         num_classes = int(y.max()) + 1
@@ -170,7 +178,7 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         y = np.asarray(y, dtype=np.float32)
         num_classes = 1
     x_tr, y_tr, x_te, y_te, g_tr = _split(x, y, groups, cfg.test_fraction, seed)
-    if name in ("breast-cancer", "file"):
+    if name in ("breast-cancer", "diabetes", "file"):
         x_tr, x_te = _standardize(x_tr, x_te)
     if task == "regression" and name in ("diabetes", "file"):
         # Standardize the target on train statistics so one learning rate fits every dataset;

@@ -44,7 +44,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    chosen = [n for n in names if not targets or any(t == n or n.endswith("." + t) or t in n for t in targets)]
+    chosen = [n for n in names if not targets or any(t == n or n.endswith("." + t) for t in targets)]
     if not chosen:
         raise ValueError(f"model.lora_targets: none of {targets} matches a Linear module; modules: {names}")
     for name in chosen:

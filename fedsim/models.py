@@ -16,7 +16,7 @@ from fedsim.config import ModelConfig
 from fedsim.datasets import Dataset
 from fedsim.errors import ConfigError
 
-ModelBuilder = Callable[[ModelConfig, Dataset], nn.Module]
+ModelBuilder = Callable[..., nn.Module]  # (cfg, data, cache_dir) -> module
 _REGISTRY: dict[str, ModelBuilder] = {}
 
 
@@ -31,8 +31,10 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(cfg: ModelConfig, data: Dataset, seed: int) -> nn.Module:
-    """Build a model with a seeded initialization, identical on every client and the server."""
+def build_model(cfg: ModelConfig, data: Dataset, seed: int, cache_dir: str = "") -> nn.Module:
+    """Build a model with a seeded initialization, identical on every client and the server.
+
+    `cache_dir` (the run directory) is where models with a pretrained part keep it."""
     if cfg.name not in _REGISTRY:
         raise ConfigError(f"model.name: must be one of {', '.join(model_names())} (got {cfg.name!r})")
     # Seed only the CPU generator (where module init draws): torch.manual_seed also seeds
@@ -40,7 +42,7 @@ def build_model(cfg: ModelConfig, data: Dataset, seed: int) -> nn.Module:
     state = torch.get_rng_state()
     torch.default_generator.manual_seed(seed)
     try:
-        return _REGISTRY[cfg.name](cfg, data)
+        return _REGISTRY[cfg.name](cfg, data, cache_dir=cache_dir)
     finally:
         torch.set_rng_state(state)
 
@@ -56,7 +58,7 @@ class Reshape(nn.Module):
 
 @register_model("logreg")
 @register_model("linear")
-def _linear(cfg: ModelConfig, data: Dataset) -> nn.Module:
+def _linear(cfg: ModelConfig, data: Dataset, cache_dir: str = "") -> nn.Module:
     """Logistic regression (classification) or linear regression: one Linear layer."""
     return nn.Sequential(nn.Flatten(), nn.Linear(data.num_features, data.num_classes))
 
@@ -72,12 +74,12 @@ def mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Sequential
 
 
 @register_model("mlp")
-def _mlp(cfg: ModelConfig, data: Dataset) -> nn.Module:
+def _mlp(cfg: ModelConfig, data: Dataset, cache_dir: str = "") -> nn.Module:
     return mlp(data.num_features, cfg.hidden, data.num_classes)
 
 
 @register_model("cnn")
-def _cnn(cfg: ModelConfig, data: Dataset) -> nn.Module:
+def _cnn(cfg: ModelConfig, data: Dataset, cache_dir: str = "") -> nn.Module:
     """Two conv blocks with GroupNorm (Opacus rejects BatchNorm) and a linear head."""
     if len(data.input_shape) != 3:
         raise ConfigError(f"model.name: 'cnn' needs image data (channels, height, width); "
@@ -96,3 +98,6 @@ def loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if task == "classification":
         return nn.functional.cross_entropy
     return lambda out, y: nn.functional.mse_loss(out.squeeze(-1), y)
+
+
+from fedsim import lora_models  # noqa: E402,F401 - registers lora-mlp and hf-text

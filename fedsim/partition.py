@@ -89,6 +89,22 @@ def _hf_dataset(labels: np.ndarray, groups: np.ndarray | None, seed: int, shuffl
     return HFDataset.from_dict(columns)
 
 
+def _load_all(part, num_clients: int) -> list[np.ndarray]:
+    return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_clients)]
+
+
+def fill_empty_clients(indices: list[np.ndarray]) -> list[np.ndarray]:
+    """Move one sample from the currently largest client to each empty client."""
+    indices = [idx.copy() for idx in indices]
+    for i, idx in enumerate(indices):
+        if len(idx) == 0:
+            donor = max(range(len(indices)), key=lambda j: len(indices[j]))
+            if len(indices[donor]) < 2:
+                break  # fewer samples than clients: refused below
+            indices[i], indices[donor] = indices[donor][-1:], indices[donor][:-1]
+    return indices
+
+
 def assign_leftovers(indices: list[np.ndarray], labels: np.ndarray, cfg: Config) -> list[np.ndarray]:
     """Give every sample a client. flwr-datasets' shard and pathological partitioners leave
     some samples out (incomplete shards, classes no client drew). Documented rule: each
@@ -144,11 +160,20 @@ def partition(cfg: Config, data: Dataset | None = None) -> Partition:
     part = _make_partitioner(cfg, labels, data.groups_train)
     part.dataset = _hf_dataset(labels, data.groups_train, cfg.seed, shuffled)
     try:
-        indices = [np.asarray(part.load_partition(i)["idx"], dtype=np.int64)
-                   for i in range(cfg.federation.num_clients)]
+        indices = _load_all(part, cfg.federation.num_clients)
     except ValueError as exc:
-        raise FedsimError(f"data.partitioner: {cfg.data.partitioner} could not split "
-                          f"{len(labels)} samples over {cfg.federation.num_clients} clients: {exc}") from None
+        if cfg.data.partitioner != "dirichlet":
+            raise FedsimError(f"data.partitioner: {cfg.data.partitioner} could not split "
+                              f"{len(labels)} samples over {cfg.federation.num_clients} clients: {exc}") from None
+        # flwr-datasets gave up after 10 draws that each left a client empty (tiny alpha).
+        # Documented rule: take its last draw and give each empty client one sample from
+        # the largest client, so every sample still goes to exactly one client.
+        from flwr_datasets import partitioner as fp
+
+        part = fp.DirichletPartitioner(num_partitions=cfg.federation.num_clients, partition_by="label",
+                                       alpha=cfg.data.alpha, min_partition_size=0, seed=cfg.seed)
+        part.dataset = _hf_dataset(labels, data.groups_train, cfg.seed, shuffled)
+        indices = fill_empty_clients(_load_all(part, cfg.federation.num_clients))
     indices = assign_leftovers(indices, labels, cfg)
     empty = [i for i, idx in enumerate(indices) if len(idx) == 0]
     if empty:

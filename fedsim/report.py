@@ -62,6 +62,8 @@ def load_runs(path: Path) -> tuple[pd.DataFrame, list[str]]:
                      "sample_accountant": sample.get("accountant") or "",
                      "user_epsilon": user.get("epsilon") if user else None,
                      "user_accountant": user.get("accountant", "") if user else "",
+                     "label_epsilon": (summary.get("label_level") or {}).get("epsilon"),
+                     "label_accountant": (summary.get("label_level") or {}).get("accountant", ""),
                      "delta": sample.get("delta")})
     manifest = read_manifest(path) if path.is_dir() else None
     if manifest:
@@ -113,6 +115,9 @@ def build_table(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
             row["user_sigma"] = round(float(sub["privacy.user_noise_multiplier"].mean()), 3)
             row["user_epsilon"] = round(float(sub["user_epsilon"].astype(float).mean()), 2)
             row["user_accountant"] = sub["user_accountant"].iloc[0]
+        if sub["label_epsilon"].notna().any():
+            row["label_epsilon"] = round(float(sub["label_epsilon"].astype(float).mean()), 2)
+            row["label_accountant"] = sub["label_accountant"].iloc[0]
         row.update({
             "delta": float(sub["delta"].iloc[0]),
             f"final_{frame['metric_name'].iloc[0]}": round(final_mean, digits),
@@ -125,10 +130,40 @@ def build_table(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
         })
         out.append(row)
     table = pd.DataFrame(out)
+    if "label_epsilon" in table:  # a bags run without label noise is the non-private reference
+        table["label_epsilon"] = table["label_epsilon"].fillna(math.inf)
+        table["label_accountant"] = table["label_accountant"].fillna("-")
     # non-private reference first within each strategy, then by growing epsilon
     return table.sort_values(["strategy", "sample_epsilon", "sigma"], ascending=[True, False, True],
                              key=lambda s: s if s.name != "sample_epsilon" else s.replace(math.inf, 1e18),
                              ignore_index=True)
+
+
+def best_rows(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The best row (by final metric) within each group of `keys`: e.g. the best
+    (bag size, rho) at each label epsilon."""
+    metric = next(c for c in table.columns if c.startswith("final_"))
+    ascending = not metric.endswith("accuracy")
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise FedsimError(f"report: --best-per key {missing[0]!r} is not a table column; "
+                          f"add it to --group-by")
+    ordered = table.sort_values(metric, ascending=ascending)
+    return ordered.groupby(keys, sort=True, dropna=False).head(1).sort_values(keys, ignore_index=True)
+
+
+def pivot(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    """One column per value of `column` (e.g. strategy) holding "final +- ci95"; the other
+    descriptive columns stay as the row index. Compact tables for papers and READMEs."""
+    metric = next(c for c in table.columns if c.startswith("final_"))
+    if column not in table:
+        raise FedsimError(f"report: --pivot column {column!r} is not in the table")
+    drop = {metric, "ci95", f"best_{metric[6:]}", column, "seeds"}
+    index = [c for c in table.columns if c not in drop]
+    cells = table.assign(_v=[f"{m:g} ± {c:g}" if c == c else f"{m:g}" for m, c in zip(table[metric], table["ci95"])])
+    wide = cells.pivot_table(index=index, columns=column, values="_v", aggfunc="first", sort=False)
+    wide.columns = [str(c) for c in wide.columns]
+    return wide.reset_index()
 
 
 def _cell(value, column: str) -> str:
@@ -148,7 +183,8 @@ def to_markdown(table: pd.DataFrame, metric_unit: str) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(_cell(row[c], c) for c in cols) + " |")
-    return "\n".join(lines) + f"\n\nMetric in {metric_unit}; ci95 is the half-width of the 95% t-interval over seeds.\n"
+    return "\n".join(lines) + (f"\n\nMetric: {metric_unit}, mean over seeds; ci95 (or ±) is the half-width "
+                                "of the 95% t-interval over seeds.\n")
 
 
 def _latex_escape(text: str) -> str:
@@ -221,6 +257,10 @@ def run_report(args: argparse.Namespace) -> int:
     frame, unfinished = load_runs(Path(args.path))
     group_by = [k.strip() for k in args.group_by.split(",") if k.strip()]
     table = build_table(frame, group_by)
+    if args.best_per:
+        table = best_rows(table, [k.strip() for k in args.best_per.split(",") if k.strip()])
+    if args.pivot:
+        table = pivot(table, args.pivot)
     unit = "% accuracy" if frame["metric_name"].iloc[0] == "accuracy" else "test MSE"
     text = render(table, args.format, unfinished, unit)
     if args.output:

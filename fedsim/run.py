@@ -107,7 +107,7 @@ def prepare(cfg: Config) -> Config:
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     sizes = client_sizes(cfg)
     check_compatibility(cfg, sizes)
-    build_model(cfg.model, data, cfg.seed)
+    build_model(cfg.model, data, cfg.seed, cfg.output.dir)
     from strategies import build_strategy
 
     build_strategy(cfg)

@@ -148,6 +148,12 @@ class RunRecorder:
             user = {"epsilon": last.get("user_epsilon"), "delta": p.delta,
                     "accountant": accountant_label(p.accountant) + ", Poisson client sampling assumed",
                     "noise_multiplier": p.user_noise_multiplier, "clip": p.user_clip}
+        label = None
+        if self.cfg.strategy.name == "bags" and self.cfg.bags.label_epsilon > 0:
+            b = self.cfg.bags
+            label = {"epsilon": b.label_epsilon, "delta": 0.0 if b.mechanism == "laplace" else p.delta,
+                     "accountant": f"{b.mechanism.capitalize()} mechanism on bag means of {b.bag_size} "
+                                   f"(replace-one, parallel composition)"}
         return {
             "status": status, "name": self.cfg.name, "seed": self.cfg.seed,
             "strategy": self.cfg.strategy.name, "dataset": self.cfg.data.dataset,
@@ -157,7 +163,7 @@ class RunRecorder:
             "metric_name": metric_name, "final_metric": last.get("metric"),
             "best_metric": best.get("metric"), "best_round": best.get("round"),
             "final_test_loss": last.get("test_loss"),
-            "sample_level": sample, "user_level": user,
+            "sample_level": sample, "user_level": user, "label_level": label,
             "wall_seconds": time.perf_counter() - self.started, "versions": package_versions(),
         }
 
@@ -260,7 +266,7 @@ def evaluation_function(cfg: Config, recorder: RunRecorder):
     from clients.trainer import evaluate, resolve_device
 
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
-    model = build_model(cfg.model, data, cfg.seed)
+    model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
     device = resolve_device(cfg.runtime.device)
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord:
