@@ -26,7 +26,11 @@ from fedsim.models import build_model
 from fedsim.node_data import node_data, node_partition_id
 
 def query(msg: Message, context: Context, config_text: str | None = None) -> Message:
-    """Discovery: the server asks which partition this node holds, to sample reproducibly."""
+    """Discovery: the server asks which partition this node holds, to sample reproducibly,
+    and hands over the experiment, which this node keeps for the rounds to come."""
+    sent = msg.content.config_records.get(R.CONFIG, ConfigRecord()).get(R.RUN_CONFIG_KEY)
+    if sent:
+        context.state[R.CLIENT_STATE] = ConfigRecord({R.RUN_CONFIG_KEY: sent})
     pid = node_partition_id(context.node_config)
     return Message(RecordDict({R.METRICS: MetricRecord({R.PARTITION_ID: pid})}), reply_to=msg)
 

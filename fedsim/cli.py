@@ -156,6 +156,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return run_report(args)
 
 
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    from fedsim.deploy import deploy_local
+    from fedsim.run import default_out_dir, prepare
+
+    cfg = _load(args)
+    if not cfg.output.dir:
+        cfg.output.dir = default_out_dir(cfg)
+    cfg.output.dir = str(Path(cfg.output.dir).resolve())
+    cfg = prepare(cfg)
+    out = deploy_local(cfg, args.nodes, tls=args.tls, host=args.host, timeout=args.timeout)
+    print(f"deployed run finished: {out}")
+    return 0
+
+
+def cmd_deploy_certs(args: argparse.Namespace) -> int:
+    from fedsim.deploy import make_certificates
+
+    certs = make_certificates(args.dir, tuple(args.hosts.split(",")))
+    print(f"CA: {certs.ca_cert}\nserver certificate: {certs.server_cert}\nserver key: {certs.server_key}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fedsim", formatter_class=_formatter,
                     description="Federated, privacy-aware training simulator on Flower and Opacus.",
@@ -198,6 +220,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")
     p.add_argument("--max-cells", type=int, default=0, help="stop after this many new cells (0 = all)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("deploy", help="run on a Flower SuperLink and SuperNodes", formatter_class=_formatter,
+                       description="Deploy fedsim's ServerApp and ClientApp on Flower's deployment runtime.",
+                       epilog="examples:\n  fedsim deploy local configs/quickstart.toml --nodes 20\n"
+                              "  fedsim deploy certs certs/")
+    deploy = p.add_subparsers(dest="deploy_command", required=True, parser_class=Parser)
+    d = deploy.add_parser("local", help="a SuperLink and N SuperNodes on this machine", formatter_class=_formatter,
+                          description="Start a SuperLink and N SuperNodes as subprocesses, run the experiment "
+                                      "through them with `flwr run`, write the usual outputs, stop everything.",
+                          epilog="example:\n  fedsim deploy local configs/quickstart.toml --nodes 20 --tls")
+    _add_config_flags(d)
+    d.add_argument("--nodes", type=int, required=True, help="SuperNodes to start (= federation.num_clients)")
+    d.add_argument("--tls", action="store_true", help="generate a CA and serve the SuperLink over TLS")
+    d.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default loopback; anything else exposes the ports)")
+    d.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
+    d.set_defaults(func=cmd_deploy_local)
+    d = deploy.add_parser("certs", help="a self-signed CA and server certificate", formatter_class=_formatter,
+                          description="Write ca.crt, server.pem and server.key (EC P-256) for local TLS testing.",
+                          epilog="example:\n  fedsim deploy certs certs/ --hosts 127.0.0.1,localhost")
+    d.add_argument("dir", help="output directory")
+    d.add_argument("--hosts", default="127.0.0.1,localhost", help="names the certificate is valid for")
+    d.set_defaults(func=cmd_deploy_certs)
 
     p = sub.add_parser("report", help="privacy-utility table from runs", formatter_class=_formatter,
                        description="Aggregate run directories (over seeds) into a privacy-utility table.",

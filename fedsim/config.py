@@ -126,6 +126,8 @@ class RuntimeConfig:
     device: str = _f("auto", "torch device", choices=("auto", "cpu", "cuda"))
     num_cpus: float = _f(1.0, "ray: CPUs per client", lo=0.0, lo_open=True)
     num_gpus: float = _f(0.0, "ray: GPUs per client", lo=0.0)
+    round_timeout: float = _f(600.0, "seconds to wait for replies in a round (deployment); late nodes are dropped",
+                              lo=0.0, lo_open=True)
     on_client_error: str = _f("fail", "a client exception stops the run, or the round goes on without it",
                               choices=("fail", "skip"))
 

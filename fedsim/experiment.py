@@ -15,7 +15,7 @@ from flwr.app import Context
 
 from fedsim.config import Config, dumps_toml, loads_toml
 from fedsim.errors import ConfigError
-from fedsim.records import RUN_CONFIG_KEY
+from fedsim.records import CLIENT_STATE, CONFIG_PATH_KEY, RUN_CONFIG_KEY
 
 
 @functools.lru_cache(maxsize=16)
@@ -24,9 +24,26 @@ def _parse(text: str) -> Config:
 
 
 def config_from_context(context: Context, fallback: str | None = None) -> Config:
-    """The experiment of this run: from the run config, else `fallback` (Flower's
-    `run_simulation` delivers no run config, and its Context is read-only)."""
+    """The experiment of this run, from the first place that has it:
+
+    1. ``run_config["fedsim-config"]``: the TOML itself (in-process runtime);
+    2. `fallback`: Flower's `run_simulation` delivers no run config (its Context is read-only);
+    3. ``run_config["config-path"]``: a TOML file (`flwr run ... -c "config-path='x.toml'"`), read
+       by the ServerApp of a deployment;
+    4. the node's state, where the ClientApp keeps the TOML the server sent at discovery, so
+       a SuperNode needs nothing but its node config.
+    """
     text = context.run_config.get(RUN_CONFIG_KEY) or fallback
+    if not text and context.run_config.get(CONFIG_PATH_KEY):
+        from pathlib import Path
+
+        path = Path(str(context.run_config[CONFIG_PATH_KEY]))
+        if not path.is_file():
+            raise ConfigError(f"run config: config-path {path} is not a file")
+        text = path.read_text()
+    if not text:
+        stored = context.state.config_records.get(CLIENT_STATE)
+        text = stored.get(RUN_CONFIG_KEY) if stored is not None else None
     if not isinstance(text, str):
         raise ConfigError(f"run config: key {RUN_CONFIG_KEY!r} with the experiment TOML is missing")
     return _parse(text)

@@ -47,6 +47,7 @@ QUERY_PARTITION = "query"  # discovery: which partition does this node hold?
 
 # run_config key carrying the whole experiment as TOML (simulation and deployment alike)
 RUN_CONFIG_KEY = "fedsim-config"
+CONFIG_PATH_KEY = "config-path"  # ... or a path to it (what `fedsim deploy` passes to `flwr run`)
 
 
 NUMPY_STYPE = "numpy.ndarray"  # flwr's SType.NUMPY: the payload is a .npy file

@@ -116,10 +116,14 @@ def prepare(cfg: Config) -> Config:
     return cfg
 
 
-def attach_run_log(out_dir: Path) -> logging.Handler:
-    """Everything fedsim logs at INFO and above also goes to <run>/run.log."""
+def attach_run_log(out_dir: Path) -> logging.Handler | None:
+    """Everything fedsim logs at INFO and above also goes to <run>/run.log (once)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out_dir / "run.log")
+    path = str((out_dir / "run.log").resolve())
+    logger = logging.getLogger("fedsim")
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in logger.handlers):
+        return None
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     logging.getLogger("fedsim").addHandler(handler)
@@ -142,8 +146,9 @@ def run_experiment(cfg: Config, *, progress: bool = True) -> Path:
 
             run_ray(cfg, progress=progress)
     finally:
-        logging.getLogger("fedsim").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("fedsim").removeHandler(handler)
+            handler.close()
     return out_dir
 
 

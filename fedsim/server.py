@@ -185,10 +185,13 @@ class RunRecorder:
 class TrackedGrid(Grid):
     """A Grid wrapper: partition-ordered node ids, reply tracking, error policy."""
 
-    def __init__(self, inner: Grid, recorder: RunRecorder, on_client_error: str = "fail") -> None:
+    def __init__(self, inner: Grid, recorder: RunRecorder, on_client_error: str = "fail",
+                 min_nodes: int = 1) -> None:
         self.inner = inner
         self.recorder = recorder
         self.on_client_error = on_client_error
+        self.min_nodes = min_nodes
+        self.lost: set[int] = set()
         self.partition_of: dict[int, int] = {}
         self.current_round = 0
 
@@ -211,16 +214,27 @@ class TrackedGrid(Grid):
 
     # -- what fedsim adds -------------------------------------------------------------
     def get_node_ids(self) -> list[int]:
-        return sorted(self.partition_of, key=self.partition_of.get)
+        """Discovered nodes that are still connected, in partition order."""
+        live = set(self.inner.get_node_ids())
+        for node in sorted(set(self.partition_of) - live - self.lost):
+            self.lost.add(node)
+            log.warning("node %d (partition %s) disconnected", node, self.partition_of[node])
+        nodes = sorted((n for n in self.partition_of if n in live), key=self.partition_of.get)
+        if len(nodes) < self.min_nodes:
+            lost = ", ".join(f"node {n} (partition {self.partition_of[n]})" for n in sorted(self.lost))
+            raise ClientFailure(f"only {len(nodes)} nodes left, {self.min_nodes} needed per round; lost: {lost}")
+        return nodes
 
-    def discover(self, expected: int, timeout: float) -> None:
-        """Wait for `expected` nodes, then ask each which partition it holds."""
+    def discover(self, expected: int, timeout: float, config_text: str) -> None:
+        """Wait for `expected` nodes, then ask each which partition it holds, handing each the
+        experiment TOML (a SuperNode keeps it in its state for the train messages)."""
         deadline = time.monotonic() + timeout
         while len(nodes := list(self.inner.get_node_ids())) < expected:
             if time.monotonic() > deadline:
                 raise ClientFailure(f"only {len(nodes)} of {expected} nodes connected within {timeout:.0f} s")
             time.sleep(0.05)
-        query = [Message(RecordDict({R.CONFIG: ConfigRecord()}), node, R.QUERY_PARTITION) for node in nodes]
+        content = RecordDict({R.CONFIG: ConfigRecord({R.RUN_CONFIG_KEY: config_text})})
+        query = [Message(content, node, R.QUERY_PARTITION) for node in nodes]
         replies = list(self.inner.send_and_receive(query, timeout=timeout))
         self._raise_errors(replies, "discovery")
         for reply in replies:
@@ -238,27 +252,33 @@ class TrackedGrid(Grid):
         is_train = bool(messages) and messages[0].metadata.message_type.startswith("train")
         if is_train:
             self.current_round += 1
-            answered = {r.metadata.src_node_id for r in replies}
-            lost = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
+            answered = {r.metadata.reply_to_message_id for r in replies}
+            lost = [m.metadata.dst_node_id for m in messages if m.metadata.message_id not in answered]
             for node in lost:
                 log.warning("round %d: node %d (partition %s) did not reply; the round goes on without it",
                             self.current_round, node, self.partition_of.get(node, "?"))
-            self._raise_errors(replies, f"round {self.current_round}")
+            self._raise_errors(replies, f"round {self.current_round}", messages)
             for reply in replies:
                 if not reply.has_error():
                     self.recorder.on_train_reply(reply.content[R.METRICS])
         return replies
 
-    def _raise_errors(self, replies: list[Message], where: str) -> None:
+    def _raise_errors(self, replies: list[Message], where: str, sent: list[Message] = ()) -> None:
+        """A client's exception fails the run (or is skipped, by config); a node that the
+        SuperLink reports unavailable is dropped from the round with a warning."""
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
         for reply in replies:
             if not reply.has_error():
                 continue
-            node = reply.metadata.src_node_id
-            text = (f"node {node} (partition {self.partition_of.get(node, '?')}) failed in {where}: "
-                    f"{reply.error.reason.strip().splitlines()[-1] if reply.error.reason else 'no reason given'}")
-            if self.on_client_error == "fail":
+            node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            reason = reply.error.reason.strip().splitlines()[-1] if reply.error.reason else "no reason given"
+            text = f"node {node} (partition {self.partition_of.get(node, '?')}) failed in {where}: {reason}"
+            if node != reply.metadata.src_node_id:  # the error comes from the SuperLink: node lost
+                log.warning("%s; the round goes on without it", text)
+            elif self.on_client_error == "fail":
                 raise ClientFailure(text, reply.error.reason)
-            log.warning("%s (skipped)", text)
+            else:
+                log.warning("%s (skipped)", text)
 
 
 def evaluation_function(cfg: Config, recorder: RunRecorder):
@@ -289,26 +309,32 @@ def seed_round_sampling(seed: int, server_round: int) -> None:
 
 
 def server_main(grid: Grid, context: Context, *, progress: bool = True, config_text: str | None = None,
-                discovery_timeout: float = 120.0, round_timeout: float = 3600.0) -> RunRecorder:
+                discovery_timeout: float = 120.0) -> RunRecorder:
     from strategies import build_strategy
 
     cfg = config_from_context(context, config_text)
     recorder = RunRecorder(cfg, Path(cfg.output.dir or "runs/deployed"), progress=progress)
-    tracked = TrackedGrid(grid, recorder, cfg.runtime.on_client_error)
+    from fedsim.run import attach_run_log
+
+    handler = attach_run_log(recorder.out_dir)
+    tracked = TrackedGrid(grid, recorder, cfg.runtime.on_client_error, cfg.federation.clients_per_round)
     status = "failed"
     try:
-        tracked.discover(cfg.federation.num_clients, discovery_timeout)
+        tracked.discover(cfg.federation.num_clients, discovery_timeout, dumps_toml(cfg))
         model, evaluate_fn = evaluation_function(cfg, recorder)
         initial = R.model_to_record(model)
         strategy = build_strategy(cfg)
         strategy.start(grid=tracked, initial_arrays=initial, num_rounds=cfg.federation.rounds,
-                       timeout=round_timeout, train_config=ConfigRecord(), evaluate_fn=evaluate_fn)
+                       timeout=cfg.runtime.round_timeout, train_config=ConfigRecord(), evaluate_fn=evaluate_fn)
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
         recorder.close(status)
+        if handler is not None:
+            logging.getLogger("fedsim").removeHandler(handler)
+            handler.close()
     return recorder
 
 

@@ -32,8 +32,10 @@ CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
 def sampling_kwargs(cfg: Config) -> dict:
     """FedAvg options shared by every strategy.
 
-    Exactly clients_per_round nodes train per round; the run waits for all
-    num_clients nodes before round 1 (Flower's round-1 race); no federated evaluation,
+    Exactly clients_per_round nodes train per round; fedsim's discovery waits for all
+    num_clients nodes before round 1 (Flower's round-1 race), and Flower's own wait asks
+    only for clients_per_round, so a lost node never makes it wait forever (fedsim's grid
+    raises a clear error instead when too few nodes are left); no federated evaluation,
     because fedsim evaluates the global model centrally on the held-out split.
     Under central DP the average is unweighted: with example weights a large client's
     influence would exceed C/K and the noise would no longer cover it.
@@ -41,7 +43,7 @@ def sampling_kwargs(cfg: Config) -> dict:
     fed = cfg.federation
     central_dp = cfg.privacy.user_noise_multiplier > 0
     return dict(fraction_train=fed.clients_per_round / fed.num_clients,
-                min_train_nodes=fed.clients_per_round, min_available_nodes=fed.num_clients,
+                min_train_nodes=fed.clients_per_round, min_available_nodes=fed.clients_per_round,
                 fraction_evaluate=0.0, min_evaluate_nodes=0,
                 weighted_by_key=R.UNIT_WEIGHT if central_dp else R.NUM_EXAMPLES)
 
