@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra config keys that split rows, e.g. data.alpha,data.dataset")
     p.add_argument("--best-per", default="", metavar="KEYS",
                    help="keep only the best row per group, e.g. bags.label_epsilon (keys must be in --group-by)")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only runs whose config has this value, e.g. data.dataset=diabetes (repeatable)")
     p.add_argument("--pivot", default="", metavar="COLUMN",
                    help="one column per value of COLUMN (e.g. strategy) holding final +- ci95")
     p.set_defaults(func=cmd_report)

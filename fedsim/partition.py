@@ -153,6 +153,9 @@ def partition(cfg: Config, data: Dataset | None = None) -> Partition:
     if key in _CACHE:
         return _CACHE[key]
     data = data or load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+    if len(data.y_train) < cfg.federation.num_clients:
+        raise FedsimError(f"data.partitioner: {len(data.y_train)} training samples cannot give "
+                          f"{cfg.federation.num_clients} clients one sample each; lower federation.num_clients")
     labels = partition_labels(data)
     # quantity (SizePartitioner) takes contiguous rows, so it needs a shuffled dataset;
     # the other partitioners shuffle on their own and see the rows in order.

@@ -253,8 +253,21 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def apply_filters(frame: pd.DataFrame, filters: list[str]) -> pd.DataFrame:
+    """Keep runs whose config matches every KEY=VALUE (compared as text)."""
+    for item in filters:
+        key, _, value = item.partition("=")
+        if key not in frame:
+            raise FedsimError(f"report: --where key {key!r} is not a config key of these runs")
+        frame = frame[frame[key].astype(str) == value]
+    if frame.empty:
+        raise FedsimError(f"report: no finished runs match {' and '.join(filters)}")
+    return frame
+
+
 def run_report(args: argparse.Namespace) -> int:
     frame, unfinished = load_runs(Path(args.path))
+    frame = apply_filters(frame, args.where)
     group_by = [k.strip() for k in args.group_by.split(",") if k.strip()]
     table = build_table(frame, group_by)
     if args.best_per:

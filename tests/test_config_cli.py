@@ -48,8 +48,7 @@ def test_override_beats_file_and_ints_are_floats(tmp_path):
     (["run", "--dataset", "file", "--set", "data.path='/nonexistent.csv'"], "data.path"),
     (["run", "--strategy", "bags", "--dataset", "diabetes", "--num-clients", "10",
       "--clients-per-round", "2", "--bag-size", "64"], "bags.bag_size"),
-    (["run", "--partitioner", "dirichlet", "--alpha", "0.001", "--num-clients", "400",
-      "--clients-per-round", "2"], "data.partitioner"),
+    (["run", "--partitioner", "iid", "--num-clients", "2000", "--clients-per-round", "2"], "data.partitioner"),
     (["report", "/nonexistent-dir"], "report"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(cli, tmp_path, argv, key):
