@@ -23,7 +23,9 @@ import pandas as pd
 from fedsim.errors import FedsimError
 from fedsim.results import CONFIG_TOML, read_summary
 
-PRIVACY_KEYS = ["privacy.noise_multiplier", "privacy.target_epsilon", "privacy.user_noise_multiplier"]
+# Runs calibrated to a target epsilon have a sigma that depends on client sizes (and so on
+# the seed): they are grouped by their target, not by sigma.
+PRIVACY_KEYS = ["privacy.target_epsilon", "privacy.user_target_epsilon", "_sigma", "_user_sigma"]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -97,6 +99,9 @@ def build_table(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
     is_acc = frame["metric_name"].iloc[0] == "accuracy"
     scale, digits = (100.0, 1) if is_acc else (1.0, 4)
     extra = [k for k in group_by if k in frame]
+    frame = frame.assign(
+        _sigma=frame["privacy.noise_multiplier"].where(frame["privacy.target_epsilon"] <= 0, -1.0),
+        _user_sigma=frame["privacy.user_noise_multiplier"].where(frame["privacy.user_target_epsilon"] <= 0, -1.0))
     keys = ["strategy.name"] + extra + PRIVACY_KEYS
     out = []
     for group, sub in frame.groupby(keys, sort=True, dropna=False):
@@ -106,6 +111,8 @@ def build_table(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
         sample_eps = sub["sample_epsilon"].astype(float)
         row = {"strategy": group["strategy.name"]}
         row.update({k: group[k] for k in extra})
+        if (frame["privacy.target_epsilon"] > 0).any():
+            row["target_epsilon"] = float(group["privacy.target_epsilon"]) or math.inf
         row.update({
             "sigma": round(float(sub["privacy.noise_multiplier"].mean()), 3),
             "sample_epsilon": round(float(sample_eps.mean()), 2) if np.isfinite(sample_eps).all() else math.inf,
