@@ -43,12 +43,7 @@ def _normalize(history: Iterable[tuple[float, float, int]]) -> tuple[tuple[float
     return tuple((float(s), float(q), int(n)) for s, q, n in history if n > 0)
 
 
-def rdp_epsilon(history: History, delta: float) -> float:
-    hist = _normalize(history)
-    if not hist:
-        return 0.0
-    if any(s == 0 for s, _, _ in hist):
-        return math.inf
+def _rdp_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> float:
     total = sum(n * rdp_curve(s, q) for s, q, n in hist)
     eps, _ = rdp_analysis.get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
     return float(eps)
@@ -61,22 +56,20 @@ def _prv_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> fl
     return float(acc.get_epsilon(delta=delta))
 
 
-def prv_epsilon(history: History, delta: float) -> float:
+def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
+    """(epsilon, delta)-DP of a DP-SGD history: 0 with no steps, inf when a step had no noise."""
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"privacy.accountant: must be one of {', '.join(ACCOUNTANTS)} (got {accountant!r})")
     hist = _normalize(history)
     if not hist:
         return 0.0
     if any(s == 0 for s, _, _ in hist):
         return math.inf
-    return _prv_epsilon(hist, delta)
+    return _rdp_epsilon(hist, delta) if accountant == "rdp" else _prv_epsilon(hist, delta)
 
 
-def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
-    """(epsilon, delta)-DP of a DP-SGD history; inf when any step had no noise."""
-    if accountant == "rdp":
-        return rdp_epsilon(history, delta)
-    if accountant == "prv":
-        return prv_epsilon(history, delta)
-    raise ConfigError(f"privacy.accountant: must be one of {', '.join(ACCOUNTANTS)} (got {accountant!r})")
+def rdp_epsilon(history: History, delta: float) -> float:
+    return epsilon(history, delta, "rdp")
 
 
 def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
