@@ -36,12 +36,17 @@ def proximal_step(model: nn.Module, anchor: dict[str, torch.Tensor], mu: float,
     if the term had been in the loss.
     """
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    last = {k: p.detach().clone() for k, p in params.items()}
+    last: dict[str, torch.Tensor] = {}
+    anchors: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def step() -> None:
+        # built on the first step, when the trainer has moved the model to its device
         for k, p in params.items():
-            p.sub_(lr * mu * (last[k].to(p.device) - anchor[k].to(p.device)))
+            if k not in anchors:
+                anchors[k] = anchor[k].to(p.device)
+                last[k] = anchors[k].clone()  # the first step starts from w_g
+            p.sub_(lr * mu * (last[k] - anchors[k]))
             last[k].copy_(p)
     return step
 
@@ -50,10 +55,12 @@ def scaffold_step(model: nn.Module, server_c: dict[str, torch.Tensor], local_c: 
                   lr: float) -> Callable[[], None]:
     """SCAFFOLD drift correction: y <- y - lr * (c - c_i) after each local step."""
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    correction = {k: (server_c[k] - local_c[k]).to(p.device) for k, p in params.items()}
+    correction: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def step() -> None:
         for k, p in params.items():
+            if k not in correction:  # on the model's device, known only once training runs
+                correction[k] = (server_c[k] - local_c[k]).to(p.device, p.dtype)
             p.sub_(lr * correction[k])
     return step
