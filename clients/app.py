@@ -24,6 +24,7 @@ from fedsim.experiment import config_from_context, derive_seed
 from fedsim.lora import select_keys, set_trainable
 from fedsim.models import build_model
 from fedsim.node_data import node_data, node_partition_id
+from fedsim.privacy.accounting import epsilon
 
 def query(msg: Message, context: Context, config_text: str | None = None) -> Message:
     """Discovery: the server asks which partition this node holds, to sample reproducibly,
@@ -96,8 +97,6 @@ def train(msg: Message, context: Context, config_text: str | None = None) -> Mes
         result = train_local(model, x, y, settings, history, seed=seed,
                              extra_loss=extra_loss, post_step=post_step)
     _save_history(context, result.history)
-    from fedsim.privacy.accounting import epsilon
-
     eps = epsilon(result.history, cfg.privacy.delta, cfg.privacy.accountant) \
         if settings.noise_multiplier > 0 else float("inf")
     content = RecordDict({

@@ -95,7 +95,8 @@ def linear_gaussian(n: int, dim: int, noise: float, seed: int):
     return x, y.astype(np.float32)
 
 
-def _read_user_file(cfg: DataConfig):
+def read_user_file(cfg: DataConfig):
+    """(x, y, groups) of a CSV, Parquet or NPZ file, unprocessed."""
     path = Path(cfg.path)
     if not path.is_file():
         raise ConfigError(f"data.path: file not found: {path}")
@@ -156,7 +157,7 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         x, y = linear_gaussian(cfg.synthetic_samples * num_clients, cfg.linear_dim, cfg.linear_noise, seed)
         task, shape = "regression", (cfg.linear_dim,)
     else:
-        x, y, groups = _read_user_file(cfg)
+        x, y, groups = read_user_file(cfg)
         task, shape = _infer_task(y, cfg.task), (x.shape[1],)
     if cfg.task != "auto":
         task = cfg.task

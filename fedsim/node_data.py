@@ -35,11 +35,15 @@ def node_data(cfg: Config, node_config: Mapping) -> tuple[np.ndarray, np.ndarray
     if DATA_PATH in node_config:
         from dataclasses import replace
 
-        from fedsim.datasets import load_dataset
+        from fedsim.datasets import load_dataset, read_user_file
 
-        local = replace(cfg.data, dataset="file", path=str(node_config[DATA_PATH]), test_fraction=1e-9)
-        d = load_dataset(local, 1, cfg.seed)
-        return d.x_train, d.y_train
+        # A data holder trains on its whole file, with labels as they are: class ids must
+        # already be 0..C-1, since re-encoding per node would disagree between nodes that
+        # lack a class. The task and shapes come from the experiment's dataset.
+        task = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed).task
+        x, y, _ = read_user_file(replace(cfg.data, dataset="file", path=str(node_config[DATA_PATH]),
+                                         partitioner="iid"))
+        return x, (np.asarray(y, dtype=np.int64) if task == "classification" else np.asarray(y, np.float32))
     pid = node_partition_id(node_config)
     n = int(node_config.get(NUM_PARTITIONS, cfg.federation.num_clients))
     if n != cfg.federation.num_clients or not 0 <= pid < n:
