@@ -104,7 +104,9 @@ def train(msg: Message, context: Context, config_text: str | None = None) -> Mes
         R.METRICS: MetricRecord({
             R.NUM_EXAMPLES: result.num_examples, R.UNIT_WEIGHT: 1.0, R.PARTITION_ID: pid,
             R.EPSILON: eps if np.isfinite(eps) else -1.0,  # -1 = no DP (MetricRecord is finite-only)
-            R.TRAIN_LOSS: result.mean_loss, R.LOCAL_STEPS: result.steps,
+            # -1 = no loss measured (every Poisson batch was empty); MetricRecord takes no NaN
+            R.TRAIN_LOSS: result.mean_loss if np.isfinite(result.mean_loss) else -1.0,
+            R.LOCAL_STEPS: result.steps,
             R.SAMPLE_RATE: result.sample_rate}),
     })
     if controls is not None:

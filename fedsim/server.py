@@ -97,7 +97,7 @@ class RunRecorder:
         rec.epsilon = float(metrics[R.EPSILON]) if self.private else math.inf
         rec.sample_rate = float(metrics[R.SAMPLE_RATE])
         self.trained_this_round += 1
-        if np.isfinite(metrics[R.TRAIN_LOSS]):
+        if metrics[R.TRAIN_LOSS] >= 0:  # -1: the client measured no loss
             self.train_losses.append(float(metrics[R.TRAIN_LOSS]))
 
     def user_epsilon(self, rounds: int) -> float | None:
