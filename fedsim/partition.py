@@ -45,7 +45,8 @@ def power_law_sizes(n: int, num_clients: int, power: float, seed: int) -> list[i
     return sizes.tolist()
 
 
-def _make_partitioner(cfg: Config, labels: np.ndarray, groups: np.ndarray | None):
+def _make_partitioner(cfg: Config, labels: np.ndarray, groups: np.ndarray | None,
+                      min_partition_size: int = 1):
     from flwr_datasets import partitioner as fp
 
     d, n_clients, seed = cfg.data, cfg.federation.num_clients, cfg.seed
@@ -54,7 +55,7 @@ def _make_partitioner(cfg: Config, labels: np.ndarray, groups: np.ndarray | None
         return fp.IidPartitioner(num_partitions=n_clients)
     if kind == "dirichlet":
         return fp.DirichletPartitioner(num_partitions=n_clients, partition_by="label", alpha=d.alpha,
-                                       min_partition_size=1, self_balancing=False, seed=seed)
+                                       min_partition_size=min_partition_size, self_balancing=False, seed=seed)
     if kind == "shard":
         return fp.ShardPartitioner(num_partitions=n_clients, partition_by="label",
                                    num_shards_per_partition=d.classes_per_client,
@@ -160,23 +161,22 @@ def partition(cfg: Config, data: Dataset | None = None) -> Partition:
     # quantity (SizePartitioner) takes contiguous rows, so it needs a shuffled dataset;
     # the other partitioners shuffle on their own and see the rows in order.
     shuffled = cfg.data.partitioner in ("quantity", "iid", "feature-skew")
-    part = _make_partitioner(cfg, labels, data.groups_train)
-    part.dataset = _hf_dataset(labels, data.groups_train, cfg.seed, shuffled)
+    def split(min_partition_size: int):
+        part = _make_partitioner(cfg, labels, data.groups_train, min_partition_size)
+        part.dataset = _hf_dataset(labels, data.groups_train, cfg.seed, shuffled)
+        return part, _load_all(part, cfg.federation.num_clients)
+
     try:
-        indices = _load_all(part, cfg.federation.num_clients)
+        part, indices = split(1)
     except ValueError as exc:
         if cfg.data.partitioner != "dirichlet":
             raise FedsimError(f"data.partitioner: {cfg.data.partitioner} could not split "
                               f"{len(labels)} samples over {cfg.federation.num_clients} clients: {exc}") from None
         # flwr-datasets gave up after 10 draws that each left a client empty (tiny alpha).
-        # Documented rule: take its last draw and give each empty client one sample from
-        # the largest client, so every sample still goes to exactly one client.
-        from flwr_datasets import partitioner as fp
-
-        part = fp.DirichletPartitioner(num_partitions=cfg.federation.num_clients, partition_by="label",
-                                       alpha=cfg.data.alpha, min_partition_size=0, seed=cfg.seed)
-        part.dataset = _hf_dataset(labels, data.groups_train, cfg.seed, shuffled)
-        indices = fill_empty_clients(_load_all(part, cfg.federation.num_clients))
+        # Documented rule: draw once with no minimum size, then give each empty client one
+        # sample from the largest client, so every sample still goes to exactly one client.
+        part, indices = split(0)
+        indices = fill_empty_clients(indices)
     indices = assign_leftovers(indices, labels, cfg)
     empty = [i for i, idx in enumerate(indices) if len(idx) == 0]
     if empty:
