@@ -9,11 +9,14 @@ per round, which the runtime benchmark showed as a visible share of a round.)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +77,29 @@ def read_summary(run_dir: str | Path) -> dict | None:
 def is_finished(run_dir: str | Path) -> bool:
     summary = read_summary(run_dir)
     return bool(summary) and summary.get("status") == "finished"
+
+
+@contextlib.contextmanager
+def run_log(out_dir: str | Path) -> Iterator[None]:
+    """Everything fedsim logs at INFO and above also goes to <run>/run.log while inside.
+
+    Nested uses for the same run (run_experiment around server_main in process) attach the
+    file once, so no line is written twice.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = str((out_dir / "run.log").resolve())
+    logger = logging.getLogger("fedsim")
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in logger.handlers):
+        yield
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

@@ -20,6 +20,7 @@ from fedsim.errors import ConfigError
 from fedsim.experiment import run_config_for
 from fedsim.models import build_model
 from fedsim.privacy.accounting import calibrate_noise, poisson_sample_rate, steps_per_round
+from fedsim.results import run_log
 
 log = logging.getLogger("fedsim")
 
@@ -116,28 +117,12 @@ def prepare(cfg: Config) -> Config:
     return cfg
 
 
-def attach_run_log(out_dir: Path) -> logging.Handler | None:
-    """Everything fedsim logs at INFO and above also goes to <run>/run.log (once)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = str((out_dir / "run.log").resolve())
-    logger = logging.getLogger("fedsim")
-    if any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in logger.handlers):
-        return None
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    logging.getLogger("fedsim").addHandler(handler)
-    logging.getLogger("fedsim").setLevel(logging.INFO)
-    return handler
-
-
 def run_experiment(cfg: Config, *, progress: bool = True) -> Path:
     """Run one experiment; returns its run directory (rounds.csv, clients.csv, summary.json...)."""
     out_dir = Path(cfg.output.dir or default_out_dir(cfg))
     cfg = copy.deepcopy(cfg)
     cfg.output.dir = str(out_dir)
-    handler = attach_run_log(out_dir)
-    try:
+    with run_log(out_dir):
         cfg = prepare(cfg)
         if cfg.runtime.name == "inprocess":
             run_inprocess(cfg, progress=progress)
@@ -145,10 +130,6 @@ def run_experiment(cfg: Config, *, progress: bool = True) -> Path:
             from fedsim.runtime.ray_runtime import run_ray
 
             run_ray(cfg, progress=progress)
-    finally:
-        if handler is not None:
-            logging.getLogger("fedsim").removeHandler(handler)
-            handler.close()
     return out_dir
 
 

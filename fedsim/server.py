@@ -36,7 +36,7 @@ from fedsim.experiment import config_from_context, derive_seed
 from fedsim.models import build_model
 from fedsim.privacy.accounting import accountant_label, user_level_epsilon
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, ROUND_COLUMNS, ROUNDS_CSV,
-                            SUMMARY_JSON, csv_text, write_atomic, write_json)
+                            SUMMARY_JSON, csv_text, run_log, write_atomic, write_json)
 
 log = logging.getLogger("fedsim")
 
@@ -310,13 +310,16 @@ def seed_round_sampling(seed: int, server_round: int) -> None:
 
 def server_main(grid: Grid, context: Context, *, progress: bool = True, config_text: str | None = None,
                 discovery_timeout: float = 120.0) -> RunRecorder:
-    from strategies import build_strategy
-
     cfg = config_from_context(context, config_text)
     recorder = RunRecorder(cfg, Path(cfg.output.dir or "runs/deployed"), progress=progress)
-    from fedsim.run import attach_run_log
+    with run_log(recorder.out_dir):
+        _run_rounds(cfg, grid, recorder, discovery_timeout)
+    return recorder
 
-    handler = attach_run_log(recorder.out_dir)
+
+def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_timeout: float) -> None:
+    from strategies import build_strategy
+
     tracked = TrackedGrid(grid, recorder, cfg.runtime.on_client_error, cfg.federation.clients_per_round)
     status = "failed"
     try:
@@ -332,10 +335,6 @@ def server_main(grid: Grid, context: Context, *, progress: bool = True, config_t
         raise
     finally:
         recorder.close(status)
-        if handler is not None:
-            logging.getLogger("fedsim").removeHandler(handler)
-            handler.close()
-    return recorder
 
 
 server_app = ServerApp()
