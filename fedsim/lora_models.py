@@ -28,7 +28,7 @@ from torch import nn
 from fedsim.config import ModelConfig
 from fedsim.datasets import Dataset, load_dataset
 from fedsim.lora import add_lora
-from fedsim.models import mlp, register_model
+from fedsim.models import mlp, register_model, seeded_cpu_rng
 
 _BACKBONES: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -51,9 +51,7 @@ def pretrain_backbone(cfg: ModelConfig, data: Dataset, seed: int, cache_dir: str
         _BACKBONES[key] = torch.load(path, weights_only=True)
         return _BACKBONES[key]
     src = load_dataset(src_cfg, 1, seed)
-    state = torch.get_rng_state()
-    torch.default_generator.manual_seed(seed)
-    try:
+    with seeded_cpu_rng(seed):
         net = mlp(src.num_features, cfg.hidden, src.num_classes)
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
         x, y = torch.as_tensor(src.x_train), torch.as_tensor(src.y_train)
@@ -62,8 +60,6 @@ def pretrain_backbone(cfg: ModelConfig, data: Dataset, seed: int, cache_dir: str
                 opt.zero_grad()
                 nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
                 opt.step()
-    finally:
-        torch.set_rng_state(state)
     weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

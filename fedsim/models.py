@@ -7,7 +7,8 @@ Opacus-compatible: GroupNorm instead of BatchNorm, no in-place tricks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,20 +32,29 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Draw from the CPU generator seeded with `seed` inside, restoring its state after.
+
+    Only the CPU generator, where module init draws: torch.manual_seed also seeds CUDA
+    lazily, which costs milliseconds per call and adds up over client-rounds.
+    """
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
 def build_model(cfg: ModelConfig, data: Dataset, seed: int, cache_dir: str = "") -> nn.Module:
     """Build a model with a seeded initialization, identical on every client and the server.
 
     `cache_dir` (the run directory) is where models with a pretrained part keep it."""
     if cfg.name not in _REGISTRY:
         raise ConfigError(f"model.name: must be one of {', '.join(model_names())} (got {cfg.name!r})")
-    # Seed only the CPU generator (where module init draws): torch.manual_seed also seeds
-    # CUDA lazily, which costs milliseconds per call and adds up over client-rounds.
-    state = torch.get_rng_state()
-    torch.default_generator.manual_seed(seed)
-    try:
+    with seeded_cpu_rng(seed):
         return _REGISTRY[cfg.name](cfg, data, cache_dir=cache_dir)
-    finally:
-        torch.set_rng_state(state)
 
 
 class Reshape(nn.Module):
