@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe  # noqa: E402
@@ -61,7 +62,7 @@ def bare_loop(cfg) -> float:
         updates, weights = [], []
         for pid in chosen:
             local = build_model(cfg.model, data, cfg.seed)
-            local.load_state_dict({k: __import__("torch").from_numpy(v.copy()) for k, v in global_state.items()})
+            local.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_state.items()})
             x, y = client_data(cfg, pid)
             res = train_local(local, x, y, settings, histories.get(pid, []),
                               seed=derive_seed(cfg.seed, rnd, pid, "train"))
@@ -71,7 +72,7 @@ def bare_loop(cfg) -> float:
             weights.append(res.num_examples)
         w = np.asarray(weights, dtype=float) / sum(weights)
         global_state = {k: sum(wi * u[k] for wi, u in zip(w, updates)) for k in global_state}
-        model.load_state_dict({k: __import__("torch").from_numpy(np.asarray(v, dtype=np.float32))
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32))
                                for k, v in global_state.items()})
         evaluate(model, data.x_test, data.y_test, data.task)
     return time.perf_counter() - start

@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shutil
-import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from fedsim.config import Config, load_config, parse_value
 from fedsim.errors import ConfigError
@@ -153,7 +155,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {out}: {len(cells)} cells, {len(cells) - len(todo)} already finished, running {len(todo)}")
     bar = tqdm(total=len(todo), unit="cell", dynamic_ncols=True)
     jobs = max(1, args.jobs)
-    threads = max(1, (__import__("os").cpu_count() or 1) // jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     failures = []
     if jobs == 1:
         for name, cfg in todo:
