@@ -6,17 +6,21 @@ import csv
 import json
 import math
 
+import numpy as np
+
 import dp_accounting as dpa
 import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from fedsim.privacy.accounting import calibrate_noise, epsilon, rdp_epsilon, user_level_epsilon
+from fedsim.privacy.accounting import (ORDERS, calibrate_noise, epsilon, rdp_epsilon, undominated,
+                                      user_level_epsilon)
 from fedsim.run import run_experiment
 
 
 def reference_rdp(history, delta):
-    acc = RdpAccountant()
+    """dp-accounting's independent RDP implementation, on fedsim's grid of orders."""
+    acc = RdpAccountant(orders=list(ORDERS))
     for sigma, q, steps in history:
         acc.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
     return acc.get_epsilon(delta)
@@ -30,10 +34,12 @@ def reference_pld(history, delta):
 
 
 @pytest.mark.parametrize("history", [[(1.0, 0.1, 100)], [(1.0, 0.2, 45)], [(0.8, 0.05, 300)],
-                                     [(1.0, 0.1, 10), (2.0, 0.25, 40)]])
+                                     [(1.0, 0.1, 10), (2.0, 0.25, 40)],
+                                     [(20.0, 1 / 3, 1)]])  # best order ~190: beyond Opacus' 63
 def test_rdp_matches_dp_accounting(history):
-    # the two libraries use different order grids: they agree to well under 1%
-    assert epsilon(history, 1e-5, "rdp") == pytest.approx(reference_rdp(history, 1e-5), rel=0.01)
+    # same orders, two implementations of the subsampled-Gaussian RDP and its conversion to
+    # (epsilon, delta); they differ by < 0.5% (fractional orders), exactly at integer optima
+    assert epsilon(history, 1e-5, "rdp") == pytest.approx(reference_rdp(history, 1e-5), rel=0.005)
 
 
 def test_published_reference_values():
@@ -89,6 +95,18 @@ def test_calibrated_sigma_lands_at_target_sample_level(target):
     achieved = max(reference_rdp([(sigma, q, steps)], 1e-5) for q, steps in plans)
     assert achieved <= target * 1.005  # the libraries differ by < 0.5% here
     assert achieved >= target * 0.95
+
+
+def test_calibration_only_needs_the_undominated_plans():
+    """Pruning plans that another beats in both q and steps never changes the worst epsilon."""
+    rng = np.random.default_rng(3)
+    plans = [(1 / int(rng.integers(2, 20)), int(rng.integers(5, 200))) for _ in range(12)]
+    kept = undominated(plans)
+    assert len(kept) < len(set(plans))
+    for sigma in (0.7, 1.3, 3.0):
+        worst_all = max(rdp_epsilon([(sigma, q, n)], 1e-5) for q, n in plans)
+        assert max(rdp_epsilon([(sigma, q, n)], 1e-5) for q, n in kept) == worst_all
+    assert undominated([(0.25, 10), (0.1, 10), (0.5, 10)]) == [(0.5, 10)]  # fixed local steps: largest q
 
 
 @pytest.mark.parametrize("target", [1.0, 3.0])

@@ -23,7 +23,10 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from fedsim.errors import ConfigError
 
 History = Sequence[tuple[float, float, int]]
-ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+# Opacus' orders, plus larger ones (as dp-accounting has): with large sigma or few steps the
+# best order lies above 63, where Opacus' list stops (it then warns and overstates epsilon).
+# Wherever the best order is <= 63, epsilon equals Opacus' get_epsilon exactly.
+ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS) + (80, 96, 128, 192, 256, 512, 1024)
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -93,6 +96,19 @@ def user_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int,
     return epsilon([(noise_multiplier, sample_rate, rounds)], delta, accountant)
 
 
+def undominated(plans: Sequence[tuple[float, int]]) -> list[tuple[float, int]]:
+    """The plans no other plan dominates: epsilon grows with both q and the step count, so a
+    plan with q and steps both <= another's can never be the tightest. Calibration then
+    evaluates a handful of curves instead of one per client size (with fixed local steps,
+    one plan: the largest q)."""
+    unique = sorted(set(plans), key=lambda p: (-p[0], -p[1]))
+    kept: list[tuple[float, int]] = []
+    for q, steps in unique:  # q non-increasing: keep a plan only if it has more steps than all before
+        if not kept or steps > max(s for _, s in kept):
+            kept.append((q, steps))
+    return kept
+
+
 def calibrate_noise(target_epsilon: float, plans: Sequence[tuple[float, int]], delta: float,
                     accountant: str = "rdp", rel_tol: float = 1e-3) -> float:
     """Smallest sigma such that every plan (q, total_steps) has epsilon <= target.
@@ -103,8 +119,10 @@ def calibrate_noise(target_epsilon: float, plans: Sequence[tuple[float, int]], d
     if target_epsilon <= 0:
         raise ConfigError("privacy.target_epsilon: must be > 0 to calibrate")
 
+    tight = undominated(plans)
+
     def worst(sigma: float) -> float:
-        return max(epsilon([(sigma, q, steps)], delta, accountant) for q, steps in plans)
+        return max(epsilon([(sigma, q, steps)], delta, accountant) for q, steps in tight)
 
     lo, hi = 0.05, 1.0
     while worst(hi) > target_epsilon:
