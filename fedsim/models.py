@@ -8,6 +8,7 @@ Opacus-compatible: GroupNorm instead of BatchNorm, no in-place tricks.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 
 import torch
@@ -47,14 +48,25 @@ def seeded_cpu_rng(seed: int) -> Iterator[None]:
         torch.set_rng_state(state)
 
 
+_BUILT: dict[tuple, nn.Module] = {}
+
+
 def build_model(cfg: ModelConfig, data: Dataset, seed: int, cache_dir: str = "") -> nn.Module:
     """Build a model with a seeded initialization, identical on every client and the server.
 
-    `cache_dir` (the run directory) is where models with a pretrained part keep it."""
+    `cache_dir` (the run directory) is where models with a pretrained part keep it.
+    Every client-round needs a fresh copy of the same initial model; building it once per
+    process and deep-copying it saves loading pretrained weights (hf-text: seconds) each time.
+    """
     if cfg.name not in _REGISTRY:
         raise ConfigError(f"model.name: must be one of {', '.join(model_names())} (got {cfg.name!r})")
-    with seeded_cpu_rng(seed):
-        return _REGISTRY[cfg.name](cfg, data, cache_dir=cache_dir)
+    key = (repr(cfg), data.name, data.input_shape, data.num_classes, data.tokenizer, seed, cache_dir)
+    if key not in _BUILT:
+        if len(_BUILT) >= 4:
+            _BUILT.pop(next(iter(_BUILT)))
+        with seeded_cpu_rng(seed):
+            _BUILT[key] = _REGISTRY[cfg.name](cfg, data, cache_dir=cache_dir)
+    return copy.deepcopy(_BUILT[key])
 
 
 class Reshape(nn.Module):
