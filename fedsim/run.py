@@ -74,6 +74,11 @@ def check_compatibility(cfg: Config, sizes: list[int]) -> None:
     if is_lora_model and s not in LORA_STRATEGIES:
         raise ConfigError(f"strategy.name: model {cfg.model.name!r} trains LoRA adapters; use one of "
                           f"{', '.join(LORA_STRATEGIES)} (got {s!r})")
+    data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+    if (cfg.model.name == "hf-text") != bool(data.tokenizer):
+        raise ConfigError("model.name: hf-text reads tokenized text (data.dataset = 'text-topics', or a file "
+                          "with data.text_column), and text data needs model hf-text "
+                          f"(got model {cfg.model.name!r} with dataset {cfg.data.dataset!r})")
     if s == "bags":
         if cfg.privacy.noise_multiplier > 0 or cfg.privacy.target_epsilon > 0:
             raise ConfigError("privacy.noise_multiplier: the bags strategy protects labels with "
@@ -82,7 +87,7 @@ def check_compatibility(cfg: Config, sizes: list[int]) -> None:
             small = sizes.index(min(sizes))
             raise ConfigError(f"bags.bag_size: {cfg.bags.bag_size} is larger than client {small}'s "
                               f"{min(sizes)} samples; lower bags.bag_size or federation.num_clients")
-    if s == "fedld" and load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed).task != "classification":
+    if s == "fedld" and data.task != "classification":
         raise ConfigError("strategy.name: fedld's margin control needs a classification dataset")
 
 
