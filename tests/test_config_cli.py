@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,24 @@ def test_partition_command_prints_counts_and_plots(cli, tmp_path):
 def test_datasets_lists_builtins(cli):
     code, out, _ = cli("datasets")
     assert code == 0 and all(n in out for n in ["digits", "breast-cancer", "diabetes", "synthetic"])
+
+
+def test_readme_config_reference_matches_the_schema():
+    from pathlib import Path
+
+    from fedsim.config import reference_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert reference_table() in readme, "regenerate the README's config reference from reference_table()"
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (Path(__file__).parent.parent / "configs").glob("*.toml")))
+def test_every_shipped_config_passes_validation(path, tmp_path):
+    """Each config in configs/ loads and passes everything `fedsim run` checks before training
+    (data, partition, model, strategy, calibration)."""
+    from fedsim.run import prepare
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / path, {"output.dir": str(tmp_path / "run")})
+    prepared = prepare(cfg)
+    if cfg.privacy.target_epsilon > 0:
+        assert prepared.privacy.noise_multiplier > 0

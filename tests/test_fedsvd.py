@@ -93,3 +93,104 @@ def test_a_is_never_changed_by_a_client_in_a_run(tiny, monkeypatch):
 
     run_experiment(_lora_cfg(tiny), progress=False)
     assert seen and all(seen)
+
+
+def _final(out, column="test_loss") -> float:
+    import csv
+
+    return float(list(csv.DictReader(open(out / "rounds.csv")))[-1][column])
+
+
+def _rounds(out) -> list[tuple[float, float]]:
+    import csv
+
+    return [(float(r["metric"]), float(r["test_loss"])) for r in csv.DictReader(open(out / "rounds.csv"))]
+
+
+def test_fedsvd_is_ffa_lora_on_an_orthonormal_basis_of_the_same_span(tiny, tmp_path):
+    """The rows of B A are combinations of the rows of A, so the SVD only re-bases A inside
+    its row space; B's SGD update is equivariant to that rotation. FedSVD therefore follows
+    FFA-LoRA started from the same A0 with orthonormalized rows, round for round (no noise
+    here, so the comparison is exact up to float error). This is why FedSVD's gain over
+    FFA-LoRA is about A's basis (scale, conditioning), not about a new subspace."""
+    from fedsim.run import run_experiment
+
+    runs = {}
+    for strategy in ("fedsvd", "ffa-lora"):
+        cfg = _lora_cfg(tiny, strategy, **{"model.lora_init": "orthogonal", "privacy.noise_multiplier": 0.0,
+                                           "federation.rounds": 4, "client.lr": 0.5,
+                                           "output.dir": str(tmp_path / strategy)})
+        runs[strategy] = _rounds(run_experiment(cfg, progress=False))
+    np.testing.assert_allclose(runs["fedsvd"], runs["ffa-lora"], rtol=1e-4)
+    # and the refactorization did act: with peft's Kaiming A0 the two differ
+    cfg = _lora_cfg(tiny, "fedsvd", **{"privacy.noise_multiplier": 0.0, "federation.rounds": 4,
+                                       "client.lr": 0.5, "output.dir": str(tmp_path / "kaiming")})
+    assert _rounds(run_experiment(cfg, progress=False)) != runs["ffa-lora"]
+
+
+def test_fedsvd_beats_ffa_lora_under_dp_at_equal_hyperparameters(tiny, tmp_path):
+    """FedSVD < FFA-LoRA in test loss for every seed, at epsilon = 6 (delta = 1e-5, RDP).
+
+    Why it holds: both train only B, with the same lr, clip C and DP noise on B, as in the
+    paper's protocol. FedSVD's A has orthonormal rows; FFA-LoRA keeps peft's Kaiming A0,
+    whose rows have norm ~ 1/sqrt(3) and, at r / d_in = 32 / 64, singular values spread
+    from ~0.3 to ~1.7 times that. So in W = W0 + s B A, FFA-LoRA's per-step signal is ~3x
+    smaller and badly conditioned while the noise injected on B is the same size: less
+    signal per unit of privacy. (The test above shows the re-basis is all FedSVD changes;
+    scaling FFA-LoRA's lr by ~3 recovers most of the gap, which the README reports.)
+    Measured: final test loss 0.50 / 0.45 / 0.46 (FedSVD) vs 0.87 / 0.75 / 0.87 (FFA-LoRA),
+    accuracy 0.85 / 0.84 / 0.88 vs 0.73 / 0.83 / 0.78; at sigma = 1 seeds 3, 4 agree.
+    """
+    from fedsim.run import run_experiment
+
+    losses, accs = {"fedsvd": [], "ffa-lora": []}, {"fedsvd": [], "ffa-lora": []}
+    for seed in (0, 1, 2):
+        for strategy in losses:
+            cfg = _lora_cfg(tiny, strategy, **{
+                "seed": seed, "model.hidden": [64], "model.lora_rank": 32, "model.pretrain_epochs": 30,
+                "data.partitioner": "iid", "federation.num_clients": 4, "federation.clients_per_round": 4,
+                "federation.rounds": 10, "client.local_steps": 10, "client.batch_size": 16, "client.lr": 0.5,
+                "privacy.noise_multiplier": 0.0, "privacy.target_epsilon": 6.0, "privacy.max_grad_norm": 2.0,
+                "output.dir": str(tmp_path / f"{strategy}-{seed}")})
+            out = run_experiment(cfg, progress=False)
+            losses[strategy].append(_final(out))
+            accs[strategy].append(_final(out, "metric"))
+    assert all(s < f - 0.1 for s, f in zip(losses["fedsvd"], losses["ffa-lora"])), losses
+    assert np.mean(accs["fedsvd"]) > np.mean(accs["ffa-lora"]) + 0.03, accs
+
+
+def test_lora_inits_orthogonal_keeps_the_span_and_pissa_keeps_the_output():
+    import torch
+    from torch import nn
+
+    from fedsim.lora import LoRALinear
+
+    def layer(init):
+        torch.manual_seed(0)
+        return LoRALinear(nn.Linear(24, 10), rank=6, alpha=12.0, init=init)
+
+    kaiming, orth = layer("kaiming").lora_A.weight.detach().double(), layer("orthogonal").lora_A.weight.detach().double()
+    np.testing.assert_allclose((orth @ orth.T).numpy(), np.eye(6), atol=1e-6)
+    # same row space: projecting the Kaiming rows onto the orthonormal rows loses nothing
+    np.testing.assert_allclose((kaiming @ orth.T @ orth).numpy(), kaiming.numpy(), atol=1e-6)
+
+    torch.manual_seed(0)
+    w0 = nn.Linear(24, 10).weight.detach().double()
+    pissa = layer("pissa")
+    a, b = pissa.lora_A.weight.detach().double(), pissa.lora_B.weight.detach().double()
+    u, s, vt = np.linalg.svd(w0.numpy())
+    # the scaled product is the top-6 SVD of W0, the frozen base holds the rest
+    np.testing.assert_allclose((pissa.scaling * b @ a).numpy(), (u[:, :6] * s[:6]) @ vt[:6], atol=1e-5)
+    np.testing.assert_allclose((pissa.base.weight.detach().double() + pissa.scaling * b @ a).numpy(), w0.numpy(), atol=1e-5)
+    x = torch.randn(3, 24)
+    torch.manual_seed(0)
+    plain = nn.Linear(24, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(pissa(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rank_above_a_layers_input_width_is_refused(tiny, cli, tmp_path):
+    code, _, err = cli("run", "--set", "model.name=lora-mlp", "--set", "strategy.name=fedsvd",
+                       "--set", "model.hidden=[16]", "--set", "model.lora_rank=32",
+                       "--set", f"output.dir={tmp_path / 'r'}")
+    assert code == 2 and "model.lora_rank" in err and "16" in err and "Traceback" not in err
