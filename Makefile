@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(BIN)/fedsim run configs/quickstart.toml
 
 test: $(STAMP)
+	$(BIN)/ruff check fedsim clients strategies tests benchmarks
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-all: $(STAMP)

@@ -102,7 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     out = run_experiment(cfg, progress=not args.no_progress)
     summary = read_summary(out) or {}
-    line = f"{summary.get('metric_name')}: final {summary.get('final_metric'):.4f}, best {summary.get('best_metric'):.4f}"
+    line = (f"{summary.get('metric_name')}: final {summary.get('final_metric'):.4f}, "
+            f"best {summary.get('best_metric'):.4f}")
     sample = summary.get("sample_level") or {}
     if sample.get("accountant"):
         line += (f"; sample-level eps {sample['epsilon_max']:.2f} at delta={sample['delta']:g} "

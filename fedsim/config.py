@@ -39,7 +39,8 @@ class DataConfig:
     path: str = _f("", "CSV, Parquet or NPZ file when dataset = 'file'")
     label_column: str = _f("label", "label column of a user file")
     classes: list[int] = _f([], "keep only these classes (relabelled 0..C-1); empty = all")
-    task: str = _f("auto", "classification or regression; auto infers it", choices=("auto", "classification", "regression"))
+    task: str = _f("auto", "classification or regression; auto infers it",
+                   choices=("auto", "classification", "regression"))
     test_fraction: float = _f(0.2, "held-out share for central evaluation", lo=0.0, hi=0.9, lo_open=True)
     partitioner: str = _f("iid", "how samples are split across clients", choices=PARTITIONERS)
     alpha: float = _f(0.5, "Dirichlet concentration (smaller = more label skew)", lo=0.0, lo_open=True)

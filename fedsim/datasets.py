@@ -14,7 +14,7 @@ import numpy as np
 
 from fedsim.config import DataConfig
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.text import resolve_model_dir, tokenize
+from fedsim.text import resolve_model_dir, tokenize, topic_corpus
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,6 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         x, y = linear_gaussian(cfg.synthetic_samples * num_clients, cfg.linear_dim, cfg.linear_noise, seed)
         task, shape = "regression", (cfg.linear_dim,)
     elif name == "text-topics":
-        from fedsim.text import topic_corpus
-
         texts, y = topic_corpus(cfg.synthetic_samples * num_clients, seed)
         x = tokenize(texts, resolve_model_dir(cfg.tokenizer, "data.tokenizer"), cfg.max_length)
         task, shape = "classification", (x.shape[1],)

@@ -118,7 +118,8 @@ def assign_leftovers(indices: list[np.ndarray], labels: np.ndarray, cfg: Config)
     left = np.flatnonzero(~taken)
     if len(left) == 0:
         return indices
-    holders = {lab: [i for i, idx in enumerate(indices) if np.any(labels[idx] == lab)] for lab in np.unique(labels[left])}
+    holders = {lab: [i for i, idx in enumerate(indices) if np.any(labels[idx] == lab)]
+               for lab in np.unique(labels[left])}
     orphan = [lab for lab, who in holders.items() if not who]
     if orphan:
         raise FedsimError(f"data.partitioner: with {cfg.federation.num_clients} clients and "

@@ -116,5 +116,6 @@ def test_cli_bags_run_and_sweep(cli, tmp_path):
                        "--grid", "bags.bag_size=2,4", "--seeds", "0", "--grid", "data.dataset=diabetes",
                        "--grid", "bags.label_epsilon=1", "--out", tmp_path / "sw")
     assert code == 0 and "4/4 cells finished" in out
-    summary = json.loads((tmp_path / "sw" / "data.dataset=diabetes__bags.label_epsilon=1__bags.bag_size=4__bags.rho=0__seed=0" / "summary.json").read_text())
+    cell = "data.dataset=diabetes__bags.label_epsilon=1__bags.bag_size=4__bags.rho=0__seed=0"
+    summary = json.loads((tmp_path / "sw" / cell / "summary.json").read_text())
     assert summary["status"] == "finished"

@@ -83,9 +83,9 @@ def test_a_is_never_changed_by_a_client_in_a_run(tiny, monkeypatch):
     real = app.train_local
 
     def spy(model, *args, **kwargs):
-        before = {n: l.lora_A.weight.detach().clone() for n, l in lora_layers(model).items()}
+        before = {n: layer.lora_A.weight.detach().clone() for n, layer in lora_layers(model).items()}
         result = real(model, *args, **kwargs)
-        seen.append(all(bool((l.lora_A.weight == before[n]).all()) for n, l in lora_layers(model).items()))
+        seen.append(all(bool((layer.lora_A.weight == before[n]).all()) for n, layer in lora_layers(model).items()))
         return result
 
     monkeypatch.setattr(app, "train_local", spy)
@@ -169,7 +169,8 @@ def test_lora_inits_orthogonal_keeps_the_span_and_pissa_keeps_the_output():
         torch.manual_seed(0)
         return LoRALinear(nn.Linear(24, 10), rank=6, alpha=12.0, init=init)
 
-    kaiming, orth = layer("kaiming").lora_A.weight.detach().double(), layer("orthogonal").lora_A.weight.detach().double()
+    kaiming = layer("kaiming").lora_A.weight.detach().double()
+    orth = layer("orthogonal").lora_A.weight.detach().double()
     np.testing.assert_allclose((orth @ orth.T).numpy(), np.eye(6), atol=1e-6)
     # same row space: projecting the Kaiming rows onto the orthonormal rows loses nothing
     np.testing.assert_allclose((kaiming @ orth.T @ orth).numpy(), kaiming.numpy(), atol=1e-6)
@@ -181,7 +182,8 @@ def test_lora_inits_orthogonal_keeps_the_span_and_pissa_keeps_the_output():
     u, s, vt = np.linalg.svd(w0.numpy())
     # the scaled product is the top-6 SVD of W0, the frozen base holds the rest
     np.testing.assert_allclose((pissa.scaling * b @ a).numpy(), (u[:, :6] * s[:6]) @ vt[:6], atol=1e-5)
-    np.testing.assert_allclose((pissa.base.weight.detach().double() + pissa.scaling * b @ a).numpy(), w0.numpy(), atol=1e-5)
+    residual = pissa.base.weight.detach().double()
+    np.testing.assert_allclose((residual + pissa.scaling * b @ a).numpy(), w0.numpy(), atol=1e-5)
     x = torch.randn(3, 24)
     torch.manual_seed(0)
     plain = nn.Linear(24, 10)

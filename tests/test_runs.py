@@ -66,7 +66,8 @@ def test_failing_client_names_node_and_keeps_finished_rounds(tiny, monkeypatch):
 
     monkeypatch.setattr(app, "train_local", flaky)
     cfg = tiny(**{"federation.rounds": 4})
-    with pytest.raises(ClientFailure, match=r"node \d+ \(partition \d\) failed in round 3: RuntimeError: disk on fire") as exc:
+    expected = r"node \d+ \(partition \d\) failed in round 3: RuntimeError: disk on fire"
+    with pytest.raises(ClientFailure, match=expected) as exc:
         run_experiment(cfg, progress=False)
     assert "Traceback" in exc.value.client_traceback
     from pathlib import Path
