@@ -7,8 +7,15 @@ touches B alone) and upload B; the server averages B. Unlike FFA-LoRA, A does no
 random: at the start of each round i > 1, per LoRA layer,
     U, S, V^T = SVD(B_i A_{i-1})          (the unscaled product)
     A_i = V^T[:r]   (orthonormal rows)     B_i = U[:, :r] diag(S[:r])
-which leaves B A unchanged (rank(B A) <= r) while aligning A with the directions the
-federation has learned, so later noisy B updates act on informative directions.
+which leaves B A unchanged (rank(B A) <= r) and gives A orthonormal rows ordered by the
+singular values of the learned update.
+
+What this does and does not change (tested in tests/test_fedsvd.py): the rows of B A are
+combinations of the rows of A, so A_i stays inside span(A_0); B's SGD step, per-sample
+clipping and isotropic noise are equivariant to the rotation, so FedSVD follows FFA-LoRA
+run on an orthonormal basis of span(A_0) (``model.lora_init = "orthogonal"``). Its gain over
+FFA-LoRA with peft's Kaiming A_0 comes from that basis: rows of norm 1 instead of ~1/sqrt(3),
+and no spread of singular values when r is not << d_in.
 
 Decisions the paper leaves open:
   * Round 1 sends A0 (Kaiming-uniform) and B0 = 0 untouched: B0 A0 = 0, so an SVD would
