@@ -166,7 +166,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         cfg.output.dir = default_out_dir(cfg)
     cfg.output.dir = str(Path(cfg.output.dir).resolve())
     cfg = prepare(cfg)
-    out = deploy_local(cfg, args.nodes, tls=args.tls, host=args.host, timeout=args.timeout)
+    out = deploy_local(cfg, args.nodes, tls=args.tls, auth=args.auth, host=args.host, timeout=args.timeout)
     print(f"deployed run finished: {out}")
     return 0
 
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(d)
     d.add_argument("--nodes", type=int, required=True, help="SuperNodes to start (= federation.num_clients)")
     d.add_argument("--tls", action="store_true", help="generate a CA and serve the SuperLink over TLS")
+    d.add_argument("--auth", action="store_true",
+                   help="SuperNode authentication (implies --tls): each node registers its own EC key")
     d.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default loopback; anything else exposes the ports)")
     d.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")

@@ -12,6 +12,11 @@ SuperNode needs nothing but its ``--node-config``.
 
 `deploy certs DIR` writes a self-signed CA and a server certificate for 127.0.0.1 /
 localhost with Python's `cryptography`, for local TLS tests.
+
+With ``auth`` (which implies TLS) the SuperLink only admits registered SuperNodes: each
+node gets an EC key pair in OpenSSH format, its public key is registered with
+`flwr supernode register` once the SuperLink is up, and the node proves it holds the
+private key (``--auth-supernode-private-key``).
 """
 
 from __future__ import annotations
@@ -116,6 +121,29 @@ def make_certificates(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.
     return paths
 
 
+@dataclass(frozen=True)
+class NodeKey:
+    private: Path
+    public: Path
+
+
+def make_node_key(directory: str | Path, name: str) -> NodeKey:
+    """An EC P-384 key pair in OpenSSH format: what SuperNode authentication expects."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    paths = NodeKey(out / name, out / f"{name}.pub")
+    paths.private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                serialization.NoEncryption()))
+    os.chmod(paths.private, 0o600)
+    paths.public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                           serialization.PublicFormat.OpenSSH))
+    return paths
+
+
 # --------------------------------------------------------------------------- processes
 
 @dataclass
@@ -183,11 +211,14 @@ class LocalDeployment:
     nodes: int
     host: str = "127.0.0.1"
     certs: Certificates | None = None
+    auth: bool = False
     work: Path = field(init=False)
     group: ProcessGroup = field(init=False)
     link_port: int = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.auth and self.certs is None:
+            raise FedsimError("deploy: SuperNode authentication needs TLS (--auth implies --tls)")
         self.work = Path(self.cfg.output.dir) / "deploy"
         self.group = ProcessGroup(self.work / "logs")
         self.link_port = free_port(self.host)
@@ -207,15 +238,34 @@ class LocalDeployment:
     def start_superlink(self) -> None:
         proc = self.group.start("superlink", [
             _bin("flower-superlink"), *self.tls_args(True), "--host", self.host, "--port", str(self.link_port),
-            "--disable-runtime-dependency-installation", "--database", str(self.work / "superlink.db")])
+            "--disable-runtime-dependency-installation", "--database", str(self.work / "superlink.db"),
+            *(["--enable-supernode-auth"] if self.auth else [])])
         wait_for_port(self.host, self.link_port, 60, proc)
 
+    def node_key(self, partition_id: int, register: bool = True) -> NodeKey:
+        """A fresh key pair for one SuperNode, registered with the SuperLink unless told not to."""
+        key = make_node_key(self.work / "keys", f"node{partition_id}")
+        if register:
+            env = child_env(FLWR_HOME=str(self.flwr_home()))
+            with open(self.work / "logs" / f"register-{partition_id}.log", "wb") as out:
+                done = subprocess.run([_bin("flwr"), "supernode", "register", str(key.public), FEDERATION],
+                                      env=env, stdout=out, stderr=subprocess.STDOUT, timeout=60,
+                                      stdin=subprocess.DEVNULL)
+            if done.returncode != 0:
+                raise FedsimError(f"deploy: registering node {partition_id}'s key failed; "
+                                  f"see {self.work / 'logs' / f'register-{partition_id}.log'}")
+        return key
+
     def start_supernode(self, partition_id: int, root_cert: Path | None = None,
-                        max_wait: float = 60.0) -> subprocess.Popen:
-        """One SuperNode holding `partition_id`; `root_cert` overrides the CA it trusts."""
+                        max_wait: float = 60.0, key: NodeKey | None = None) -> subprocess.Popen:
+        """One SuperNode holding `partition_id`; `root_cert` overrides the CA it trusts.
+        With authentication on, it signs in with `key` (by default a freshly registered one)."""
         tls = self.tls_args(False) if root_cert is None else ["--root-certificates", str(root_cert)]
+        if self.auth and key is None:
+            key = self.node_key(partition_id)
+        auth = ["--auth-supernode-private-key", str(key.private)] if key is not None else []
         return self.group.start(f"supernode-{partition_id}", [
-            _bin("flower-supernode"), *tls, "--superlink", self.address,
+            _bin("flower-supernode"), *tls, *auth, "--superlink", self.address,
             "--node-config", f"partition-id={partition_id} num-partitions={self.nodes}",
             "--port", str(free_port(self.host)), "--max-wait-time", str(max_wait)])
 
@@ -237,15 +287,17 @@ class LocalDeployment:
                                   stdin=subprocess.DEVNULL, cwd=project_root())
 
 
-def deploy_local(cfg: Config, nodes: int, *, tls: bool = False, host: str = "127.0.0.1",
+def deploy_local(cfg: Config, nodes: int, *, tls: bool = False, auth: bool = False, host: str = "127.0.0.1",
                  timeout: float = 1800.0) -> Path:
-    """Run `cfg` through a local SuperLink and `nodes` SuperNodes; returns the run directory."""
+    """Run `cfg` through a local SuperLink and `nodes` SuperNodes; returns the run directory.
+
+    `auth` turns on SuperNode authentication (and TLS): only registered keys may join."""
     if nodes != cfg.federation.num_clients:
         raise FedsimError(f"--nodes: {nodes} must equal federation.num_clients ({cfg.federation.num_clients}): "
                           f"each SuperNode holds one partition")
     out = Path(cfg.output.dir)
-    certs = make_certificates(out / "deploy" / "certs") if tls else None
-    dep = LocalDeployment(cfg, nodes, host, certs)
+    certs = make_certificates(out / "deploy" / "certs") if tls or auth else None
+    dep = LocalDeployment(cfg, nodes, host, certs, auth)
     try:
         dep.start_superlink()
         for pid in range(nodes):

@@ -22,12 +22,12 @@ def rows(out):
     return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in csv.DictReader((out / "rounds.csv").open())]
 
 
-def test_deployment_over_tls_matches_simulation(tiny, tmp_path):
+def test_deployment_over_tls_with_node_auth_matches_simulation(tiny, tmp_path):
     kw = {"federation.num_clients": 2, "federation.clients_per_round": 2, "federation.rounds": 2,
           "privacy.noise_multiplier": 1.0}
     sim = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "sim")}), progress=False)
     cfg = prepare(tiny(**kw, **{"output.dir": str(tmp_path / "dep")}))
-    dep = deploy_local(cfg, 2, tls=True, timeout=240)
+    dep = deploy_local(cfg, 2, auth=True, timeout=240)  # TLS + registered SuperNode keys
     # same partitions (same seed), same sampling, same noise: the deployed run is identical
     assert rows(dep) == rows(sim)
     assert json.loads((dep / "summary.json").read_text())["status"] == "finished"
@@ -50,6 +50,22 @@ def test_supernode_without_the_ca_cannot_join(tiny, tmp_path):
     assert all(p.poll() is not None for _, p in dep.group.procs)
     with socket.socket() as s:  # the port is free again
         s.bind(("127.0.0.1", dep.link_port))
+
+
+def test_supernode_with_an_unregistered_key_cannot_join(tiny, tmp_path):
+    cfg = tiny(**{"federation.num_clients": 1, "federation.clients_per_round": 1})
+    dep = LocalDeployment(cfg, 1, certs=make_certificates(tmp_path / "certs"), auth=True)
+    try:
+        dep.start_superlink()
+        dep.node_key(0)  # a registered key exists, but the node signs in with another one
+        stranger = dep.node_key(1, register=False)
+        node = dep.start_supernode(0, key=stranger, max_wait=5)
+        node.wait(timeout=90)
+        assert node.returncode != 0
+        assert "failed to activate supernode" in (dep.group.log_dir / "supernode-0.log").read_text().lower()
+    finally:
+        dep.group.stop_all()
+    assert all(p.poll() is not None for _, p in dep.group.procs)
 
 
 @pytest.mark.slow
