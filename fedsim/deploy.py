@@ -246,11 +246,8 @@ class LocalDeployment:
         """A fresh key pair for one SuperNode, registered with the SuperLink unless told not to."""
         key = make_node_key(self.work / "keys", f"node{partition_id}")
         if register:
-            env = child_env(FLWR_HOME=str(self.flwr_home()))
-            with open(self.work / "logs" / f"register-{partition_id}.log", "wb") as out:
-                done = subprocess.run([_bin("flwr"), "supernode", "register", str(key.public), FEDERATION],
-                                      env=env, stdout=out, stderr=subprocess.STDOUT, timeout=60,
-                                      stdin=subprocess.DEVNULL)
+            done = self.flwr(["supernode", "register", str(key.public), FEDERATION],
+                             f"register-{partition_id}.log", timeout=60)
             if done.returncode != 0:
                 raise FedsimError(f"deploy: registering node {partition_id}'s key failed; "
                                   f"see {self.work / 'logs' / f'register-{partition_id}.log'}")
@@ -276,15 +273,18 @@ class LocalDeployment:
         (home / "config.toml").write_text(f'[superlink.{FEDERATION}]\naddress = "{self.address}"\n{tls}\n')
         return home
 
+    def flwr(self, args: list[str], log_name: str, timeout: float) -> subprocess.CompletedProcess:
+        """The `flwr` CLI against this deployment's SuperLink, its output in logs/<log_name>."""
+        env = child_env(FLWR_HOME=str(self.flwr_home()))
+        with open(self.work / "logs" / log_name, "wb") as out:
+            return subprocess.run([_bin("flwr"), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=timeout, stdin=subprocess.DEVNULL, cwd=project_root())
+
     def submit(self, timeout: float) -> subprocess.CompletedProcess:
         experiment = self.work / "experiment.toml"
         experiment.write_text(dumps_toml(self.cfg))
-        env = child_env(FLWR_HOME=str(self.flwr_home()))
-        cmd = [_bin("flwr"), "run", str(project_root()), FEDERATION, "--stream",
-               "--run-config", f"config-path='{experiment}'"]
-        with open(self.work / "logs" / "flwr-run.log", "wb") as out:
-            return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
-                                  stdin=subprocess.DEVNULL, cwd=project_root())
+        return self.flwr(["run", str(project_root()), FEDERATION, "--stream",
+                          "--run-config", f"config-path='{experiment}'"], "flwr-run.log", timeout)
 
 
 def deploy_local(cfg: Config, nodes: int, *, tls: bool = False, auth: bool = False, host: str = "127.0.0.1",
