@@ -196,3 +196,29 @@ def test_rank_above_a_layers_input_width_is_refused(tiny, cli, tmp_path):
                        "--set", "model.hidden=[16]", "--set", "model.lora_rank=32",
                        "--set", f"output.dir={tmp_path / 'r'}")
     assert code == 2 and "model.lora_rank" in err and "16" in err and "Traceback" not in err
+
+
+def test_any_registered_torch_model_can_be_fine_tuned_with_lora(tiny):
+    """A user model (here a small CNN) registered as lora-*, wrapped with add_lora: FedSVD
+    trains and sends only the adapters of the targeted Linear layers."""
+    import csv
+
+    from torch import nn
+
+    from fedsim.lora import add_lora
+    from fedsim.models import register_model
+    from fedsim.run import run_experiment
+
+    @register_model("lora-user-cnn")
+    def _user_cnn(cfg, data, cache_dir=""):
+        net = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, data.num_classes))
+        return add_lora(net, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.lora_init)
+
+    cfg = tiny(**{"model.name": "lora-user-cnn", "strategy.name": "fedsvd", "model.lora_rank": 4,
+                  "model.lora_targets": ["4"], "federation.rounds": 2, "privacy.noise_multiplier": 1.0})
+    model = build_model(cfg.model, load_dataset(cfg.data, 6, 0), 0)
+    assert sorted(R.federated_keys(model)) == ["4.lora_A.weight", "4.lora_B.weight"]
+    assert not model[1].weight.requires_grad  # the conv layer is frozen, not adapted
+    out = run_experiment(cfg, progress=False)
+    assert len(list(csv.DictReader(open(out / "rounds.csv")))) == 2
