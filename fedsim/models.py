@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -49,24 +50,31 @@ def seeded_cpu_rng(seed: int) -> Iterator[None]:
 
 
 _BUILT: dict[tuple, nn.Module] = {}
+SLOW_BUILD_SECONDS = 0.02  # slower than this to build: keep one and deep-copy it instead
 
 
 def build_model(cfg: ModelConfig, data: Dataset, seed: int, cache_dir: str = "") -> nn.Module:
     """Build a model with a seeded initialization, identical on every client and the server.
 
     `cache_dir` (the run directory) is where models with a pretrained part keep it.
-    Every client-round needs a fresh copy of the same initial model; building it once per
-    process and deep-copying it saves loading pretrained weights (hf-text: seconds) each time.
+    Every client-round needs a fresh copy of the same initial model. One that is slow to
+    build (hf-text loads pretrained weights: ~0.3 s) is built once per process and
+    deep-copied after; a small one is built again, which is cheaper than a deep copy
+    (MLP(64): 0.21 ms against 0.36 ms).
     """
     if cfg.name not in _REGISTRY:
         raise ConfigError(f"model.name: must be one of {', '.join(model_names())} (got {cfg.name!r})")
     key = (repr(cfg), data.name, data.input_shape, data.num_classes, data.tokenizer, seed, cache_dir)
-    if key not in _BUILT:
+    if key in _BUILT:
+        return copy.deepcopy(_BUILT[key])
+    start = time.perf_counter()
+    with seeded_cpu_rng(seed):
+        model = _REGISTRY[cfg.name](cfg, data, cache_dir=cache_dir)
+    if time.perf_counter() - start > SLOW_BUILD_SECONDS:
         if len(_BUILT) >= 4:
             _BUILT.pop(next(iter(_BUILT)))
-        with seeded_cpu_rng(seed):
-            _BUILT[key] = _REGISTRY[cfg.name](cfg, data, cache_dir=cache_dir)
-    return copy.deepcopy(_BUILT[key])
+        _BUILT[key] = copy.deepcopy(model)
+    return model
 
 
 class Reshape(nn.Module):
