@@ -19,11 +19,10 @@ from clients.losses import margin_loss, proximal_step, scaffold_step
 from clients.trainer import TrainSettings, resolve_device, train_local
 from fedsim import records as R
 from fedsim.config import Config
-from fedsim.datasets import load_dataset
 from fedsim.experiment import config_from_context, derive_seed
 from fedsim.lora import select_keys, set_trainable
 from fedsim.models import build_model
-from fedsim.node_data import node_data, node_partition_id
+from fedsim.node_data import node_data, node_dataset, node_partition_id
 from fedsim.privacy.accounting import epsilon
 
 def query(msg: Message, context: Context, config_text: str | None = None) -> Message:
@@ -32,6 +31,9 @@ def query(msg: Message, context: Context, config_text: str | None = None) -> Mes
     sent = msg.content.config_records.get(R.CONFIG, ConfigRecord()).get(R.RUN_CONFIG_KEY)
     if sent:
         context.state[R.CLIENT_STATE] = ConfigRecord({R.RUN_CONFIG_KEY: sent})
+    spec = msg.content.config_records.get(R.DATA_SPEC)
+    if spec is not None:
+        context.state[R.DATA_SPEC] = spec
     pid = node_partition_id(context.node_config)
     return Message(RecordDict({R.METRICS: MetricRecord({R.PARTITION_ID: pid})}), reply_to=msg)
 
@@ -62,8 +64,8 @@ def train(msg: Message, context: Context, config_text: str | None = None) -> Mes
     server_cfg = msg.content.config_records.get(R.CONFIG, ConfigRecord())
     server_round = int(server_cfg.get(R.SERVER_ROUND, 0))
     pid = node_partition_id(context.node_config)
-    data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
-    x, y = node_data(cfg, context.node_config)
+    data = node_dataset(cfg, context.node_config, context.state.config_records.get(R.DATA_SPEC))
+    x, y = node_data(cfg, context.node_config, data)
     model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
     R.load_record(model, msg.content.array_records[R.ARRAYS])
     set_trainable(model, str(server_cfg.get(R.TRAINABLE, "all")))
@@ -92,7 +94,7 @@ def train(msg: Message, context: Context, config_text: str | None = None) -> Mes
 
     if int(server_cfg.get(R.BAG_SIZE, 0)) > 0:
         result = train_bags(model, x, y, cfg, settings, int(server_cfg[R.BAG_SIZE]),
-                            float(server_cfg[R.RHO]), pid, seed)
+                            float(server_cfg[R.RHO]), pid, seed, data.num_classes)
     else:
         result = train_local(model, x, y, settings, history, seed=seed,
                              extra_loss=extra_loss, post_step=post_step)

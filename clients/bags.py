@@ -95,12 +95,9 @@ def _bag_batches(num_bags: int, per_batch: int, gen: torch.Generator):
 
 
 def train_bags(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Config, settings: TrainSettings,
-               bag_size: int, rho: float, partition_id: int, seed: int) -> LocalResult:
+               bag_size: int, rho: float, partition_id: int, seed: int, num_classes: int) -> LocalResult:
     """Local SGD on minibatches of bags with L_rho. Label-DP comes from the release, so no DP-SGD."""
-    from fedsim.datasets import load_dataset
-
-    data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
-    bags, targets = client_bags(cfg, x, y, bag_size, partition_id, settings.task, data.num_classes)
+    bags, targets = client_bags(cfg, x, y, bag_size, partition_id, settings.task, num_classes)
     seed_everything(seed, settings.device)
     device = settings.device
     model.to(device).train()

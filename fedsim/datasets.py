@@ -31,6 +31,14 @@ class Dataset:
     input_shape: tuple[int, ...]  # per-sample shape, e.g. (1, 8, 8) for digits
     groups_train: np.ndarray | None = field(default=None, repr=False)  # natural client ids
     tokenizer: str = ""  # text data: the model directory that tokenized it (hf-text's default model)
+    # How raw file rows become model inputs, so a data holder can transform its own file the
+    # same way (`fedsim.node_data`): feature columns, standardization, original label values.
+    feature_columns: tuple[str, ...] = ()
+    x_shift: np.ndarray | None = field(default=None, repr=False)
+    x_scale: np.ndarray | None = field(default=None, repr=False)
+    y_shift: float = 0.0
+    y_scale: float = 1.0
+    label_values: tuple[str, ...] = ()  # classification: original label of class 0, 1, ...
 
     @property
     def num_features(self) -> int:
@@ -59,9 +67,9 @@ def _split(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, test_fractio
     return x[train], y[train], x[test], y[test], g
 
 
-def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-8
-    return (x_train - mean) / std, (x_test - mean) / std
+def _standardize(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Train-split mean and std (the shift and scale applied to every split and data holder)."""
+    return x_train.mean(0), x_train.std(0) + 1e-8
 
 
 def synthetic_fedprox(num_groups: int, alpha: float, beta: float, mean_samples: int,
@@ -99,8 +107,10 @@ def linear_gaussian(n: int, dim: int, noise: float, seed: int):
     return x, y.astype(np.float32)
 
 
-def read_user_file(cfg: DataConfig):
-    """(x, y, groups) of a CSV, Parquet or NPZ file, unprocessed."""
+def read_user_file(cfg: DataConfig, feature_columns: tuple[str, ...] = ()):
+    """(x, y, groups, feature column names) of a CSV, Parquet or NPZ file, unprocessed.
+
+    `feature_columns` (a data holder's file) selects exactly the experiment's features."""
     path = Path(cfg.path)
     if not path.is_file():
         raise ConfigError(f"data.path: file not found: {path}")
@@ -113,7 +123,7 @@ def read_user_file(cfg: DataConfig):
             raise ConfigError(f"data.path: an NPZ file needs arrays 'x' and 'y' (found {arrays.files})")
         x, y = arrays[keys["x"]], arrays[keys["y"]]
         groups = arrays[keys["group"]] if "group" in keys else None
-        return x.reshape(len(x), -1).astype(np.float32), y, groups
+        return x.reshape(len(x), -1).astype(np.float32), y, groups, ()
     frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
     for name, column in (("label_column", cfg.label_column), ("text_column", cfg.text_column)):
         if column and column not in frame.columns:
@@ -127,13 +137,19 @@ def read_user_file(cfg: DataConfig):
     if cfg.text_column:
         texts = frame[cfg.text_column].fillna("").astype(str).tolist()
         x = tokenize(texts, resolve_model_dir(cfg.tokenizer, "data.tokenizer"), cfg.max_length)
-        return x, frame[cfg.label_column].to_numpy(), groups
+        return x, frame[cfg.label_column].to_numpy(), groups, ()
     y = frame.pop(cfg.label_column).to_numpy()
+    if feature_columns:
+        missing = [c for c in feature_columns if c not in frame.columns]
+        if missing:
+            raise ConfigError(f"data.path: {path.name} lacks the experiment's feature column(s) "
+                              f"{', '.join(map(repr, missing))}")
+        frame = frame[list(feature_columns)]
     non_numeric = [c for c in frame.columns if not np.issubdtype(frame[c].dtype, np.number)]
     if non_numeric:
         raise ConfigError(f"data.path: feature column {non_numeric[0]!r} is not numeric; "
                           f"if it is text, set data.text_column = {non_numeric[0]!r} (model hf-text)")
-    return frame.to_numpy(np.float32), y, groups
+    return frame.to_numpy(np.float32), y, groups, tuple(map(str, frame.columns))
 
 
 def _infer_task(y: np.ndarray, requested: str) -> str:
@@ -148,7 +164,7 @@ def _infer_task(y: np.ndarray, requested: str) -> str:
 def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
     from sklearn import datasets as skd
 
-    groups = None
+    groups, columns = None, ()
     name = cfg.dataset
     if name == "digits":
         d = skd.load_digits()
@@ -171,7 +187,7 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         x = tokenize(texts, resolve_model_dir(cfg.tokenizer, "data.tokenizer"), cfg.max_length)
         task, shape = "classification", (x.shape[1],)
     else:
-        x, y, groups = read_user_file(cfg)
+        x, y, groups, columns = read_user_file(cfg)
         task, shape = _infer_task(y, cfg.task), (x.shape[1],)
     if cfg.task != "auto":
         task = cfg.task
@@ -183,9 +199,10 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
             raise ConfigError(f"data.classes: none of {cfg.classes} occurs in {name}")
         x, y = x[keep], y[keep]
         groups = groups[keep] if groups is not None else None
+    label_values: tuple[str, ...] = ()
     if task == "classification":
-        y = np.unique(y, return_inverse=True)[1].astype(np.int64)
-        num_classes = int(y.max()) + 1
+        values, y = np.unique(y, return_inverse=True)
+        y, num_classes, label_values = y.astype(np.int64), len(values), tuple(map(str, values))
     else:
         if not np.issubdtype(np.asarray(y).dtype, np.number):
             raise ConfigError(f"data.label_column: regression needs a numeric label column, "
@@ -194,18 +211,21 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         num_classes = 1
     x_tr, y_tr, x_te, y_te, g_tr = _split(x, y, groups, cfg.test_fraction, seed)
     is_text = name == "text-topics" or cfg.text_column != ""
+    x_shift = x_scale = None
     if name in ("breast-cancer", "diabetes", "file") and not is_text:
-        x_tr, x_te = _standardize(x_tr, x_te)
+        x_shift, x_scale = _standardize(x_tr)
+        x_tr, x_te = (x_tr - x_shift) / x_scale, (x_te - x_shift) / x_scale
+    mu, sd = 0.0, 1.0
     if task == "regression" and name in ("diabetes", "file"):
         # Standardize the target on train statistics so one learning rate fits every dataset;
         # MSE is then in units of the target's variance.
-        mu, sd = y_tr.mean(), y_tr.std() + 1e-8
+        mu, sd = float(y_tr.mean()), float(y_tr.std() + 1e-8)
         y_tr, y_te = (y_tr - mu) / sd, (y_te - mu) / sd
     if len(y_tr) == 0:
         raise FedsimError("data: the training split is empty; lower data.test_fraction")
     tokenizer = str(resolve_model_dir(cfg.tokenizer, "data.tokenizer")) if is_text else ""
     return Dataset(name, task, x_tr.astype(np.float32), y_tr, x_te.astype(np.float32), y_te,
-                   num_classes, shape, g_tr, tokenizer)
+                   num_classes, shape, g_tr, tokenizer, columns, x_shift, x_scale, mu, sd, label_values)
 
 
 _CACHE: dict[tuple, Dataset] = {}

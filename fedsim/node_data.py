@@ -4,15 +4,23 @@ Simulated nodes and SuperNodes that deploy a built-in dataset carry
 ``partition-id`` / ``num-partitions`` and re-create the same partition from the
 experiment seed, so their shards are identical to simulation. A real data holder
 carries ``data-path`` instead: its own CSV/Parquet/NPZ file.
+
+A data holder cannot load the experiment's dataset (it lives with the server), yet its
+rows must become the same model inputs: the server sends a *data spec* at discovery
+(`data_spec`): task, input shape, classes with their original labels, feature columns
+and the train-split standardization. The node builds its model from it
+(`dataset_from_spec`) and transforms its own file with it (`node_data`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 
 from fedsim.config import Config
+from fedsim.datasets import Dataset, load_dataset, read_user_file
 from fedsim.errors import ConfigError
 
 PARTITION_ID = "partition-id"
@@ -28,22 +36,71 @@ def node_partition_id(node_config: Mapping) -> int:
     raise ConfigError(f"node config: needs {PARTITION_ID!r} (and {NUM_PARTITIONS!r}) or {DATA_PATH!r}")
 
 
-def node_data(cfg: Config, node_config: Mapping) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of this node's local training data."""
+def is_data_holder(node_config: Mapping) -> bool:
+    return DATA_PATH in node_config and PARTITION_ID not in node_config
+
+
+def data_spec(data: Dataset) -> dict:
+    """What a data holder needs to turn its own rows into the experiment's model inputs
+    (values a Flower ConfigRecord can carry)."""
+    spec = {"task": data.task, "input-shape": list(data.input_shape), "num-classes": data.num_classes,
+            "feature-columns": list(data.feature_columns), "label-values": list(data.label_values),
+            "y-shift": float(data.y_shift), "y-scale": float(data.y_scale)}
+    if data.x_shift is not None:
+        spec["x-shift"] = [float(v) for v in data.x_shift]
+        spec["x-scale"] = [float(v) for v in data.x_scale]
+    return spec
+
+
+def dataset_from_spec(cfg: Config, spec: Mapping) -> Dataset:
+    """The experiment's Dataset as a data holder knows it: shapes and transforms, no rows."""
+    empty = np.zeros((0, *spec["input-shape"]), np.float32)
+    tokenizer = ""
+    if cfg.model.name == "hf-text":
+        from fedsim.text import resolve_model_dir
+
+        tokenizer = str(resolve_model_dir(cfg.data.tokenizer, "data.tokenizer"))
+    shift = np.asarray(spec["x-shift"], np.float32) if "x-shift" in spec else None
+    scale = np.asarray(spec["x-scale"], np.float32) if "x-scale" in spec else None
+    return Dataset(cfg.data.dataset, str(spec["task"]), empty, np.zeros(0), empty, np.zeros(0),
+                   int(spec["num-classes"]), tuple(int(v) for v in spec["input-shape"]), None, tokenizer,
+                   tuple(spec["feature-columns"]), shift, scale, float(spec["y-shift"]),
+                   float(spec["y-scale"]), tuple(spec["label-values"]))
+
+
+def node_dataset(cfg: Config, node_config: Mapping, spec: Mapping | None) -> Dataset:
+    """The experiment's dataset as this node sees it: loaded, or (data holder) from the spec."""
+    if is_data_holder(node_config) and spec is not None:
+        return dataset_from_spec(cfg, spec)
+    return load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+
+
+def node_data(cfg: Config, node_config: Mapping, data: Dataset | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of this node's local training data.
+
+    A data holder trains on its whole file, transformed like the experiment's data
+    (`data`, by default the loaded experiment dataset): the same feature columns and
+    standardization, labels mapped to the experiment's class ids by their original value.
+    """
     from fedsim.partition import client_data
 
-    if DATA_PATH in node_config:
-        from dataclasses import replace
-
-        from fedsim.datasets import load_dataset, read_user_file
-
-        # A data holder trains on its whole file, with labels as they are: class ids must
-        # already be 0..C-1, since re-encoding per node would disagree between nodes that
-        # lack a class. The task and shapes come from the experiment's dataset.
-        task = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed).task
-        x, y, _ = read_user_file(replace(cfg.data, dataset="file", path=str(node_config[DATA_PATH]),
-                                         partitioner="iid"))
-        return x, (np.asarray(y, dtype=np.int64) if task == "classification" else np.asarray(y, np.float32))
+    if is_data_holder(node_config):
+        data = data if data is not None else load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+        x, y, _, _ = read_user_file(replace(cfg.data, dataset="file", path=str(node_config[DATA_PATH]),
+                                            partitioner="iid"), data.feature_columns)
+        if data.x_shift is not None:
+            x = ((x - data.x_shift) / data.x_scale).astype(np.float32)
+        if data.task == "classification":
+            if data.label_values:
+                ids = {v: i for i, v in enumerate(data.label_values)}
+                unknown = sorted({str(v) for v in y} - set(ids))
+                if unknown:
+                    raise ConfigError(f"data.label_column: {node_config[DATA_PATH]} has labels "
+                                      f"{', '.join(unknown[:5])} that the experiment does not know "
+                                      f"(classes: {', '.join(data.label_values)})")
+                return x, np.asarray([ids[str(v)] for v in y], np.int64)
+            return x, np.asarray(y, np.int64)
+        return x, ((np.asarray(y, np.float32) - data.y_shift) / data.y_scale).astype(np.float32)
     pid = node_partition_id(node_config)
     n = int(node_config.get(NUM_PARTITIONS, cfg.federation.num_clients))
     if n != cfg.federation.num_clients or not 0 <= pid < n:

@@ -22,6 +22,7 @@ METRICS = "metrics"
 CONTROL = "control"  # SCAFFOLD control variates (server c downlink, delta c_i uplink)
 ACCOUNTANT_STATE = "fedsim-accountant"  # key in a node's context.state
 CLIENT_STATE = "fedsim-client"
+DATA_SPEC = "fedsim-data-spec"  # discovery: how a data holder's rows become model inputs
 
 # MetricRecord keys in train replies
 NUM_EXAMPLES = "num-examples"

@@ -34,6 +34,7 @@ from fedsim.datasets import load_dataset
 from fedsim.errors import ClientFailure
 from fedsim.experiment import config_from_context, derive_seed
 from fedsim.models import build_model
+from fedsim.node_data import data_spec
 from fedsim.privacy.accounting import accountant_label, user_level_epsilon
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, ROUND_COLUMNS, ROUNDS_CSV,
                             SUMMARY_JSON, csv_text, run_log, write_atomic, write_json)
@@ -225,15 +226,18 @@ class TrackedGrid(Grid):
             raise ClientFailure(f"only {len(nodes)} nodes left, {self.min_nodes} needed per round; lost: {lost}")
         return nodes
 
-    def discover(self, expected: int, timeout: float, config_text: str) -> None:
+    def discover(self, expected: int, timeout: float, config_text: str, spec: dict | None = None) -> None:
         """Wait for `expected` nodes, then ask each which partition it holds, handing each the
-        experiment TOML (a SuperNode keeps it in its state for the train messages)."""
+        experiment TOML and the data spec (a SuperNode keeps both in its state for the train
+        messages; a data holder builds its model and reads its file with the spec)."""
         deadline = time.monotonic() + timeout
         while len(nodes := list(self.inner.get_node_ids())) < expected:
             if time.monotonic() > deadline:
                 raise ClientFailure(f"only {len(nodes)} of {expected} nodes connected within {timeout:.0f} s")
             time.sleep(0.05)
         content = RecordDict({R.CONFIG: ConfigRecord({R.RUN_CONFIG_KEY: config_text})})
+        if spec is not None:
+            content[R.DATA_SPEC] = ConfigRecord(spec)
         query = [Message(content, node, R.QUERY_PARTITION) for node in nodes]
         replies = list(self.inner.send_and_receive(query, timeout=timeout))
         self._raise_errors(replies, "discovery")
@@ -323,7 +327,8 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_timeou
     tracked = TrackedGrid(grid, recorder, cfg.runtime.on_client_error, cfg.federation.clients_per_round)
     status = "failed"
     try:
-        tracked.discover(cfg.federation.num_clients, discovery_timeout, dumps_toml(cfg))
+        spec = data_spec(load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed))
+        tracked.discover(cfg.federation.num_clients, discovery_timeout, dumps_toml(cfg), spec)
         model, evaluate_fn = evaluation_function(cfg, recorder)
         initial = R.model_to_record(model)
         strategy = build_strategy(cfg)

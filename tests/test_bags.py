@@ -48,7 +48,7 @@ def test_linear_model_converges_to_closed_form(rho, tiny):
     model = torch.nn.Linear(d, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
     settings = TrainSettings(task="regression", local_steps=4000, batch_size=n, lr=0.2)
-    train_bags(model, x, y, cfg, settings, k, rho, partition_id=0, seed=0)
+    train_bags(model, x, y, cfg, settings, k, rho, partition_id=0, seed=0, num_classes=1)
     from clients.bags import client_bags
 
     bags, _ = client_bags(cfg, x, y, k, 0, "regression", 1)

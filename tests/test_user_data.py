@@ -50,3 +50,58 @@ def test_data_holder_reads_its_own_file(tiny, tmp_path):
     x, y = node_data(cfg, {"data-path": str(tmp_path / "mine.csv")})
     assert x.shape == (50, 4) and len(y) == 50  # features a, b, c, site; the whole file
     assert set(np.unique(y)) <= {0, 1}
+
+
+def test_data_holder_needs_only_the_servers_data_spec(tiny, tmp_path):
+    """A SuperNode with its own file trains although the experiment's file lives only with the
+    server: discovery hands it the data spec; its rows get the same columns, standardization
+    and class ids as the server's data (labels matched by their original value)."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients.app import query, train
+    from fedsim import records as R
+    from fedsim.config import dumps_toml
+    from fedsim.models import build_model
+    from fedsim.node_data import data_spec
+
+    server_file = tmp_path / "server.csv"
+    df = frame(200)
+    df["target"] = np.where(df["target"] == 1, 7, 3)  # original labels 3 and 7 -> classes 0 and 1
+    df.to_csv(server_file, index=False)
+    cfg = tiny(**{"data.dataset": "file", "data.path": str(server_file), "data.label_column": "target",
+                  "model.name": "logreg", "federation.num_clients": 2, "federation.clients_per_round": 2,
+                  "privacy.noise_multiplier": 1.0})
+    data = load_dataset(cfg.data, 2, cfg.seed)
+    spec = data_spec(data)
+    assert spec["feature-columns"] == ["a", "b", "c", "site"] and spec["label-values"] == ["3", "7"]
+
+    mine = frame(40, seed=5)
+    mine["target"] = np.where(mine["target"] == 1, 7, 3)
+    mine = mine.assign(extra=1.0)[["site", "target", "c", "extra", "a", "b"]]  # other order, one more column
+    mine.to_csv(tmp_path / "mine.csv", index=False)
+    server_file.unlink()  # the node cannot see the server's data
+
+    node_config = {"data-path": str(tmp_path / "mine.csv")}
+    context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 5
+    discovery = Message(RecordDict({R.CONFIG: ConfigRecord({R.RUN_CONFIG_KEY: dumps_toml(cfg)}),
+                                    R.DATA_SPEC: ConfigRecord(spec)}), 5, R.QUERY_PARTITION)
+    discovery.metadata.__dict__["_message_id"] = "q1"
+    query(discovery, context)
+
+    from fedsim.node_data import node_data, node_dataset
+
+    node_view = node_dataset(cfg, node_config, context.state.config_records[R.DATA_SPEC])
+    x, y = node_data(cfg, node_config, node_view)
+    expected = (mine[["a", "b", "c", "site"]].to_numpy(np.float32) - data.x_shift) / data.x_scale
+    np.testing.assert_allclose(x, expected, rtol=1e-5)
+    np.testing.assert_array_equal(y, (mine["target"] == 7).astype(int))
+
+    model = build_model(cfg.model, data, cfg.seed)
+    msg = Message(RecordDict({R.ARRAYS: R.model_to_record(model),
+                              R.CONFIG: ConfigRecord({R.SERVER_ROUND: 1})}), 5, "train")
+    msg.metadata.__dict__["_message_id"] = "t1"
+    reply = train(msg, context)
+    assert not reply.has_error()
+    assert reply.content[R.METRICS][R.NUM_EXAMPLES] == 40 and reply.content[R.METRICS][R.EPSILON] > 0
