@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = deploy.add_parser("local", help="a SuperLink and N SuperNodes on this machine", formatter_class=_formatter,
                           description="Start a SuperLink and N SuperNodes as subprocesses, run the experiment "
                                       "through them with `flwr run`, write the usual outputs, stop everything.",
-                          epilog="example:\n  fedsim deploy local configs/quickstart.toml --nodes 20 --tls")
+                          epilog="examples:\n  fedsim deploy local configs/quickstart.toml --nodes 20 --tls\n"
+                                 "  fedsim deploy local configs/quickstart.toml --nodes 20 --auth")
     _add_config_flags(d)
     d.add_argument("--nodes", type=int, required=True, help="SuperNodes to start (= federation.num_clients)")
     d.add_argument("--tls", action="store_true", help="generate a CA and serve the SuperLink over TLS")
