@@ -126,7 +126,7 @@ def read_user_file(cfg: DataConfig, feature_columns: tuple[str, ...] = ()):
         return x.reshape(len(x), -1).astype(np.float32), y, groups, ()
     frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
     for name, column in (("label_column", cfg.label_column), ("text_column", cfg.text_column)):
-        if column and column not in frame.columns:
+        if (column or name == "label_column") and column not in frame.columns:  # a label is required
             raise ConfigError(f"data.{name}: {column!r} is not a column of {path.name}; "
                               f"columns: {', '.join(map(str, frame.columns))}")
     groups = None

@@ -91,15 +91,13 @@ def node_data(cfg: Config, node_config: Mapping, data: Dataset | None = None) ->
         if data.x_shift is not None:
             x = ((x - data.x_shift) / data.x_scale).astype(np.float32)
         if data.task == "classification":
-            if data.label_values:
-                ids = {v: i for i, v in enumerate(data.label_values)}
-                unknown = sorted({str(v) for v in y} - set(ids))
-                if unknown:
-                    raise ConfigError(f"data.label_column: {node_config[DATA_PATH]} has labels "
-                                      f"{', '.join(unknown[:5])} that the experiment does not know "
-                                      f"(classes: {', '.join(data.label_values)})")
-                return x, np.asarray([ids[str(v)] for v in y], np.int64)
-            return x, np.asarray(y, np.int64)
+            ids = {v: i for i, v in enumerate(data.label_values)}
+            unknown = sorted({str(v) for v in y} - set(ids))
+            if unknown:
+                raise ConfigError(f"data.label_column: {node_config[DATA_PATH]} has labels "
+                                  f"{', '.join(unknown[:5])} that the experiment does not know "
+                                  f"(classes: {', '.join(data.label_values)})")
+            return x, np.asarray([ids[str(v)] for v in y], np.int64)
         return x, ((np.asarray(y, np.float32) - data.y_shift) / data.y_scale).astype(np.float32)
     pid = node_partition_id(node_config)
     n = int(node_config.get(NUM_PARTITIONS, cfg.federation.num_clients))

@@ -103,9 +103,11 @@ def undominated(plans: Sequence[tuple[float, int]]) -> list[tuple[float, int]]:
     one plan: the largest q)."""
     unique = sorted(set(plans), key=lambda p: (-p[0], -p[1]))
     kept: list[tuple[float, int]] = []
+    most_steps = -1
     for q, steps in unique:  # q non-increasing: keep a plan only if it has more steps than all before
-        if not kept or steps > max(s for _, s in kept):
+        if steps > most_steps:
             kept.append((q, steps))
+            most_steps = steps
     return kept
 
 
