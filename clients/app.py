@@ -1,29 +1,38 @@
 """fedsim's ClientApp: one handler per message type, the same in simulation and deployment.
 
-A node learns which data it holds from ``context.node_config`` (``partition-id``,
-or ``data-path`` for a real data holder) and everything else from the experiment
-config in ``context.run_config``. What to train in a round (all tensors, LoRA B
-only, with a proximal pull or control variates...) comes from the server's
-ConfigRecord, so the strategy decides and the client just follows.
+A node learns which data it holds from ``context.node_config`` (``partition-id``, or
+``data-path`` for a real data holder) and everything else from the experiment config in
+``context.run_config`` (or, on a SuperNode, from what the server sent at discovery). What
+to train and how comes from the algorithm's `ClientRule`, looked up in the registry by
+``strategy.name``: this module names no algorithm.
+
+A train message goes through three steps, so that a runtime holding a whole round of
+messages can train them together (the vectorized engine) and still build the same replies:
+`prepare_job` (message + node state -> a `ClientJob`), an engine (`run_job` here: Opacus,
+one client), and `finish_job` (result -> reply, node state saved).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.bags import train_bags
-from clients.losses import margin_loss, proximal_step, scaffold_step
-from clients.trainer import TrainSettings, resolve_device, train_local
+from clients.trainer import train_local
 from fedsim import records as R
+from fedsim.algorithms import (ClientRule, Hyper, LocalResult, LocalTask, RoundStart, State, TrainSettings,
+                               get_algorithm, resolve_device)
 from fedsim.config import Config
+from fedsim.datasets import Dataset
 from fedsim.experiment import config_from_context, derive_seed
 from fedsim.lora import select_keys, set_trainable
 from fedsim.models import build_model
 from fedsim.node_data import node_data, node_dataset, node_partition_id
-from fedsim.privacy.accounting import epsilon
+from fedsim.privacy.accounting import History, epsilon
+
 
 def query(msg: Message, context: Context, config_text: str | None = None) -> Message:
     """Discovery: the server asks which partition this node holds, to sample reproducibly,
@@ -38,14 +47,14 @@ def query(msg: Message, context: Context, config_text: str | None = None) -> Mes
     return Message(RecordDict({R.METRICS: MetricRecord({R.PARTITION_ID: pid})}), reply_to=msg)
 
 
-def _load_history(context: Context) -> list[tuple[float, float, int]]:
+def load_history(context: Context) -> History:
     rec = context.state.config_records.get(R.ACCOUNTANT_STATE)
     if rec is None:
         return []
     return list(zip(rec["sigma"], rec["q"], rec["steps"]))
 
 
-def _save_history(context: Context, history: list[tuple[float, float, int]]) -> None:
+def save_history(context: Context, history: History) -> None:
     context.state[R.ACCOUNTANT_STATE] = ConfigRecord({
         "sigma": [float(h[0]) for h in history], "q": [float(h[1]) for h in history],
         "steps": [int(h[2]) for h in history]})
@@ -59,7 +68,28 @@ def settings_for(cfg: Config, task: str) -> TrainSettings:
                          device=resolve_device(cfg.runtime.device))
 
 
-def train(msg: Message, context: Context, config_text: str | None = None) -> Message:
+@dataclass
+class ClientJob:
+    """One client's round, prepared from its message and node state, engine-independent."""
+
+    msg: Message
+    context: Context
+    cfg: Config
+    partition_id: int
+    server_round: int
+    data: Dataset
+    x: np.ndarray
+    y: np.ndarray
+    model: torch.nn.Module
+    rule: ClientRule
+    settings: TrainSettings
+    seed: int
+    history: History
+    start: RoundStart
+    state: State
+
+
+def prepare_job(msg: Message, context: Context, config_text: str | None = None) -> ClientJob:
     cfg = config_from_context(context, config_text)
     server_cfg = msg.content.config_records.get(R.CONFIG, ConfigRecord())
     server_round = int(server_cfg.get(R.SERVER_ROUND, 0))
@@ -68,78 +98,72 @@ def train(msg: Message, context: Context, config_text: str | None = None) -> Mes
     x, y = node_data(cfg, context.node_config, data)
     model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
     R.load_record(model, msg.content.array_records[R.ARRAYS])
-    set_trainable(model, str(server_cfg.get(R.TRAINABLE, "all")))
+    rule = get_algorithm(cfg.strategy.name).client
+    set_trainable(model, rule.trainable)
     settings = settings_for(cfg, data.task)
-    seed = derive_seed(cfg.seed, server_round, pid, "train")
-    history = _load_history(context)
+    hyper = Hyper(params=cfg.strategy.params, lr=settings.lr, private=settings.noise_multiplier > 0)
+    extra = msg.content.array_records.get(R.ALGORITHM_ARRAYS)
+    kept = context.state.array_records.get(R.ALGORITHM_STATE)
+    start = RoundStart(
+        hyper=hyper,
+        global_params={k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad},
+        server_arrays=R.record_to_tensors(extra) if extra is not None else {},
+        node_state=R.record_to_tensors(kept) if kept is not None else {})
+    state = rule.setup(start) if rule.setup is not None else {}
+    return ClientJob(msg, context, cfg, pid, server_round, data, x, y, model, rule, settings,
+                     derive_seed(cfg.seed, server_round, pid, "train"), load_history(context), start, state)
 
-    extra_loss = post_step = None
-    mu = float(server_cfg.get(R.PROXIMAL_MU, 0.0))
-    use_scaffold = bool(server_cfg.get(R.USE_SCAFFOLD, False))
-    start = ({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-             if mu > 0 or use_scaffold else {})
-    if mu > 0:
-        post_step = proximal_step(model, start, mu, settings.lr)
-    lam = float(server_cfg.get(R.MARGIN_LAMBDA, 0.0))
-    if lam > 0:
-        # The batch-level (authors') form couples the samples of a batch, so per-sample
-        # clipping would no longer bound one sample's influence: under DP-SGD fedsim uses
-        # the per-sample-mean form, which is separable.
-        mode = "sample" if settings.noise_multiplier > 0 else cfg.client.margin_mode
-        extra_loss = margin_loss(lam, mode)
-    controls = None
-    if use_scaffold:
-        controls = _scaffold_controls(msg, context, model)
-        post_step = scaffold_step(model, controls[0], controls[1], settings.lr)
 
-    if int(server_cfg.get(R.BAG_SIZE, 0)) > 0:
-        result = train_bags(model, x, y, cfg, settings, int(server_cfg[R.BAG_SIZE]),
-                            float(server_cfg[R.RHO]), pid, seed, data.num_classes)
-    else:
-        result = train_local(model, x, y, settings, history, seed=seed,
-                             extra_loss=extra_loss, post_step=post_step)
-    _save_history(context, result.history)
-    eps = epsilon(result.history, cfg.privacy.delta, cfg.privacy.accountant) \
-        if settings.noise_multiplier > 0 else float("inf")
+def run_job(job: ClientJob, batches: list[np.ndarray] | None = None) -> LocalResult:
+    """Train one job with the Opacus engine (or the rule's own loop)."""
+    rule, hyper = job.rule, job.start.hyper
+    if rule.local_train is not None:
+        return rule.local_train(LocalTask(job.model, job.x, job.y, job.settings, hyper, job.partition_id,
+                                          job.seed, job.cfg.seed, job.cfg.privacy.delta, job.data.num_classes))
+    loss_term = post_step = None
+    if rule.loss_term is not None:
+        def loss_term(out, mask, state):
+            return rule.loss_term(out, mask, state, hyper)
+    if rule.post_step is not None:
+        def post_step(new, old, state):
+            return rule.post_step(new, old, state, hyper)
+    return train_local(job.model, job.x, job.y, job.settings, job.history, seed=job.seed,
+                       loss_term=loss_term, post_step=post_step, rule_state=job.state, batches=batches)
+
+
+def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tensor] | None = None) -> Message:
+    """The reply of a trained job; saves the accountant history and the rule's node state.
+
+    `final` (trainable tensors after training) is read from the job's model unless given.
+    """
+    context, cfg = job.context, job.cfg
+    save_history(context, result.history)
+    private = job.settings.noise_multiplier > 0
+    eps = epsilon(result.history, cfg.privacy.delta, cfg.privacy.accountant) if private else float("inf")
     content = RecordDict({
-        R.ARRAYS: R.model_to_record(model, select_keys(model, str(server_cfg.get(R.UPLOAD, "all")))),
+        R.ARRAYS: R.model_to_record(job.model, select_keys(job.model, job.rule.upload)),
         R.METRICS: MetricRecord({
-            R.NUM_EXAMPLES: result.num_examples, R.UNIT_WEIGHT: 1.0, R.PARTITION_ID: pid,
+            R.NUM_EXAMPLES: result.num_examples, R.UNIT_WEIGHT: 1.0, R.PARTITION_ID: job.partition_id,
             R.EPSILON: eps if np.isfinite(eps) else -1.0,  # -1 = no DP (MetricRecord is finite-only)
             # -1 = no loss measured (every Poisson batch was empty); MetricRecord takes no NaN
             R.TRAIN_LOSS: result.mean_loss if np.isfinite(result.mean_loss) else -1.0,
             R.LOCAL_STEPS: result.steps,
             R.SAMPLE_RATE: result.sample_rate}),
     })
-    if controls is not None:
-        content[R.CONTROL] = _scaffold_update(context, model, start, controls, result.steps, settings.lr)
-    return Message(content, reply_to=msg)
+    if job.rule.finish is not None:
+        if final is None:
+            final = {k: p.detach().cpu() for k, p in job.model.named_parameters() if p.requires_grad}
+        reply_arrays, node_state = job.rule.finish(job.start, job.state, final, result.steps)
+        if reply_arrays:
+            content[R.ALGORITHM_ARRAYS] = R.numpy_to_record(reply_arrays)
+        if node_state:
+            context.state[R.ALGORITHM_STATE] = R.numpy_to_record(node_state)
+    return Message(content, reply_to=job.msg)
 
 
-def _scaffold_controls(msg: Message, context: Context, model: torch.nn.Module):
-    """(c, c_i) as tensors keyed like the trainable parameters; c_i starts at zero."""
-    server_c = R.record_to_numpy(msg.content.array_records[R.CONTROL])
-    state = context.state.array_records.get(R.CONTROL)
-    local_c = R.record_to_numpy(state) if state is not None else {k: np.zeros_like(v) for k, v in server_c.items()}
-    as_t = lambda d: {k: torch.as_tensor(v) for k, v in d.items()}  # noqa: E731
-    return as_t(server_c), as_t(local_c)
-
-
-def _scaffold_update(context: Context, model, start, controls, steps: int, lr: float) -> ArrayRecord:
-    """SCAFFOLD option II (Karimireddy et al. 2020, eq. 4): c_i+ = c_i - c + (x - y_i)/(K lr).
-
-    The new c_i is stored in this node's state for its next participation; the reply
-    carries delta c_i = c_i+ - c_i for the server's c update.
-    """
-    server_c, local_c = controls
-    params = dict(model.named_parameters())
-    new_c, delta = {}, {}
-    for k in server_c:
-        drift = (start[k] - params[k].detach().cpu()) / (steps * lr)
-        new_c[k] = (local_c[k] - server_c[k] + drift).numpy()
-        delta[k] = new_c[k] - local_c[k].numpy()
-    context.state[R.CONTROL] = R.numpy_to_record(new_c)
-    return R.numpy_to_record(delta)
+def train(msg: Message, context: Context, config_text: str | None = None) -> Message:
+    job = prepare_job(msg, context, config_text)
+    return finish_job(job, run_job(job))
 
 
 def make_client_app(config_text: str | None = None) -> ClientApp:

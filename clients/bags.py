@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.trainer import LocalResult, TrainSettings, seed_everything
-from fedsim.config import Config
+from fedsim.algorithms import ClientRule, LocalResult, LocalTask, seed_everything
 from fedsim.errors import FedsimError
 from fedsim.experiment import derive_seed
 from fedsim.privacy.bag_mechanism import make_bags, release_bag_means, release_label_proportions
@@ -55,31 +54,31 @@ def proportion_loss(logits: torch.Tensor, proportions: torch.Tensor, rho: float)
 _RELEASES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def client_bags(cfg: Config, x: np.ndarray, y: np.ndarray, bag_size: int, partition_id: int,
-                task: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def client_bags(task: LocalTask) -> tuple[np.ndarray, np.ndarray]:
     """(bags, released targets) of one client: drawn and noised ONCE from a fixed seed.
 
     Every round re-derives the identical release (same seed), which is what "release once,
     reuse as post-processing" means in a stateless simulation.
     """
-    if bag_size > len(y):
-        raise FedsimError(f"bags.bag_size: {bag_size} is larger than client {partition_id}'s "
-                          f"{len(y)} samples; lower bags.bag_size or federation.num_clients")
-    key = (cfg.seed, partition_id, bag_size, cfg.bags.label_epsilon, cfg.bags.mechanism, len(y), task)
+    b, y, pid = task.hyper.params, task.y, task.partition_id
+    if b.bag_size > len(y):
+        raise FedsimError(f"strategy.bags.bag_size: {b.bag_size} is larger than client {pid}'s "
+                          f"{len(y)} samples; lower strategy.bags.bag_size or federation.num_clients")
+    key = (task.experiment_seed, pid, b.bag_size, b.label_epsilon, b.mechanism, tuple(b.label_range),
+           task.delta, len(y), task.settings.task)
     if key not in _RELEASES:
-        rng = np.random.default_rng(derive_seed(cfg.seed, partition_id, bag_size, "bags"))
-        bags = make_bags(len(y), bag_size, rng)
-        b = cfg.bags
-        if task == "classification":
-            targets = release_label_proportions(y, bags, num_classes, epsilon=b.label_epsilon,
-                                                delta=cfg.privacy.delta, mechanism=b.mechanism, rng=rng)
+        rng = np.random.default_rng(derive_seed(task.experiment_seed, pid, b.bag_size, "bags"))
+        bags = make_bags(len(y), b.bag_size, rng)
+        if task.settings.task == "classification":
+            targets = release_label_proportions(y, bags, task.num_classes, epsilon=b.label_epsilon,
+                                                delta=task.delta, mechanism=b.mechanism, rng=rng)
         else:
-            rng_range = tuple(b.label_range) if b.label_range else None
-            if b.label_epsilon > 0 and rng_range is None:
-                raise FedsimError("bags.label_range: label-DP on bag means needs a public response "
-                                  "range [a, b]; set bags.label_range")
-            targets = release_bag_means(y, bags, epsilon=b.label_epsilon, delta=cfg.privacy.delta,
-                                        mechanism=b.mechanism, label_range=rng_range, rng=rng)
+            label_range = tuple(b.label_range) if b.label_range else None
+            if b.label_epsilon > 0 and label_range is None:
+                raise FedsimError("strategy.bags.label_range: label-DP on bag means needs a public response "
+                                  "range [a, b]; set strategy.bags.label_range")
+            targets = release_bag_means(y, bags, epsilon=b.label_epsilon, delta=task.delta,
+                                        mechanism=b.mechanism, label_range=label_range, rng=rng)
         if len(_RELEASES) > 4096:
             _RELEASES.clear()
         _RELEASES[key] = (bags, targets)
@@ -94,21 +93,21 @@ def _bag_batches(num_bags: int, per_batch: int, gen: torch.Generator):
             yield order[start:start + per_batch]
 
 
-def train_bags(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Config, settings: TrainSettings,
-               bag_size: int, rho: float, partition_id: int, seed: int, num_classes: int) -> LocalResult:
+def train_bags(task: LocalTask) -> LocalResult:
     """Local SGD on minibatches of bags with L_rho. Label-DP comes from the release, so no DP-SGD."""
-    bags, targets = client_bags(cfg, x, y, bag_size, partition_id, settings.task, num_classes)
-    seed_everything(seed, settings.device)
+    bags, targets = client_bags(task)
+    settings, model, bag_size, rho = task.settings, task.model, task.hyper.params.bag_size, task.hyper.params.rho
+    seed_everything(task.seed, settings.device)
     device = settings.device
     model.to(device).train()
-    xt = torch.as_tensor(x, dtype=torch.float32, device=device)
+    xt = torch.as_tensor(task.x, dtype=torch.float32, device=device)
     tt = torch.as_tensor(targets, dtype=torch.float32, device=device)
     m = len(bags)
     per_batch = max(1, settings.batch_size // bag_size)
     steps = settings.local_steps or settings.local_epochs * math.ceil(m / per_batch)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(task.seed)
     losses = []
     for chosen in itertools.islice(_bag_batches(m, per_batch, gen), steps):
         idx = torch.as_tensor(bags[chosen.numpy()], device=device)
@@ -122,3 +121,6 @@ def train_bags(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: Config, sett
         opt.step()
         losses.append(float(loss.detach()))
     return LocalResult(m * bag_size, steps, float(np.mean(losses)), [], min(1.0, per_batch / m))
+
+
+RULE = ClientRule(local_train=train_bags)

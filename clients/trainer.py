@@ -1,20 +1,20 @@
-"""Local training: E epochs (or a fixed number of steps) of SGD, DP-SGD when sigma > 0.
+"""The Opacus engine: E epochs (or a fixed number of steps) of SGD, DP-SGD when sigma > 0.
 
-One loop serves every strategy. Strategy-specific pieces come in as two small
-callables instead of subclasses:
+One loop serves every algorithm. Its pieces come in as two pure callables built from the
+algorithm's `ClientRule` (`fedsim.algorithms`), never as subclasses:
 
-* ``extra_loss(outputs, targets)``: a per-sample-separable term added to the loss
-  (FedLD's margin control). Opacus sees it, so it is clipped and noised like the rest.
-* ``post_step()``: a data-independent correction applied after each optimizer step
-  (FedProx's proximal pull, SCAFFOLD's control-variate drift). Under DP-SGD such a
-  term must not go through the per-sample gradients: Opacus would drop it (it
-  rebuilds ``p.grad`` from per-sample gradients). Applying it after the noisy step
+* ``loss_term(outputs, mask)``: a per-sample-separable term added to the loss (FedLD's
+  margin control). Opacus sees it, so it is clipped and noised like the rest.
+* ``post_step(new, old)``: a data-independent correction after each optimizer step, from
+  the trainable tensors after and before the step (FedProx's pull, SCAFFOLD's drift).
+  Under DP-SGD such a term must not go through the per-sample gradients: Opacus would drop
+  it (it rebuilds ``p.grad`` from per-sample gradients). Applying it after the noisy step
   is post-processing, so it costs no privacy.
 
 Why the accountant history is passed in and out: a new PrivacyEngine starts a new
-accountant, so a client's epsilon would silently restart every round. The history
-is restored *before* ``make_private`` and saved after, and only rounds a client
-actually trains in add steps.
+accountant, so a client's epsilon would silently restart every round. The history is
+restored with the accountant's ``load_state_dict`` *before* ``make_private`` and read back
+with ``state_dict`` after, and only rounds a client actually trains in add steps.
 """
 
 from __future__ import annotations
@@ -22,55 +22,41 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsim.algorithms import LocalResult, LocalTask, Tensors, TrainSettings, resolve_device, seed_everything
 from fedsim.models import loss_fn
 from fedsim.privacy.accounting import History, poisson_sample_rate
 
 log = logging.getLogger("fedsim")
 
 
-@dataclass
-class TrainSettings:
-    """Everything the local loop needs to know, independent of Flower."""
+class FixedBatches:
+    """A batch sampler that yields given index arrays, one per step, for tests that compare
+    engines on identical batches. Its length is what Opacus derives q from: the batches of
+    one epoch, ceil(n/B), as for the Poisson sampler it stands in for."""
 
-    task: str
-    local_epochs: int = 1
-    local_steps: int = 0
-    batch_size: int = 32
-    lr: float = 0.1
-    momentum: float = 0.0
-    noise_multiplier: float = 0.0
-    max_grad_norm: float = 1.0
-    device: str = "cpu"
+    def __init__(self, batches: list[np.ndarray], steps_per_epoch: int) -> None:
+        self.batches = batches
+        self.steps_per_epoch = steps_per_epoch
 
+    def __len__(self) -> int:
+        return self.steps_per_epoch
 
-@dataclass
-class LocalResult:
-    num_examples: int
-    steps: int
-    mean_loss: float
-    history: list[tuple[float, float, int]] = field(default_factory=list)
-    sample_rate: float = 1.0
+    def __iter__(self):
+        return (list(map(int, b)) for b in self.batches)
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def seed_everything(seed: int, device: str) -> None:
-    """Seed the generators local training draws from (sampling, noise, dropout).
-    The CUDA generator only when training there: seeding it costs ms per call."""
-    torch.default_generator.manual_seed(seed)
-    if device.startswith("cuda"):
-        torch.cuda.manual_seed(seed)
+def _to(tree: Any, device: str) -> Any:
+    if isinstance(tree, dict):
+        return {k: _to(v, device) for k, v in tree.items()}
+    return tree.to(device) if isinstance(tree, torch.Tensor) else tree
 
 
 def _batches(loader: DataLoader, total_steps: int):
@@ -86,38 +72,55 @@ def _batches(loader: DataLoader, total_steps: int):
 
 def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainSettings,
                 history: History = (), *, seed: int = 0,
-                extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                post_step: Callable[[], None] | None = None) -> LocalResult:
+                loss_term: Callable[[torch.Tensor, torch.Tensor | None, Any], torch.Tensor] | None = None,
+                post_step: Callable[[Tensors, Tensors, Any], Tensors] | None = None,
+                rule_state: Any = None, batches: list[np.ndarray] | None = None) -> LocalResult:
     """Train `model` in place on (x, y); only parameters with requires_grad are trained.
 
     Freeze what must not change (LoRA A, backbone) *before* calling this: Opacus
     computes per-sample gradients and noise only for trainable parameters, and
-    unfreezing after `make_private` fails.
+    unfreezing after `make_private` fails. ``rule_state`` (the rule's tensors) is moved to
+    the training device and handed to the hooks. ``batches`` replaces the sampler (Poisson
+    under DP, shuffled otherwise) with given index arrays, one per step: the engine
+    equivalence tests use it to feed two engines the same batches.
     """
     seed_everything(seed, settings.device)
     device = settings.device
     model.to(device).train()
+    rule_state = _to(rule_state, device)
     n = len(y)
     dataset = TensorDataset(torch.as_tensor(x, dtype=torch.float32),
                             torch.as_tensor(y, dtype=torch.long if settings.task == "classification"
                                             else torch.float32))
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
     steps_per_epoch = math.ceil(n / settings.batch_size)
+    if batches is None:
+        loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True)
+    else:
+        from opacus.data_loader import wrap_collate_with_empty  # empty batches, as Opacus' own loader
+
+        x0, y0 = dataset[0]
+        collate = wrap_collate_with_empty(collate_fn=None, sample_empty_shapes=[x0.shape, y0.shape],
+                                          dtypes=[x0.dtype, y0.dtype])
+        loader = DataLoader(dataset, batch_sampler=FixedBatches(batches, steps_per_epoch), collate_fn=collate)
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}  # before Opacus renames them
+    optimizer = torch.optim.SGD(list(named.values()), lr=settings.lr, momentum=settings.momentum)
     total_steps = settings.local_steps or settings.local_epochs * steps_per_epoch
+    if batches is not None:
+        total_steps = len(batches)
     criterion = loss_fn(settings.task)
-    private = settings.noise_multiplier > 0
+    private = settings.noise_multiplier > 0 or settings.dp_reference
     engine = trained = None
     if private:
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant="rdp")
-        engine.accountant.history = [tuple(h) for h in history]  # restore BEFORE make_private
+        if history:  # restore BEFORE make_private
+            engine.accountant.load_state_dict({"history": [tuple(h) for h in history],
+                                               "mechanism": engine.accountant.mechanism()})
         trained, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
-            poisson_sampling=True)
+            poisson_sampling=batches is None)
     forward = trained if trained is not None else model
     losses = []
     try:
@@ -132,17 +135,21 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
             else:
                 out = forward(xb)
                 loss = criterion(out, yb)
-                if extra_loss is not None:
-                    loss = loss + extra_loss(out, yb)
+                if loss_term is not None:
+                    loss = loss + loss_term(out, None, rule_state)
                 loss.backward()
                 losses.append(float(loss.detach()))
+            before = {k: p.detach().clone() for k, p in named.items()} if post_step is not None else None
             optimizer.step()
             if post_step is not None:
-                post_step()
+                with torch.no_grad():
+                    corrected = post_step({k: p.detach() for k, p in named.items()}, before, rule_state)
+                    for k, p in named.items():
+                        p.copy_(corrected[k])
     finally:
         if trained is not None:
             trained.remove_hooks()  # or the next round's make_private fails ("hooks twice")
-    new_history = list(engine.accountant.history) if engine is not None else list(history)
+    new_history = list(engine.accountant.state_dict()["history"]) if engine is not None else list(history)
     q = poisson_sample_rate(n, settings.batch_size) if private else settings.batch_size / max(n, 1)
     return LocalResult(n, total_steps, float(np.mean(losses)) if losses else float("nan"),
                        [(float(s), float(qq), int(k)) for s, qq, k in new_history], min(q, 1.0))

@@ -26,7 +26,8 @@ RUN_FLAGS: dict[str, str] = {
     "--delta": "privacy.delta", "--accountant": "privacy.accountant",
     "--partitioner": "data.partitioner", "--alpha": "data.alpha",
     "--runtime": "runtime.name", "--device": "runtime.device", "--seed": "seed", "--out": "output.dir",
-    "--bag-size": "bags.bag_size", "--rho": "bags.rho", "--label-epsilon": "bags.label_epsilon",
+    "--bag-size": "strategy.bags.bag_size", "--rho": "strategy.bags.rho",
+    "--label-epsilon": "strategy.bags.label_epsilon",
 }
 
 

@@ -13,14 +13,21 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, get_args, get_origin, get_type_hints
 
+from fedsim.algorithms import algorithm_names, get_algorithm
 from fedsim.errors import ConfigError
 
 
-def _f(default: Any, help: str, *, choices: tuple | None = None, lo: float | None = None,
-       hi: float | None = None, lo_open: bool = False) -> Any:
-    """A schema field: default, help text and the allowed values."""
+def param(default: Any, help: str, *, choices: tuple | Callable[[], Any] | None = None,
+          lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
+    """A schema field: default, help text and the allowed values.
+
+    Used by every config section here and by each algorithm's params dataclass (its
+    ``[strategy.<name>]`` table), so all keys are validated and documented the same way.
+    ``choices`` may be a function returning them (strategy names come from the registry).
+    """
     meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -29,133 +36,121 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, lo: float | Non
 
 DATASETS = ("digits", "breast-cancer", "diabetes", "synthetic", "linear", "text-topics", "file")
 PARTITIONERS = ("iid", "dirichlet", "shard", "pathological", "quantity", "natural-id", "feature-skew")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "scaffold", "fedld",
-              "fedsvd", "ffa-lora", "fedavg-lora", "bags")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("digits", "built-in dataset name, or 'file' to read data.path", choices=DATASETS)
-    path: str = _f("", "CSV, Parquet or NPZ file when dataset = 'file'")
-    label_column: str = _f("label", "label column of a user file")
-    classes: list[int] = _f([], "keep only these classes (relabelled 0..C-1); empty = all")
-    task: str = _f("auto", "classification or regression; auto infers it",
+    dataset: str = param("digits", "built-in dataset name, or 'file' to read data.path", choices=DATASETS)
+    path: str = param("", "CSV, Parquet or NPZ file when dataset = 'file'")
+    label_column: str = param("label", "label column of a user file")
+    classes: list[int] = param([], "keep only these classes (relabelled 0..C-1); empty = all")
+    task: str = param("auto", "classification or regression; auto infers it",
                    choices=("auto", "classification", "regression"))
-    test_fraction: float = _f(0.2, "held-out share for central evaluation", lo=0.0, hi=0.9, lo_open=True)
-    partitioner: str = _f("iid", "how samples are split across clients", choices=PARTITIONERS)
-    alpha: float = _f(0.5, "Dirichlet concentration (smaller = more label skew)", lo=0.0, lo_open=True)
-    classes_per_client: int = _f(2, "classes per client for shard / pathological", lo=1)
-    quantity_power: float = _f(1.0, "power-law exponent of client sizes for 'quantity'", lo=0.0)
-    natural_id_column: str = _f("group", "column that names each sample's client for 'natural-id'")
-    feature_shift: float = _f(0.5, "std of the per-client mean shift for 'feature-skew'", lo=0.0)
-    feature_noise: float = _f(0.0, "std of per-client additive feature noise for 'feature-skew'", lo=0.0)
-    synthetic_alpha: float = _f(1.0, "Synthetic(alpha, beta): model heterogeneity", lo=0.0)
-    synthetic_beta: float = _f(1.0, "Synthetic(alpha, beta): feature heterogeneity", lo=0.0)
-    synthetic_samples: int = _f(100, "mean samples per group of the synthetic generators", lo=10)
-    linear_dim: int = _f(100, "feature dimension of the 'linear' generator", lo=1)
-    linear_noise: float = _f(0.5, "label-noise std of the 'linear' generator", lo=0.0)
-    text_column: str = _f("", "user file: column of raw text, tokenized as the features (needs .[text])")
-    tokenizer: str = _f("all-MiniLM-L6-v2", "text data: packaged model name or local Hugging Face directory "
+    test_fraction: float = param(0.2, "held-out share for central evaluation", lo=0.0, hi=0.9, lo_open=True)
+    partitioner: str = param("iid", "how samples are split across clients", choices=PARTITIONERS)
+    alpha: float = param(0.5, "Dirichlet concentration (smaller = more label skew)", lo=0.0, lo_open=True)
+    classes_per_client: int = param(2, "classes per client for shard / pathological", lo=1)
+    quantity_power: float = param(1.0, "power-law exponent of client sizes for 'quantity'", lo=0.0)
+    natural_id_column: str = param("group", "column that names each sample's client for 'natural-id'")
+    feature_shift: float = param(0.5, "std of the per-client mean shift for 'feature-skew'", lo=0.0)
+    feature_noise: float = param(0.0, "std of per-client additive feature noise for 'feature-skew'", lo=0.0)
+    synthetic_alpha: float = param(1.0, "Synthetic(alpha, beta): model heterogeneity", lo=0.0)
+    synthetic_beta: float = param(1.0, "Synthetic(alpha, beta): feature heterogeneity", lo=0.0)
+    synthetic_samples: int = param(100, "mean samples per group of the synthetic generators", lo=10)
+    linear_dim: int = param(100, "feature dimension of the 'linear' generator", lo=1)
+    linear_noise: float = param(0.5, "label-noise std of the 'linear' generator", lo=0.0)
+    text_column: str = param("", "user file: column of raw text, tokenized as the features (needs .[text])")
+    tokenizer: str = param("all-MiniLM-L6-v2", "text data: packaged model name or local Hugging Face directory "
                         "whose tokenizer is used (hf-text loads the same model unless model.pretrained_path)")
-    max_length: int = _f(32, "text data: tokens per sample (padded or truncated)", lo=2)
+    max_length: int = param(32, "text data: tokens per sample (padded or truncated)", lo=2)
 
 
 @dataclass
 class ModelConfig:
-    name: str = _f("mlp", "model architecture")  # checked against the open registry in models.build_model
-    hidden: list[int] = _f([64], "hidden widths of the MLP")
-    lora_rank: int = _f(8, "LoRA rank r", lo=1)
-    lora_alpha: float = _f(16.0, "LoRA scale alpha (update scaled by alpha/r)", lo=0.0, lo_open=True)
-    lora_dropout: float = _f(0.0, "LoRA dropout on the adapter input", lo=0.0, hi=0.9)
-    lora_targets: list[str] = _f([], "names of Linear modules to adapt; empty = every hidden Linear")
-    lora_init: str = _f("kaiming", "initial A: kaiming (peft), orthogonal (the Kaiming draw with orthonormal "
+    name: str = param("mlp", "model architecture")  # checked against the open registry in models.build_model
+    hidden: list[int] = param([64], "hidden widths of the MLP")
+    lora_rank: int = param(8, "LoRA rank r", lo=1)
+    lora_alpha: float = param(16.0, "LoRA scale alpha (update scaled by alpha/r)", lo=0.0, lo_open=True)
+    lora_dropout: float = param(0.0, "LoRA dropout on the adapter input", lo=0.0, hi=0.9)
+    lora_targets: list[str] = param([], "names of Linear modules to adapt; empty = every hidden Linear")
+    lora_init: str = param("kaiming", "initial A: kaiming (peft), orthogonal (the Kaiming draw with orthonormal "
                         "rows), pissa (top-r SVD of the frozen weight)", choices=("kaiming", "orthogonal", "pissa"))
-    pretrain_classes: list[int] = _f([], "lora-mlp: classes of the central source task (empty = all)")
-    pretrain_epochs: int = _f(30, "central pretraining epochs of the LoRA backbone", lo=1)
-    pretrained_path: str = _f("", "hf-text: packaged model name or local Hugging Face directory "
+    pretrain_classes: list[int] = param([], "lora-mlp: classes of the central source task (empty = all)")
+    pretrain_epochs: int = param(30, "central pretraining epochs of the LoRA backbone", lo=1)
+    pretrained_path: str = param("", "hf-text: packaged model name or local Hugging Face directory "
                               "(empty = data.tokenizer's model)")
 
 
 @dataclass
 class FederationConfig:
-    num_clients: int = _f(10, "number of simulated clients", lo=1)
-    clients_per_round: int = _f(5, "clients sampled per round", lo=1)
-    rounds: int = _f(10, "federated rounds", lo=1)
+    num_clients: int = param(10, "number of simulated clients", lo=1)
+    clients_per_round: int = param(5, "clients sampled per round", lo=1)
+    rounds: int = param(10, "federated rounds", lo=1)
 
 
 @dataclass
 class ClientConfig:
-    local_epochs: int = _f(1, "local epochs per round", lo=1)
-    local_steps: int = _f(0, "local steps per round instead of epochs (0 = use epochs)", lo=0)
-    batch_size: int = _f(32, "expected batch size (Poisson sampling under DP)", lo=1)
-    lr: float = _f(0.1, "local SGD learning rate", lo=0.0, lo_open=True)
-    momentum: float = _f(0.0, "local SGD momentum", lo=0.0, hi=1.0)
-    margin_lambda: float = _f(0.1, "FedLD margin-control weight lambda", lo=0.0)
-    margin_mode: str = _f("batch", "FedLD margin norm: over the batch (authors) or per-sample mean",
-                          choices=("batch", "sample"))
+    local_epochs: int = param(1, "local epochs per round", lo=1)
+    local_steps: int = param(0, "local steps per round instead of epochs (0 = use epochs)", lo=0)
+    batch_size: int = param(32, "expected batch size (Poisson sampling under DP)", lo=1)
+    lr: float = param(0.1, "local SGD learning rate", lo=0.0, lo_open=True)
+    momentum: float = param(0.0, "local SGD momentum", lo=0.0, hi=1.0)
 
 
 @dataclass
 class PrivacyConfig:
-    noise_multiplier: float = _f(0.0, "DP-SGD noise multiplier sigma (0 = no DP)", lo=0.0)
-    max_grad_norm: float = _f(1.0, "DP-SGD per-sample clipping norm C", lo=0.0, lo_open=True)
-    delta: float = _f(1e-5, "delta of every reported epsilon", lo=0.0, hi=1.0, lo_open=True)
-    accountant: str = _f("rdp", "accountant for sample-level epsilon", choices=("rdp", "prv"))
-    target_epsilon: float = _f(0.0, "calibrate sigma to this sample-level epsilon (0 = off)", lo=0.0)
-    user_noise_multiplier: float = _f(0.0, "central user-level DP noise multiplier (0 = off)", lo=0.0)
-    user_clip: float = _f(1.0, "central DP clipping norm of client updates", lo=0.0, lo_open=True)
-    user_target_epsilon: float = _f(0.0, "calibrate the user-level sigma to this epsilon (0 = off)", lo=0.0)
+    noise_multiplier: float = param(0.0, "DP-SGD noise multiplier sigma (0 = no DP)", lo=0.0)
+    max_grad_norm: float = param(1.0, "DP-SGD per-sample clipping norm C", lo=0.0, lo_open=True)
+    delta: float = param(1e-5, "delta of every reported epsilon", lo=0.0, hi=1.0, lo_open=True)
+    accountant: str = param("rdp", "accountant for sample-level epsilon", choices=("rdp", "prv"))
+    target_epsilon: float = param(0.0, "calibrate sigma to this sample-level epsilon (0 = off)", lo=0.0)
+    user_noise_multiplier: float = param(0.0, "central user-level DP noise multiplier (0 = off)", lo=0.0)
+    user_clip: float = param(1.0, "central DP clipping norm of client updates", lo=0.0, lo_open=True)
+    user_target_epsilon: float = param(0.0, "calibrate the user-level sigma to this epsilon (0 = off)", lo=0.0)
 
 
 @dataclass
 class StrategyConfig:
-    name: str = _f("fedavg", "server strategy", choices=STRATEGIES)
-    proximal_mu: float = _f(0.01, "FedProx proximal weight mu", lo=0.0)
-    server_lr: float = _f(1.0, "server learning rate (FedAdam eta, SCAFFOLD global lr)", lo=0.0, lo_open=True)
-    fedld_k_fraction: float = _f(0.8, "FedLD: share of principal directions kept", lo=0.0, hi=1.0, lo_open=True)
-    fedld_normalization: str = _f("all", "FedLD: divide by the sum of all or of the top-k singular values",
-                                  choices=("all", "topk"))
-    svd_period: int = _f(1, "FedSVD: refactorize every n rounds", lo=1)
-    svd_method: str = _f("exact", "FedSVD: exact or randomized SVD", choices=("exact", "randomized"))
+    """``strategy.name`` picks the algorithm; each algorithm's knobs live in its own table,
+    ``[strategy.<name>]``, validated by its params dataclass (`fedsim.algorithms`)."""
 
+    name: str = param("fedavg", "server strategy; its knobs are in [strategy.<name>]", choices=algorithm_names)
+    tables: dict[str, Any] = field(default_factory=dict)  # algorithm name -> its params instance
 
-@dataclass
-class BagsConfig:
-    bag_size: int = _f(1, "samples per bag k (1 = individual labels)", lo=1)
-    rho: float = _f(1.0, "interpolation rho: 0 = bag-level loss, 1 = instance-level loss", lo=0.0, hi=1.0)
-    label_epsilon: float = _f(0.0, "label-DP epsilon of released bag means (0 = no noise)", lo=0.0)
-    mechanism: str = _f("laplace", "noise on bag means", choices=("laplace", "gaussian"))
-    label_range: list[float] = _f([], "public response range [a, b]; empty = training-label range")
+    @property
+    def params(self) -> Any:
+        """The chosen algorithm's params (its table, or the defaults)."""
+        table = self.tables.get(self.name)
+        return table if table is not None else get_algorithm(self.name).params()
 
 
 @dataclass
 class RuntimeConfig:
-    name: str = _f("inprocess", "simulation runtime", choices=("inprocess", "ray"))
-    device: str = _f("auto", "torch device", choices=("auto", "cpu", "cuda"))
-    num_cpus: float = _f(1.0, "ray: CPUs per client", lo=0.0, lo_open=True)
-    num_gpus: float = _f(0.0, "ray: GPUs per client", lo=0.0)
-    round_timeout: float = _f(600.0, "seconds to wait for replies in a round (deployment); late nodes are dropped",
+    name: str = param("inprocess", "simulation runtime", choices=("inprocess", "ray"))
+    device: str = param("auto", "torch device", choices=("auto", "cpu", "cuda"))
+    num_cpus: float = param(1.0, "ray: CPUs per client", lo=0.0, lo_open=True)
+    num_gpus: float = param(0.0, "ray: GPUs per client", lo=0.0)
+    round_timeout: float = param(600.0, "seconds to wait for replies in a round (deployment); late nodes are dropped",
                               lo=0.0, lo_open=True)
-    on_client_error: str = _f("fail", "a client exception stops the run, or the round goes on without it",
+    on_client_error: str = param("fail", "a client exception stops the run, or the round goes on without it",
                               choices=("fail", "skip"))
 
 
 @dataclass
 class OutputConfig:
-    dir: str = _f("", "run directory (default runs/<name>-<timestamp>)")
+    dir: str = param("", "run directory (default runs/<name>-<timestamp>)")
 
 
 @dataclass
 class Config:
-    name: str = _f("experiment", "experiment name, used in the default run directory")
-    seed: int = _f(0, "one seed fixes partition, sampling, initialization and noise", lo=0)
+    name: str = param("experiment", "experiment name, used in the default run directory")
+    seed: int = param(0, "one seed fixes partition, sampling, initialization and noise", lo=0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    bags: BagsConfig = field(default_factory=BagsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -190,6 +185,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _check_range(key: str, value: Any, meta: dict) -> None:
     choices = meta.get("choices")
+    if callable(choices):
+        choices = tuple(choices())
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: must be one of {', '.join(choices)} (got {value!r})")
     lo, hi = meta.get("lo"), meta.get("hi")
@@ -205,9 +202,40 @@ def _check_range(key: str, value: Any, meta: dict) -> None:
             raise ConfigError(f"{key}: must be <= {hi} (got {v!r})")
 
 
+# Keys that moved into an algorithm's own table: refused with one line naming the new key.
+RENAMED_KEYS = {
+    "strategy.proximal_mu": "strategy.fedprox.mu",
+    "strategy.server_lr": "strategy.fedadam.server_lr (FedAdam) or strategy.scaffold.server_lr (SCAFFOLD)",
+    "strategy.fedld_k_fraction": "strategy.fedld.k_fraction",
+    "strategy.fedld_normalization": "strategy.fedld.normalization",
+    "strategy.svd_period": "strategy.fedsvd.period",
+    "strategy.svd_method": "strategy.fedsvd.method",
+    "client.margin_lambda": "strategy.fedld.margin_lambda",
+    "client.margin_mode": "strategy.fedld.margin_mode",
+    **{f"bags.{k}": f"strategy.bags.{k}" for k in ("bag_size", "rho", "label_epsilon", "mechanism", "label_range")},
+}
+
+
+def _refuse_renamed(raw: dict, prefix: str, known: Any) -> None:
+    for name, value in raw.items():
+        if name in known:
+            continue
+        old = prefix + name
+        if old in RENAMED_KEYS:
+            raise ConfigError(f"{old}: renamed to {RENAMED_KEYS[old]}")
+        if isinstance(value, dict):  # a whole old section, e.g. [bags]
+            for sub in value:
+                if f"{old}.{sub}" in RENAMED_KEYS:
+                    raise ConfigError(f"{old}.{sub}: renamed to {RENAMED_KEYS[old + '.' + sub]}")
+
+
 def _build(cls: type, raw: dict, prefix: str) -> Any:
+    """Validate one table into `cls`: types, ranges, unknown and renamed keys."""
     hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if f.name != "tables"}
+    _refuse_renamed(raw, prefix, known)
+    if cls is StrategyConfig:
+        return _build_strategy(raw, prefix, known)
     unknown = sorted(set(raw) - set(known))
     if unknown:
         where = prefix.rstrip(".") or "top level"
@@ -227,6 +255,27 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _build_strategy(raw: dict, prefix: str, known: dict) -> StrategyConfig:
+    """``name`` plus one table per algorithm, each validated by that algorithm's params class."""
+    tables = {}
+    for key, value in raw.items():
+        if key in known:
+            continue
+        if key not in algorithm_names():
+            raise ConfigError(f"{prefix}{key}: unknown key in strategy; allowed: name, or a table "
+                              f"[strategy.<name>] with <name> one of {', '.join(algorithm_names())}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{prefix}{key}: expected a [{prefix}{key}] table, got {value!r}")
+        tables[key] = _build(get_algorithm(key).params, value, f"{prefix}{key}.")
+    name = "fedavg"
+    if "name" in raw:
+        name = _coerce(prefix + "name", raw["name"], str)
+        _check_range(prefix + "name", name, known["name"].metadata)
+    if name not in tables:
+        tables[name] = get_algorithm(name).params()  # the resolved config shows the defaults
+    return StrategyConfig(name=name, tables=tables)
+
+
 def _check_consistency(cfg: Config) -> None:
     """Cross-field rules that no single field can express."""
     fed = cfg.federation
@@ -236,9 +285,10 @@ def _check_consistency(cfg: Config) -> None:
             f"got {fed.clients_per_round}")
     if cfg.data.dataset == "file" and not cfg.data.path:
         raise ConfigError("data.path: required when data.dataset = 'file'")
-    if len(cfg.bags.label_range) not in (0, 2) or (
-            len(cfg.bags.label_range) == 2 and cfg.bags.label_range[0] >= cfg.bags.label_range[1]):
-        raise ConfigError(f"bags.label_range: must be empty or [a, b] with a < b (got {cfg.bags.label_range})")
+    for table in cfg.strategy.tables.values():
+        check = getattr(table, "validate", None)  # rules between a table's own keys
+        if check is not None:
+            check()
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -249,7 +299,11 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as nested plain values, each algorithm table under ``strategy.<name>``."""
+    out = dataclasses.asdict(cfg)
+    tables = out["strategy"].pop("tables")
+    out["strategy"].update(tables)
+    return out
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -306,21 +360,26 @@ def loads_toml(text: str) -> Config:
     return config_from_dict(tomllib.loads(text))
 
 
-def describe_fields() -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, help) for every field: the README's config reference."""
+def _describe(obj: Any, prefix: str) -> list[tuple[str, str, Any, str]]:
+    hints = get_type_hints(type(obj))
     rows = []
-    top = Config()
-    for f in fields(Config):
-        section = getattr(top, f.name)
-        if dataclasses.is_dataclass(section):
-            hints = get_type_hints(type(section))
-            for sf in fields(section):
-                rows.append((f"{f.name}.{sf.name}", _type_name(hints[sf.name]),
-                             getattr(section, sf.name), _allowed_text(sf.metadata)))
+    for f in fields(obj):
+        if f.name == "tables":
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += _describe(value, f"{prefix}{f.name}.")
         else:
-            rows.append((f.name, _type_name(get_type_hints(Config)[f.name]), section,
-                         _allowed_text(f.metadata)))
+            rows.append((prefix + f.name, _type_name(hints[f.name]), value, _allowed_text(f.metadata)))
+        if isinstance(obj, StrategyConfig) and f.name == "name":
+            for name in algorithm_names():
+                rows += _describe(get_algorithm(name).params(), f"{prefix}{name}.")
     return rows
+
+
+def describe_fields() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every field, algorithm tables included: the config reference."""
+    return _describe(Config(), "")
 
 
 def reference_table() -> str:
@@ -332,6 +391,9 @@ def reference_table() -> str:
 
 def _allowed_text(meta: dict) -> str:
     text = meta.get("help", "")
-    if meta.get("choices"):
-        text += f" ({' | '.join(meta['choices'])})"
+    choices = meta.get("choices")
+    if callable(choices):
+        choices = choices()
+    if choices:
+        text += f" ({' | '.join(choices)})"
     return text

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fedsim.errors import ConfigError
+from fedsim.records import federated_keys
 
 
 class LoRALinear(nn.Module):
@@ -106,8 +107,6 @@ def select_keys(model: nn.Module, which: str) -> list[str]:
 
     ``all``: every federated tensor; ``lora``: A and B; ``lora-b``: B only (FedSVD, FFA-LoRA).
     """
-    from fedsim.records import federated_keys
-
     keys = federated_keys(model)
     if which == "all":
         return keys

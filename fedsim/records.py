@@ -12,14 +12,16 @@ import io
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from torch import nn
 
 # RecordDict keys
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
-CONTROL = "control"  # SCAFFOLD control variates (server c downlink, delta c_i uplink)
+ALGORITHM_ARRAYS = "algorithm-arrays"  # an algorithm's extra arrays: downlink (SCAFFOLD's c), uplink (delta c_i)
+ALGORITHM_STATE = "algorithm-state"  # key in a node's context.state: what its client rule keeps (c_i)
 ACCOUNTANT_STATE = "fedsim-accountant"  # key in a node's context.state
 CLIENT_STATE = "fedsim-client"
 DATA_SPEC = "fedsim-data-spec"  # discovery: how a data holder's rows become model inputs
@@ -35,13 +37,6 @@ SAMPLE_RATE = "sample-rate"
 
 # ConfigRecord keys the server sends
 SERVER_ROUND = "server-round"
-PROXIMAL_MU = "proximal-mu"  # flwr's FedProx name
-TRAINABLE = "trainable"  # which tensors a client trains: "all", "lora-b", "lora"
-UPLOAD = "upload"  # which tensors a client returns: "all", "lora-b", "lora"
-USE_SCAFFOLD = "scaffold"
-MARGIN_LAMBDA = "margin-lambda"
-BAG_SIZE = "bag-size"
-RHO = "rho"
 
 # message types
 QUERY_PARTITION = "query"  # discovery: which partition does this node hold?
@@ -98,6 +93,11 @@ def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: from_array(v) for k, v in record.items()}
 
 
+def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Writable CPU tensors of a record (torch refuses read-only numpy views without a warning)."""
+    return {k: torch.from_numpy(from_array(v).copy()) for k, v in record.items()}
+
+
 def numpy_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: to_array(v) for k, v in arrays.items()})
 
@@ -109,3 +109,38 @@ def load_record(model: nn.Module, record: ArrayRecord) -> None:
     if missing:
         raise KeyError(f"record has tensors the model lacks: {sorted(missing)[:3]}")
     model.load_state_dict(state, strict=False)
+
+
+def successful_replies(replies: list[Message] | tuple[Message, ...]) -> list[Message]:
+    """The replies that carry content (Flower's FedAvg does this in a private method)."""
+    return [r for r in replies if not r.has_error()]
+
+
+def model_views(replies: list[Message], weighted_by_key: str) -> list[RecordDict]:
+    """Each reply's model ArrayRecord and MetricRecord alone, as new RecordDicts.
+
+    Strategies whose replies carry extra arrays (SCAFFOLD's delta c_i) aggregate the model
+    with Flower's helpers, which expect exactly one ArrayRecord: this view leaves the
+    replies themselves untouched. Checked with Flower's public consistency check.
+    """
+    views = [RecordDict({ARRAYS: r.content.array_records[ARRAYS], METRICS: r.content.metric_records[METRICS]})
+             for r in replies]
+    if views:
+        validate_message_reply_consistency(views, weighted_by_key, check_arrayrecord=True)
+    return views
+
+
+def weighted_mean(arrays: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """sum_i w_i x_i / sum_i w_i per key, accumulated in client order like Flower's
+    `aggregate_arrayrecords` (so the float32 results agree bit for bit), with one numpy
+    operation per client and key instead of Flower's record decoding per array."""
+    total = float(sum(weights))
+    out: dict[str, np.ndarray] = {}
+    for values, w in zip(arrays, weights, strict=True):
+        factor = w / total
+        for key, value in values.items():
+            if key in out:
+                out[key] += value * factor
+            else:
+                out[key] = value * factor
+    return out

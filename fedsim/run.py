@@ -14,13 +14,19 @@ from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
+from clients.app import make_client_app
+from fedsim.algorithms import algorithm_names, get_algorithm
 from fedsim.config import Config
 from fedsim.datasets import load_dataset
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_config_for
 from fedsim.models import build_model
+from fedsim.partition import partition
 from fedsim.privacy.accounting import calibrate_noise, poisson_sample_rate, steps_per_round
 from fedsim.results import run_log
+from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
+from fedsim.runtime.ray_runtime import run_ray
+from fedsim.server import RunRecorder, build_strategy, server_main
 
 log = logging.getLogger("fedsim")
 
@@ -29,8 +35,6 @@ def default_out_dir(cfg: Config) -> str:
 
 
 def client_sizes(cfg: Config) -> list[int]:
-    from fedsim.partition import partition
-
     return [len(idx) for idx in partition(cfg).indices]
 
 
@@ -62,38 +66,29 @@ def calibrate(cfg: Config, sizes: list[int]) -> Config:
     return cfg
 
 
-def check_compatibility(cfg: Config, sizes: list[int]) -> None:
-    """Cross-cutting rules between strategy, model, data and privacy settings."""
-    from strategies import LORA_STRATEGIES
+def is_lora_model(cfg: Config) -> bool:
+    return cfg.model.name.startswith("lora-") or cfg.model.name == "hf-text"
 
-    s = cfg.strategy.name
-    is_lora_model = cfg.model.name.startswith("lora-") or cfg.model.name == "hf-text"
-    if s in LORA_STRATEGIES and not is_lora_model:
-        raise ConfigError(f"model.name: strategy {s!r} needs a LoRA model (lora-mlp or hf-text), "
-                          f"got {cfg.model.name!r}")
-    if is_lora_model and s not in LORA_STRATEGIES:
+
+def check_compatibility(cfg: Config, sizes: list[int]) -> None:
+    """Cross-cutting rules between algorithm, model, data and privacy settings: the generic
+    ones here, each algorithm's own in its `Algorithm.check` (e.g. bags refuses DP-SGD)."""
+    algorithm = get_algorithm(cfg.strategy.name)
+    if is_lora_model(cfg) and algorithm.client.trainable == "all":
+        lora = [n for n in algorithm_names() if get_algorithm(n).client.trainable != "all"]
         raise ConfigError(f"strategy.name: model {cfg.model.name!r} trains LoRA adapters; use one of "
-                          f"{', '.join(LORA_STRATEGIES)} (got {s!r})")
+                          f"{', '.join(lora)} (got {cfg.strategy.name!r})")
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     if (cfg.model.name == "hf-text") != bool(data.tokenizer):
         raise ConfigError("model.name: hf-text reads tokenized text (data.dataset = 'text-topics', or a file "
                           "with data.text_column), and text data needs model hf-text "
                           f"(got model {cfg.model.name!r} with dataset {cfg.data.dataset!r})")
-    if s == "bags":
-        if cfg.privacy.noise_multiplier > 0 or cfg.privacy.target_epsilon > 0:
-            raise ConfigError("privacy.noise_multiplier: the bags strategy protects labels with "
-                              "bags.label_epsilon; set privacy.noise_multiplier = 0")
-        if cfg.bags.bag_size > min(sizes):
-            small = sizes.index(min(sizes))
-            raise ConfigError(f"bags.bag_size: {cfg.bags.bag_size} is larger than client {small}'s "
-                              f"{min(sizes)} samples; lower bags.bag_size or federation.num_clients")
-    if s == "fedld" and data.task != "classification":
-        raise ConfigError("strategy.name: fedld's margin control needs a classification dataset")
+    algorithm.check(cfg.strategy.params, cfg, data, sizes)
 
 
 def warn_small_clients(cfg: Config, sizes: list[int]) -> list[str]:
     """Clients with n <= batch size get q = 1 under Opacus: no amplification by sampling."""
-    if cfg.privacy.noise_multiplier <= 0 or cfg.strategy.name == "bags":
+    if cfg.privacy.noise_multiplier <= 0:
         return []
     full = [i for i, n in enumerate(sizes) if poisson_sample_rate(n, cfg.client.batch_size) >= 1.0]
     if not full:
@@ -114,8 +109,6 @@ def prepare(cfg: Config) -> Config:
     sizes = client_sizes(cfg)
     check_compatibility(cfg, sizes)
     build_model(cfg.model, data, cfg.seed, cfg.output.dir)
-    from strategies import build_strategy
-
     build_strategy(cfg)
     calibrate(cfg, sizes)
     warn_small_clients(cfg, sizes)
@@ -132,17 +125,11 @@ def run_experiment(cfg: Config, *, progress: bool = True) -> Path:
         if cfg.runtime.name == "inprocess":
             run_inprocess(cfg, progress=progress)
         else:
-            from fedsim.runtime.ray_runtime import run_ray
-
             run_ray(cfg, progress=progress)
     return out_dir
 
 
-def run_inprocess(cfg: Config, *, progress: bool = True):
-    from clients.app import make_client_app
-    from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
-    from fedsim.server import server_main
-
+def run_inprocess(cfg: Config, *, progress: bool = True) -> RunRecorder:
     run_config = run_config_for(cfg)
     grid = InProcessGrid(make_client_app(), cfg.federation.num_clients, run_config)
     context = Context(run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),

@@ -6,8 +6,8 @@ in-process grid, Flower's Ray simulation and a real SuperLink. It wraps the grid
 
 * asks every node which partition it holds (a ``query`` message) and then lists node
   ids in partition order. Together with a per-round seed of Python's ``random`` (which
-  Flower's ``sample_nodes`` uses), the same partitions train in the same rounds in every
-  runtime, although node ids differ.
+  Flower's ``sample_nodes`` uses), set by `SeededRounds` where each round starts, the same
+  partitions train in the same rounds in every runtime, although node ids differ.
 * waits until all nodes are connected before round 1 (Flower's round-1 race).
 * hands every train reply to the `RunRecorder`, and turns a client's error reply into a
   `ClientFailure` that names the node, partition and round (or skips it, by config).
@@ -25,13 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
+from clients.trainer import evaluate
 from fedsim import records as R
+from fedsim.algorithms import algorithm_names, get_algorithm, resolve_device
 from fedsim.config import Config, dumps_toml
 from fedsim.datasets import load_dataset
-from fedsim.errors import ClientFailure
+from fedsim.errors import ClientFailure, ConfigError
 from fedsim.experiment import config_from_context, derive_seed
 from fedsim.models import build_model
 from fedsim.node_data import data_spec
@@ -149,12 +152,7 @@ class RunRecorder:
             user = {"epsilon": last.get("user_epsilon"), "delta": p.delta,
                     "accountant": accountant_label(p.accountant) + ", Poisson client sampling assumed",
                     "noise_multiplier": p.user_noise_multiplier, "clip": p.user_clip}
-        label = None
-        if self.cfg.strategy.name == "bags" and self.cfg.bags.label_epsilon > 0:
-            b = self.cfg.bags
-            label = {"epsilon": b.label_epsilon, "delta": 0.0 if b.mechanism == "laplace" else p.delta,
-                     "accountant": f"{b.mechanism.capitalize()} mechanism on bag means of {b.bag_size} "
-                                   f"(replace-one, parallel composition)"}
+        label = get_algorithm(self.cfg.strategy.name).label_privacy(self.cfg.strategy.params, p.delta)
         return {
             "status": status, "name": self.cfg.name, "seed": self.cfg.seed,
             "strategy": self.cfg.strategy.name, "dataset": self.cfg.data.dataset,
@@ -194,7 +192,7 @@ class TrackedGrid(Grid):
         self.min_nodes = min_nodes
         self.lost: set[int] = set()
         self.partition_of: dict[int, int] = {}
-        self.current_round = 0
+        self.current_round = 0  # set by SeededRounds when a round starts
 
     # -- delegation -------------------------------------------------------------------
     def set_run(self, run) -> None:
@@ -253,9 +251,8 @@ class TrackedGrid(Grid):
         # float sums in aggregation depend on order, so this makes every runtime bit-identical.
         replies = sorted(self.inner.send_and_receive(messages, timeout=timeout),
                          key=lambda r: self.partition_of.get(r.metadata.src_node_id, -1))
-        is_train = bool(messages) and messages[0].metadata.message_type.startswith("train")
+        is_train = bool(messages) and messages[0].metadata.message_type == MessageType.TRAIN
         if is_train:
-            self.current_round += 1
             answered = {r.metadata.reply_to_message_id for r in replies}
             lost = [m.metadata.dst_node_id for m in messages if m.metadata.message_id not in answered]
             for node in lost:
@@ -287,29 +284,88 @@ class TrackedGrid(Grid):
 
 def evaluation_function(cfg: Config, recorder: RunRecorder):
     """Central evaluation on the held-out split after every round, which also writes the round."""
-    from clients.trainer import evaluate, resolve_device
-
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
     device = resolve_device(cfg.runtime.device)
 
-    def evaluate_fn(server_round: int, arrays) -> MetricRecord:
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         R.load_record(model, arrays)
         result = evaluate(model, data.x_test, data.y_test, data.task, device)
         if server_round > 0:
             recorder.on_round_end(server_round, result)
-        seed_round_sampling(cfg.seed, server_round + 1)
         return MetricRecord(result)
 
     return model, evaluate_fn
 
 
-def seed_round_sampling(seed: int, server_round: int) -> None:
-    """Seed what Flower draws from global RNGs in round `server_round`: Python's `random`
-    (node sampling) and numpy's (central DP noise). evaluate_fn runs right before each
-    round's configure_train, which is where this is called from."""
-    random.seed(derive_seed(seed, server_round, "sample"))
-    np.random.seed(derive_seed(seed, server_round, "server-noise"))
+def fedavg_kwargs(cfg: Config) -> dict:
+    """FedAvg options shared by every strategy.
+
+    Exactly clients_per_round nodes train per round; fedsim's discovery waits for all
+    num_clients nodes before round 1 (Flower's round-1 race), and Flower's own wait asks
+    only for clients_per_round, so a lost node never makes it wait forever (fedsim's grid
+    raises a clear error instead when too few nodes are left); no federated evaluation,
+    because fedsim evaluates the global model centrally on the held-out split.
+    Under central DP the average is unweighted: with example weights a large client's
+    influence would exceed C/K and the noise would no longer cover it.
+    """
+    fed = cfg.federation
+    central_dp = cfg.privacy.user_noise_multiplier > 0
+    return dict(fraction_train=fed.clients_per_round / fed.num_clients,
+                min_train_nodes=fed.clients_per_round, min_available_nodes=fed.clients_per_round,
+                fraction_evaluate=0.0, min_evaluate_nodes=0,
+                weighted_by_key=R.UNIT_WEIGHT if central_dp else R.NUM_EXAMPLES)
+
+
+def build_strategy(cfg: Config) -> Strategy:
+    """The configured algorithm's strategy from the registry, wrapped in Flower's server-side
+    DP when a user-level noise multiplier is set."""
+    algorithm = get_algorithm(cfg.strategy.name)
+    strategy = algorithm.build(cfg.strategy.params, cfg, fedavg_kwargs(cfg))
+    if cfg.privacy.user_noise_multiplier > 0:
+        if not algorithm.central_dp:
+            allowed = [n for n in algorithm_names() if get_algorithm(n).central_dp]
+            raise ConfigError(f"privacy.user_noise_multiplier: central DP works with {', '.join(allowed)} "
+                              f"(got strategy {cfg.strategy.name!r})")
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            strategy, noise_multiplier=cfg.privacy.user_noise_multiplier,
+            clipping_norm=cfg.privacy.user_clip, num_sampled_clients=cfg.federation.clients_per_round)
+    return strategy
+
+
+class SeededRounds(Strategy):
+    """Delegates to a strategy, seeding each round's random draws where the round starts.
+
+    Flower samples nodes with Python's `random` and its DP wrappers draw noise from numpy's
+    global generator. Seeding both from (experiment seed, round) at the start of
+    `configure_train` makes every round reproducible on its own, whatever ran before, and
+    tells the grid which round it is in.
+    """
+
+    def __init__(self, inner: Strategy, seed: int, grid: TrackedGrid) -> None:
+        self.inner = inner
+        self.seed = seed
+        self.grid = grid
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        random.seed(derive_seed(self.seed, server_round, "sample"))
+        np.random.seed(derive_seed(self.seed, server_round, "server-noise"))
+        self.grid.current_round = server_round
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 def server_main(grid: Grid, context: Context, *, progress: bool = True, config_text: str | None = None,
@@ -322,8 +378,6 @@ def server_main(grid: Grid, context: Context, *, progress: bool = True, config_t
 
 
 def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_timeout: float) -> None:
-    from strategies import build_strategy
-
     tracked = TrackedGrid(grid, recorder, cfg.runtime.on_client_error, cfg.federation.clients_per_round)
     status = "failed"
     try:
@@ -331,7 +385,9 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_timeou
         tracked.discover(cfg.federation.num_clients, discovery_timeout, dumps_toml(cfg), spec)
         model, evaluate_fn = evaluation_function(cfg, recorder)
         initial = R.model_to_record(model)
-        strategy = build_strategy(cfg)
+        algorithm = get_algorithm(cfg.strategy.name)
+        log.info("strategy %s (%s): %s", cfg.strategy.name, algorithm.summary, cfg.strategy.params)
+        strategy = SeededRounds(build_strategy(cfg), cfg.seed, tracked)
         strategy.start(grid=tracked, initial_arrays=initial, num_rounds=cfg.federation.rounds,
                        timeout=cfg.runtime.round_timeout, train_config=ConfigRecord(), evaluate_fn=evaluate_fn)
         status = "finished"

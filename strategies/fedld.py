@@ -2,8 +2,8 @@
 Federated Learning via Loss Decomposition", MICCAI 2024; code: github.com/Zeng-Shuang/FedLD).
 
 FedLD splits the global loss into local + distribution-shift + aggregation losses. Clients
-fight distribution shift with a margin-control term (see `clients.losses.margin_loss`;
-this strategy switches it on with ``margin_lambda``). The server fights aggregation loss by
+fight distribution shift with a margin-control term (`clients.fedld`, weighted by
+``margin_lambda``). The server fights aggregation loss by
 keeping only the consistent principal directions of the client updates.
 
 Per parameter tensor, over the m clients that replied:
@@ -24,28 +24,51 @@ Decisions the authors' code leaves open:
   * k: at least 1, so m = 1 keeps its single direction (Delta~ = Delta when S is "topk").
 It is post-processing of the clients' DP outputs, so it does not change epsilon.
 
-Parameters
-----------
-k_fraction : float
-    Share of principal directions kept, k = max(1, int(k_fraction * m)). Default 0.8.
-normalization : str
-    "all" (divide by the sum of all singular values, the authors' form) or "topk".
-margin_lambda : float
-    Weight of the clients' margin-control term, sent in each round's config.
-**fedavg_kwargs
-    Sampling and key options of `flwr.serverapp.strategy.FedAvg`.
+The client half (margin control) is `clients.fedld`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import records as R
+from fedsim.config import param
+from fedsim.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FedLDParams:
+    """``[strategy.fedld]``: both halves of FedLD.
+
+    k_fraction : float
+        Share of principal directions the server keeps, k = max(1, int(k_fraction * m)).
+    normalization : str
+        Divide the direction weights by the sum of ``all`` singular values (the authors'
+        code) or of the ``topk`` kept ones.
+    margin_lambda : float
+        Weight lambda of the clients' margin-control term lambda * log(1 + ||softmax(z)||^2).
+    margin_mode : str
+        ``batch``: the norm over the whole batch x classes matrix (the authors' code);
+        ``sample``: the mean over samples of the per-sample term. Under DP-SGD fedsim always
+        uses ``sample``: the batch form couples samples, so clipping would not bound one
+        sample's influence.
+    """
+
+    k_fraction: float = param(0.8, "share of principal directions kept", lo=0.0, hi=1.0, lo_open=True)
+    normalization: str = param("all", "divide by the sum of all or of the top-k singular values",
+                               choices=("all", "topk"))
+    margin_lambda: float = param(0.1, "margin-control weight lambda (clients)", lo=0.0)
+    margin_mode: str = param("batch", "margin norm over the batch (authors) or per-sample mean; "
+                             "always per-sample under DP-SGD", choices=("batch", "sample"))
 
 
 def principal_gradient_update(deltas: np.ndarray, k_fraction: float = 0.8,
@@ -84,27 +107,45 @@ def principal_gradient_update(deltas: np.ndarray, k_fraction: float = 0.8,
 
 
 class FedLD(FedAvg):
-    def __init__(self, *, k_fraction: float = 0.8, normalization: str = "all",
-                 margin_lambda: float = 0.1, **fedavg_kwargs) -> None:
+    """FedLD's server half: principal-gradient aggregation.
+
+    Parameters
+    ----------
+    k_fraction : float
+        Share of principal directions kept, k = max(1, int(k_fraction * m)). Default 0.8.
+    normalization : str
+        "all" (divide by the sum of all singular values, the authors' form) or "topk".
+    **fedavg_kwargs
+        Sampling and key options of `flwr.serverapp.strategy.FedAvg`.
+    """
+
+    def __init__(self, *, k_fraction: float = 0.8, normalization: str = "all", **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
+        if not 0 < k_fraction <= 1 or normalization not in ("all", "topk"):
+            raise ValueError(f"FedLD: k_fraction in (0, 1] and normalization 'all' or 'topk' "
+                             f"(got {k_fraction}, {normalization!r})")
         self.k_fraction = k_fraction
         self.normalization = normalization
-        self.margin_lambda = margin_lambda
         self.current: dict[str, np.ndarray] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> FedLD settings:")
+        log(INFO, "\t│\t└── k_fraction (%s) | normalization (%s)", f"{self.k_fraction:.6g}", self.normalization)
+        super().summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current = R.record_to_numpy(arrays)
-        config[R.MARGIN_LAMBDA] = self.margin_lambda
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid = R.successful_replies(list(replies))
         if not valid:
             return None, None
-        metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
-        models = [R.record_to_numpy(r.content[self.arrayrecord_key]) for r in valid]
+        views = R.model_views(valid, self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn(views, self.weighted_by_key)
+        models = [R.record_to_numpy(v.array_records[R.ARRAYS]) for v in views]
         out = {}
         for key, theta_g in self.current.items():
             stacked = np.stack([m[key] for m in models]).astype(np.float64)
@@ -115,3 +156,12 @@ class FedLD(FedAvg):
             update = principal_gradient_update(deltas, self.k_fraction, self.normalization)
             out[key] = (theta_g + update.reshape(theta_g.shape)).astype(theta_g.dtype)
         return R.numpy_to_record(out), metrics
+
+
+def check(params: FedLDParams, cfg: Any, data: Any, sizes: list[int]) -> None:
+    if data.task != "classification":
+        raise ConfigError("strategy.name: fedld's margin control needs a classification dataset")
+
+
+def build(params: FedLDParams, cfg: Any, fedavg_kwargs: dict) -> FedLD:
+    return FedLD(**fedavg_kwargs, k_fraction=params.k_fraction, normalization=params.normalization)

@@ -27,24 +27,39 @@ Decisions the paper leaves open:
     O((d_out + d_in) r^2). "randomized" runs torch.svd_lowrank on the product instead.
   * svd_period n refactorizes in rounds 1 + n, 1 + 2n, ...; other rounds behave as FFA-LoRA.
 
-Parameters
-----------
-svd_period : int
-    Refactorize every n rounds (default 1).
-svd_method : str
-    "exact" (QR + small SVD) or "randomized".
-**fedavg_kwargs
-    Sampling and key options of `flwr.serverapp.strategy.FedAvg`.
+The client half is FFA-LoRA's (`clients.ffa_lora`): train and upload B only.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from logging import INFO
+from typing import Any
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
+from flwr.common.logger import log
 
 from fedsim import records as R
-from strategies.ffa_lora import FFALoRA
+from fedsim.config import param
+from strategies.ffa_lora import FFALoRA, check_lora_model
+
+
+@dataclass(frozen=True)
+class FedSVDParams:
+    """``[strategy.fedsvd]``.
+
+    period : int
+        Refactorize B A every n rounds (rounds 1 + n, 1 + 2n, ...); other rounds behave as
+        FFA-LoRA.
+    method : str
+        ``exact`` (thin QR of B and A^T, then the SVD of the r x r core) or ``randomized``
+        (`torch.svd_lowrank` on the product).
+    """
+
+    period: int = param(1, "refactorize every n rounds", lo=1)
+    method: str = param("exact", "exact (QR + small SVD) or randomized SVD", choices=("exact", "randomized"))
 
 
 def refactorize(b: np.ndarray, a: np.ndarray, method: str = "exact") -> tuple[np.ndarray, np.ndarray]:
@@ -74,10 +89,30 @@ def refactorize(b: np.ndarray, a: np.ndarray, method: str = "exact") -> tuple[np
 
 
 class FedSVD(FFALoRA):
-    def __init__(self, *, svd_period: int = 1, svd_method: str = "exact", **fedavg_kwargs) -> None:
+    """FedSVD's server half: FFA-LoRA plus the refactorization of B A between rounds.
+
+    Parameters
+    ----------
+    svd_period : int
+        Refactorize every n rounds (default 1).
+    svd_method : str
+        "exact" (QR + small SVD) or "randomized".
+    **fedavg_kwargs
+        Sampling and key options of `flwr.serverapp.strategy.FedAvg`.
+    """
+
+    def __init__(self, *, svd_period: int = 1, svd_method: str = "exact", **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
+        if svd_period < 1 or svd_method not in ("exact", "randomized"):
+            raise ValueError(f"FedSVD: svd_period >= 1 and svd_method 'exact' or 'randomized' "
+                             f"(got {svd_period}, {svd_method!r})")
         self.svd_period = svd_period
         self.svd_method = svd_method
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> FedSVD settings:")
+        log(INFO, "\t│\t└── refactorize every %d round(s) | %s SVD", self.svd_period, self.svd_method)
+        super().summary()
 
     def prepare_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         if server_round == 1 or (server_round - 1) % self.svd_period != 0:
@@ -87,3 +122,10 @@ class FedSVD(FFALoRA):
             key_a = key_b.replace(".lora_B.", ".lora_A.")
             tensors[key_b], tensors[key_a] = refactorize(tensors[key_b], tensors[key_a], self.svd_method)
         return R.numpy_to_record(tensors)
+
+
+check = check_lora_model
+
+
+def build(params: FedSVDParams, cfg: Any, fedavg_kwargs: dict) -> FedSVD:
+    return FedSVD(**fedavg_kwargs, svd_period=params.period, svd_method=params.method)

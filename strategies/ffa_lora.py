@@ -1,32 +1,41 @@
 """FFA-LoRA: federated freeze-A LoRA (Sun et al., "Improving LoRA in Privacy-preserving
 Federated Learning", ICLR 2024, arXiv 2403.12313).
 
-A stays at its random initialization for the whole run; clients train and upload only
-B, and the server averages B. With A fixed, averaging B averages the products B A
-exactly, which is what makes LoRA aggregation sound under DP noise. It is also the base
-of FedSVD, which re-orthogonalizes A between rounds (`strategies.fedsvd`).
-
-Parameters
-----------
-**fedavg_kwargs
-    Sampling and key options of `flwr.serverapp.strategy.FedAvg`.
+A stays at its random initialization for the whole run; clients train and upload only B
+(`clients.ffa_lora`), and the server averages B. With A fixed, averaging B averages the
+products B A exactly, which is what makes LoRA aggregation sound under DP noise. It is also
+the base of FedSVD, which re-orthogonalizes A between rounds (`strategies.fedsvd`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import records as R
+from fedsim.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FFALoRAParams:
+    """FFA-LoRA has no knobs of its own; the adapters' rank and init are in ``[model]``."""
 
 
 class FFALoRA(FedAvg):
-    trainable = "lora-b"
+    """Averages the uploaded B; sends the last round's A and averaged B.
 
-    def __init__(self, **fedavg_kwargs) -> None:
+    Parameters
+    ----------
+    **fedavg_kwargs
+        Sampling and key options of `flwr.serverapp.strategy.FedAvg`.
+    """
+
+    def __init__(self, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
         self.current = ArrayRecord()
 
@@ -37,8 +46,6 @@ class FFALoRA(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current = self.prepare_round(server_round, arrays)
-        config[R.TRAINABLE] = self.trainable
-        config[R.UPLOAD] = self.trainable
         return super().configure_train(server_round, self.current, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -49,3 +56,17 @@ class FFALoRA(FedAvg):
         merged = R.record_to_numpy(self.current)
         merged.update(R.record_to_numpy(averaged_b))  # B_{i+1} = sum_k n_k/n B_k; A as sent
         return R.numpy_to_record(merged), metrics
+
+
+def check_lora_model(params: Any, cfg: Any, data: Any, sizes: list[int]) -> None:
+    """The LoRA strategies train adapters: the model must have them (lora-mlp, hf-text, lora-...)."""
+    if not (cfg.model.name.startswith("lora-") or cfg.model.name == "hf-text"):
+        raise ConfigError(f"model.name: strategy {cfg.strategy.name!r} needs a LoRA model (lora-mlp, hf-text "
+                          f"or a registered lora-... model), got {cfg.model.name!r}")
+
+
+check = check_lora_model
+
+
+def build(params: FFALoRAParams, cfg: Any, fedavg_kwargs: dict) -> FFALoRA:
+    return FFALoRA(**fedavg_kwargs)

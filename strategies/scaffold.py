@@ -1,42 +1,69 @@
 """SCAFFOLD: stochastic controlled averaging (Karimireddy et al., ICML 2020, arXiv 1910.06378).
 
-Each client corrects its local steps by (c - c_i), the difference between the server's
-and its own control variate, to cancel client drift under heterogeneity. Clients keep
-c_i in their node state across the rounds they take part in (option II update), and
-reply with delta c_i beside their model.
+Each client corrects its local steps by (c - c_i), the difference between the server's and
+its own control variate, to cancel client drift under heterogeneity (`clients.scaffold`).
+The server sends c beside the model and updates, with the m replying clients' delta c_i,
 
-Parameters
-----------
-global_lr : float
-    Server step eta_g: x <- x + eta_g * mean_i(y_i - x).
-num_clients : int
-    N, the total number of clients: c <- c + (1/N) sum_i delta c_i.
-**fedavg_kwargs
-    Sampling and key options of `flwr.serverapp.strategy.FedAvg`.
+    x <- x + eta_g * (avg_i(y_i) - x)          c <- c + (1/N) sum_i delta c_i
 
-Decision: the model step averages client models weighted by examples, like FedAvg (so
-with eta_g = 1 and c = 0 SCAFFOLD is exactly FedAvg); the paper writes a uniform mean.
+Decision: the model step averages client models weighted by examples, like FedAvg (so with
+eta_g = 1 and c = 0 SCAFFOLD is exactly FedAvg); the paper writes a uniform mean.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim import records as R
+from fedsim.config import param
+
+
+@dataclass(frozen=True)
+class ScaffoldParams:
+    """``[strategy.scaffold]``.
+
+    server_lr : float
+        Global step eta_g: x <- x + eta_g * (avg_i y_i - x). 1 takes the average as it is.
+    """
+
+    server_lr: float = param(1.0, "global step eta_g", lo=0.0, lo_open=True)
 
 
 class Scaffold(FedAvg):
-    def __init__(self, *, global_lr: float = 1.0, num_clients: int, **fedavg_kwargs) -> None:
+    """SCAFFOLD's server half (option II control variates on the clients).
+
+    Parameters
+    ----------
+    global_lr : float
+        eta_g, the server step on the averaged model delta.
+    num_clients : int
+        N, the total number of clients: c moves by (1/N) sum_i delta c_i.
+    **fedavg_kwargs
+        Sampling and key options of `flwr.serverapp.strategy.FedAvg`.
+    """
+
+    def __init__(self, *, global_lr: float = 1.0, num_clients: int, **fedavg_kwargs: Any) -> None:
         super().__init__(**fedavg_kwargs)
+        if num_clients < 1:
+            raise ValueError(f"Scaffold: num_clients must be >= 1 (got {num_clients})")
         self.global_lr = global_lr
         self.num_clients = num_clients
         self.control: dict[str, np.ndarray] | None = None
         self.current: dict[str, np.ndarray] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> SCAFFOLD settings:")
+        log(INFO, "\t│\t└── global lr eta_g (%s) | clients N (%d)", f"{self.global_lr:.6g}", self.num_clients)
+        super().summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -44,26 +71,29 @@ class Scaffold(FedAvg):
         if self.control is None:
             self.control = {k: np.zeros_like(v) for k, v in self.current.items()
                             if np.issubdtype(v.dtype, np.floating)}
-        config[R.USE_SCAFFOLD] = True
         messages = list(super().configure_train(server_round, arrays, config, grid))
         control = R.numpy_to_record(self.control)
-        for msg in messages:
-            msg.content[R.CONTROL] = control
+        for msg in messages:  # the messages share one RecordDict: set c once per message anyway
+            msg.content[R.ALGORITHM_ARRAYS] = control
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = [r for r in replies if not r.has_error()]
+        if self.control is None:
+            raise RuntimeError("Scaffold.aggregate_train: configure_train has not run (no control variate)")
+        replies = R.successful_replies(list(replies))
         if not replies:
             return None, None
-        deltas = [R.record_to_numpy(r.content[R.CONTROL]) for r in replies]
-        for r in replies:  # FedAvg's consistency check expects exactly one ArrayRecord
-            del r.content[R.CONTROL]
-        averaged, metrics = super().aggregate_train(server_round, replies)
-        if averaged is None:
-            return None, metrics
-        new = R.record_to_numpy(averaged)
-        out = {k: self.current[k] + self.global_lr * (new[k] - self.current[k]) for k in new}
+        views = R.model_views(replies, self.weighted_by_key)
+        weights = [float(v.metric_records[R.METRICS][self.weighted_by_key]) for v in views]
+        averaged = R.weighted_mean([R.record_to_numpy(v.array_records[R.ARRAYS]) for v in views], weights)
+        metrics = self.train_metrics_aggr_fn(views, self.weighted_by_key)
+        out = {k: self.current[k] + self.global_lr * (averaged[k] - self.current[k]) for k in averaged}
+        deltas = [R.record_to_numpy(r.content.array_records[R.ALGORITHM_ARRAYS]) for r in replies]
         for k in self.control:
             self.control[k] = self.control[k] + sum(d[k] for d in deltas) / self.num_clients
         return R.numpy_to_record(out), metrics
+
+
+def build(params: ScaffoldParams, cfg: Any, fedavg_kwargs: dict) -> Scaffold:
+    return Scaffold(**fedavg_kwargs, global_lr=params.server_lr, num_clients=cfg.federation.num_clients)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from dp_accounting.pld import common, privacy_loss_mechanism as plm
 
-from clients.bags import interpolated_loss, proportion_loss, squared_losses, train_bags
-from clients.trainer import TrainSettings
+from clients.bags import client_bags, interpolated_loss, proportion_loss, squared_losses, train_bags
+from fedsim.algorithms import Hyper, LocalTask, TrainSettings
 from fedsim.config import load_config
+from strategies.bags import BagsParams
 from fedsim.privacy.bag_mechanism import (bag_sensitivity, make_bags, noise_scale, release_bag_means,
                                           release_label_proportions)
 
@@ -44,14 +45,13 @@ def test_linear_model_converges_to_closed_form(rho, tiny):
     n, d, k = 240, 4, 4
     x = rng.normal(size=(n, d)).astype(np.float32)
     y = (x @ rng.normal(size=d) + 0.3 * rng.normal(size=n)).astype(np.float32)
-    cfg = tiny(**{"data.dataset": "linear", "data.linear_dim": d, "bags.bag_size": k})
     model = torch.nn.Linear(d, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
     settings = TrainSettings(task="regression", local_steps=4000, batch_size=n, lr=0.2)
-    train_bags(model, x, y, cfg, settings, k, rho, partition_id=0, seed=0, num_classes=1)
-    from clients.bags import client_bags
-
-    bags, _ = client_bags(cfg, x, y, k, 0, "regression", 1)
+    task = LocalTask(model, x, y, settings, Hyper(BagsParams(bag_size=k, rho=rho), 0.2, False), partition_id=0,
+                     seed=0, experiment_seed=0, delta=1e-5, num_classes=1)
+    train_bags(task)
+    bags, _ = client_bags(task)
     expected = closed_form(x.astype(np.float64), y.astype(np.float64), bags, rho)
     np.testing.assert_allclose(model.weight.detach().numpy()[0], expected, atol=1e-3)
 
@@ -111,11 +111,13 @@ def test_cli_bags_run_and_sweep(cli, tmp_path):
                        "--rounds", "3", "--out", tmp_path / "run", "--no-progress")
     assert code == 0 and "mse" in out
     cfg = load_config(tmp_path / "run" / "config.toml")
-    assert (cfg.bags.bag_size, cfg.bags.rho, cfg.bags.label_epsilon) == (8, 0.5, 1.0)
-    code, out, _ = cli("sweep", "configs/bags.toml", "--rounds", "2", "--grid", "bags.rho=0,1",
-                       "--grid", "bags.bag_size=2,4", "--seeds", "0", "--grid", "data.dataset=diabetes",
-                       "--grid", "bags.label_epsilon=1", "--out", tmp_path / "sw")
+    b = cfg.strategy.params
+    assert (b.bag_size, b.rho, b.label_epsilon) == (8, 0.5, 1.0)
+    code, out, _ = cli("sweep", "configs/bags.toml", "--rounds", "2", "--grid", "strategy.bags.rho=0,1",
+                       "--grid", "strategy.bags.bag_size=2,4", "--seeds", "0", "--grid", "data.dataset=diabetes",
+                       "--grid", "strategy.bags.label_epsilon=1", "--out", tmp_path / "sw")
     assert code == 0 and "4/4 cells finished" in out
-    cell = "data.dataset=diabetes__bags.label_epsilon=1__bags.bag_size=4__bags.rho=0__seed=0"
+    cell = ("data.dataset=diabetes__strategy.bags.label_epsilon=1__strategy.bags.bag_size=4__strategy.bags.rho=0"
+            "__seed=0")
     summary = json.loads((tmp_path / "sw" / cell / "summary.json").read_text())
     assert summary["status"] == "finished"

@@ -25,7 +25,13 @@ def write(tmp_path, text: str):
     ('[federation]\nrounds = "ten"\n', "federation.rounds: expected a integer"),
     ('[federation]\nrounds = 0\n', "federation.rounds: must be >= 1"),
     ('[privacy]\naccountant = "gdp"\n', "privacy.accountant: must be one of rdp, prv"),
-    ('[bags]\nrho = 1.5\n', "bags.rho: must be <= 1.0"),
+    ('[strategy.bags]\nrho = 1.5\n', "strategy.bags.rho: must be <= 1.0"),
+    ('[bags]\nrho = 0.5\n', "bags.rho: renamed to strategy.bags.rho"),
+    ('[strategy]\nproximal_mu = 0.5\n', "strategy.proximal_mu: renamed to strategy.fedprox.mu"),
+    ('[client]\nmargin_lambda = 0.5\n', "client.margin_lambda: renamed to strategy.fedld.margin_lambda"),
+    ('[strategy.fedld]\nk_fraction = 0\n', "strategy.fedld.k_fraction: must be > 0.0"),
+    ('[strategy.fedprox]\nmu = "big"\n', "strategy.fedprox.mu: expected a number"),
+    ('[strategy.nosuch]\nx = 1\n', "strategy.nosuch: unknown key in strategy"),
     ('[federation]\nnum_clients = 3\nclients_per_round = 5\n', "federation.clients_per_round: must be <="),
     ('[data]\ndataset = "mnist"\n', "data.dataset: must be one of digits"),
     ('rounds = 3\n', "rounds: unknown key in top level"),
@@ -48,7 +54,7 @@ def test_override_beats_file_and_ints_are_floats(tmp_path):
     (["run", "--model", "resnet"], "model.name"),
     (["run", "--dataset", "file", "--set", "data.path='/nonexistent.csv'"], "data.path"),
     (["run", "--strategy", "bags", "--dataset", "diabetes", "--num-clients", "10",
-      "--clients-per-round", "2", "--bag-size", "64"], "bags.bag_size"),
+      "--clients-per-round", "2", "--bag-size", "64"], "strategy.bags.bag_size"),
     (["run", "--partitioner", "iid", "--num-clients", "2000", "--clients-per-round", "2"], "data.partitioner"),
     (["report", "/nonexistent-dir"], "report"),
 ])
@@ -118,8 +124,8 @@ def test_readme_config_reference_matches_the_schema():
 
     from fedsim.config import reference_table
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert reference_table() in readme, "regenerate the README's config reference from reference_table()"
+    doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    assert reference_table() in doc, "regenerate docs/config.md's config reference from reference_table()"
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in (Path(__file__).parent.parent / "configs").glob("*.toml")))

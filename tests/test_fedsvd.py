@@ -47,12 +47,12 @@ def _lora_cfg(tiny, strategy="fedsvd", **kw):
                    "privacy.noise_multiplier": 1.0, **kw})
 
 
-def _train_once(cfg, trainable: str, upload: str):
+def _train_once(cfg):
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     model = build_model(cfg.model, data, cfg.seed)
     arrays = R.model_to_record(model)
     content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(
-        {R.SERVER_ROUND: 1, R.TRAINABLE: trainable, R.UPLOAD: upload})})
+        {R.SERVER_ROUND: 1})})
     msg = Message(content, 1000, "train")
     msg.metadata.__dict__["_message_id"] = "m1"
     ctx = Context(run_id=1, node_id=1000, node_config={"partition-id": 0, "num-partitions": 6},
@@ -65,9 +65,9 @@ def test_uplink_carries_only_b_half_of_fedavg_lora(tiny):
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     cfg = _lora_cfg(tiny, **{"model.hidden": [64], "model.lora_targets": ["1"]})  # one 64x64 layer
-    sent, fedsvd_reply = _train_once(cfg, "lora-b", "lora-b")
+    sent, fedsvd_reply = _train_once(cfg)
     _, fedavg_reply = _train_once(_lora_cfg(tiny, "fedavg-lora", **{"model.hidden": [64],
-                                                                    "model.lora_targets": ["1"]}), "lora", "lora")
+                                                                    "model.lora_targets": ["1"]}))
     assert all(".lora_B." in k for k in fedsvd_reply)
     size = lambda d: sum(v.size for v in d.values())  # noqa: E731
     assert size(fedsvd_reply) * 2 == size(fedavg_reply)  # square A (4x64) and B (64x4)

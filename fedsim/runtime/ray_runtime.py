@@ -17,18 +17,17 @@ import os
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from clients.app import make_client_app
 from fedsim.config import Config
 from fedsim.experiment import run_config_for
 from fedsim.records import RUN_CONFIG_KEY
+from fedsim.server import server_main
 
 log = logging.getLogger("fedsim")
 
 
 def run_ray(cfg: Config, *, progress: bool = True) -> None:
-    from flwr.simulation import run_simulation
-
-    from clients.app import make_client_app
-    from fedsim.server import server_main
+    from flwr.simulation import run_simulation  # imports Ray: only when this runtime is chosen
 
     config_text = run_config_for(cfg)[RUN_CONFIG_KEY]
     failure: list[BaseException] = []

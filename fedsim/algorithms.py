@@ -1,0 +1,228 @@
+"""The algorithm registry: one name -> (params class, strategy builder, client rule).
+
+An algorithm is two files and one registry line (`fedsim.registry`):
+
+* ``strategies/<name>.py``: the server half, a Flower `Strategy`, with its parameters as a
+  frozen dataclass beside it (the ``[strategy.<name>]`` table of an experiment) and a
+  ``build(params, cfg, fedavg_kwargs)`` function;
+* ``clients/<name>.py``: the client half, a `ClientRule` of small pure functions.
+
+Both halves meet only here, in the core: strategies and clients never import each other.
+The registry is filled by the application (`fedsim.registry`, imported by ``import fedsim``);
+`register_algorithm` adds a user's own algorithm the same way.
+
+Why pure functions over tensor dicts: the same rule then runs under the Opacus engine, one
+client at a time on an `nn.Module`, and under the vectorized engine, which stacks many
+clients' parameters and applies the rule with `torch.func.vmap`. A rule never touches a
+model, an optimizer or Flower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+Tensors = dict[str, torch.Tensor]  # parameter name -> tensor (one client, or stacked clients)
+State = dict[str, Any]  # a rule's per-client tensors: a nested dict of tensors (a pytree)
+
+TRAINABLE_GROUPS = ("all", "lora", "lora-b")
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The scalars every client of a round shares: the algorithm's params and the local settings."""
+
+    params: Any  # the algorithm's params dataclass (its [strategy.<name>] table)
+    lr: float
+    private: bool  # DP-SGD is on (sigma > 0)
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """What a client rule sees when a round starts (CPU tensors, read-only).
+
+    ``global_params``: the trainable tensors as the server sent them (the round's start point);
+    ``server_arrays``: extra arrays the strategy sent beside the model (SCAFFOLD's c);
+    ``node_state``: what this node kept after its last round (SCAFFOLD's c_i), empty at first.
+    """
+
+    hyper: Hyper
+    global_params: Tensors
+    server_arrays: Tensors
+    node_state: Tensors
+
+
+@dataclass
+class TrainSettings:
+    """Everything the local loop needs to know, independent of Flower."""
+
+    task: str
+    local_epochs: int = 1
+    local_steps: int = 0
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.0
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    device: str = "cpu"
+    # Engine tests only: with sigma = 0 and given batches, still clip per sample through
+    # Opacus (make_private at noise 0), the DP-SGD reference for the vectorized engine.
+    dp_reference: bool = False
+
+
+@dataclass
+class LocalResult:
+    num_examples: int
+    steps: int
+    mean_loss: float
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+    sample_rate: float = 1.0
+
+
+@dataclass
+class LocalTask:
+    """One client's round for a rule with its own local loop (`ClientRule.local_train`)."""
+
+    model: nn.Module
+    x: np.ndarray
+    y: np.ndarray
+    settings: TrainSettings
+    hyper: Hyper
+    partition_id: int
+    seed: int  # this round's seed for this client
+    experiment_seed: int
+    delta: float
+    num_classes: int
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def seed_everything(seed: int, device: str) -> None:
+    """Seed the generators local training draws from (sampling, noise, dropout).
+    The CUDA generator only when training there: seeding it costs ms per call."""
+    torch.default_generator.manual_seed(seed)
+    if device.startswith("cuda"):
+        torch.cuda.manual_seed(seed)
+
+
+def _none(*_args: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ClientRule:
+    """The client half of an algorithm. Every hook is optional; the defaults are FedAvg's.
+
+    trainable / upload
+        Which tensors the client trains and returns: ``all``, ``lora`` (A and B) or
+        ``lora-b``. Frozen tensors get no gradient and no DP noise.
+    setup(start) -> state
+        The per-client tensors the step hooks read (FedProx's anchor, SCAFFOLD's c - c_i).
+        The vectorized engine stacks them over clients.
+    loss_term(logits, mask, state, hyper) -> scalar
+        A term added to the mean task loss of a batch (FedLD's margin control). ``mask`` is
+        None for a batch of real samples, or a (B,) 0/1 float tensor marking the real rows of
+        a padded batch. Under DP-SGD it is evaluated per sample (a batch of one), so it must
+        be separable over samples to be clipped correctly.
+    post_step(new, old, state, hyper) -> new'
+        A data-independent correction after each optimizer step, from the parameters after
+        (``new``) and before (``old``) the step (FedProx's pull, SCAFFOLD's drift). Applied
+        after the noisy step, it is post-processing and costs no privacy.
+    finish(start, state, final, steps) -> (reply arrays, node state)
+        Extra numpy arrays for the reply (SCAFFOLD's delta c_i) and for the node's state.
+    local_train(task) -> LocalResult
+        Replaces the DP-SGD loop altogether (learning from bags); such a rule runs one
+        client at a time under every engine.
+    """
+
+    trainable: str = "all"
+    upload: str = "all"
+    setup: Callable[[RoundStart], State] | None = None
+    loss_term: Callable[[torch.Tensor, torch.Tensor | None, State, Hyper], torch.Tensor] | None = None
+    post_step: Callable[[Tensors, Tensors, State, Hyper], Tensors] | None = None
+    finish: Callable[[RoundStart, State, Tensors, int], tuple[dict, dict]] | None = None
+    local_train: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("trainable", "upload"):
+            if getattr(self, name) not in TRAINABLE_GROUPS:
+                raise ValueError(f"ClientRule.{name}: must be one of {', '.join(TRAINABLE_GROUPS)}")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One registry entry.
+
+    name          the value of ``strategy.name``; also the name of its config table.
+    params        a frozen dataclass whose fields are the ``[strategy.<name>]`` keys, each
+                  declared with `fedsim.config.param` (default, help, allowed values).
+    build         ``build(params, cfg, fedavg_kwargs) -> flwr Strategy``.
+    client        the `ClientRule`.
+    check         optional ``check(params, cfg, data, client_sizes)``: rules between this
+                  algorithm and the rest of the experiment, raising `ConfigError`.
+    central_dp    the strategy can be wrapped in Flower's server-side DP (user-level).
+    label_privacy optional ``label_privacy(params, delta) -> dict | None``: a label-level
+                  privacy statement for summary.json (learning from bags).
+    summary       one line for the run log: what the algorithm is.
+    """
+
+    name: str
+    params: type
+    build: Callable[..., Any]
+    client: ClientRule = field(default_factory=ClientRule)
+    check: Callable[..., None] = _none
+    central_dp: bool = False
+    label_privacy: Callable[[Any, float], Mapping | None] = _none
+    summary: str = ""
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+_LOADERS: list[Callable[[], object]] = []
+
+
+def add_registry_loader(load: Callable[[], object]) -> None:
+    """Run `load` (which registers algorithms) before the first registry lookup.
+
+    ``import fedsim`` adds the loader of the built-ins (`fedsim.registry`) this way instead of
+    importing it: the core never imports the layers above it, and no module is half
+    initialized when the registry is first read, whatever was imported first.
+    """
+    _LOADERS.append(load)
+
+
+def load_registered() -> None:
+    """Run pending loaders (the built-in algorithms and models); cheap once done."""
+    while _LOADERS:
+        _LOADERS.pop(0)()
+
+
+def register_algorithm(algorithm: Algorithm, *, replace: bool = False) -> Algorithm:
+    """Add an algorithm under ``algorithm.name``; a second one of the same name is refused."""
+    if algorithm.name in _REGISTRY and not replace:
+        raise ValueError(f"algorithm {algorithm.name!r} is registered already (pass replace=True)")
+    _REGISTRY[algorithm.name] = algorithm
+    return algorithm
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The algorithm registered under `name` (KeyError names the registered ones)."""
+    load_registered()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no algorithm {name!r}; registered: {', '.join(algorithm_names())}") from None
+
+
+def algorithm_names() -> list[str]:
+    """Registered names, in registration order (built-ins first)."""
+    load_registered()
+    return list(_REGISTRY)

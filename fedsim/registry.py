@@ -1,0 +1,43 @@
+"""The built-in algorithms: one registry line each (`fedsim.algorithms.Algorithm`).
+
+Adding an algorithm is its server half in ``strategies/<name>.py``, its client half in
+``clients/<name>.py``, its tests, and one line here (or a `register_algorithm` call in your
+own code: see docs/architecture.md). This module is the only place that imports both halves.
+"""
+
+from __future__ import annotations
+
+from clients import bags as c_bags
+from clients import fedavg as c_fedavg
+from clients import fedavg_lora as c_fedavg_lora
+from clients import fedld as c_fedld
+from clients import fedprox as c_fedprox
+from clients import ffa_lora as c_ffa_lora
+from clients import scaffold as c_scaffold
+from fedsim import lora_models  # noqa: F401 - registers the lora-mlp and hf-text models
+from fedsim.algorithms import Algorithm, register_algorithm
+from strategies import bags, fedadam, fedavg, fedavg_lora, fedld, fedprox, fedsvd, ffa_lora, scaffold
+
+BUILTIN = [
+    Algorithm("fedavg", fedavg.FedAvgParams, fedavg.build, c_fedavg.RULE, central_dp=True,
+              summary="FedAvg: example-weighted averaging"),
+    Algorithm("fedprox", fedprox.FedProxParams, fedprox.build, c_fedprox.RULE, central_dp=True,
+              summary="FedProx: FedAvg with a proximal pull on the clients"),
+    Algorithm("fedadam", fedadam.FedAdamParams, fedadam.build, c_fedavg.RULE,
+              summary="FedAdam: server-side Adam on the averaged update"),
+    Algorithm("scaffold", scaffold.ScaffoldParams, scaffold.build, c_scaffold.RULE,
+              summary="SCAFFOLD: control variates against client drift"),
+    Algorithm("fedld", fedld.FedLDParams, fedld.build, c_fedld.RULE, check=fedld.check,
+              summary="FedLD: margin control and principal-gradient aggregation"),
+    Algorithm("fedsvd", fedsvd.FedSVDParams, fedsvd.build, c_ffa_lora.RULE, check=fedsvd.check,
+              summary="FedSVD: LoRA B trained, B A refactorized by SVD on the server"),
+    Algorithm("ffa-lora", ffa_lora.FFALoRAParams, ffa_lora.build, c_ffa_lora.RULE, check=ffa_lora.check,
+              summary="FFA-LoRA: LoRA with A frozen, B trained and averaged"),
+    Algorithm("fedavg-lora", fedavg_lora.FedAvgLoRAParams, fedavg_lora.build, c_fedavg_lora.RULE,
+              check=fedavg_lora.check, summary="FedAvg-LoRA: A and B trained and averaged separately"),
+    Algorithm("bags", bags.BagsParams, bags.build, c_bags.RULE, check=bags.check,
+              label_privacy=bags.label_privacy, summary="learning from aggregate responses (bags)"),
+]
+
+for _algorithm in BUILTIN:
+    register_algorithm(_algorithm, replace=True)

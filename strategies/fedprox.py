@@ -1,0 +1,32 @@
+"""FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020,
+arXiv 1812.06127): FedAvg whose clients add (mu/2)||w - w_g||^2 to their local loss.
+
+The server half is Flower's `FedProx`, which also sends ``proximal-mu`` to clients, so a
+Flower client written for it works too; fedsim's client half (`clients.fedprox`) reads mu
+from the same params.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.serverapp.strategy import FedProx
+
+from fedsim.config import param
+
+
+@dataclass(frozen=True)
+class FedProxParams:
+    """``[strategy.fedprox]``.
+
+    mu : float
+        Proximal weight: how strongly each local step is pulled back to the round's global
+        model. 0 is FedAvg.
+    """
+
+    mu: float = param(0.01, "FedProx proximal weight mu (0 = FedAvg)", lo=0.0)
+
+
+def build(params: FedProxParams, cfg: Any, fedavg_kwargs: dict) -> FedProx:
+    return FedProx(**fedavg_kwargs, proximal_mu=params.mu)
