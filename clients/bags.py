@@ -20,7 +20,6 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedsim.algorithms import ClientRule, LocalResult, LocalTask, seed_everything
 from fedsim.errors import FedsimError

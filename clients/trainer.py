@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsim.algorithms import LocalResult, LocalTask, Tensors, TrainSettings, resolve_device, seed_everything
+from fedsim.algorithms import LocalResult, Tensors, TrainSettings, seed_everything
 from fedsim.models import loss_fn
 from fedsim.privacy.accounting import History, poisson_sample_rate
 
