@@ -8,13 +8,11 @@ prints one line and exits 2; a failing client exits 1 with its traceback.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
 from fedsim.errors import ClientFailure, FedsimError
+from fedsim.logs import setup_logging
 
 # flag -> config key, for `run`, `partition` and `sweep`
 RUN_FLAGS: dict[str, str] = {
@@ -71,26 +69,6 @@ def _load(args: argparse.Namespace):
     from fedsim.config import load_config
 
     return load_config(args.config, overrides_from(args))
-
-
-def setup_logging(verbose: bool) -> None:
-    """Quiet by default: warnings only, and Flower's INFO chatter hidden unless -v."""
-    import flwr.common.logger  # noqa: F401 - flwr configures its logger on import; override after
-
-    level = logging.INFO if verbose else logging.WARNING
-    fedsim_log = logging.getLogger("fedsim")
-    if not fedsim_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s fedsim: %(message)s"))
-        fedsim_log.addHandler(handler)
-    fedsim_log.handlers[0].setLevel(level)
-    fedsim_log.propagate = False
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.INFO if verbose else logging.ERROR)
-    flwr_log.propagate = False
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if not verbose:
-        warnings.filterwarnings("ignore")
 
 
 # ----------------------------------------------------------------------------- commands

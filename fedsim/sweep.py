@@ -125,7 +125,7 @@ def plan_cells(args: argparse.Namespace, base_overrides: dict) -> tuple[Path, li
 def _run_cell(cfg: Config, threads: int) -> dict:
     import torch
 
-    from fedsim.cli import setup_logging
+    from fedsim.logs import setup_logging
     from fedsim.run import run_experiment
 
     setup_logging(False)

@@ -1,4 +1,5 @@
-"""Sweeps (cells, resume) and reports (seed aggregation, formats agree)."""
+"""Sweeps (cells, resume) and reports (seed aggregation, formats agree); and which warnings
+the CLI's quiet mode hides (only harmless ones)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,19 @@ import csv
 import io
 import json
 import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 from scipy import stats
 
 from fedsim.config import dumps_toml, load_config
+from fedsim.logs import setup_logging
 from fedsim.results import write_json
+
+ROOT = Path(__file__).parent.parent
 
 SWEEP_ARGS = ["--num-clients", "4", "--clients-per-round", "2", "--rounds", "2", "--set", "model.hidden=[16]",
               "--grid", "privacy.noise_multiplier=0,1", "--grid", "strategy.name=fedavg,fedprox"]
@@ -122,3 +130,68 @@ def test_report_plot(cli, fixture_runs, tmp_path):
     root, _ = fixture_runs
     code, _, _ = cli("report", root, "--plot", tmp_path / "pu.png")
     assert code == 0 and (tmp_path / "pu.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- warnings
+
+FAKE_MODULES: dict[str, dict] = {}
+
+
+def warn_from(module: str, message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn as if called inside `module`: filters match the caller's __name__, and
+    repeated calls share one module (one __warningregistry__), as a real module's do."""
+    if module not in FAKE_MODULES:
+        FAKE_MODULES[module] = {"__name__": module, "warnings": warnings}
+        code = compile("def warn(message, category):\n    warnings.warn(message, category)\n",
+                       f"/site-packages/{module.replace('.', '/')}.py", "exec")
+        exec(code, FAKE_MODULES[module])
+    FAKE_MODULES[module]["warn"](message, category)
+
+
+@pytest.fixture
+def quiet_cli_warnings():
+    """The warnings a user sees after the CLI's setup_logging(False), starting from the
+    strictest baseline (python -W always), not from pytest's ignore-UserWarning filters."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        setup_logging(False)
+        yield caught
+
+
+def test_quiet_mode_hides_only_harmless_warnings(quiet_cli_warnings):
+    caught = quiet_cli_warnings
+    warn_from("clients.trainer", "Full backward hook is firing when gradients are computed with respect to "
+              "module outputs since no inputs require gradients. See https://docs.pytorch.org/ for more details.")
+    warn_from("ray._private.worker", "Tip: In future versions of Ray, Ray will no longer override accelerator "
+              "visible devices env var if num_gpus=0 or num_gpus=None (default).", FutureWarning)
+    warn_from("typer", "'click.utils.get_text_stream' is deprecated", DeprecationWarning)
+    assert [str(w.message) for w in caught] == []
+    # privacy statements from Opacus pass, and so does anything unknown
+    warn_from("opacus.accountants.analysis.rdp", "Optimal order is the largest alpha. Please consider "
+              "expanding the range of alphas to get a tighter privacy bound.")
+    warn_from("opacus.privacy_engine", "Secure RNG turned off. This is perfectly fine for experimentation "
+              "(test a)")
+    warn_from("opacus.accountants.gdp", "GDP accounting is experimental and can underestimate privacy expenditure.")
+    warn_from("fedsim.run", "Full backward hook is firing: but as a FutureWarning", FutureWarning)
+    warn_from("opacus.grad_sample", "a deprecated Opacus API", DeprecationWarning)
+    assert [str(w.message).split(" ")[0] for w in caught] == ["Optimal", "Secure", "GDP", "Full", "a"]
+    assert caught[1].category is UserWarning
+
+
+def test_secure_rng_warning_is_shown_once_not_per_client(quiet_cli_warnings):
+    for _ in range(5):  # one make_private per client-round
+        warn_from("opacus.privacy_engine", "Secure RNG turned off. This is perfectly fine (test once)")
+    assert len(quiet_cli_warnings) == 1
+
+
+def test_cli_run_shows_the_secure_rng_warning_once_and_no_noise(tmp_path):
+    """The real thing: a DP run of 2 rounds x 2 clients (4 make_private calls, 4+ backward
+    hooks firing), as a user runs it."""
+    res = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", "--num-clients", "4",
+                          "--clients-per-round", "2", "--rounds", "2", "--set", "model.hidden=[16]",
+                          "--noise-multiplier", "1.0", "--no-progress", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("Secure RNG turned off") == 1, res.stderr
+    assert "Full backward hook" not in res.stderr and "Warning" in res.stderr
