@@ -8,13 +8,11 @@ prints one line and exits 2; a failing client exits 1 with its traceback.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
 from fedsim.errors import ClientFailure, FedsimError
+from fedsim.logs import setup_logging
 
 # flag -> config key, for `run`, `partition` and `sweep`
 RUN_FLAGS: dict[str, str] = {
@@ -74,26 +72,6 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, overrides_from(args))
 
 
-def setup_logging(verbose: bool) -> None:
-    """Quiet by default: warnings only, and Flower's INFO chatter hidden unless -v."""
-    import flwr.common.logger  # noqa: F401 - flwr configures its logger on import; override after
-
-    level = logging.INFO if verbose else logging.WARNING
-    fedsim_log = logging.getLogger("fedsim")
-    if not fedsim_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s fedsim: %(message)s"))
-        fedsim_log.addHandler(handler)
-    fedsim_log.handlers[0].setLevel(level)
-    fedsim_log.propagate = False
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.INFO if verbose else logging.ERROR)
-    flwr_log.propagate = False
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if not verbose:
-        warnings.filterwarnings("ignore")
-
-
 # ----------------------------------------------------------------------------- commands
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -146,16 +124,42 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedsim.sweep import run_sweep
+def _csv_values(text: str | None) -> list | None:
+    from fedsim.config import parse_value
 
-    return run_sweep(args)
+    return [parse_value(v) for v in text.split(",")] if text else None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsim.sweep import parse_axis, run_sweep
+
+    grid = dict(parse_axis(text) for text in args.grid)
+    cells = run_sweep(args.config, grid=grid, seeds=_csv_values(args.seeds),
+                      target_epsilons=_csv_values(args.target_epsilons), overrides=overrides_from(args),
+                      jobs=args.jobs, max_cells=args.max_cells)
+    failed = cells[cells["error"].notna()]
+    for name, error in zip(failed["cell"], failed["error"]):
+        print(f"failed cell {name}: {error}")
+    finished = int((cells["status"] == "finished").sum())
+    print(f"{finished}/{len(cells)} cells finished; table: fedsim report {cells.attrs['out']}")
+    return 1 if len(failed) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedsim.report import run_report
+    from fedsim.report import plot, render, report
 
-    return run_report(args)
+    where = [(key, value) for key, _, value in (item.partition("=") for item in args.where)]
+    table = report(args.path, group_by=args.group_by, best_per=args.best_per, where=where, pivot=args.pivot)
+    text = render(table, args.format)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    for name in table.attrs["unfinished"]:
+        sys.stderr.write(f"unfinished: {name}\n")
+    if args.plot:
+        plot(table, args.plot)
+    return 0
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:

@@ -1,27 +1,40 @@
-"""`fedsim report`: privacy-utility tables from run directories.
+"""`fedsim report`: privacy-utility tables from run directories, as a library.
 
-Rows are strategy x privacy setting (plus any --group-by keys), averaged over seeds:
+Rows are strategy x privacy setting (plus any group-by keys), averaged over seeds:
 final metric as mean +- 95% CI (Student t over seeds), best-round metric, and the
 epsilon of each privacy level with its accountant and delta. A non-private row
 (sigma = 0, epsilon = inf) is the reference. Every output format is rendered from the
 same rounded numbers, so markdown, CSV, LaTeX and JSON agree digit for digit.
 Unfinished or missing cells are listed, never dropped silently.
+
+From a notebook::
+
+    from fedsim.report import report, render, plot
+    table = report("sweeps/privacy-utility", group_by=["data.alpha"])
+    print(render(table, "md"))
+    plot(table, "pu.png")
+
+This module knows nothing of argparse: `fedsim.cli` parses the command line and calls
+`report`, `render` and `plot` with plain arguments.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
-import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import tomllib
 
 from fedsim.errors import FedsimError
 from fedsim.results import CONFIG_TOML, read_summary
+
+FORMATS = ("md", "csv", "latex", "json")
+Where = Mapping[str, Any] | Sequence[tuple[str, Any]]
 
 # Runs calibrated to a target epsilon have a sigma that depends on client sizes (and so on
 # the seed): they are grouped by their target, not by sigma.
@@ -39,15 +52,19 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def find_runs(path: Path) -> list[Path]:
+    """`path` itself if it is a run directory, else every run directory below it."""
     if (path / CONFIG_TOML).is_file():
         return [path]
     return sorted(p.parent for p in path.rglob(CONFIG_TOML))
 
 
-def load_runs(path: Path) -> tuple[pd.DataFrame, list[str]]:
-    """One row per finished run; plus the names of runs that are missing or unfinished."""
+def load_runs(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """One row per finished run (its flattened config plus the summary's metrics and
+    epsilons); plus the names of runs that are missing or unfinished, so that a caller can
+    say which cells a table lacks."""
     from fedsim.sweep import read_manifest
 
+    path = Path(path)
     if not path.exists():
         raise FedsimError(f"report: {path} does not exist")
     rows, unfinished = [], []
@@ -159,7 +176,7 @@ def best_rows(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return ordered.groupby(keys, sort=True, dropna=False).head(1).sort_values(keys, ignore_index=True)
 
 
-def pivot(table: pd.DataFrame, column: str) -> pd.DataFrame:
+def pivot_table(table: pd.DataFrame, column: str) -> pd.DataFrame:
     """One column per value of `column` (e.g. strategy) holding "final +- ci95"; the other
     descriptive columns stay as the row index. Compact tables for papers and READMEs."""
     metric = next(c for c in table.columns if c.startswith("final_"))
@@ -185,12 +202,12 @@ def _cell(value, column: str) -> str:
     return str(value)
 
 
-def to_markdown(table: pd.DataFrame, metric_unit: str) -> str:
+def to_markdown(table: pd.DataFrame, unit: str) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(_cell(row[c], c) for c in cols) + " |")
-    return "\n".join(lines) + (f"\n\nMetric: {metric_unit}, mean over seeds; ci95 (or ±) is the half-width "
+    return "\n".join(lines) + (f"\n\nMetric: {unit}, mean over seeds; ci95 (or ±) is the half-width "
                                 "of the 95% t-interval over seeds.\n")
 
 
@@ -220,17 +237,11 @@ def to_json(table: pd.DataFrame, unfinished: list[str]) -> str:
     return json.dumps({"rows": records, "unfinished": unfinished}, indent=2, default=str) + "\n"
 
 
-def render(table: pd.DataFrame, fmt: str, unfinished: list[str], metric_unit: str) -> str:
-    if fmt == "md":
-        return to_markdown(table, metric_unit)
-    if fmt == "csv":
-        return table.to_csv(index=False)
-    if fmt == "latex":
-        return to_latex(table)
-    return to_json(table, unfinished)
+def to_csv(table: pd.DataFrame) -> str:
+    return table.to_csv(index=False)
 
 
-def plot(table: pd.DataFrame, path: Path) -> None:
+def plot(table: pd.DataFrame, path: str | Path) -> None:
     """Metric against sample-level epsilon, one line per strategy, with a 95% CI band.
     The non-private reference (epsilon = inf) is a dashed horizontal line."""
     import matplotlib
@@ -255,40 +266,84 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     ax.set_title("privacy-utility (dashed: non-private)")
     ax.legend()
     fig.tight_layout()
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def apply_filters(frame: pd.DataFrame, filters: list[str]) -> pd.DataFrame:
-    """Keep runs whose config matches every KEY=VALUE (compared as text)."""
-    for item in filters:
-        key, _, value = item.partition("=")
+def _keys(keys: str | Sequence[str]) -> list[str]:
+    """Config keys given as a sequence, or as one comma-separated string (the CLI's form)."""
+    if isinstance(keys, str):
+        keys = keys.split(",")
+    return [k.strip() for k in keys if k.strip()]
+
+
+def apply_filters(frame: pd.DataFrame, where: Where) -> pd.DataFrame:
+    """Keep runs whose config matches every key = value. A string value is compared with the
+    config's value as text (what --where KEY=VALUE gives); any other value by equality.
+    (key, value) pairs may repeat a key: all must match, as repeated --where flags do."""
+    pairs = list(where.items() if isinstance(where, Mapping) else where)
+    for key, value in pairs:
         if key not in frame:
             raise FedsimError(f"report: --where key {key!r} is not a config key of these runs")
-        frame = frame[frame[key].astype(str) == value]
+        if isinstance(value, str):
+            frame = frame[frame[key].astype(str) == value]
+        else:  # element by element: a list value is stored as a tuple, and == would broadcast
+            wanted = tuple(value) if isinstance(value, list) else value
+            frame = frame[frame[key].map(lambda v, w=wanted: v == w).astype(bool)]
     if frame.empty:
-        raise FedsimError(f"report: no finished runs match {' and '.join(filters)}")
+        raise FedsimError(f"report: no finished runs match {' and '.join(f'{k}={v}' for k, v in pairs)}")
     return frame
 
 
-def run_report(args: argparse.Namespace) -> int:
-    frame, unfinished = load_runs(Path(args.path))
-    frame = apply_filters(frame, args.where)
-    group_by = [k.strip() for k in args.group_by.split(",") if k.strip()]
-    table = build_table(frame, group_by)
-    if args.best_per:
-        table = best_rows(table, [k.strip() for k in args.best_per.split(",") if k.strip()])
-    if args.pivot:
-        table = pivot(table, args.pivot)
-    unit = "% accuracy" if frame["metric_name"].iloc[0] == "accuracy" else "test MSE"
-    text = render(table, args.format, unfinished, unit)
-    if args.output:
-        Path(args.output).write_text(text)
-    else:
-        sys.stdout.write(text)
-    for name in unfinished:
-        sys.stderr.write(f"unfinished: {name}\n")
-    if args.plot:
-        plot(table, Path(args.plot))
-    return 0
+def metric_unit(metric_name: str) -> str:
+    """How the table's footnote names its metric."""
+    return "% accuracy" if metric_name == "accuracy" else "test MSE"
+
+
+def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: str | Sequence[str] = (),
+           where: Where | None = None, pivot: str = "") -> pd.DataFrame:
+    """The privacy-utility table of the runs under `path` (a run or a sweep directory).
+
+    group_by: extra config keys that split rows (e.g. ["data.alpha"]). best_per: keep only
+    the best row per group of these columns (they must be table columns, so group-by keys).
+    where: only runs whose config has these values (a dict, or (key, value) pairs). pivot:
+    one column per value of this table column (e.g. "strategy") holding "final ± ci95".
+
+    The numbers are already rounded for display. ``table.attrs`` holds ``unfinished`` (runs
+    missing from the table, as "name (status)") and ``metric_name``, which `render` uses.
+    Raises `FedsimError` for a missing path, no finished runs, mixed metrics or a bad key.
+    """
+    frame, unfinished = load_runs(path)
+    if where:
+        frame = apply_filters(frame, where)
+    metric_name = str(frame["metric_name"].iloc[0])
+    table = build_table(frame, _keys(group_by))
+    if _keys(best_per):
+        table = best_rows(table, _keys(best_per))
+    if pivot:
+        table = pivot_table(table, pivot)
+    table.attrs.update(unfinished=list(unfinished), metric_name=metric_name)
+    return table
+
+
+def render(table: pd.DataFrame, fmt: str = "md", unfinished: list[str] | None = None,
+           unit: str | None = None) -> str:
+    """The table as text: "md", "csv", "latex" or "json". `unfinished` (listed by json) and
+    the metric's unit (markdown's footnote) default to what `report` put in table.attrs."""
+    if fmt not in FORMATS:
+        raise FedsimError(f"report: format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    if unfinished is None:
+        unfinished = list(table.attrs.get("unfinished", []))
+    if unit is None:
+        name = table.attrs.get("metric_name") or next(
+            (c[len("final_"):] for c in table.columns if c.startswith("final_")), "")
+        unit = metric_unit(name)
+    if fmt == "md":
+        return to_markdown(table, unit)
+    if fmt == "csv":
+        return to_csv(table)
+    if fmt == "latex":
+        return to_latex(table)
+    return to_json(table, unfinished)

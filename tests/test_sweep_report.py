@@ -1,17 +1,29 @@
-"""Sweeps (cells, resume) and reports (seed aggregation, formats agree)."""
+"""Sweeps (cells, resume) and reports (seed aggregation, formats agree), through the CLI and
+as library functions; and which warnings the CLI's quiet mode hides (only harmless ones)."""
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
 import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 from scipy import stats
 
 from fedsim.config import dumps_toml, load_config
+from fedsim.errors import ConfigError, FedsimError
+from fedsim.logs import setup_logging
+from fedsim.report import load_runs, plot, render, report
 from fedsim.results import write_json
+from fedsim.sweep import plan_sweep, run_sweep
+
+ROOT = Path(__file__).parent.parent
 
 SWEEP_ARGS = ["--num-clients", "4", "--clients-per-round", "2", "--rounds", "2", "--set", "model.hidden=[16]",
               "--grid", "privacy.noise_multiplier=0,1", "--grid", "strategy.name=fedavg,fedprox"]
@@ -122,3 +134,187 @@ def test_report_plot(cli, fixture_runs, tmp_path):
     root, _ = fixture_runs
     code, _, _ = cli("report", root, "--plot", tmp_path / "pu.png")
     assert code == 0 and (tmp_path / "pu.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- the library
+
+TINY = {"federation.num_clients": 4, "federation.clients_per_round": 2, "federation.rounds": 2,
+        "model.hidden": [16]}
+
+
+def test_sweep_and_report_as_library_functions(tmp_path, capsys):
+    """A notebook's view: plan, run, re-run and report a 2-cell sweep with plain arguments;
+    every number in the frames is the one in the cells' summary.json."""
+    out = tmp_path / "sw"
+    grid = {"privacy.noise_multiplier": [0.0, 1.0]}
+    plan = plan_sweep(None, grid=grid, overrides=TINY, out=out)
+    assert list(plan["cell"]) == ["privacy.noise_multiplier=0", "privacy.noise_multiplier=1"]
+    assert list(plan["status"]) == ["not started"] * 2 and plan.attrs["out"] == str(out)
+    assert [c.privacy.noise_multiplier for c in plan["config"]] == [0.0, 1.0]
+    assert not out.exists()  # planning writes nothing
+
+    cells = run_sweep(None, grid=grid, overrides=TINY, out=out, progress=False)
+    assert capsys.readouterr().out == ""  # progress=False: silent
+    assert len(cells) == 2 and cells.attrs["out"] == str(out) and cells["ran"].all()
+    assert list(cells["privacy.noise_multiplier"]) == [0.0, 1.0]
+    for row in cells.to_dict("records"):
+        summary = json.loads((Path(row["dir"]) / "summary.json").read_text())
+        assert Path(row["dir"]).parent == out and Path(row["dir"]).name == row["cell"]
+        assert row["status"] == summary["status"] == "finished" and row["error"] is None
+        assert row["metric_name"] == summary["metric_name"] == "accuracy"
+        assert row["final_metric"] == summary["final_metric"] and row["best_metric"] == summary["best_metric"]
+        assert row["rounds_completed"] == summary["rounds_completed"] == 2
+        sample = summary["sample_level"]
+        expected_eps = sample["epsilon_max"] if sample["accountant"] else math.inf
+        assert row["sample_epsilon"] == expected_eps and row["noise_multiplier"] == sample["noise_multiplier"]
+    assert math.isinf(cells["sample_epsilon"].iloc[0]) and 0 < cells["sample_epsilon"].iloc[1] < math.inf
+
+    again = run_sweep(None, grid=grid, overrides=TINY, out=out, progress=False)  # resumable: nothing to do
+    assert not again["ran"].any() and list(again["final_metric"]) == list(cells["final_metric"])
+    assert list(plan_sweep(None, grid=grid, overrides=TINY, out=out)["status"]) == ["finished"] * 2
+
+    table = report(out)
+    assert table.attrs["unfinished"] == [] and table.attrs["metric_name"] == "accuracy"
+    assert list(table["sigma"]) == [0.0, 1.0]  # non-private reference first
+    for (_, row), final, eps in zip(table.iterrows(), cells["final_metric"], cells["sample_epsilon"]):
+        assert row["final_accuracy"] == round(final * 100, 1) and row["seeds"] == 1
+        assert row["sample_epsilon"] == (round(eps, 2) if math.isfinite(eps) else math.inf)
+    only_dp = report(out, where={"privacy.noise_multiplier": 1.0})
+    assert list(only_dp["sigma"]) == [1.0]
+    frame, unfinished = load_runs(out)
+    assert sorted(frame["run"]) == sorted(cells["cell"]) and unfinished == []
+
+
+def test_run_sweep_max_cells_leaves_rows_not_started(tmp_path):
+    cells = run_sweep(None, seeds=[0, 1], overrides={**TINY, "federation.rounds": 1}, out=tmp_path / "sw",
+                      max_cells=1, progress=False)
+    assert list(cells["seed"]) == [0, 1] and list(cells["status"]) == ["finished", "not started"]
+    assert list(cells["ran"]) == [True, False] and math.isnan(cells["final_metric"].iloc[1])
+    table = report(tmp_path / "sw")
+    assert table.attrs["unfinished"] == ["seed=1 (not started)"]
+
+
+def test_report_library_matches_the_cli(cli, fixture_runs, tmp_path):
+    root, _ = fixture_runs
+    table = report(root)
+    assert "dead (no summary)" in table.attrs["unfinished"]
+    for fmt in ("md", "csv", "latex", "json"):
+        assert render(table, fmt) == cli("report", root, "--format", fmt)[1], fmt
+    text = cli("report", root, "--format", "csv", "--where", "privacy.noise_multiplier=1.0")[1]
+    assert render(report(root, where={"privacy.noise_multiplier": 1.0}), "csv") == text
+    assert render(report(root, where={"privacy.noise_multiplier": "1.0"}), "csv") == text  # text, as --where
+    wide = report(root, pivot="strategy")
+    assert "fedavg" in wide.columns and render(wide, "md") == cli("report", root, "--pivot", "strategy")[1]
+    plot(table, tmp_path / "pu.png")
+    assert (tmp_path / "pu.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("call, key", [
+    (lambda out: plan_sweep(None, grid={"privacy.nois": [0, 1]}, out=out), "privacy.nois"),
+    (lambda out: plan_sweep(None, grid={"federation.rounds": []}, out=out), "federation.rounds"),
+    (lambda out: plan_sweep(None, grid={"data.partitioner,data.alpha": ["iid"]}, out=out),
+     "data.partitioner,data.alpha"),
+    (lambda out: run_sweep(None, overrides={"federation.rounds": 0}, out=out, progress=False), "federation.rounds"),
+])
+def test_sweep_library_bad_input_names_the_key(tmp_path, call, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        call(tmp_path / "sw")
+    assert not (tmp_path / "sw").exists()  # refused before anything is written
+
+
+def test_report_library_bad_input(fixture_runs):
+    root, _ = fixture_runs
+    with pytest.raises(FedsimError, match="--where key 'data.nope'"):
+        report(root, where={"data.nope": 1})
+    with pytest.raises(FedsimError, match="--best-per key 'data.alpha'"):
+        report(root, best_per=["data.alpha"])
+    with pytest.raises(FedsimError, match="no finished runs match"):
+        report(root, where={"seed": 99})
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["sweep", "--grid", "privacy.nois=0,1"], "privacy.nois"),
+    (["sweep", "--grid", "privacy.noise_multiplier"], "--grid"),
+    (["sweep", "--seeds", "0,x"], "seed"),
+    (["report", "--where", "data.nope=1"], "data.nope"),
+])
+def test_sweep_and_report_cli_bad_input_is_one_line_exit_2(cli, tmp_path, fixture_runs, argv, key):
+    extra = ["--out", tmp_path / "sw"] if argv[0] == "sweep" else []
+    argv = [argv[0], fixture_runs[0], *argv[1:]] if argv[0] == "report" else argv
+    code, _, err = cli(*argv, *extra)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], err
+
+
+def test_library_modules_do_not_import_the_cli():
+    """sweep, report and logs sit below the CLI: importing it (even lazily) would be a cycle."""
+    for name in ("sweep", "report", "logs"):
+        tree = ast.parse((ROOT / "fedsim" / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "fedsim.cli" not in imported and "argparse" not in imported, name
+
+
+# ----------------------------------------------------------------------------- warnings
+
+FAKE_MODULES: dict[str, dict] = {}
+
+
+def warn_from(module: str, message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn as if called inside `module`: filters match the caller's __name__, and
+    repeated calls share one module (one __warningregistry__), as a real module's do."""
+    if module not in FAKE_MODULES:
+        FAKE_MODULES[module] = {"__name__": module, "warnings": warnings}
+        code = compile("def warn(message, category):\n    warnings.warn(message, category)\n",
+                       f"/site-packages/{module.replace('.', '/')}.py", "exec")
+        exec(code, FAKE_MODULES[module])
+    FAKE_MODULES[module]["warn"](message, category)
+
+
+@pytest.fixture
+def quiet_cli_warnings():
+    """The warnings a user sees after the CLI's setup_logging(False), starting from the
+    strictest baseline (python -W always), not from pytest's ignore-UserWarning filters."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        setup_logging(False)
+        yield caught
+
+
+def test_quiet_mode_hides_only_harmless_warnings(quiet_cli_warnings):
+    caught = quiet_cli_warnings
+    warn_from("clients.trainer", "Full backward hook is firing when gradients are computed with respect to "
+              "module outputs since no inputs require gradients. See https://docs.pytorch.org/ for more details.")
+    warn_from("ray._private.worker", "Tip: In future versions of Ray, Ray will no longer override accelerator "
+              "visible devices env var if num_gpus=0 or num_gpus=None (default).", FutureWarning)
+    warn_from("typer", "'click.utils.get_text_stream' is deprecated", DeprecationWarning)
+    assert [str(w.message) for w in caught] == []
+    # privacy statements from Opacus pass, and so does anything unknown
+    warn_from("opacus.accountants.analysis.rdp", "Optimal order is the largest alpha. Please consider "
+              "expanding the range of alphas to get a tighter privacy bound.")
+    warn_from("opacus.privacy_engine", "Secure RNG turned off. This is perfectly fine for experimentation "
+              "(test a)")
+    warn_from("opacus.accountants.gdp", "GDP accounting is experimental and can underestimate privacy expenditure.")
+    warn_from("fedsim.run", "Full backward hook is firing: but as a FutureWarning", FutureWarning)
+    warn_from("opacus.grad_sample", "a deprecated Opacus API", DeprecationWarning)
+    assert [str(w.message).split(" ")[0] for w in caught] == ["Optimal", "Secure", "GDP", "Full", "a"]
+    assert caught[1].category is UserWarning
+
+
+def test_secure_rng_warning_is_shown_once_not_per_client(quiet_cli_warnings):
+    for _ in range(5):  # one make_private per client-round
+        warn_from("opacus.privacy_engine", "Secure RNG turned off. This is perfectly fine (test once)")
+    assert len(quiet_cli_warnings) == 1
+
+
+def test_cli_run_shows_the_secure_rng_warning_once_and_no_noise(tmp_path):
+    """The real thing: a DP run of 2 rounds x 2 clients (4 make_private calls, 4+ backward
+    hooks firing), as a user runs it."""
+    res = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", "--num-clients", "4",
+                          "--clients-per-round", "2", "--rounds", "2", "--set", "model.hidden=[16]",
+                          "--noise-multiplier", "1.0", "--no-progress", "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("Secure RNG turned off") == 1, res.stderr
+    assert "Full backward hook" not in res.stderr and "Warning" in res.stderr
