@@ -14,19 +14,23 @@ one client), and `finish_job` (result -> reply, node state saved).
 
 from __future__ import annotations
 
+import logging
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.trainer import train_local
+from clients.vectorized import VectorClient, train_clients, unsupported_reason
 from fedsim import records as R
 from fedsim.algorithms import (ClientRule, Hyper, LocalResult, LocalTask, RoundStart, State, TrainSettings,
                                get_algorithm, resolve_device)
 from fedsim.config import Config
 from fedsim.datasets import Dataset
+from fedsim.errors import FedsimError
 from fedsim.experiment import config_from_context, derive_seed
 from fedsim.lora import select_keys, set_trainable
 from fedsim.models import build_model
@@ -134,14 +138,21 @@ def run_job(job: ClientJob, batches: list[np.ndarray] | None = None) -> LocalRes
 def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tensor] | None = None) -> Message:
     """The reply of a trained job; saves the accountant history and the rule's node state.
 
-    `final` (trainable tensors after training) is read from the job's model unless given.
+    `final` (trainable tensors after training, from the vectorized engine) is read from the
+    job's model unless given.
     """
     context, cfg = job.context, job.cfg
+    keys = select_keys(job.model, job.rule.upload)
+    if final is None:
+        arrays = R.model_to_record(job.model, keys)
+    else:
+        frozen = job.model.state_dict()
+        arrays = R.numpy_to_record({k: (final[k] if k in final else frozen[k]).numpy() for k in keys})
     save_history(context, result.history)
     private = job.settings.noise_multiplier > 0
     eps = epsilon(result.history, cfg.privacy.delta, cfg.privacy.accountant) if private else float("inf")
     content = RecordDict({
-        R.ARRAYS: R.model_to_record(job.model, select_keys(job.model, job.rule.upload)),
+        R.ARRAYS: arrays,
         R.METRICS: MetricRecord({
             R.NUM_EXAMPLES: result.num_examples, R.UNIT_WEIGHT: 1.0, R.PARTITION_ID: job.partition_id,
             R.EPSILON: eps if np.isfinite(eps) else -1.0,  # -1 = no DP (MetricRecord is finite-only)
@@ -164,6 +175,76 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
 def train(msg: Message, context: Context, config_text: str | None = None) -> Message:
     job = prepare_job(msg, context, config_text)
     return finish_job(job, run_job(job))
+
+
+log = logging.getLogger("fedsim")
+_FALLBACKS_LOGGED: set[str] = set()
+
+
+def engine_for(job: ClientJob) -> str:
+    """``runtime.engine`` resolved for this job: ``auto`` is vectorized unless the model or
+    rule cannot be (the reason is logged once per process); an explicit ``vectorized`` that
+    cannot run is an error."""
+    wanted = job.cfg.runtime.engine
+    if wanted == "opacus":
+        return "opacus"
+    reason = unsupported_reason(job.model, job.rule)
+    if reason is None:
+        return "vectorized"
+    if wanted == "vectorized":
+        raise FedsimError(f"runtime.engine: vectorized cannot train this experiment: {reason}; "
+                          f"use runtime.engine = 'auto' or 'opacus'")
+    if reason not in _FALLBACKS_LOGGED:
+        _FALLBACKS_LOGGED.add(reason)
+        log.info("engine: Opacus, one client at a time (%s)", reason)
+    return "opacus"
+
+
+def _error_reply(msg: Message) -> Message:
+    return Message(Error(code=500, reason=traceback.format_exc()), reply_to=msg)
+
+
+def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = None) -> list[Message]:
+    """Train a round's train messages together: what the in-process runtime calls.
+
+    Jobs that can run vectorized and start from the same arrays train in one batched
+    computation (`clients.vectorized`); the rest go through Opacus one at a time. Every
+    message gets an ordinary reply, in order; a client that raises gets an error reply
+    carrying its traceback (a `FedsimError`, bad input, propagates as it is).
+    """
+    replies: list[Message | None] = [None] * len(pairs)
+    groups: dict[int, list[tuple[int, ClientJob]]] = {}
+    for i, (msg, context) in enumerate(pairs):
+        try:
+            job = prepare_job(msg, context, config_text)
+            if engine_for(job) == "opacus":
+                replies[i] = finish_job(job, run_job(job))
+            else:
+                groups.setdefault(id(msg.content.array_records[R.ARRAYS]), []).append((i, job))
+        except FedsimError:
+            raise
+        except Exception:  # noqa: BLE001 - one client's failure is its reply, as in the ClientApp
+            replies[i] = _error_reply(msg)
+    for members in groups.values():
+        jobs = [job for _, job in members]
+        try:
+            outcomes = run_vectorized(jobs)
+            for (i, job), outcome in zip(members, outcomes):
+                replies[i] = finish_job(job, outcome.result, outcome.final)
+        except FedsimError:
+            raise
+        except Exception:  # noqa: BLE001 - the batch failed: every client in it reports the error
+            for i, job in members:
+                replies[i] = _error_reply(job.msg)
+    return replies  # type: ignore[return-value]
+
+
+def run_vectorized(jobs: list[ClientJob], batches=None):
+    """Train jobs that start from the same arrays with the vectorized engine."""
+    first = jobs[0]
+    clients = [VectorClient(job.x, job.y, job.history, job.seed, job.state) for job in jobs]
+    return train_clients(first.model, first.rule, first.start.hyper, first.settings, clients,
+                         chunk=first.cfg.runtime.engine_chunk, batches=batches)
 
 
 def make_client_app(config_text: str | None = None) -> ClientApp:

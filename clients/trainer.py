@@ -97,9 +97,11 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
         loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True)
     else:
         from opacus.data_loader import wrap_collate_with_empty  # empty batches, as Opacus' own loader
+        from torch.utils.data import default_collate
 
         x0, y0 = dataset[0]
-        collate = wrap_collate_with_empty(collate_fn=None, sample_empty_shapes=[x0.shape, y0.shape],
+        collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *x0.shape),
+                                                                                          (0, *y0.shape)],
                                           dtypes=[x0.dtype, y0.dtype])
         loader = DataLoader(dataset, batch_sampler=FixedBatches(batches, steps_per_epoch), collate_fn=collate)
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}  # before Opacus renames them

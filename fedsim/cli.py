@@ -23,7 +23,8 @@ RUN_FLAGS: dict[str, str] = {
     "--noise-multiplier": "privacy.noise_multiplier", "--max-grad-norm": "privacy.max_grad_norm",
     "--delta": "privacy.delta", "--accountant": "privacy.accountant",
     "--partitioner": "data.partitioner", "--alpha": "data.alpha",
-    "--runtime": "runtime.name", "--device": "runtime.device", "--seed": "seed", "--out": "output.dir",
+    "--runtime": "runtime.name", "--engine": "runtime.engine", "--device": "runtime.device",
+    "--seed": "seed", "--out": "output.dir",
     "--bag-size": "strategy.bags.bag_size", "--rho": "strategy.bags.rho",
     "--label-epsilon": "strategy.bags.label_epsilon",
 }

@@ -127,6 +127,11 @@ class StrategyConfig:
 @dataclass
 class RuntimeConfig:
     name: str = param("inprocess", "simulation runtime", choices=("inprocess", "ray"))
+    engine: str = param("auto", "in-process training engine: vectorized trains a round's clients at once "
+                        "(torch.func), opacus one at a time; auto picks vectorized where the model and "
+                        "algorithm allow it", choices=("auto", "vectorized", "opacus"))
+    engine_chunk: int = param(0, "vectorized engine: clients per batched computation (0 = from free memory)",
+                              lo=0)
     device: str = param("auto", "torch device", choices=("auto", "cpu", "cuda"))
     num_cpus: float = param(1.0, "ray: CPUs per client", lo=0.0, lo_open=True)
     num_gpus: float = param(0.0, "ray: GPUs per client", lo=0.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
-from clients.app import make_client_app
+from clients.app import make_client_app, train_round
 from fedsim.algorithms import algorithm_names, get_algorithm
 from fedsim.config import Config
 from fedsim.datasets import load_dataset
@@ -131,7 +131,7 @@ def run_experiment(cfg: Config, *, progress: bool = True) -> Path:
 
 def run_inprocess(cfg: Config, *, progress: bool = True) -> RunRecorder:
     run_config = run_config_for(cfg)
-    grid = InProcessGrid(make_client_app(), cfg.federation.num_clients, run_config)
+    grid = InProcessGrid(make_client_app(), cfg.federation.num_clients, run_config, train_round=train_round)
     context = Context(run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=run_config)
     return server_main(grid, context, progress=progress)

@@ -6,6 +6,10 @@ Flower's simulation delivers each Message through a LinkState that is polled eve
 ClientApp directly, in this process, and keeps each node's `Context` (and so its
 `context.state`: accountant history, SCAFFOLD control variates) across rounds.
 
+Train messages of a round are handed over together to `train_round` (the ClientApp
+module's round handler), so the vectorized engine can train them at once; discovery and
+any other message go through the ClientApp one by one.
+
 A client that raises never hangs the run: the exception becomes an error reply
 carrying the node, partition and full traceback. A `FedsimError` (bad input
 discovered on the client, e.g. a bag larger than the client's data) is re-raised
@@ -16,9 +20,9 @@ from __future__ import annotations
 
 import traceback
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -29,9 +33,20 @@ SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
 NODE_ID_OFFSET = 1000  # simulated node ids are 1000 + partition id
 
 
+RoundHandler = Callable[[list[tuple[Message, Context]]], list[Message]]
+
+
+def assign_message_id(msg: Message, message_id: str) -> None:
+    """Give a message the id a SuperLink would. Flower's Metadata has no public setter for it
+    (the LinkState assigns ids); this is the one place fedsim writes it."""
+    msg.metadata.__dict__["_message_id"] = message_id
+
+
 class InProcessGrid(Grid):
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1) -> None:
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict, run_id: int = 1,
+                 train_round: RoundHandler | None = None) -> None:
         self.client_app = client_app
+        self.train_round = train_round
         self._run_id = run_id
         self.contexts = {
             NODE_ID_OFFSET + pid: Context(run_id=run_id, node_id=NODE_ID_OFFSET + pid,
@@ -59,12 +74,20 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
         ids = []
         for msg in messages:
-            msg_id = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = msg_id
-            self._replies[msg_id] = self._deliver(msg)
-            ids.append(msg_id)
+            assign_message_id(msg, uuid.uuid4().hex)
+            ids.append(msg.metadata.message_id)
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN
+                 and m.metadata.dst_node_id in self.contexts]
+        if self.train_round is not None and train:
+            replies = self.train_round([(m, self.contexts[m.metadata.dst_node_id]) for m in train])
+            for msg, reply in zip(train, replies):
+                self._replies[msg.metadata.message_id] = reply
+        for msg in messages:
+            if msg.metadata.message_id not in self._replies:
+                self._replies[msg.metadata.message_id] = self._deliver(msg)
         return ids
 
     def _deliver(self, msg: Message) -> Message:

@@ -1,0 +1,311 @@
+"""The vectorized engine: a round's clients trained at once with `torch.func`, Opacus' semantics.
+
+Opacus (`clients.trainer`) trains one client at a time: its own PrivacyEngine, DataLoader
+and Python loop, tiny batches that leave a CPU's vector units and a GPU idle. Here the
+clients of a round share one model template and one set of batched computations:
+``vmap`` over clients of ``vmap(grad)`` over samples, with each client's parameters stacked
+on a leading axis. The same `ClientRule` hooks run inside (``vmap`` over clients), so every
+algorithm behaves as under Opacus.
+
+DP-SGD exactly as Opacus 1.6 runs it (`opacus/privacy_engine.py`, `optimizers/optimizer.py`):
+
+* Poisson sampling with q = 1/ceil(n/B) (`poisson_sample_rate`); each step draws
+  ``rand(n) < q`` from the client's own generator. Only drawn samples get per-sample
+  gradients: a step gathers them into a batch padded to the round's largest draw.
+* per-sample gradients of each sample's own loss (task loss + the rule's loss term),
+  clipped as a whole over all trainable tensors by min(1, C / (norm + 1e-6));
+* the sum plus N(0, sigma^2 C^2) noise on every trainable tensor, an empty batch included;
+* division by the expected batch size int(q n); SGD with momentum as configured;
+* E * ceil(n/B) steps (or ``client.local_steps``), and the accountant history extended the
+  way Opacus' RDP accountant merges steps, so every client's epsilon is identical.
+
+Without DP, each epoch is a fresh permutation cut into batches of B (the last one partial),
+as a shuffled DataLoader gives, and the loss is the mean over the batch.
+
+Clients take different numbers of steps: they are sorted by steps, so at each step the
+active ones are a prefix of the stack. Each client draws from its own generator, seeded by
+its round seed, so results do not depend on how clients are grouped into chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from fedsim.algorithms import ClientRule, Hyper, LocalResult, State, Tensors, TrainSettings
+from fedsim.privacy.accounting import History, poisson_sample_rate
+
+CLIP_EPS = 1e-6  # Opacus' per_sample_clip_factor = C / (norm + 1e-6)
+
+
+@dataclass
+class VectorClient:
+    """One client of a vectorized round."""
+
+    x: np.ndarray
+    y: np.ndarray
+    history: History
+    seed: int
+    state: State  # the rule's per-client tensors (from `ClientRule.setup`)
+
+
+@dataclass
+class VectorOutcome:
+    result: LocalResult
+    final: Tensors  # trainable tensors after training, on the CPU
+
+
+def unsupported_reason(model: nn.Module, rule: ClientRule) -> str | None:
+    """Why this model/rule cannot run vectorized (None: it can). `auto` falls back to Opacus."""
+    if rule.local_train is not None:
+        return "the algorithm's client rule has its own local loop (local_train)"
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return f"module {name or 'model'} has dropout, which vmap cannot draw per client"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return f"module {name} is a BatchNorm (couples samples; Opacus refuses it too)"
+        if type(module).__module__.startswith("transformers"):
+            return "Hugging Face models (hf-text) train with dropout; they run under Opacus"
+    return None
+
+
+def extend_history(history: History, sigma: float, q: float, steps: int) -> list[tuple[float, float, int]]:
+    """Opacus' RDPAccountant.step applied `steps` times: the same (sigma, q) as the last
+    entry adds to its count, anything else opens a new entry."""
+    out = [(float(s), float(qq), int(k)) for s, qq, k in history]
+    if steps <= 0:
+        return out
+    if out and out[-1][0] == sigma and out[-1][1] == q:
+        out[-1] = (out[-1][0], out[-1][1], out[-1][2] + steps)
+    else:
+        out.append((float(sigma), float(q), int(steps)))
+    return out
+
+
+def _tree_map(fn, tree):
+    if isinstance(tree, dict):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    return fn(tree)
+
+
+def _stack_trees(trees: Sequence[Any], device: str):
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: _stack_trees([t[k] for t in trees], device) for k in first}
+    return torch.stack([torch.as_tensor(t) for t in trees]).to(device)
+
+
+def default_chunk(num_params: int, batch_size: int, device: str) -> int:
+    """Clients per chunk: per-sample gradients (about 2 B x P floats per client, with the
+    draws' spread and autograd's intermediates) within a quarter of the free memory, at
+    most 1 GiB on a CPU."""
+    if device.startswith("cuda"):
+        budget = torch.cuda.mem_get_info()[0] // 2
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            free = 4 << 30
+        budget = min(1 << 30, free // 4)
+    per_client = 4 * num_params * max(8, 3 * batch_size) * 4
+    return max(1, int(budget // per_client))
+
+
+class _Functional:
+    """The model as pure functions of its trainable tensors, for one client and one sample."""
+
+    def __init__(self, model: nn.Module, rule: ClientRule, hyper: Hyper, task: str) -> None:
+        self.model = model
+        self.trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        self.frozen = {k: v.detach() for k, v in list(model.named_parameters()) + list(model.named_buffers())
+                       if k not in self.trainable}
+        self.rule, self.hyper, self.task = rule, hyper, task
+
+    def forward(self, params: Tensors, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, {**params, **self.frozen}, (x,))
+
+    def losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.task == "classification":
+            return nn.functional.cross_entropy(out, y, reduction="none")
+        return (out.squeeze(-1) - y) ** 2
+
+    def sample_loss(self, params: Tensors, state: State, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One sample's own loss: what Opacus' per-sample gradients differentiate."""
+        out = self.forward(params, x.unsqueeze(0))
+        loss = self.losses(out, y.unsqueeze(0)).mean()
+        if self.rule.loss_term is not None:
+            loss = loss + self.rule.loss_term(out, None, state, self.hyper)
+        return loss
+
+    def batch_loss(self, params: Tensors, state: State, x: torch.Tensor, y: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+        """Mean loss over a padded batch's real rows (`mask`), plus the rule's term."""
+        out = self.forward(params, x)
+        loss = (self.losses(out, y) * mask).sum() / mask.sum().clamp_min(1.0)
+        if self.rule.loss_term is not None:
+            loss = loss + self.rule.loss_term(out, mask, state, self.hyper)
+        return loss
+
+    @functools.cached_property
+    def per_sample_grads(self):
+        """(clients, samples) -> per-sample gradients and losses."""
+        per_sample = vmap(grad_and_value(self.sample_loss), in_dims=(None, None, 0, 0))
+        return vmap(per_sample, in_dims=(0, 0, 0, 0))
+
+    @functools.cached_property
+    def batch_grads(self):
+        return vmap(grad_and_value(self.batch_loss), in_dims=(0, 0, 0, 0, 0))
+
+    @functools.cached_property
+    def post_step(self):
+        rule, hyper = self.rule, self.hyper
+
+        def one(new: Tensors, old: Tensors, state: State) -> Tensors:
+            return rule.post_step(new, old, state, hyper)
+        return vmap(one, in_dims=(0, 0, 0))
+
+
+def train_clients(model: nn.Module, rule: ClientRule, hyper: Hyper, settings: TrainSettings,
+                  clients: Sequence[VectorClient], *, chunk: int = 0,
+                  batches: Sequence[Sequence[np.ndarray]] | None = None) -> list[VectorOutcome]:
+    """Train every client from `model`'s current (trainable) tensors; the model is not changed.
+
+    ``chunk`` bounds how many clients share one batched computation (0: from free memory).
+    ``batches`` (tests) gives each client's index arrays, one per step, instead of sampling;
+    with ``settings.dp_reference`` and sigma = 0 they are clipped as under DP-SGD.
+    """
+    device = settings.device
+    model = model.to(device)
+    fn = _Functional(model, rule, hyper, settings.task)
+    sizes = [len(c.y) for c in clients]
+    steps_per_epoch = [math.ceil(n / settings.batch_size) for n in sizes]
+    steps = [settings.local_steps or settings.local_epochs * s for s in steps_per_epoch]
+    if batches is not None:
+        steps = [len(b) for b in batches]
+    num_params = sum(p.numel() for p in fn.trainable.values())
+    size = chunk or default_chunk(num_params, settings.batch_size, device)
+    order = sorted(range(len(clients)), key=lambda i: -steps[i])  # stable: ties keep client order
+    outcomes: list[VectorOutcome | None] = [None] * len(clients)
+    for start in range(0, len(order), size):
+        ids = order[start:start + size]
+        done = _train_chunk(fn, settings, [clients[i] for i in ids], [steps[i] for i in ids],
+                            [steps_per_epoch[i] for i in ids],
+                            [batches[i] for i in ids] if batches is not None else None)
+        for i, outcome in zip(ids, done):
+            outcomes[i] = outcome
+    return outcomes  # type: ignore[return-value]
+
+
+def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorClient], steps: list[int],
+                 steps_per_epoch: list[int], batches: list[Sequence[np.ndarray]] | None) -> list[VectorOutcome]:
+    device, k = settings.device, len(clients)
+    private = settings.noise_multiplier > 0 or settings.dp_reference
+    sizes = [len(c.y) for c in clients]
+    n_max = max(sizes)
+    params = {name: t.unsqueeze(0).expand(k, *t.shape).clone() for name, t in fn.trainable.items()}
+    momentum = {name: torch.zeros_like(t) for name, t in params.items()} if settings.momentum else None
+    state = _stack_trees([c.state for c in clients], device) if clients[0].state else {}
+    label_dtype = torch.long if settings.task == "classification" else torch.float32
+    data_x = torch.as_tensor(np.concatenate([c.x for c in clients]), dtype=torch.float32).to(device)
+    data_y = torch.as_tensor(np.concatenate([c.y for c in clients]), dtype=label_dtype).to(device)
+    offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), device=device)
+    gens = [torch.Generator(device=device).manual_seed(c.seed) for c in clients]
+    q = [poisson_sample_rate(n, settings.batch_size) for n in sizes]
+    rates = torch.tensor(q, device=device)
+    expected = torch.tensor([int(n * qq) for n, qq in zip(sizes, q)], dtype=torch.float32, device=device)
+    std = settings.noise_multiplier * settings.max_grad_norm
+    shapes = {name: t.shape[1:] for name, t in params.items()}
+    numels = [int(np.prod(s)) for s in shapes.values()]
+    loss_sum = torch.zeros(k, device=device, dtype=torch.float64)
+    loss_count = torch.zeros(k, device=device, dtype=torch.float64)
+    perms: list[torch.Tensor | None] = [None] * k
+    arange = torch.arange(n_max, device=device)
+    for t in range(max(steps)):
+        active = sum(1 for s in steps if s > t)  # clients are sorted by steps: a prefix
+        if batches is not None:
+            local, valid = _pad([torch.as_tensor(np.asarray(batches[i][t], dtype=np.int64)) for i in range(active)],
+                                device)
+        elif private:
+            draws = torch.full((active, n_max), 2.0, device=device)
+            for i in range(active):
+                draws[i, :sizes[i]] = torch.rand(sizes[i], generator=gens[i], device=device)
+            chosen = draws < rates[:active, None]
+            counts = chosen.sum(1)
+            width = int(counts.max())
+            local = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :width]
+            valid = arange[:width][None, :] < counts[:, None]
+        else:
+            rows = []
+            for i in range(active):
+                j = t % steps_per_epoch[i]
+                if j == 0:
+                    perms[i] = torch.randperm(sizes[i], generator=gens[i], device=device)
+                rows.append(perms[i][j * settings.batch_size:(j + 1) * settings.batch_size])
+            local, valid = _pad(rows, device)
+        mask = valid.to(torch.float32)
+        index = torch.where(valid, local + offsets[:active, None], offsets[:active, None])
+        xb, yb = data_x[index], data_y[index]
+        current = {name: p[:active] for name, p in params.items()}
+        sub_state = _tree_map(lambda v: v[:active], state)
+        nonempty = mask.sum(1) > 0
+        if private:
+            if xb.shape[1] > 0:
+                grads, values = fn.per_sample_grads(current, sub_state, xb, yb)
+                norms = torch.stack([g.reshape(*g.shape[:2], -1).norm(2, dim=-1) for g in grads.values()],
+                                    dim=-1).norm(2, dim=-1)
+                factor = (settings.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * mask
+                summed = {name: torch.einsum("ab,ab...->a...", factor, g) for name, g in grads.items()}
+                batch_loss = (values * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            else:
+                summed = {name: torch.zeros_like(p) for name, p in current.items()}
+                batch_loss = torch.zeros(active, device=device)
+            if std > 0:
+                noise = torch.stack([torch.randn(sum(numels), generator=gens[i], device=device)
+                                     for i in range(active)]) * std
+                for (name, g), part in zip(summed.items(), noise.split(numels, dim=1)):
+                    g.add_(part.reshape(active, *shapes[name]))
+            grad = {name: g / expected[:active].view(-1, *([1] * (g.dim() - 1))) for name, g in summed.items()}
+        else:
+            grad, batch_loss = fn.batch_grads(current, sub_state, xb, yb, mask)
+        loss_sum[:active] += torch.where(nonempty, batch_loss.double(), 0.0)
+        loss_count[:active] += nonempty.double()
+        if momentum is not None:
+            for name in grad:
+                momentum[name][:active] = settings.momentum * momentum[name][:active] + grad[name]
+            grad = {name: momentum[name][:active] for name in grad}
+        new = {name: current[name] - settings.lr * grad[name] for name in current}
+        if fn.rule.post_step is not None:
+            new = fn.post_step(new, current, sub_state)
+        for name in params:
+            params[name][:active] = new[name]
+    sigma = settings.noise_multiplier
+    outcomes = []
+    mean_loss = (loss_sum / loss_count.clamp_min(1)).tolist()
+    for i, c in enumerate(clients):
+        history = extend_history(c.history, sigma, q[i], steps[i]) if settings.noise_multiplier > 0 \
+            else [tuple(h) for h in c.history]
+        rate = q[i] if private else min(1.0, settings.batch_size / max(sizes[i], 1))
+        result = LocalResult(sizes[i], steps[i], mean_loss[i] if loss_count[i] > 0 else float("nan"),
+                             history, rate)
+        outcomes.append(VectorOutcome(result, {name: p[i].detach().cpu() for name, p in params.items()}))
+    return outcomes
+
+
+def _pad(rows: list[torch.Tensor], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index rows of different lengths as one (rows, longest) tensor and its validity mask."""
+    width = max((len(r) for r in rows), default=0)
+    local = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        local[i, :len(r)] = r.to(device)
+        valid[i, :len(r)] = True
+    return local, valid
