@@ -93,26 +93,41 @@ class ClientJob:
     state: State
 
 
-def prepare_job(msg: Message, context: Context, config_text: str | None = None) -> ClientJob:
+@dataclass
+class RoundTemplate:
+    """What every client of a round shares when they start from the same arrays: one model
+    (read-only under the vectorized engine), its trainable tensors, the server's extra arrays."""
+
+    model: torch.nn.Module
+    global_params: dict[str, torch.Tensor]
+    server_arrays: dict[str, torch.Tensor]
+
+
+def prepare_job(msg: Message, context: Context, config_text: str | None = None,
+                template: RoundTemplate | None = None) -> ClientJob:
+    """A train message and its node's state as a `ClientJob`. With `template`, the job shares
+    the template's model instead of building its own (the vectorized engine never changes it)."""
     cfg = config_from_context(context, config_text)
     server_cfg = msg.content.config_records.get(R.CONFIG, ConfigRecord())
     server_round = int(server_cfg.get(R.SERVER_ROUND, 0))
     pid = node_partition_id(context.node_config)
     data = node_dataset(cfg, context.node_config, context.state.config_records.get(R.DATA_SPEC))
     x, y = node_data(cfg, context.node_config, data)
-    model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
-    R.load_record(model, msg.content.array_records[R.ARRAYS])
     rule = get_algorithm(cfg.strategy.name).client
-    set_trainable(model, rule.trainable)
+    if template is None:
+        model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
+        R.load_record(model, msg.content.array_records[R.ARRAYS])
+        set_trainable(model, rule.trainable)
+        extra = msg.content.array_records.get(R.ALGORITHM_ARRAYS)
+        template = RoundTemplate(
+            model, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad},
+            R.record_to_tensors(extra) if extra is not None else {})
     settings = settings_for(cfg, data.task)
     hyper = Hyper(params=cfg.strategy.params, lr=settings.lr, private=settings.noise_multiplier > 0)
-    extra = msg.content.array_records.get(R.ALGORITHM_ARRAYS)
     kept = context.state.array_records.get(R.ALGORITHM_STATE)
-    start = RoundStart(
-        hyper=hyper,
-        global_params={k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad},
-        server_arrays=R.record_to_tensors(extra) if extra is not None else {},
-        node_state=R.record_to_tensors(kept) if kept is not None else {})
+    model = template.model
+    start = RoundStart(hyper=hyper, global_params=template.global_params, server_arrays=template.server_arrays,
+                       node_state=R.record_to_tensors(kept) if kept is not None else {})
     state = rule.setup(start) if rule.setup is not None else {}
     return ClientJob(msg, context, cfg, pid, server_round, data, x, y, model, rule, settings,
                      derive_seed(cfg.seed, server_round, pid, "train"), load_history(context), start, state)
@@ -146,7 +161,7 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
     if final is None:
         arrays = R.model_to_record(job.model, keys)
     else:
-        frozen = job.model.state_dict()
+        frozen = job.model.state_dict() if any(k not in final for k in keys) else {}
         arrays = R.numpy_to_record({k: (final[k] if k in final else frozen[k]).numpy() for k in keys})
     save_history(context, result.history)
     private = job.settings.noise_multiplier > 0
@@ -214,13 +229,16 @@ def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = 
     """
     replies: list[Message | None] = [None] * len(pairs)
     groups: dict[int, list[tuple[int, ClientJob]]] = {}
+    templates: dict[int, RoundTemplate] = {}  # clients sent the same arrays share one model
     for i, (msg, context) in enumerate(pairs):
         try:
-            job = prepare_job(msg, context, config_text)
+            key = id(msg.content.array_records[R.ARRAYS])
+            job = prepare_job(msg, context, config_text, templates.get(key))
             if engine_for(job) == "opacus":
                 replies[i] = finish_job(job, run_job(job))
             else:
-                groups.setdefault(id(msg.content.array_records[R.ARRAYS]), []).append((i, job))
+                templates[key] = RoundTemplate(job.model, job.start.global_params, job.start.server_arrays)
+                groups.setdefault(key, []).append((i, job))
         except FedsimError:
             raise
         except Exception:  # noqa: BLE001 - one client's failure is its reply, as in the ClientApp
@@ -239,10 +257,31 @@ def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = 
     return replies  # type: ignore[return-value]
 
 
+_DEVICE_DATA: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_DEVICE_RUN: list[str] = [""]
+
+
+def _on_device(job: ClientJob) -> tuple:
+    """A client's data on the accelerator, copied there once per run (pfl-research's trick: the
+    host-to-device copies, not the training, would otherwise bound a round on a GPU)."""
+    device = job.settings.device
+    if not device.startswith("cuda") or job.partition_id < 0:
+        return job.x, job.y
+    if _DEVICE_RUN[0] != job.cfg.output.dir:  # a new run: drop the last run's tensors
+        _DEVICE_DATA.clear()
+        _DEVICE_RUN[0] = job.cfg.output.dir
+    key = (job.partition_id, device)
+    if key not in _DEVICE_DATA:
+        label = torch.long if job.settings.task == "classification" else torch.float32
+        _DEVICE_DATA[key] = (torch.as_tensor(job.x, dtype=torch.float32).to(device),
+                             torch.as_tensor(job.y, dtype=label).to(device))
+    return _DEVICE_DATA[key]
+
+
 def run_vectorized(jobs: list[ClientJob], batches=None):
     """Train jobs that start from the same arrays with the vectorized engine."""
     first = jobs[0]
-    clients = [VectorClient(job.x, job.y, job.history, job.seed, job.state) for job in jobs]
+    clients = [VectorClient(*_on_device(job), job.history, job.seed, job.state) for job in jobs]
     return train_clients(first.model, first.rule, first.start.hyper, first.settings, clients,
                          chunk=first.cfg.runtime.engine_chunk, batches=batches)
 

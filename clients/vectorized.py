@@ -51,8 +51,8 @@ CLIP_EPS = 1e-6  # Opacus' per_sample_clip_factor = C / (norm + 1e-6)
 class VectorClient:
     """One client of a vectorized round."""
 
-    x: np.ndarray
-    y: np.ndarray
+    x: np.ndarray | torch.Tensor  # a tensor: already on the training device
+    y: np.ndarray | torch.Tensor
     history: History
     seed: int
     state: State  # the rule's per-client tensors (from `ClientRule.setup`)
@@ -215,8 +215,11 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
     momentum = {name: torch.zeros_like(t) for name, t in params.items()} if settings.momentum else None
     state = _stack_trees([c.state for c in clients], device) if clients[0].state else {}
     label_dtype = torch.long if settings.task == "classification" else torch.float32
-    data_x = torch.as_tensor(np.concatenate([c.x for c in clients]), dtype=torch.float32).to(device)
-    data_y = torch.as_tensor(np.concatenate([c.y for c in clients]), dtype=label_dtype).to(device)
+    if isinstance(clients[0].x, torch.Tensor):  # already on the device (copied once per run)
+        data_x, data_y = torch.cat([c.x for c in clients]), torch.cat([c.y for c in clients])
+    else:
+        data_x = torch.as_tensor(np.concatenate([c.x for c in clients]), dtype=torch.float32).to(device)
+        data_y = torch.as_tensor(np.concatenate([c.y for c in clients]), dtype=label_dtype).to(device)
     offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), device=device)
     gens = [torch.Generator(device=device).manual_seed(c.seed) for c in clients]
     q = [poisson_sample_rate(n, settings.batch_size) for n in sizes]

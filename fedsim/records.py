@@ -130,6 +130,22 @@ def model_views(replies: list[Message], weighted_by_key: str) -> list[RecordDict
     return views
 
 
+def aggregate_train_replies(replies: list[Message], weighted_by_key: str, metrics_fn
+                            ) -> tuple[ArrayRecord | None, object | None]:
+    """Flower's FedAvg.aggregate_train, with arrays decoded as views (`from_array`) instead of
+    Flower's per-array `np.load`, which parses a .npy header with `ast.literal_eval` for every
+    array of every reply. Same checks (`validate_message_reply_consistency`), same weights,
+    same accumulation order, so the result is bit-identical."""
+    valid = successful_replies(list(replies))
+    if not valid:
+        return None, None
+    contents = [r.content for r in valid]
+    validate_message_reply_consistency(contents, weighted_by_key, check_arrayrecord=True)
+    weights = [float(next(iter(c.metric_records.values()))[weighted_by_key]) for c in contents]
+    arrays = [record_to_numpy(next(iter(c.array_records.values()))) for c in contents]
+    return numpy_to_record(weighted_mean(arrays, weights)), metrics_fn(contents, weighted_by_key)
+
+
 def weighted_mean(arrays: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
     """sum_i w_i x_i / sum_i w_i per key, accumulated in client order like Flower's
     `aggregate_arrayrecords` (so the float32 results agree bit for bit), with one numpy

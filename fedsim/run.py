@@ -15,11 +15,13 @@ from pathlib import Path
 from flwr.app import Context, RecordDict
 
 from clients.app import make_client_app, train_round
+from clients.vectorized import unsupported_reason
 from fedsim.algorithms import algorithm_names, get_algorithm
 from fedsim.config import Config
 from fedsim.datasets import load_dataset
 from fedsim.errors import ConfigError
 from fedsim.experiment import run_config_for
+from fedsim.lora import set_trainable
 from fedsim.models import build_model
 from fedsim.partition import partition
 from fedsim.privacy.accounting import calibrate_noise, poisson_sample_rate, steps_per_round
@@ -86,6 +88,21 @@ def check_compatibility(cfg: Config, sizes: list[int]) -> None:
     algorithm.check(cfg.strategy.params, cfg, data, sizes)
 
 
+def check_engine(cfg: Config, model) -> None:
+    """An explicit ``runtime.engine = "vectorized"`` that cannot run is refused before any work."""
+    if cfg.runtime.engine != "vectorized":
+        return
+    if cfg.runtime.name != "inprocess":
+        raise ConfigError(f"runtime.engine: vectorized trains a round's clients together in the in-process "
+                          f"runtime; runtime {cfg.runtime.name!r} runs one client per message (use auto)")
+    rule = get_algorithm(cfg.strategy.name).client
+    set_trainable(model, rule.trainable)
+    reason = unsupported_reason(model, rule)
+    if reason is not None:
+        raise ConfigError(f"runtime.engine: vectorized cannot train this experiment: {reason}; "
+                          f"use runtime.engine = 'auto' or 'opacus'")
+
+
 def warn_small_clients(cfg: Config, sizes: list[int]) -> list[str]:
     """Clients with n <= batch size get q = 1 under Opacus: no amplification by sampling."""
     if cfg.privacy.noise_multiplier <= 0:
@@ -108,7 +125,8 @@ def prepare(cfg: Config) -> Config:
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     sizes = client_sizes(cfg)
     check_compatibility(cfg, sizes)
-    build_model(cfg.model, data, cfg.seed, cfg.output.dir)
+    model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
+    check_engine(cfg, model)
     build_strategy(cfg)
     calibrate(cfg, sizes)
     warn_small_clients(cfg, sizes)

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.serverapp.strategy import FedAvg
 
 from fedsim.config import param
+from strategies.fedavg import FedAvg
 from fedsim.errors import ConfigError
 
 

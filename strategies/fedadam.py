@@ -10,9 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdam
+from flwr.serverapp import strategy as flwr_strategy
 
 from fedsim.config import param
+from strategies.fedavg import FedAvg
+
+
+class FedAdam(flwr_strategy.FedAdam, FedAvg):
+    """Flower's FedAdam; its ``super().aggregate_train`` is fedsim's FedAvg."""
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.serverapp.strategy import FedAvg
 
+from strategies.fedavg import FedAvg
 from strategies.ffa_lora import check_lora_model
 
 

@@ -38,10 +38,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from fedsim import records as R
 from fedsim.config import param
+from strategies.fedavg import FedAvg
 from fedsim.errors import ConfigError
 
 

@@ -11,9 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.serverapp.strategy import FedProx
+from flwr.serverapp import strategy as flwr_strategy
 
 from fedsim.config import param
+from strategies.fedavg import FedAvg
+
+
+class FedProx(flwr_strategy.FedProx, FedAvg):
+    """Flower's FedProx, averaging with fedsim's FedAvg."""
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from fedsim import records as R
+from strategies.fedavg import FedAvg
 from fedsim.errors import ConfigError
 
 

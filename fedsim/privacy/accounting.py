@@ -46,6 +46,7 @@ def _normalize(history: Iterable[tuple[float, float, int]]) -> tuple[tuple[float
     return tuple((float(s), float(q), int(n)) for s, q, n in history if n > 0)
 
 
+@functools.lru_cache(maxsize=4096)
 def _rdp_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> float:
     total = sum(n * rdp_curve(s, q) for s, q, n in hist)
     eps, _ = rdp_analysis.get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)

@@ -209,6 +209,6 @@ def test_auto_falls_back_to_opacus_for_bags_and_explicit_vectorized_is_refused(t
     with caplog.at_level("INFO", logger="fedsim"):
         run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "a")}), progress=False)
     assert "engine: Opacus" in caplog.text and "local_train" in caplog.text
-    with pytest.raises(FedsimError, match="runtime.engine: vectorized cannot"):
+    with pytest.raises(FedsimError, match="runtime.engine: vectorized cannot train this experiment: the algorithm"):
         run_experiment(tiny(**kw, **{"runtime.engine": "vectorized", "output.dir": str(tmp_path / "b")}),
                        progress=False)

@@ -1,0 +1,145 @@
+"""The vectorized engine against Opacus, end to end through fedsim's in-process runtime.
+
+Each workload runs `fedsim.run.run_experiment` with ``runtime.engine = "opacus"`` and
+``"vectorized"`` in turn (interleaved, after one warm-up round of each), in this one
+process, and prints one line per workload:
+
+    workload=NAME clients=N per_round=K opacus_s=... vectorized_s=... speedup=... e2e_over_engine=... peak_rss_mb=...
+
+``opacus_s`` and ``vectorized_s`` are median end-to-end seconds of a whole run (data,
+partition, calibration, Flower messages, aggregation, evaluation, files). ``speedup`` is
+their ratio. ``e2e_over_engine`` is the vectorized run's end-to-end time over the time
+spent inside the engine's own training (`clients.vectorized.train_clients`): what the
+message path costs on top. ``peak_rss_mb`` is the process' peak resident memory so far.
+
+Workloads (DP-SGD sigma = 1, C = 1, batch 8, one local epoch, as in the issue):
+  (i)   digits MLP(64), 100 clients, 10 a round
+  (ii)  digits MLP(64), 200 clients, 100 a round
+  (iii) synthetic (FedProx's Synthetic(1,1)), 1,000 clients, 100 a round
+  (iv)  with a GPU: pfl-research's CIFAR-10 CNN (without its dropout) on random 32x32x3 data,
+        1,000 users of 50 images, 50 a round; also reports rounds per second.
+
+    python benchmarks/engine_speed.py [--quick] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import describe  # noqa: E402
+
+import clients.app as client_app  # noqa: E402
+from fedsim.config import load_config  # noqa: E402
+from fedsim.models import register_model  # noqa: E402
+from fedsim.run import run_experiment  # noqa: E402
+
+ENGINE_SECONDS = [0.0]
+
+
+def _timed_engine():
+    real = client_app.train_clients
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            ENGINE_SECONDS[0] += time.perf_counter() - start
+    client_app.train_clients = timed
+
+
+@register_model("bench-cifar-cnn")
+def _cifar_cnn(cfg, data, cache_dir=""):
+    """pfl-research's CIFAR-10 CNN (benchmarks/image_classification), without its dropout layers."""
+    return nn.Sequential(nn.Unflatten(1, (3, 32, 32)), nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 14 * 14, 128), nn.ReLU(),
+                         nn.Linear(128, 10))
+
+
+def workloads(quick: bool, tmp: Path) -> list[tuple[str, dict]]:
+    dp = {"privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0, "client.batch_size": 8,
+          "client.local_epochs": 1, "client.lr": 0.3, "model.name": "mlp", "model.hidden": [64]}
+    out = [
+        ("digits-mlp-100x10", {**dp, "federation.num_clients": 100, "federation.clients_per_round": 10,
+                               "federation.rounds": 10 if quick else 20}),
+        ("digits-mlp-200x100", {**dp, "federation.num_clients": 200, "federation.clients_per_round": 100,
+                                "federation.rounds": 5 if quick else 10}),
+        ("synthetic-1000x100", {**dp, "data.dataset": "synthetic", "data.partitioner": "natural-id",
+                                "federation.num_clients": 1000, "federation.clients_per_round": 100,
+                                "federation.rounds": 3 if quick else 10}),
+    ]
+    if torch.cuda.is_available():
+        rng = np.random.default_rng(0)
+        path = tmp / "cifar-shaped.npz"
+        n = 1000 * 50
+        np.savez(path, x=rng.random((int(n / 0.8), 3 * 32 * 32), dtype=np.float32),
+                 y=rng.integers(0, 10, int(n / 0.8)))
+        out.append(("cifar-cnn-1000x50-gpu", {**dp, "data.dataset": "file", "data.path": str(path),
+                                              "data.label_column": "y", "model.name": "bench-cifar-cnn",
+                                              "federation.num_clients": 1000, "federation.clients_per_round": 50,
+                                              "client.batch_size": 16, "runtime.device": "cuda",
+                                              "federation.rounds": 3 if quick else 10}))
+    return out
+
+
+def run_once(overrides: dict, engine: str, out: Path) -> tuple[float, float]:
+    cfg = load_config(None, {**overrides, "runtime.engine": engine, "output.dir": str(out), "name": "bench"})
+    ENGINE_SECONDS[0] = 0.0
+    start = time.perf_counter()
+    run_experiment(cfg, progress=False)
+    return time.perf_counter() - start, ENGINE_SECONDS[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats (under 10 min on 2 cores)")
+    parser.add_argument("--repeats", type=int, default=0, help="timed runs per engine (default 3, quick 2)")
+    parser.add_argument("--only", default="", help="run only workloads whose name contains this")
+    args = parser.parse_args()
+    repeats = args.repeats or (2 if args.quick else 3)
+    logging.getLogger("fedsim").setLevel(logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    _timed_engine()
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        for name, overrides in workloads(args.quick, tmp):
+            if args.only and args.only not in name:
+                continue
+            warm = {**overrides, "federation.rounds": 1}
+            for engine in ("opacus", "vectorized"):
+                run_once(warm, engine, tmp / f"{name}-warm-{engine}")
+            times = {"opacus": [], "vectorized": []}
+            engine_share = []
+            for r in range(repeats):
+                for engine in ("opacus", "vectorized"):
+                    wall, inside = run_once(overrides, engine, tmp / f"{name}-{engine}-{r}")
+                    times[engine].append(wall)
+                    if engine == "vectorized":
+                        engine_share.append(wall / inside)
+            o, v = statistics.median(times["opacus"]), statistics.median(times["vectorized"])
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            line = (f"workload={name} clients={overrides['federation.num_clients']} "
+                    f"per_round={overrides['federation.clients_per_round']} opacus_s={o:.2f} vectorized_s={v:.2f} "
+                    f"speedup={o / v:.1f} e2e_over_engine={statistics.median(engine_share):.2f} "
+                    f"peak_rss_mb={rss:.0f}")
+            if "gpu" in name:
+                rounds = overrides["federation.rounds"]
+                line += f" opacus_rounds_per_s={rounds / o:.2f} vectorized_rounds_per_s={rounds / v:.2f}"
+            print(line, flush=True)
+    print(f"machine: {describe()}")
+
+
+if __name__ == "__main__":
+    main()
