@@ -15,6 +15,7 @@ soft label, and L_rho interpolates the two linearly.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from fedsim.algorithms import ClientRule, LocalResult, LocalTask, seed_everything
+from fedsim.caches import Key, cached
 from fedsim.errors import FedsimError
 from fedsim.experiment import derive_seed
 from fedsim.privacy.bag_mechanism import make_bags, release_bag_means, release_label_proportions
@@ -50,38 +52,41 @@ def proportion_loss(logits: torch.Tensor, proportions: torch.Tensor, rho: float)
     return (1 - rho) * l_bag + rho * l_ins
 
 
-_RELEASES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-
-
 def client_bags(task: LocalTask) -> tuple[np.ndarray, np.ndarray]:
     """(bags, released targets) of one client: drawn and noised ONCE from a fixed seed.
 
     Every round re-derives the identical release (same seed), which is what "release once,
-    reuse as post-processing" means in a stateless simulation.
+    reuse as post-processing" means in a stateless simulation. The release is cached per
+    process (`fedsim.caches`) on everything it depends on: the labels by their digest.
     """
     b, y, pid = task.hyper.params, task.y, task.partition_id
     if b.bag_size > len(y):
         raise FedsimError(f"strategy.bags.bag_size: {b.bag_size} is larger than client {pid}'s "
                           f"{len(y)} samples; lower strategy.bags.bag_size or federation.num_clients")
+    labels = np.ascontiguousarray(y)
+    digest = hashlib.blake2b(labels.tobytes(), digest_size=16).hexdigest()
     key = (task.experiment_seed, pid, b.bag_size, b.label_epsilon, b.mechanism, tuple(b.label_range),
-           task.delta, len(y), task.settings.task)
-    if key not in _RELEASES:
-        rng = np.random.default_rng(derive_seed(task.experiment_seed, pid, b.bag_size, "bags"))
-        bags = make_bags(len(y), b.bag_size, rng)
-        if task.settings.task == "classification":
-            targets = release_label_proportions(y, bags, task.num_classes, epsilon=b.label_epsilon,
-                                                delta=task.delta, mechanism=b.mechanism, rng=rng)
-        else:
-            label_range = tuple(b.label_range) if b.label_range else None
-            if b.label_epsilon > 0 and label_range is None:
-                raise FedsimError("strategy.bags.label_range: label-DP on bag means needs a public response "
-                                  "range [a, b]; set strategy.bags.label_range")
-            targets = release_bag_means(y, bags, epsilon=b.label_epsilon, delta=task.delta,
-                                        mechanism=b.mechanism, label_range=label_range, rng=rng)
-        if len(_RELEASES) > 4096:
-            _RELEASES.clear()
-        _RELEASES[key] = (bags, targets)
-    return _RELEASES[key]
+           task.delta, task.settings.task, task.num_classes, labels.dtype.str, labels.shape, digest)
+    return _release(Key(key, payload=labels))
+
+
+@cached(maxsize=4096)  # one entry per client of an experiment; each is two small arrays
+def _release(key: Key) -> tuple[np.ndarray, np.ndarray]:
+    seed, pid, bag_size, label_epsilon, mechanism, label_range, delta, task, num_classes = key.value[:9]
+    y = key.payload
+    rng = np.random.default_rng(derive_seed(seed, pid, bag_size, "bags"))
+    bags = make_bags(len(y), bag_size, rng)
+    if task == "classification":
+        targets = release_label_proportions(y, bags, num_classes, epsilon=label_epsilon,
+                                            delta=delta, mechanism=mechanism, rng=rng)
+    else:
+        label_range = label_range or None
+        if label_epsilon > 0 and label_range is None:
+            raise FedsimError("strategy.bags.label_range: label-DP on bag means needs a public response "
+                              "range [a, b]; set strategy.bags.label_range")
+        targets = release_bag_means(y, bags, epsilon=label_epsilon, delta=delta,
+                                    mechanism=mechanism, label_range=label_range, rng=rng)
+    return bags, targets
 
 
 def _bag_batches(num_bags: int, per_batch: int, gen: torch.Generator):

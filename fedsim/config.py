@@ -383,12 +383,13 @@ def _describe(obj: Any, prefix: str) -> list[tuple[str, str, Any, str]]:
 
 
 def describe_fields() -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, help) for every field, algorithm tables included: the config reference."""
+    """(key, type, default, help) for every field, algorithm tables included: the config reference
+    of docs/config.md (`reference_table`)."""
     return _describe(Config(), "")
 
 
 def reference_table() -> str:
-    """The README's config reference as a Markdown table (a test keeps the two equal)."""
+    """The config reference of docs/config.md as a Markdown table (a test keeps the two equal)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     lines += [f"| `{key}` | {kind} | `{default!r}` | {text} |" for key, kind, default, text in describe_fields()]
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """Built-in and user datasets, as numpy arrays with a held-out test split.
 
 Everything here works offline: the built-ins ship inside scikit-learn or are
-generated. A dataset is loaded once per process and cached, because every
-simulated client of a run reads the same arrays and only keeps its indices.
+generated. A dataset is loaded once per process and cached (`fedsim.caches`), because
+every simulated client of a run reads the same arrays and only keeps its indices.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsim.caches import Snapshot, cached, frozen
 from fedsim.config import DataConfig
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.text import resolve_model_dir, tokenize, topic_corpus
@@ -224,18 +225,17 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
     if len(y_tr) == 0:
         raise FedsimError("data: the training split is empty; lower data.test_fraction")
     tokenizer = str(resolve_model_dir(cfg.tokenizer, "data.tokenizer")) if is_text else ""
-    return Dataset(name, task, x_tr.astype(np.float32), y_tr, x_te.astype(np.float32), y_te,
-                   num_classes, shape, g_tr, tokenizer, columns, x_shift, x_scale, mu, sd, label_values)
-
-
-_CACHE: dict[tuple, Dataset] = {}
+    return Dataset(name=name, task=task, x_train=x_tr.astype(np.float32), y_train=y_tr,
+                   x_test=x_te.astype(np.float32), y_test=y_te, num_classes=num_classes, input_shape=shape,
+                   groups_train=g_tr, tokenizer=tokenizer, feature_columns=columns, x_shift=x_shift,
+                   x_scale=x_scale, y_shift=mu, y_scale=sd, label_values=label_values)
 
 
 def load_dataset(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
-    """The dataset of an experiment, cached per process (configs are mutable, so key on repr)."""
-    key = (repr(cfg), num_clients, seed)
-    if key not in _CACHE:
-        if len(_CACHE) >= 8:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = _load(cfg, num_clients, seed)
-    return _CACHE[key]
+    """The dataset of an experiment, cached per process on a snapshot of `cfg` (`fedsim.caches`)."""
+    return _load_cached(frozen(cfg), num_clients, seed)
+
+
+@cached(maxsize=8)
+def _load_cached(cfg: Snapshot, num_clients: int, seed: int) -> Dataset:
+    return _load(cfg.thaw(), num_clients, seed)

@@ -8,17 +8,17 @@ in agreement on every field.
 
 from __future__ import annotations
 
-import functools
 import zlib
 
 from flwr.app import Context
 
+from fedsim.caches import cached
 from fedsim.config import Config, dumps_toml, loads_toml
 from fedsim.errors import ConfigError
 from fedsim.records import CLIENT_STATE, CONFIG_PATH_KEY, RUN_CONFIG_KEY
 
 
-@functools.lru_cache(maxsize=16)
+@cached(maxsize=16)  # every client-round reads the experiment from the same TOML text
 def _parse(text: str) -> Config:
     return loads_toml(text)
 

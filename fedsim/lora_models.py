@@ -26,13 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedsim.caches import Key, cached, frozen
 from fedsim.config import ModelConfig
 from fedsim.datasets import Dataset, load_dataset
 from fedsim.lora import add_lora
 from fedsim.models import mlp, register_model, seeded_cpu_rng
-
-_BACKBONES: dict[str, dict[str, torch.Tensor]] = {}
-
 
 def _source_config(data: Dataset, cfg: ModelConfig):
     """The DataConfig of the source task: the target's dataset with the pretraining classes."""
@@ -42,21 +40,31 @@ def _source_config(data: Dataset, cfg: ModelConfig):
 
 
 def pretrain_backbone(cfg: ModelConfig, data: Dataset, seed: int, cache_dir: str = "") -> dict[str, torch.Tensor]:
-    """Central training of an MLP on the source task; returns its state dict."""
+    """Central training of an MLP on the source task; returns its state dict.
+
+    Cached per process on (source task, widths, epochs, seed) (`fedsim.caches`); on a miss it
+    is read from ``<cache_dir>/backbone-<key>.pt`` if another process of the run saved it,
+    else trained and saved there."""
     src_cfg = _source_config(data, cfg)
-    key = hashlib.sha1(repr((src_cfg, cfg.hidden, cfg.pretrain_epochs, seed)).encode()).hexdigest()[:12]
-    if key in _BACKBONES:
-        return _BACKBONES[key]
-    path = Path(cache_dir) / f"backbone-{key}.pt" if cache_dir else None
+    key = (frozen(src_cfg), tuple(cfg.hidden), cfg.pretrain_epochs, seed)
+    return _backbone(Key(key, payload=cache_dir))
+
+
+@cached(maxsize=4)
+def _backbone(key: Key) -> dict[str, torch.Tensor]:
+    src_snapshot, hidden, epochs, seed = key.value
+    src_cfg, cache_dir = src_snapshot.thaw(), key.payload
+    # The file name is a stable digest of the source task (the same in every process).
+    digest = hashlib.sha1(repr((src_cfg, list(hidden), epochs, seed)).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"backbone-{digest}.pt" if cache_dir else None
     if path is not None and path.is_file():
-        _BACKBONES[key] = torch.load(path, weights_only=True)
-        return _BACKBONES[key]
+        return torch.load(path, weights_only=True)
     src = load_dataset(src_cfg, 1, seed)
     with seeded_cpu_rng(seed):
-        net = mlp(src.num_features, cfg.hidden, src.num_classes)
+        net = mlp(src.num_features, list(hidden), src.num_classes)
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
         x, y = torch.as_tensor(src.x_train), torch.as_tensor(src.y_train)
-        for _ in range(cfg.pretrain_epochs):
+        for _ in range(epochs):
             for idx in torch.randperm(len(y)).split(64):
                 opt.zero_grad()
                 nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
@@ -67,7 +75,6 @@ def pretrain_backbone(cfg: ModelConfig, data: Dataset, seed: int, cache_dir: str
         tmp = path.with_suffix(".tmp")
         torch.save(weights, tmp)
         tmp.replace(path)
-    _BACKBONES[key] = weights
     return weights
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedsim.algorithms import load_registered
+from fedsim.caches import Key, cached, frozen
 from fedsim.config import ModelConfig
 from fedsim.datasets import Dataset
 from fedsim.errors import ConfigError
@@ -52,7 +53,6 @@ def seeded_cpu_rng(seed: int) -> Iterator[None]:
         torch.set_rng_state(state)
 
 
-_BUILT: dict[tuple, nn.Module] = {}
 SLOW_BUILD_SECONDS = 0.02  # slower than this to build: keep one and deep-copy it instead
 
 
@@ -68,17 +68,29 @@ def build_model(cfg: ModelConfig, data: Dataset, seed: int, cache_dir: str = "")
     load_registered()
     if cfg.name not in _REGISTRY:
         raise ConfigError(f"model.name: must be one of {', '.join(model_names())} (got {cfg.name!r})")
-    key = (repr(cfg), data.name, data.input_shape, data.num_classes, data.tokenizer, seed, cache_dir)
-    if key in _BUILT:
-        return copy.deepcopy(_BUILT[key])
-    start = time.perf_counter()
+    key = Key((frozen(cfg), data.name, data.input_shape, data.num_classes, data.tokenizer, seed, cache_dir),
+              payload=data)
+    template = _slow_template(key)
+    if template is None:  # fast to build: building again is cheaper than copying
+        return _build(cfg, data, seed, cache_dir)
+    return copy.deepcopy(template)
+
+
+def _build(cfg: ModelConfig, data: Dataset, seed: int, cache_dir: str) -> nn.Module:
     with seeded_cpu_rng(seed):
-        model = _REGISTRY[cfg.name](cfg, data, cache_dir=cache_dir)
-    if time.perf_counter() - start > SLOW_BUILD_SECONDS:
-        if len(_BUILT) >= 4:
-            _BUILT.pop(next(iter(_BUILT)))
-        _BUILT[key] = copy.deepcopy(model)
-    return model
+        return _REGISTRY[cfg.name](cfg, data, cache_dir=cache_dir)
+
+
+@cached(maxsize=4)
+def _slow_template(key: Key) -> nn.Module | None:
+    """The model of `key`, kept if it took longer than SLOW_BUILD_SECONDS to build, else None.
+
+    The key holds the config snapshot, the dataset's name and shapes (what a builder reads),
+    the seed and the run directory; the dataset itself rides in the payload."""
+    cfg, data, seed, cache_dir = key.value[0].thaw(), key.payload, key.value[5], key.value[6]
+    start = time.perf_counter()
+    model = _build(cfg, data, seed, cache_dir)
+    return model if time.perf_counter() - start > SLOW_BUILD_SECONDS else None
 
 
 class Reshape(nn.Module):

@@ -62,10 +62,12 @@ def dataset_from_spec(cfg: Config, spec: Mapping) -> Dataset:
         tokenizer = str(resolve_model_dir(cfg.data.tokenizer, "data.tokenizer"))
     shift = np.asarray(spec["x-shift"], np.float32) if "x-shift" in spec else None
     scale = np.asarray(spec["x-scale"], np.float32) if "x-scale" in spec else None
-    return Dataset(cfg.data.dataset, str(spec["task"]), empty, np.zeros(0), empty, np.zeros(0),
-                   int(spec["num-classes"]), tuple(int(v) for v in spec["input-shape"]), None, tokenizer,
-                   tuple(spec["feature-columns"]), shift, scale, float(spec["y-shift"]),
-                   float(spec["y-scale"]), tuple(spec["label-values"]))
+    return Dataset(name=cfg.data.dataset, task=str(spec["task"]), x_train=empty, y_train=np.zeros(0),
+                   x_test=empty, y_test=np.zeros(0), num_classes=int(spec["num-classes"]),
+                   input_shape=tuple(int(v) for v in spec["input-shape"]), groups_train=None,
+                   tokenizer=tokenizer, feature_columns=tuple(spec["feature-columns"]), x_shift=shift,
+                   x_scale=scale, y_shift=float(spec["y-shift"]), y_scale=float(spec["y-scale"]),
+                   label_values=tuple(spec["label-values"]))
 
 
 def node_dataset(cfg: Config, node_config: Mapping, spec: Mapping | None) -> Dataset:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.config import Config
+from fedsim.caches import Snapshot, cached, frozen
+from fedsim.config import Config, FederationConfig
 from fedsim.datasets import Dataset, load_dataset
 from fedsim.errors import FedsimError
 
@@ -140,9 +141,6 @@ class Partition:
     partitioner: object
 
 
-_CACHE: dict[str, Partition] = {}
-
-
 def partition(cfg: Config, data: Dataset | None = None) -> Partition:
     """Split the training rows across ``cfg.federation.num_clients`` clients.
 
@@ -150,11 +148,21 @@ def partition(cfg: Config, data: Dataset | None = None) -> Partition:
     with the knob to turn, rather than crashing inside training later. Clients smaller
     than a batch are allowed: Poisson sampling handles them (with q = 1, see the warning
     in `clients.trainer`).
+
+    The partition is a function of ``cfg.data``, the number of clients and the seed alone,
+    and is cached per process on them (`fedsim.caches`). `data` is accepted from callers
+    that hold the experiment's dataset; it is not needed, since a miss loads the same
+    dataset from its own cache (``load_dataset(cfg.data, num_clients, seed)``).
     """
-    key = repr((cfg.data, cfg.federation.num_clients, cfg.seed))
-    if key in _CACHE:
-        return _CACHE[key]
-    data = data or load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+    return _partition_cached(frozen(cfg.data), cfg.federation.num_clients, cfg.seed)
+
+
+@cached(maxsize=16)
+def _partition_cached(data_cfg: Snapshot, num_clients: int, seed: int) -> Partition:
+    # Only these three fields are read below; the rest of the Config keeps its defaults.
+    cfg = Config(seed=seed, data=data_cfg.thaw(),
+                 federation=FederationConfig(num_clients=num_clients, clients_per_round=num_clients))
+    data = load_dataset(cfg.data, num_clients, seed)
     if len(data.y_train) < cfg.federation.num_clients:
         raise FedsimError(f"data.partitioner: {len(data.y_train)} training samples cannot give "
                           f"{cfg.federation.num_clients} clients one sample each; lower federation.num_clients")
@@ -183,9 +191,7 @@ def partition(cfg: Config, data: Dataset | None = None) -> Partition:
     if empty:
         raise FedsimError(f"data.partitioner: client {empty[0]} got no samples "
                           f"({len(empty)} empty clients); raise data.alpha or lower federation.num_clients")
-    result = Partition(indices, part)
-    _CACHE[key] = result
-    return result
+    return Partition(indices, part)
 
 
 def client_data(cfg: Config, partition_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,12 +12,12 @@ package that ships the weights (`PACKAGED_MODELS`), so configs carry no machine 
 
 from __future__ import annotations
 
-import functools
 import importlib
 from pathlib import Path
 
 import numpy as np
 
+from fedsim.caches import cached
 from fedsim.errors import ConfigError
 
 # name -> (module that ships it, how to install it)
@@ -41,7 +41,7 @@ def resolve_model_dir(name_or_path: str, field: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=4)
+@cached(maxsize=4)
 def _tokenizer(model_dir: str):
     try:
         from transformers import AutoTokenizer

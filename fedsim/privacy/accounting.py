@@ -91,8 +91,8 @@ def user_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int,
     """Central DP-FedAvg: one Gaussian release per round, clients sampled at rate q.
 
     The accountant assumes Poisson sampling of clients; Flower samples a fixed number
-    per round. That is the usual approximation (as in McMahan et al. 2018) and the
-    README says so.
+    per round. That is the usual approximation (as in McMahan et al. 2018), and
+    docs/privacy.md says so next to every user-level epsilon.
     """
     return epsilon([(noise_multiplier, sample_rate, rounds)], delta, accountant)
 

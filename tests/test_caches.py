@@ -1,0 +1,154 @@
+"""Process-wide caches (`fedsim.caches`): hits for equal configs, misses for changed or
+mutated ones, and one `clear_all`."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from clients.bags import client_bags
+from fedsim import caches, models
+from fedsim.algorithms import Hyper, LocalTask, TrainSettings
+from fedsim.caches import Key, Snapshot, clear_all, frozen
+from fedsim.config import DataConfig, dumps_toml, loads_toml
+from fedsim.datasets import load_dataset
+from fedsim.experiment import _parse
+from fedsim.models import build_model
+from fedsim.partition import partition
+from strategies.bags import BagsParams
+
+
+@pytest.fixture(autouse=True)
+def empty_caches():
+    clear_all()
+    yield
+    clear_all()
+
+
+def test_frozen_snapshot_is_hashable_and_thaws_to_an_equal_config(tiny):
+    cfg = tiny(**{"data.classes": [1, 2], "model.hidden": [16, 8], "strategy.name": "fedprox"})
+    snap = frozen(cfg)
+    assert isinstance(snap, Snapshot)
+    assert hash(snap) == hash(frozen(copy.deepcopy(cfg)))
+    assert snap == frozen(loads_toml(dumps_toml(cfg)))
+    back = snap.thaw()
+    assert back == cfg and back is not cfg
+    assert back.data.classes == [1, 2] and isinstance(back.data.classes, list)
+    assert back.data.classes is not cfg.data.classes  # a copy: mutating one leaves the other
+    assert snap.get("seed") == cfg.seed
+    cfg.data.classes.append(3)
+    assert frozen(cfg) != snap and back.data.classes == [1, 2]
+
+
+def test_key_payload_does_not_split_the_cache():
+    assert Key(("a", 1), payload=np.zeros(3)) == Key(("a", 1), payload="anything")
+    assert hash(Key(("a", 1), payload=[1])) == hash(Key(("a", 1)))
+    assert Key(("a", 1)) != Key(("a", 2))
+
+
+def test_dataset_cached_for_an_equal_config_and_not_for_a_changed_one():
+    a = load_dataset(DataConfig(dataset="digits"), 6, 0)
+    assert load_dataset(DataConfig(dataset="digits"), 6, 0) is a  # equal, not the same object
+    assert load_dataset(DataConfig(dataset="digits", test_fraction=0.3), 6, 0) is not a
+    assert load_dataset(DataConfig(dataset="digits"), 6, 1) is not a
+    cfg = DataConfig(dataset="digits", classes=[0, 1])
+    b = load_dataset(cfg, 6, 0)
+    cfg.classes.append(2)  # mutated after the call: the next call sees the new classes
+    c = load_dataset(cfg, 6, 0)
+    assert c is not b and b.num_classes == 2 and c.num_classes == 3
+
+
+def test_partition_cached_and_changed_alpha_gives_a_new_partition(tiny):
+    cfg = tiny(**{"data.partitioner": "dirichlet", "data.alpha": 0.5})
+    first = partition(cfg)
+    assert partition(copy.deepcopy(cfg)) is first
+    other = partition(tiny(**{"data.partitioner": "dirichlet", "data.alpha": 0.1}))
+    assert other is not first
+    assert any(not np.array_equal(a, b) for a, b in zip(first.indices, other.indices))
+
+
+def test_mutated_config_does_not_return_stale_partition(tiny):
+    cfg = tiny(**{"data.partitioner": "dirichlet", "data.alpha": 0.5})
+    before = partition(cfg)
+    cfg.data.alpha = 0.1  # run.py and tests mutate configs in place
+    after = partition(cfg)
+    assert after is not before
+    fresh = partition(tiny(**{"data.partitioner": "dirichlet", "data.alpha": 0.1}))
+    assert fresh is after  # the same key as a config built with alpha = 0.1
+    cfg.federation.num_clients = 4
+    assert len(partition(cfg).indices) == 4
+
+
+def test_cached_results_are_bit_identical_to_fresh_ones(tiny):
+    cfg = tiny(**{"data.partitioner": "shard"})
+    cached = [idx.copy() for idx in partition(cfg).indices]
+    clear_all()
+    fresh = partition(cfg).indices
+    assert all(np.array_equal(a, b) for a, b in zip(cached, fresh))
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_slow_model_is_kept_and_copied(tiny, monkeypatch):
+    monkeypatch.setattr(models, "SLOW_BUILD_SECONDS", -1.0)  # every model counts as slow
+    cfg = tiny()
+    data = load_dataset(cfg.data, 6, 0)
+    m1 = build_model(cfg.model, data, 0)
+    m2 = build_model(copy.deepcopy(cfg.model), data, 0)
+    assert m1 is not m2 and _same_weights(m1, m2)
+    info = models._slow_template.cache_info()
+    assert (info.hits, info.misses, info.currsize) == (1, 1, 1)
+    with torch.no_grad():
+        next(m1.parameters()).add_(1.0)  # training one copy leaves the kept model alone
+    assert _same_weights(build_model(cfg.model, data, 0), m2)
+    cfg.model.hidden = [8]  # mutated: a new model
+    m3 = build_model(cfg.model, data, 0)
+    assert m3[1].out_features == 8 and models._slow_template.cache_info().currsize == 2
+
+
+def test_fast_model_is_built_again_with_the_same_weights(tiny, monkeypatch):
+    monkeypatch.setattr(models, "SLOW_BUILD_SECONDS", float("inf"))
+    cfg = tiny()
+    data = load_dataset(cfg.data, 6, 0)
+    m1, m2 = build_model(cfg.model, data, 0), build_model(cfg.model, data, 0)
+    assert m1 is not m2 and _same_weights(m1, m2)
+    assert models._slow_template(Key((frozen(cfg.model), data.name, data.input_shape, data.num_classes,
+                                      data.tokenizer, 0, ""))) is None
+    assert not _same_weights(m1, build_model(cfg.model, data, 1))  # another seed, another init
+
+
+def _bags_task(y: np.ndarray) -> LocalTask:
+    settings = TrainSettings(task="regression", batch_size=8)
+    params = BagsParams(bag_size=4, label_epsilon=1.0, label_range=[-3.0, 3.0])
+    return LocalTask(torch.nn.Linear(1, 1), np.zeros((len(y), 1), np.float32), y, settings,
+                     Hyper(params, 0.1, False), partition_id=0, seed=0, experiment_seed=0, delta=1e-5,
+                     num_classes=1)
+
+
+def test_bag_release_is_cached_on_the_labels_not_only_their_count():
+    y = np.linspace(-1, 1, 16).astype(np.float32)
+    bags, targets = client_bags(_bags_task(y))
+    again = client_bags(_bags_task(y.copy()))
+    assert again[1] is targets  # same labels: the same release
+    other = client_bags(_bags_task(-y))  # same count, other labels: released anew
+    assert np.array_equal(other[0], bags) and not np.allclose(other[1], targets)
+
+
+def test_clear_all_empties_every_cache(tiny):
+    cfg = tiny()
+    partition(cfg)
+    _parse(dumps_toml(cfg))
+    infos = caches.cache_infos()
+    assert {"fedsim.datasets._load_cached", "fedsim.partition._partition_cached", "fedsim.models._slow_template",
+            "fedsim.lora_models._backbone", "fedsim.text._tokenizer", "fedsim.experiment._parse",
+            "clients.bags._release"} <= set(infos)
+    assert infos["fedsim.partition._partition_cached"].currsize == 1
+    assert infos["fedsim.experiment._parse"].currsize == 1
+    clear_all()
+    assert all(info.currsize == 0 for info in caches.cache_infos().values())
