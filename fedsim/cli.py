@@ -50,7 +50,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     group.add_argument("--target-epsilon", dest="privacy.target_epsilon", metavar="EPS",
                        help="calibrate sigma to this sample-level epsilon")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any key, e.g. --set strategy.proximal_mu=0.1 (repeatable)")
+                   help="override any key, e.g. --set strategy.fedprox.mu=0.1 (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="show fedsim's and Flower's logs")
 
 
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "summary.json and config.toml to its run directory.",
                        epilog="examples:\n  fedsim run configs/quickstart.toml\n"
                               "  fedsim run configs/quickstart.toml --noise-multiplier 1.0 --rounds 20 "
-                              "--set strategy.proximal_mu=0.1")
+                              "--strategy fedprox --set strategy.fedprox.mu=0.1")
     _add_config_flags(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_run)
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default="", metavar="KEYS",
                    help="extra config keys that split rows, e.g. data.alpha,data.dataset")
     p.add_argument("--best-per", default="", metavar="KEYS",
-                   help="keep only the best row per group, e.g. bags.label_epsilon (keys must be in --group-by)")
+                   help="keep only the best row per group, e.g. strategy.bags.label_epsilon (keys in --group-by)")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="only runs whose config has this value, e.g. data.dataset=diabetes (repeatable)")
     p.add_argument("--pivot", default="", metavar="COLUMN",
