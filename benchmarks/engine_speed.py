@@ -19,7 +19,11 @@ Workloads (DP-SGD sigma = 1, C = 1, batch 8, one local epoch, as in the issue):
   (iv)  with a GPU: pfl-research's CIFAR-10 CNN (without its dropout) on random 32x32x3 data,
         1,000 users of 50 images, 50 a round; also reports rounds per second.
 
-    python benchmarks/engine_speed.py [--quick] [--repeats 3]
+    python benchmarks/engine_speed.py [--quick] [--repeats 3] [--threads 1]
+
+Both engines run with the same torch thread count, 1 by default: on the 2-core CI-class
+machine, torch's 2-thread kernels were 3-4x slower than 1 thread on these small tensors
+(an elementwise op on 384k floats: 16 ms against 0.5 ms) and erratic under any other load.
 """
 
 from __future__ import annotations
@@ -107,7 +111,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats (under 10 min on 2 cores)")
     parser.add_argument("--repeats", type=int, default=0, help="timed runs per engine (default 3, quick 2)")
     parser.add_argument("--only", default="", help="run only workloads whose name contains this")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both engines (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 3)
     logging.getLogger("fedsim").setLevel(logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.ERROR)

@@ -52,7 +52,7 @@ def query(msg: Message, context: Context, config_text: str | None = None) -> Mes
 
 
 def load_history(context: Context) -> History:
-    rec = context.state.config_records.get(R.ACCOUNTANT_STATE)
+    rec = context.state.get(R.ACCOUNTANT_STATE)
     if rec is None:
         return []
     return list(zip(rec["sigma"], rec["q"], rec["steps"]))
@@ -93,6 +93,24 @@ class ClientJob:
     state: State
 
 
+_NODE_INPUTS: dict[int, tuple] = {}  # node id -> (config, spec, dataset, x, y) of its current run
+
+
+def _node_inputs(cfg: Config, context: Context) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """This node's dataset view and local (x, y), loaded once per run.
+
+    A run's parsed config is one object for all its rounds (`config_from_context` caches it
+    by its text), so identity tells whether the node's last inputs are still this run's."""
+    spec = context.state.get(R.DATA_SPEC)
+    hit = _NODE_INPUTS.get(context.node_id)
+    if hit is not None and hit[0] is cfg and hit[1] is spec:
+        return hit[2], hit[3], hit[4]
+    data = node_dataset(cfg, context.node_config, spec)
+    x, y = node_data(cfg, context.node_config, data)
+    _NODE_INPUTS[context.node_id] = (cfg, spec, data, x, y)
+    return data, x, y
+
+
 @dataclass
 class RoundTemplate:
     """What every client of a round shares when they start from the same arrays: one model
@@ -108,23 +126,22 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
     """A train message and its node's state as a `ClientJob`. With `template`, the job shares
     the template's model instead of building its own (the vectorized engine never changes it)."""
     cfg = config_from_context(context, config_text)
-    server_cfg = msg.content.config_records.get(R.CONFIG, ConfigRecord())
+    server_cfg = msg.content.get(R.CONFIG) or ConfigRecord()
     server_round = int(server_cfg.get(R.SERVER_ROUND, 0))
     pid = node_partition_id(context.node_config)
-    data = node_dataset(cfg, context.node_config, context.state.config_records.get(R.DATA_SPEC))
-    x, y = node_data(cfg, context.node_config, data)
+    data, x, y = _node_inputs(cfg, context)
     rule = get_algorithm(cfg.strategy.name).client
     if template is None:
         model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
-        R.load_record(model, msg.content.array_records[R.ARRAYS])
+        R.load_record(model, msg.content[R.ARRAYS])
         set_trainable(model, rule.trainable)
-        extra = msg.content.array_records.get(R.ALGORITHM_ARRAYS)
+        extra = msg.content.get(R.ALGORITHM_ARRAYS)
         template = RoundTemplate(
             model, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad},
             R.record_to_tensors(extra) if extra is not None else {})
     settings = settings_for(cfg, data.task)
     hyper = Hyper(params=cfg.strategy.params, lr=settings.lr, private=settings.noise_multiplier > 0)
-    kept = context.state.array_records.get(R.ALGORITHM_STATE)
+    kept = context.state.get(R.ALGORITHM_STATE)
     model = template.model
     start = RoundStart(hyper=hyper, global_params=template.global_params, server_arrays=template.server_arrays,
                        node_state=R.record_to_tensors(kept) if kept is not None else {})
@@ -232,7 +249,7 @@ def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = 
     templates: dict[int, RoundTemplate] = {}  # clients sent the same arrays share one model
     for i, (msg, context) in enumerate(pairs):
         try:
-            key = id(msg.content.array_records[R.ARRAYS])
+            key = id(msg.content[R.ARRAYS])
             job = prepare_job(msg, context, config_text, templates.get(key))
             if engine_for(job) == "opacus":
                 replies[i] = finish_job(job, run_job(job))

@@ -28,6 +28,11 @@ class FedAvg(flwr_strategy.FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return R.aggregate_train_replies(list(replies), self.weighted_by_key, self.train_metrics_aggr_fn)
 
+    def __init__(self, **kwargs: Any) -> None:
+        if kwargs.get("train_metrics_aggr_fn") is None:  # Flower's subclasses pass None explicitly
+            kwargs["train_metrics_aggr_fn"] = R.aggregate_metrics
+        super().__init__(**kwargs)
+
 
 @dataclass(frozen=True)
 class FedAvgParams:
