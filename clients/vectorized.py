@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -184,6 +185,11 @@ def train_clients(model: nn.Module, rule: ClientRule, hyper: Hyper, settings: Tr
     with ``settings.dp_reference`` and sigma = 0 they are clipped as under DP-SGD.
     """
     device = settings.device
+    if settings.noise_multiplier > 0:
+        # The same statement Opacus makes without secure_mode: the noise is not cryptographically secure.
+        warnings.warn("Secure RNG turned off: the vectorized engine draws DP-SGD noise from torch's default "
+                      "generators, as Opacus does without secure_mode. Fine for simulation; not for a "
+                      "production release of a model.", UserWarning, stacklevel=2)
     model = model.to(device)
     fn = _Functional(model, rule, hyper, settings.task)
     sizes = [len(c.y) for c in clients]
