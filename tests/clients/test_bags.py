@@ -1,20 +1,36 @@
-"""Aggregate responses: the loss identity, the closed-form estimator, the label-DP mechanism."""
+"""The bags algorithm's client half (learning from aggregate responses, Javanmard et al.,
+ICLR 2024): the losses' closed forms, the estimator they converge to, the one-time release."""
 
 from __future__ import annotations
 
-import json
+import math
 
 import numpy as np
 import pytest
 import torch
-from dp_accounting.pld import common, privacy_loss_mechanism as plm
 
-from clients.bags import client_bags, interpolated_loss, proportion_loss, squared_losses, train_bags
+from clients.bags import RULE, client_bags, interpolated_loss, proportion_loss, squared_losses, train_bags
 from fedsim.algorithms import Hyper, LocalTask, TrainSettings
-from fedsim.config import load_config
 from strategies.bags import BagsParams
-from fedsim.privacy.bag_mechanism import (bag_sensitivity, make_bags, noise_scale, release_bag_means,
-                                          release_label_proportions)
+
+
+def test_squared_losses_by_hand():
+    # one bag of k = 2 with predictions [1, 3] and released mean 1: f_a = 2,
+    # L_bag = (1 - 2)^2 = 1, R = ((1 - 2)^2 + (3 - 2)^2) / 2 = 1, L_ins = (0^2 + 2^2) / 2 = 2
+    l_bag, r = squared_losses(torch.tensor([[1.0, 3.0]]), torch.tensor([1.0]))
+    assert (float(l_bag), float(r)) == (1.0, 1.0)
+    assert float(interpolated_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([1.0]), 0.25)) == 1.25
+
+
+def test_proportion_loss_by_hand():
+    # one bag of two samples with softmax rows (.75, .25) and (.5, .5), released proportion (1, 0):
+    # L_bag = -log(mean prob of class 0) = -log .625, L_ins = -(log .75 + log .5) / 2
+    logits = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    props = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    l_bag, l_ins = -math.log(0.625), -(math.log(0.75) + math.log(0.5)) / 2
+    assert float(proportion_loss(logits, props, 0.0)) == pytest.approx(l_bag, rel=1e-12)
+    assert float(proportion_loss(logits, props, 1.0)) == pytest.approx(l_ins, rel=1e-12)
+    assert float(proportion_loss(logits, props, 0.3)) == pytest.approx(0.7 * l_bag + 0.3 * l_ins, rel=1e-12)
 
 
 def test_instance_loss_is_bag_loss_plus_spread():
@@ -56,48 +72,6 @@ def test_linear_model_converges_to_closed_form(rho, tiny):
     np.testing.assert_allclose(model.weight.detach().numpy()[0], expected, atol=1e-3)
 
 
-def test_noise_scales():
-    delta_y = bag_sensitivity((0.0, 1.0), 32)
-    assert delta_y == 1 / 32
-    assert noise_scale("laplace", 1.0, 1e-5, delta_y) == pytest.approx(0.03125)
-    assert noise_scale("gaussian", 1.0, 1e-5, delta_y) == pytest.approx(0.1166, abs=1e-4)
-    # independently: dp-accounting's own calibration at another setting
-    ref = plm.GaussianPrivacyLoss.from_privacy_guarantee(common.DifferentialPrivacyParameters(0.5, 1e-6),
-                                                         sensitivity=6 / 8).standard_deviation
-    assert noise_scale("gaussian", 0.5, 1e-6, bag_sensitivity((-3.0, 3.0), 8)) == pytest.approx(ref)
-
-
-@pytest.mark.parametrize("mechanism, expected_var", [("laplace", 2 * (2 / 4 / 1.0) ** 2),
-                                                     ("gaussian", None)])
-def test_released_bag_means_have_the_expected_variance(mechanism, expected_var):
-    rng = np.random.default_rng(0)
-    y = rng.uniform(-1, 1, 40_000)
-    bags = make_bags(len(y), 4, rng)
-    released = release_bag_means(y, bags, epsilon=1.0, delta=1e-5, mechanism=mechanism,
-                                 label_range=(-1.0, 1.0), rng=rng)
-    noise = released - y[bags].mean(1)
-    if expected_var is None:
-        expected_var = noise_scale("gaussian", 1.0, 1e-5, 0.5) ** 2
-    assert noise.var() == pytest.approx(expected_var, rel=0.05)
-    assert abs(noise.mean()) < 0.05
-
-
-def test_bags_are_disjoint_and_leftovers_dropped():
-    bags = make_bags(23, 5, np.random.default_rng(0))
-    assert bags.shape == (4, 5) and len(np.unique(bags)) == 20
-
-
-def test_label_proportions_stay_on_the_simplex():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 3, 60)
-    props = release_label_proportions(labels, make_bags(60, 6, rng), 3, epsilon=0.5, delta=1e-5,
-                                      mechanism="laplace", rng=rng)
-    assert np.allclose(props.sum(1), 1) and (props >= 0).all()
-    exact = release_label_proportions(labels, bags := make_bags(60, 6, np.random.default_rng(1)), 3,
-                                      epsilon=0, delta=1e-5, mechanism="laplace", rng=rng)
-    assert np.allclose(exact, np.eye(3)[labels][bags].mean(1))
-
-
 def test_proportion_loss_interpolates():
     logits = torch.randn(3, 4, 5)
     props = torch.softmax(torch.randn(3, 5), -1)
@@ -106,18 +80,24 @@ def test_proportion_loss_interpolates():
     assert float(l0) <= float(l1) + 1e-6  # Jensen: CE to the mean prediction is the smaller one
 
 
-def test_cli_bags_run_and_sweep(cli, tmp_path):
-    code, out, _ = cli("run", "configs/bags.toml", "--bag-size", "8", "--rho", "0.5", "--label-epsilon", "1",
-                       "--rounds", "3", "--out", tmp_path / "run", "--no-progress")
-    assert code == 0 and "mse" in out
-    cfg = load_config(tmp_path / "run" / "config.toml")
-    b = cfg.strategy.params
-    assert (b.bag_size, b.rho, b.label_epsilon) == (8, 0.5, 1.0)
-    code, out, _ = cli("sweep", "configs/bags.toml", "--rounds", "2", "--grid", "strategy.bags.rho=0,1",
-                       "--grid", "strategy.bags.bag_size=2,4", "--seeds", "0", "--grid", "data.dataset=diabetes",
-                       "--grid", "strategy.bags.label_epsilon=1", "--out", tmp_path / "sw")
-    assert code == 0 and "4/4 cells finished" in out
-    cell = ("data.dataset=diabetes__strategy.bags.label_epsilon=1__strategy.bags.bag_size=4__strategy.bags.rho=0"
-            "__seed=0")
-    summary = json.loads((tmp_path / "sw" / cell / "summary.json").read_text())
-    assert summary["status"] == "finished"
+
+
+def test_bags_are_released_once_per_client():
+    """Every round re-derives the identical bags and noisy means from the client's fixed seed
+    (release once, reuse as post-processing); another client gets its own."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)).astype(np.float32), rng.uniform(-1, 1, 40).astype(np.float32)
+    params = BagsParams(bag_size=4, label_epsilon=1.0, label_range=[-1.0, 1.0])
+
+    def task(pid, seed):
+        return LocalTask(torch.nn.Linear(3, 1), x, y, TrainSettings(task="regression"), Hyper(params, 0.1, False),
+                         partition_id=pid, seed=seed, experiment_seed=0, delta=1e-5, num_classes=1)
+
+    bags, means = client_bags(task(0, seed=1))
+    again_bags, again_means = client_bags(task(0, seed=2))  # another round: another training seed
+    np.testing.assert_array_equal(bags, again_bags)
+    np.testing.assert_array_equal(means, again_means)
+    assert bags.shape == (10, 4) and not np.allclose(means, y[bags].mean(1))  # noised
+    other_bags, _ = client_bags(task(1, seed=1))
+    assert not np.array_equal(bags, other_bags)
+    assert RULE.local_train is train_bags
