@@ -1,7 +1,14 @@
-"""Shared fixtures: tiny, fast experiment configs and a CLI runner."""
+"""Shared fixtures: tiny, fast experiment configs, a CLI runner, and Flower messages built by hand.
+
+Layout: ``tests/strategies/test_<name>.py`` drives an algorithm's server half and
+``tests/clients/test_<name>.py`` its client half, each on hand-computed arrays;
+``tests/e2e/`` holds whole runs; the core units (accounting, partition, config and CLI
+parsing, datasets, sweeps and reports) stay at the top level.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -26,6 +33,17 @@ def tiny(tmp_path):
 
 
 @pytest.fixture
+def lora_cfg(tiny):
+    """A LoRA experiment: lora-mlp pretrained on digits 0-4, fine-tuned on 5-9 under DP-SGD."""
+    def make(strategy: str = "fedsvd", **kw) -> Config:
+        return tiny(**{"model.name": "lora-mlp", "strategy.name": strategy, "data.classes": [5, 6, 7, 8, 9],
+                       "model.pretrain_classes": [0, 1, 2, 3, 4], "model.pretrain_epochs": 3,
+                       "model.hidden": [16], "model.lora_rank": 4, "client.local_steps": 3,
+                       "privacy.noise_multiplier": 1.0, **kw})
+    return make
+
+
+@pytest.fixture
 def cli(capsys):
     """Run the fedsim CLI in-process: returns (exit code, stdout, stderr)."""
     from fedsim.cli import main
@@ -35,3 +53,53 @@ def cli(capsys):
         out = capsys.readouterr()
         return code, out.out, out.err
     return run
+
+
+class FakeGrid:
+    """What a strategy's ``configure_train`` asks of a grid: the connected node ids."""
+
+    def __init__(self, num_nodes: int) -> None:
+        self.node_ids = [1000 + i for i in range(num_nodes)]
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+class Messages:
+    """Flower Messages outside a run: train instructions from the server and replies to them."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count()
+
+    def train(self, content, node_id: int = 1000):
+        from flwr.app import Message, MessageType
+
+        msg = Message(content, node_id, MessageType.TRAIN)
+        msg.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"  # what a grid sets when it pushes
+        return msg
+
+    def reply(self, content, node_id: int = 1000):
+        """A client's reply carrying `content` (a RecordDict)."""
+        from flwr.app import Message, RecordDict
+
+        return Message(content, reply_to=self.train(RecordDict(), node_id))
+
+    def error_reply(self, reason: str = "boom", node_id: int = 1000):
+        from flwr.app import Error, Message, RecordDict
+
+        return Message(Error(code=500, reason=reason), reply_to=self.train(RecordDict(), node_id))
+
+    @staticmethod
+    def grid(num_nodes: int) -> FakeGrid:
+        return FakeGrid(num_nodes)
+
+
+@pytest.fixture
+def flower(monkeypatch):
+    """`Messages`, with Flower's process identity set for this test only (an instruction
+    Message reads it; the in-process runtime sets it for a whole run)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    return Messages()

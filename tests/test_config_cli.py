@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -82,11 +86,75 @@ def test_bags_non_numeric_label_is_refused(cli, tmp_path):
     assert code == 2 and "data.label_column" in err and "numeric" in err
 
 
-def test_every_command_has_help_with_example(cli):
-    for command in ["run", "partition", "datasets", "sweep", "report"]:
-        with pytest.raises(SystemExit) as exc:
-            cli(command, "--help")
-        assert exc.value.code == 0
+COMMANDS = [["run"], ["partition"], ["datasets"], ["sweep"], ["report"], ["deploy"], ["deploy", "local"],
+            ["deploy", "certs"]]
+
+
+def help_text(command: list[str]) -> str:
+    from fedsim.cli import build_parser
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            build_parser().parse_args([*command, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0
+    return out.getvalue()
+
+
+def help_examples(command: list[str]) -> list[str]:
+    """The command lines under a help text's ``example:`` / ``examples:`` heading."""
+    text = help_text(command)
+    tail = re.split(r"^examples?:$", text, flags=re.M)
+    return [line.strip() for line in tail[1].splitlines() if line.strip()] if len(tail) == 2 else []
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_example(cli, command):
+    with pytest.raises(SystemExit) as exc:
+        cli(*command, "--help")
+    assert exc.value.code == 0
+    examples = help_examples(command)
+    assert examples and all(e.startswith("fedsim " + " ".join(command)) for e in examples), examples
+
+
+RENAMED_IN_EXAMPLE = pytest.mark.xfail(
+    strict=True, raises=ConfigError, reason="code bug in fedsim/cli.py: the `run` help example sets "
+    "strategy.proximal_mu, which fedsim refuses (renamed to strategy.fedprox.mu)")
+
+
+@pytest.mark.parametrize("example", [
+    pytest.param(e, marks=RENAMED_IN_EXAMPLE) if "proximal_mu" in e else e
+    for c in COMMANDS for e in help_examples(c)])
+def test_help_examples_are_valid_commands(example, monkeypatch, tmp_path):
+    """Every example a help text shows parses, and its config (every sweep cell) validates."""
+    from fedsim.cli import build_parser, overrides_from
+    from fedsim.sweep import parse_axis, plan_sweep
+
+    monkeypatch.chdir(Path(__file__).parent.parent)  # examples name configs/... from the repo root
+    args = build_parser().parse_args(shlex.split(example)[1:])
+    if not hasattr(args, "set"):  # no experiment config (report, datasets, deploy certs)
+        return
+    cfg = load_config(args.config, overrides_from(args))
+    assert cfg.federation.rounds >= 1
+    if args.command == "sweep":
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        cells = plan_sweep(args.config, grid=dict(parse_axis(t) for t in args.grid), seeds=seeds,
+                           overrides=overrides_from(args), out=tmp_path / "sw")
+        assert len(cells) >= 1 and not (tmp_path / "sw").exists()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="code bug in fedsim/cli.py: help texts name renamed keys "
+                   "(--set's 'e.g. --set strategy.proximal_mu=0.1', report --best-per's 'bags.label_epsilon')")
+def test_help_texts_name_only_current_config_keys():
+    from fedsim.config import describe_fields
+
+    keys = {k for k, *_ in describe_fields()}
+    sections = "seed|name|data|model|federation|client|privacy|strategy|runtime|output|bags"
+    stale = {(" ".join(c), token) for c in COMMANDS
+             for token in re.findall(rf"(?<![\w./-])((?:{sections})\.[a-z_][a-z0-9_.]*[a-z0-9_])", help_text(c))
+             if token not in keys}
+    assert not stale, sorted(stale)
 
 
 def test_cli_end_to_end_digits(cli, tmp_path):
@@ -109,7 +177,7 @@ def test_partition_command_prints_counts_and_plots(cli, tmp_path):
     png = tmp_path / "labels.png"
     code, out, _ = cli("partition", "--partitioner", "dirichlet", "--alpha", "0.3", "--num-clients", "5",
                        "--clients-per-round", "2", "--plot", png)
-    assert code == 0 and png.stat().st_size > 1000
+    assert code == 0 and png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     body = [line.split() for line in out.splitlines()[2:7]]
     assert sum(int(r[1]) for r in body) == 1438  # 80% of the 1,797 digits
 

@@ -40,7 +40,14 @@ def test_tiny_sweep_makes_the_expected_cells(cli, tmp_path):
         f"privacy.noise_multiplier={s}__strategy.name={n}" for s in (0, 1) for n in ("fedavg", "fedprox"))
     for cell in (tmp_path / "sw").iterdir():
         if cell.is_dir():
-            assert json.loads((cell / "summary.json").read_text())["status"] == "finished"
+            summary = json.loads((cell / "summary.json").read_text())
+            assert summary["status"] == "finished" and summary["rounds_completed"] == 2
+            private = "noise_multiplier=1" in cell.name
+            assert summary["strategy"] == cell.name.split("strategy.name=")[1]
+            # DP cells report a finite sample-level epsilon with its accountant, the others none
+            assert (summary["sample_level"]["accountant"] == "RDP (Opacus)") == private
+            eps = summary["sample_level"]["epsilon_max"]
+            assert 0 < eps < math.inf if private else eps == math.inf
     cfg = load_config(tmp_path / "sw" / "privacy.noise_multiplier=1__strategy.name=fedprox" / "config.toml")
     assert cfg.strategy.name == "fedprox" and cfg.privacy.noise_multiplier == 1.0
 
@@ -132,8 +139,10 @@ def test_report_refuses_empty_and_mixed_metrics(cli, tmp_path):
 
 def test_report_plot(cli, fixture_runs, tmp_path):
     root, _ = fixture_runs
-    code, _, _ = cli("report", root, "--plot", tmp_path / "pu.png")
-    assert code == 0 and (tmp_path / "pu.png").stat().st_size > 1000
+    code, out, _ = cli("report", root, "--plot", tmp_path / "pu.png")
+    png = (tmp_path / "pu.png").read_bytes()
+    assert code == 0 and len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| fedavg |" in out  # the table is still printed
 
 
 # ----------------------------------------------------------------------------- the library
@@ -316,5 +325,7 @@ def test_cli_run_shows_the_secure_rng_warning_once_and_no_noise(tmp_path):
                           "--noise-multiplier", "1.0", "--no-progress", "--out", str(tmp_path / "r")],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
+    assert len(list(csv.DictReader((tmp_path / "r" / "rounds.csv").open()))) == 2
+    assert "sample-level eps" in res.stdout  # the DP run's one-line result
     assert res.stderr.count("Secure RNG turned off") == 1, res.stderr
     assert "Full backward hook" not in res.stderr and "Warning" in res.stderr

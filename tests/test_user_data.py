@@ -104,4 +104,9 @@ def test_data_holder_needs_only_the_servers_data_spec(tiny, tmp_path):
     msg.metadata.__dict__["_message_id"] = "t1"
     reply = train(msg, context)
     assert not reply.has_error()
-    assert reply.content[R.METRICS][R.NUM_EXAMPLES] == 40 and reply.content[R.METRICS][R.EPSILON] > 0
+    assert reply.content[R.METRICS][R.NUM_EXAMPLES] == 40
+    # one epoch of DP-SGD on its 40 rows: ceil(40 / 32) = 2 steps at q = 1/2, sigma = 1
+    from fedsim.privacy.accounting import epsilon
+
+    assert reply.content[R.METRICS][R.LOCAL_STEPS] == 2
+    assert reply.content[R.METRICS][R.EPSILON] == pytest.approx(epsilon([(1.0, 0.5, 2)], 1e-5), rel=1e-9)

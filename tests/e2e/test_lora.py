@@ -1,81 +1,17 @@
-"""FedSVD: refactorization math, what travels, what clients may change."""
+"""LoRA strategies end to end: what clients may change in a run, FedSVD against FFA-LoRA,
+LoRA on a user's own model."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from clients.app import train
 from fedsim import records as R
 from fedsim.datasets import load_dataset
-from fedsim.experiment import run_config_for
 from fedsim.lora import lora_layers
 from fedsim.models import build_model
-from strategies.fedsvd import refactorize
-
-rng = np.random.default_rng(0)
 
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
-@pytest.mark.parametrize("shape", [(32, 20, 4), (5, 64, 8), (64, 64, 8), (10, 10, 10)])
-def test_refactorization_preserves_product_and_orthonormalizes_a(method, shape):
-    d_out, d_in, r = shape
-    b, a = rng.normal(size=(d_out, r)), rng.normal(size=(r, d_in))
-    b_new, a_new = refactorize(b, a, method)
-    np.testing.assert_allclose(b_new @ a_new, b @ a, atol=1e-9)
-    np.testing.assert_allclose(a_new @ a_new.T, np.eye(r), atol=1e-9)
-    # B_new = U_r S_r: its columns are orthogonal with non-increasing norms (the singular values)
-    gram = b_new.T @ b_new
-    np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-8)
-    assert np.all(np.diff(np.sqrt(np.diag(gram))) <= 1e-9)
-
-
-def test_rank_deficient_product_keeps_a_orthonormal():
-    b = np.zeros((16, 4))
-    b[:, 0] = rng.normal(size=16)  # rank(BA) = 1
-    a = rng.normal(size=(4, 12))
-    b_new, a_new = refactorize(b, a)
-    np.testing.assert_allclose(b_new @ a_new, b @ a, atol=1e-10)
-    np.testing.assert_allclose(a_new @ a_new.T, np.eye(4), atol=1e-10)
-
-
-def _lora_cfg(tiny, strategy="fedsvd", **kw):
-    return tiny(**{"model.name": "lora-mlp", "strategy.name": strategy, "data.classes": [5, 6, 7, 8, 9],
-                   "model.pretrain_classes": [0, 1, 2, 3, 4], "model.pretrain_epochs": 3,
-                   "model.hidden": [16], "model.lora_rank": 4, "client.local_steps": 3,
-                   "privacy.noise_multiplier": 1.0, **kw})
-
-
-def _train_once(cfg):
-    data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
-    model = build_model(cfg.model, data, cfg.seed)
-    arrays = R.model_to_record(model)
-    content = RecordDict({R.ARRAYS: arrays, R.CONFIG: ConfigRecord(
-        {R.SERVER_ROUND: 1})})
-    msg = Message(content, 1000, "train")
-    msg.metadata.__dict__["_message_id"] = "m1"
-    ctx = Context(run_id=1, node_id=1000, node_config={"partition-id": 0, "num-partitions": 6},
-                  state=RecordDict(), run_config=run_config_for(cfg))
-    return R.record_to_numpy(arrays), R.record_to_numpy(train(msg, ctx).content[R.ARRAYS])
-
-
-def test_uplink_carries_only_b_half_of_fedavg_lora(tiny):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    cfg = _lora_cfg(tiny, **{"model.hidden": [64], "model.lora_targets": ["1"]})  # one 64x64 layer
-    sent, fedsvd_reply = _train_once(cfg)
-    _, fedavg_reply = _train_once(_lora_cfg(tiny, "fedavg-lora", **{"model.hidden": [64],
-                                                                    "model.lora_targets": ["1"]}))
-    assert all(".lora_B." in k for k in fedsvd_reply)
-    size = lambda d: sum(v.size for v in d.values())  # noqa: E731
-    assert size(fedsvd_reply) * 2 == size(fedavg_reply)  # square A (4x64) and B (64x4)
-    b_keys = [k for k in sent if ".lora_B." in k]
-    assert any(np.abs(fedsvd_reply[k] - sent[k]).max() > 0 for k in b_keys)  # B did train
-
-
-def test_a_is_never_changed_by_a_client_in_a_run(tiny, monkeypatch):
+def test_a_is_never_changed_by_a_client_in_a_run(lora_cfg, monkeypatch):
     """Record every A a client trains from and every A in its model afterwards."""
     import clients.app as app
 
@@ -91,7 +27,7 @@ def test_a_is_never_changed_by_a_client_in_a_run(tiny, monkeypatch):
     monkeypatch.setattr(app, "train_local", spy)
     from fedsim.run import run_experiment
 
-    run_experiment(_lora_cfg(tiny), progress=False)
+    run_experiment(lora_cfg(), progress=False)
     assert seen and all(seen)
 
 
@@ -107,7 +43,7 @@ def _rounds(out) -> list[tuple[float, float]]:
     return [(float(r["metric"]), float(r["test_loss"])) for r in csv.DictReader(open(out / "rounds.csv"))]
 
 
-def test_fedsvd_is_ffa_lora_on_an_orthonormal_basis_of_the_same_span(tiny, tmp_path):
+def test_fedsvd_is_ffa_lora_on_an_orthonormal_basis_of_the_same_span(lora_cfg, tmp_path):
     """The rows of B A are combinations of the rows of A, so the SVD only re-bases A inside
     its row space; B's SGD update is equivariant to that rotation. FedSVD therefore follows
     FFA-LoRA started from the same A0 with orthonormalized rows, round for round (no noise
@@ -117,18 +53,18 @@ def test_fedsvd_is_ffa_lora_on_an_orthonormal_basis_of_the_same_span(tiny, tmp_p
 
     runs = {}
     for strategy in ("fedsvd", "ffa-lora"):
-        cfg = _lora_cfg(tiny, strategy, **{"model.lora_init": "orthogonal", "privacy.noise_multiplier": 0.0,
+        cfg = lora_cfg(strategy, **{"model.lora_init": "orthogonal", "privacy.noise_multiplier": 0.0,
                                            "federation.rounds": 4, "client.lr": 0.5,
                                            "output.dir": str(tmp_path / strategy)})
         runs[strategy] = _rounds(run_experiment(cfg, progress=False))
     np.testing.assert_allclose(runs["fedsvd"], runs["ffa-lora"], rtol=1e-4)
     # and the refactorization did act: with peft's Kaiming A0 the two differ
-    cfg = _lora_cfg(tiny, "fedsvd", **{"privacy.noise_multiplier": 0.0, "federation.rounds": 4,
+    cfg = lora_cfg("fedsvd", **{"privacy.noise_multiplier": 0.0, "federation.rounds": 4,
                                        "client.lr": 0.5, "output.dir": str(tmp_path / "kaiming")})
     assert _rounds(run_experiment(cfg, progress=False)) != runs["ffa-lora"]
 
 
-def test_fedsvd_beats_ffa_lora_under_dp_at_equal_hyperparameters(tiny, tmp_path):
+def test_fedsvd_beats_ffa_lora_under_dp_at_equal_hyperparameters(lora_cfg, tmp_path):
     """FedSVD < FFA-LoRA in test loss for every seed, at epsilon = 6 (delta = 1e-5, RDP).
 
     Why it holds: both train only B, with the same lr, clip C and DP noise on B, as in the
@@ -146,7 +82,7 @@ def test_fedsvd_beats_ffa_lora_under_dp_at_equal_hyperparameters(tiny, tmp_path)
     losses, accs = {"fedsvd": [], "ffa-lora": []}, {"fedsvd": [], "ffa-lora": []}
     for seed in (0, 1, 2):
         for strategy in losses:
-            cfg = _lora_cfg(tiny, strategy, **{
+            cfg = lora_cfg(strategy, **{
                 "seed": seed, "model.hidden": [64], "model.lora_rank": 32, "model.pretrain_epochs": 30,
                 "data.partitioner": "iid", "federation.num_clients": 4, "federation.clients_per_round": 4,
                 "federation.rounds": 10, "client.local_steps": 10, "client.batch_size": 16, "client.lr": 0.5,
@@ -159,38 +95,6 @@ def test_fedsvd_beats_ffa_lora_under_dp_at_equal_hyperparameters(tiny, tmp_path)
     assert np.mean(accs["fedsvd"]) > np.mean(accs["ffa-lora"]) + 0.03, accs
 
 
-def test_lora_inits_orthogonal_keeps_the_span_and_pissa_keeps_the_output():
-    import torch
-    from torch import nn
-
-    from fedsim.lora import LoRALinear
-
-    def layer(init):
-        torch.manual_seed(0)
-        return LoRALinear(nn.Linear(24, 10), rank=6, alpha=12.0, init=init)
-
-    kaiming = layer("kaiming").lora_A.weight.detach().double()
-    orth = layer("orthogonal").lora_A.weight.detach().double()
-    np.testing.assert_allclose((orth @ orth.T).numpy(), np.eye(6), atol=1e-6)
-    # same row space: projecting the Kaiming rows onto the orthonormal rows loses nothing
-    np.testing.assert_allclose((kaiming @ orth.T @ orth).numpy(), kaiming.numpy(), atol=1e-6)
-
-    torch.manual_seed(0)
-    w0 = nn.Linear(24, 10).weight.detach().double()
-    pissa = layer("pissa")
-    a, b = pissa.lora_A.weight.detach().double(), pissa.lora_B.weight.detach().double()
-    u, s, vt = np.linalg.svd(w0.numpy())
-    # the scaled product is the top-6 SVD of W0, the frozen base holds the rest
-    np.testing.assert_allclose((pissa.scaling * b @ a).numpy(), (u[:, :6] * s[:6]) @ vt[:6], atol=1e-5)
-    residual = pissa.base.weight.detach().double()
-    np.testing.assert_allclose((residual + pissa.scaling * b @ a).numpy(), w0.numpy(), atol=1e-5)
-    x = torch.randn(3, 24)
-    torch.manual_seed(0)
-    plain = nn.Linear(24, 10)
-    with torch.no_grad():
-        torch.testing.assert_close(pissa(x), plain(x), atol=1e-5, rtol=1e-5)
-
-
 def test_rank_above_a_layers_input_width_is_refused(tiny, cli, tmp_path):
     code, _, err = cli("run", "--set", "model.name=lora-mlp", "--set", "strategy.name=fedsvd",
                        "--set", "model.hidden=[16]", "--set", "model.lora_rank=32",
@@ -198,12 +102,14 @@ def test_rank_above_a_layers_input_width_is_refused(tiny, cli, tmp_path):
     assert code == 2 and "model.lora_rank" in err and "16" in err and "Traceback" not in err
 
 
-def test_any_registered_torch_model_can_be_fine_tuned_with_lora(tiny):
+def test_any_registered_torch_model_can_be_fine_tuned_with_lora(tiny, monkeypatch):
     """A user model (here a small CNN) registered as lora-*, wrapped with add_lora: FedSVD
     trains and sends only the adapters of the targeted Linear layers."""
     import csv
 
     from torch import nn
+
+    import clients.app as app
 
     from fedsim.lora import add_lora
     from fedsim.models import register_model
@@ -220,5 +126,18 @@ def test_any_registered_torch_model_can_be_fine_tuned_with_lora(tiny):
     model = build_model(cfg.model, load_dataset(cfg.data, 6, 0), 0)
     assert sorted(R.federated_keys(model)) == ["4.lora_A.weight", "4.lora_B.weight"]
     assert not model[1].weight.requires_grad  # the conv layer is frozen, not adapted
+
+    changed, real = [], app.train_local
+
+    def spy(model, *args, **kwargs):  # which tensors did each client's training change?
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result = real(model, *args, **kwargs)
+        changed.append(sorted(k for k, v in model.state_dict().items() if not (v == before[k]).all()))
+        return result
+
+    monkeypatch.setattr(app, "train_local", spy)
     out = run_experiment(cfg, progress=False)
+    assert changed == [["4.lora_B.weight"]] * (2 * 3)  # every client-round: B of layer 4, nothing else
     assert len(list(csv.DictReader(open(out / "rounds.csv")))) == 2
+    clients = list(csv.DictReader(open(out / "clients.csv")))
+    assert clients and all(0 < float(c["sample_epsilon"]) < float("inf") for c in clients)
