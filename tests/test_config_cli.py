@@ -118,14 +118,7 @@ def test_every_command_has_help_with_example(cli, command):
     assert examples and all(e.startswith("fedsim " + " ".join(command)) for e in examples), examples
 
 
-RENAMED_IN_EXAMPLE = pytest.mark.xfail(
-    strict=True, raises=ConfigError, reason="code bug in fedsim/cli.py: the `run` help example sets "
-    "strategy.proximal_mu, which fedsim refuses (renamed to strategy.fedprox.mu)")
-
-
-@pytest.mark.parametrize("example", [
-    pytest.param(e, marks=RENAMED_IN_EXAMPLE) if "proximal_mu" in e else e
-    for c in COMMANDS for e in help_examples(c)])
+@pytest.mark.parametrize("example", [e for c in COMMANDS for e in help_examples(c)])
 def test_help_examples_are_valid_commands(example, monkeypatch, tmp_path):
     """Every example a help text shows parses, and its config (every sweep cell) validates."""
     from fedsim.cli import build_parser, overrides_from
@@ -144,8 +137,6 @@ def test_help_examples_are_valid_commands(example, monkeypatch, tmp_path):
         assert len(cells) >= 1 and not (tmp_path / "sw").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="code bug in fedsim/cli.py: help texts name renamed keys "
-                   "(--set's 'e.g. --set strategy.proximal_mu=0.1', report --best-per's 'bags.label_epsilon')")
 def test_help_texts_name_only_current_config_keys():
     from fedsim.config import describe_fields
 

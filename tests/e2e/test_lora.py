@@ -27,7 +27,7 @@ def test_a_is_never_changed_by_a_client_in_a_run(lora_cfg, monkeypatch):
     monkeypatch.setattr(app, "train_local", spy)
     from fedsim.run import run_experiment
 
-    run_experiment(lora_cfg(), progress=False)
+    run_experiment(lora_cfg(**{"runtime.engine": "opacus"}), progress=False)  # spies on the Opacus trainer
     assert seen and all(seen)
 
 
@@ -122,6 +122,7 @@ def test_any_registered_torch_model_can_be_fine_tuned_with_lora(tiny, monkeypatc
         return add_lora(net, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.lora_init)
 
     cfg = tiny(**{"model.name": "lora-user-cnn", "strategy.name": "fedsvd", "model.lora_rank": 4,
+                  "runtime.engine": "opacus",  # the spy watches the Opacus trainer
                   "model.lora_targets": ["4"], "federation.rounds": 2, "privacy.noise_multiplier": 1.0})
     model = build_model(cfg.model, load_dataset(cfg.data, 6, 0), 0)
     assert sorted(R.federated_keys(model)) == ["4.lora_A.weight", "4.lora_B.weight"]

@@ -39,8 +39,10 @@ def test_same_seed_same_rounds_and_other_seed_differs(tiny, tmp_path):
 
 
 def test_ray_and_inprocess_agree(tiny, tmp_path):
+    # Ray delivers one message at a time and trains with Opacus: compare with that engine in process
     kw = {"privacy.noise_multiplier": 1.0, "federation.rounds": 2}
-    a = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "a")}), progress=False)
+    a = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "a"), "runtime.engine": "opacus"}),
+                       progress=False)
     b = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "b"), "runtime.name": "ray"}), progress=False)
     ra, rb = rounds(a), rounds(b)
     assert len(ra) == len(rb) == 2
@@ -52,10 +54,11 @@ def test_ray_and_inprocess_agree(tiny, tmp_path):
         assert float(x["train_loss"]) == pytest.approx(float(y["train_loss"]), rel=1e-6)
 
 
-def test_failing_client_names_node_and_keeps_finished_rounds(tiny, monkeypatch):
+@pytest.mark.parametrize("engine", ["opacus", "vectorized"])
+def test_failing_client_names_node_and_keeps_finished_rounds(tiny, monkeypatch, engine):
     import clients.app as app
 
-    real = app.train_local
+    real = app.prepare_job
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -64,8 +67,8 @@ def test_failing_client_names_node_and_keeps_finished_rounds(tiny, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(app, "train_local", flaky)
-    cfg = tiny(**{"federation.rounds": 4})
+    monkeypatch.setattr(app, "prepare_job", flaky)
+    cfg = tiny(**{"federation.rounds": 4, "runtime.engine": engine})
     expected = r"node \d+ \(partition \d\) failed in round 3: RuntimeError: disk on fire"
     with pytest.raises(ClientFailure, match=expected) as exc:
         run_experiment(cfg, progress=False)
@@ -77,21 +80,19 @@ def test_failing_client_names_node_and_keeps_finished_rounds(tiny, monkeypatch):
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
 
 
-def test_skip_policy_finishes_the_round_without_the_client(tiny, monkeypatch):
+@pytest.mark.parametrize("engine", ["opacus", "vectorized"])
+def test_skip_policy_finishes_the_round_without_the_client(tiny, monkeypatch, engine):
     import clients.app as app
 
-    real = app.train_local
+    real = app.prepare_job
 
-    def flaky(model, x, y, settings, history, *, seed, **kw):
-        if len(y) == len(y0) and (x == x0).all():  # partition 0 always fails
+    def flaky(msg, context, *args, **kwargs):
+        if context.node_config["partition-id"] == 0:  # partition 0 always fails
             raise RuntimeError("boom")
-        return real(model, x, y, settings, history, seed=seed, **kw)
+        return real(msg, context, *args, **kwargs)
 
-    from fedsim.partition import client_data
-
-    cfg = tiny(**{"runtime.on_client_error": "skip", "federation.clients_per_round": 6})
-    x0, y0 = client_data(cfg, 0)
-    monkeypatch.setattr(app, "train_local", flaky)
+    cfg = tiny(**{"runtime.on_client_error": "skip", "federation.clients_per_round": 6, "runtime.engine": engine})
+    monkeypatch.setattr(app, "prepare_job", flaky)
     out = run_experiment(cfg, progress=False)
     assert [int(r["clients_trained"]) for r in rounds(out)] == [5, 5]
 
