@@ -27,6 +27,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "slow or not slow"
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/engine_speed.py --quick
 	$(BIN)/python benchmarks/runtime_overhead.py
 	$(BIN)/python benchmarks/fedld_aggregation.py
 

@@ -4,7 +4,7 @@ One workload, three ways, in one process run: digits, MLP(64), DP-SGD sigma = 1,
 100 clients, 10 per round, 20 rounds (override with --rounds/--clients).
   (a) a bare loop: the same local trainer, the same sampled partitions, FedAvg in
       numpy and central evaluation, with no Flower at all: the compute limit;
-  (b) fedsim's in-process runtime;
+  (b) fedsim's in-process runtime with the Opacus engine (the bare loop's trainer);
   (c) Flower's Ray simulation runtime through fedsim.
 Prints b/a (target <= 1.10) and c/b.
 
@@ -40,7 +40,7 @@ from fedsim.run import run_experiment  # noqa: E402
 
 
 def workload(rounds: int, clients: int, per_round: int):
-    return load_config(None, {"name": "bench", "data.dataset": "digits", "model.name": "mlp",
+    return load_config(None, {"name": "bench", "runtime.engine": "opacus", "data.dataset": "digits", "model.name": "mlp",
                               "model.hidden": [64], "federation.num_clients": clients,
                               "federation.clients_per_round": per_round, "federation.rounds": rounds,
                               "client.batch_size": 8, "client.lr": 0.5,
