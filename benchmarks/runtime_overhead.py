@@ -40,7 +40,8 @@ from fedsim.run import run_experiment  # noqa: E402
 
 
 def workload(rounds: int, clients: int, per_round: int):
-    return load_config(None, {"name": "bench", "runtime.engine": "opacus", "data.dataset": "digits", "model.name": "mlp",
+    return load_config(None, {"name": "bench", "runtime.engine": "opacus", "data.dataset": "digits",
+                              "model.name": "mlp",
                               "model.hidden": [64], "federation.num_clients": clients,
                               "federation.clients_per_round": per_round, "federation.rounds": rounds,
                               "client.batch_size": 8, "client.lr": 0.5,
