@@ -30,7 +30,7 @@ from fedsim.algorithms import (ClientRule, Hyper, LocalResult, LocalTask, RoundS
                                get_algorithm, resolve_device)
 from fedsim.config import Config
 from fedsim.datasets import Dataset
-from fedsim.errors import FedsimError
+from fedsim.errors import ConfigError, FedsimError
 from fedsim.experiment import config_from_context, derive_seed
 from fedsim.lora import select_keys, set_trainable
 from fedsim.models import build_model
@@ -213,18 +213,17 @@ log = logging.getLogger("fedsim")
 _FALLBACKS_LOGGED: set[str] = set()
 
 
-def engine_for(job: ClientJob) -> str:
-    """``runtime.engine`` resolved for this job: ``auto`` is vectorized unless the model or
-    rule cannot be (the reason is logged once per process); an explicit ``vectorized`` that
-    cannot run is an error."""
-    wanted = job.cfg.runtime.engine
+def choose_engine(wanted: str, model: torch.nn.Module, rule: ClientRule) -> str:
+    """``runtime.engine`` resolved for a model and rule: ``auto`` is vectorized unless they
+    cannot be (the reason is logged once per process); an explicit ``vectorized`` that cannot
+    run is a `ConfigError` (`fedsim.run.prepare` asks this before any work)."""
     if wanted == "opacus":
         return "opacus"
-    reason = unsupported_reason(job.model, job.rule)
+    reason = unsupported_reason(model, rule)
     if reason is None:
         return "vectorized"
     if wanted == "vectorized":
-        raise FedsimError(f"runtime.engine: vectorized cannot train this experiment: {reason}; "
+        raise ConfigError(f"runtime.engine: vectorized cannot train this experiment: {reason}; "
                           f"use runtime.engine = 'auto' or 'opacus'")
     if reason not in _FALLBACKS_LOGGED:
         _FALLBACKS_LOGGED.add(reason)
@@ -246,15 +245,19 @@ def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = 
     """
     replies: list[Message | None] = [None] * len(pairs)
     groups: dict[int, list[tuple[int, ClientJob]]] = {}
+    engines: dict[int, str] = {}  # chosen once per set of arrays sent (the same model and rule)
     templates: dict[int, RoundTemplate] = {}  # clients sent the same arrays share one model
     for i, (msg, context) in enumerate(pairs):
         try:
             key = id(msg.content[R.ARRAYS])
             job = prepare_job(msg, context, config_text, templates.get(key))
-            if engine_for(job) == "opacus":
+            if key not in engines:
+                engines[key] = choose_engine(job.cfg.runtime.engine, job.model, job.rule)
+            if engines[key] == "opacus":
                 replies[i] = finish_job(job, run_job(job))
             else:
-                templates[key] = RoundTemplate(job.model, job.start.global_params, job.start.server_arrays)
+                templates.setdefault(key, RoundTemplate(job.model, job.start.global_params,
+                                                        job.start.server_arrays))
                 groups.setdefault(key, []).append((i, job))
         except FedsimError:
             raise

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsim.algorithms import LocalResult, Tensors, TrainSettings, seed_everything
+from fedsim.algorithms import LocalResult, Tensors, TrainSettings, seed_everything, tree_map
 from fedsim.models import loss_fn
 from fedsim.privacy.accounting import History, poisson_sample_rate
 
@@ -51,12 +50,6 @@ class FixedBatches:
 
     def __iter__(self):
         return (list(map(int, b)) for b in self.batches)
-
-
-def _to(tree: Any, device: str) -> Any:
-    if isinstance(tree, dict):
-        return {k: _to(v, device) for k, v in tree.items()}
-    return tree.to(device) if isinstance(tree, torch.Tensor) else tree
 
 
 def _batches(loader: DataLoader, total_steps: int):
@@ -87,7 +80,7 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     seed_everything(seed, settings.device)
     device = settings.device
     model.to(device).train()
-    rule_state = _to(rule_state, device)
+    rule_state = tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, rule_state)
     n = len(y)
     dataset = TensorDataset(torch.as_tensor(x, dtype=torch.float32),
                             torch.as_tensor(y, dtype=torch.long if settings.task == "classification"

@@ -42,7 +42,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedsim.algorithms import ClientRule, Hyper, LocalResult, State, Tensors, TrainSettings
+from fedsim.algorithms import ClientRule, Hyper, LocalResult, State, Tensors, TrainSettings, tree_map
+from fedsim.models import loss_fn
 from fedsim.privacy.accounting import History, poisson_sample_rate
 
 CLIP_EPS = 1e-6  # Opacus' per_sample_clip_factor = C / (norm + 1e-6)
@@ -92,12 +93,6 @@ def extend_history(history: History, sigma: float, q: float, steps: int) -> list
     return out
 
 
-def _tree_map(fn, tree):
-    if isinstance(tree, dict):
-        return {k: _tree_map(fn, v) for k, v in tree.items()}
-    return fn(tree)
-
-
 def _stack_trees(trees: Sequence[Any], device: str):
     first = trees[0]
     if isinstance(first, dict):
@@ -106,9 +101,9 @@ def _stack_trees(trees: Sequence[Any], device: str):
 
 
 def default_chunk(num_params: int, batch_size: int, device: str) -> int:
-    """Clients per chunk: per-sample gradients (about 2 B x P floats per client, with the
-    draws' spread and autograd's intermediates) within a quarter of the free memory, at
-    most 1 GiB on a CPU."""
+    """Clients per chunk: per-sample gradients (about 3 B x P floats per client, with the
+    draws' spread, and as much again for autograd's intermediates) within half the free
+    memory on a GPU, a quarter of it (at most 1 GiB) on a CPU."""
     if device.startswith("cuda"):
         budget = torch.cuda.mem_get_info()[0] // 2
     else:
@@ -129,15 +124,11 @@ class _Functional:
         self.trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
         self.frozen = {k: v.detach() for k, v in list(model.named_parameters()) + list(model.named_buffers())
                        if k not in self.trainable}
-        self.rule, self.hyper, self.task = rule, hyper, task
+        self.rule, self.hyper = rule, hyper
+        self.losses = loss_fn(task, reduction="none")
 
     def forward(self, params: Tensors, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, {**params, **self.frozen}, (x,))
-
-    def losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.task == "classification":
-            return nn.functional.cross_entropy(out, y, reduction="none")
-        return (out.squeeze(-1) - y) ** 2
 
     def sample_loss(self, params: Tensors, state: State, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One sample's own loss: what Opacus' per-sample gradients differentiate."""
@@ -264,7 +255,7 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
         index = torch.where(valid, local + offsets[:active, None], offsets[:active, None])
         xb, yb = data_x[index], data_y[index]
         current = {name: p[:active] for name, p in params.items()}
-        sub_state = _tree_map(lambda v: v[:active], state)
+        sub_state = tree_map(lambda v: v[:active], state)
         nonempty = mask.sum(1) > 0
         if private:
             if xb.shape[1] > 0:

@@ -30,6 +30,13 @@ from torch import nn
 Tensors = dict[str, torch.Tensor]  # parameter name -> tensor (one client, or stacked clients)
 State = dict[str, Any]  # a rule's per-client tensors: a nested dict of tensors (a pytree)
 
+
+def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """`fn` applied to every leaf of a nested dict (a rule's `State`), keeping its shape."""
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    return fn(tree)
+
 TRAINABLE_GROUPS = ("all", "lora", "lora-b")
 
 

@@ -188,10 +188,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def _check_range(key: str, value: Any, meta: dict) -> None:
+def _choices(meta: dict) -> tuple | None:
+    """A field's allowed values; strategy names come from the registry, so they may be a function."""
     choices = meta.get("choices")
-    if callable(choices):
-        choices = tuple(choices())
+    return tuple(choices()) if callable(choices) else choices
+
+
+def _check_range(key: str, value: Any, meta: dict) -> None:
+    choices = _choices(meta)
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: must be one of {', '.join(choices)} (got {value!r})")
     lo, hi = meta.get("lo"), meta.get("hi")
@@ -254,10 +258,15 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
                 raise ConfigError(f"{key}: expected a [{key}] table, got {value!r}")
             kwargs[name] = _build(tp, value, key + ".")
         else:
-            value = _coerce(key, value, tp)
-            _check_range(key, value, known[name].metadata)
-            kwargs[name] = value
+            kwargs[name] = _value(key, value, tp, known[name])
     return cls(**kwargs)
+
+
+def _value(key: str, value: Any, tp: Any, spec: dataclasses.Field) -> Any:
+    """One scalar or list key: its type, then its allowed values."""
+    value = _coerce(key, value, tp)
+    _check_range(key, value, spec.metadata)
+    return value
 
 
 def _build_strategy(raw: dict, prefix: str, known: dict) -> StrategyConfig:
@@ -272,10 +281,7 @@ def _build_strategy(raw: dict, prefix: str, known: dict) -> StrategyConfig:
         if not isinstance(value, dict):
             raise ConfigError(f"{prefix}{key}: expected a [{prefix}{key}] table, got {value!r}")
         tables[key] = _build(get_algorithm(key).params, value, f"{prefix}{key}.")
-    name = "fedavg"
-    if "name" in raw:
-        name = _coerce(prefix + "name", raw["name"], str)
-        _check_range(prefix + "name", name, known["name"].metadata)
+    name = _value(prefix + "name", raw["name"], str, known["name"]) if "name" in raw else known["name"].default
     if name not in tables:
         tables[name] = get_algorithm(name).params()  # the resolved config shows the defaults
     return StrategyConfig(name=name, tables=tables)
@@ -397,9 +403,7 @@ def reference_table() -> str:
 
 def _allowed_text(meta: dict) -> str:
     text = meta.get("help", "")
-    choices = meta.get("choices")
-    if callable(choices):
-        choices = choices()
+    choices = _choices(meta)
     if choices:
         text += f" ({' | '.join(choices)})"
     return text

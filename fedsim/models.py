@@ -9,6 +9,7 @@ Opacus-compatible: GroupNorm instead of BatchNorm, no in-place tricks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import time
 from collections.abc import Callable, Iterator
@@ -139,9 +140,10 @@ def _cnn(cfg: ModelConfig, data: Dataset, cache_dir: str = "") -> nn.Module:
     )
 
 
-def loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Cross-entropy for classification, mean squared error for regression."""
+def loss_fn(task: str, reduction: str = "mean") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy for classification, squared error for regression; ``reduction="none"``
+    gives one loss per sample (the vectorized engine masks padded rows with it)."""
     if task == "classification":
-        return nn.functional.cross_entropy
-    return lambda out, y: nn.functional.mse_loss(out.squeeze(-1), y)
+        return functools.partial(nn.functional.cross_entropy, reduction=reduction)
+    return lambda out, y: nn.functional.mse_loss(out.squeeze(-1), y, reduction=reduction)
 

@@ -149,9 +149,17 @@ def aggregate_train_replies(replies: list[Message], weighted_by_key: str, metric
         return None, None
     contents = [r.content for r in valid]
     validate_message_reply_consistency(contents, weighted_by_key, check_arrayrecord=True)
+    averaged, metrics = weighted_average(contents, weighted_by_key, metrics_fn)
+    return numpy_to_record(averaged), metrics
+
+
+def weighted_average(contents: list[RecordDict], weighted_by_key: str, metrics_fn
+                     ) -> tuple[dict[str, np.ndarray], object]:
+    """The weighted mean of validated contents' one ArrayRecord each (`weighted_mean`) and
+    their metrics (`metrics_fn`); shared by FedAvg's and SCAFFOLD's aggregation."""
     weights = [float(next(iter(c.metric_records.values()))[weighted_by_key]) for c in contents]
     arrays = [record_to_numpy(next(iter(c.array_records.values()))) for c in contents]
-    return numpy_to_record(weighted_mean(arrays, weights)), metrics_fn(contents, weighted_by_key)
+    return weighted_mean(arrays, weights), metrics_fn(contents, weighted_by_key)
 
 
 def aggregate_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:

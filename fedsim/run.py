@@ -14,8 +14,7 @@ from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
-from clients.app import make_client_app, train_round
-from clients.vectorized import unsupported_reason
+from clients.app import choose_engine, make_client_app, train_round
 from fedsim.algorithms import algorithm_names, get_algorithm
 from fedsim.config import Config
 from fedsim.datasets import load_dataset
@@ -97,10 +96,7 @@ def check_engine(cfg: Config, model) -> None:
                           f"runtime; runtime {cfg.runtime.name!r} runs one client per message (use auto)")
     rule = get_algorithm(cfg.strategy.name).client
     set_trainable(model, rule.trainable)
-    reason = unsupported_reason(model, rule)
-    if reason is not None:
-        raise ConfigError(f"runtime.engine: vectorized cannot train this experiment: {reason}; "
-                          f"use runtime.engine = 'auto' or 'opacus'")
+    choose_engine("vectorized", model, rule)
 
 
 def warn_small_clients(cfg: Config, sizes: list[int]) -> list[str]:

@@ -85,9 +85,7 @@ class Scaffold(FedAvg):
         if not replies:
             return None, None
         views = R.model_views(replies, self.weighted_by_key)
-        weights = [float(v.metric_records[R.METRICS][self.weighted_by_key]) for v in views]
-        averaged = R.weighted_mean([R.record_to_numpy(v.array_records[R.ARRAYS]) for v in views], weights)
-        metrics = self.train_metrics_aggr_fn(views, self.weighted_by_key)
+        averaged, metrics = R.weighted_average(views, self.weighted_by_key, self.train_metrics_aggr_fn)
         out = {k: self.current[k] + self.global_lr * (averaged[k] - self.current[k]) for k in averaged}
         deltas = [R.record_to_numpy(r.content.array_records[R.ALGORITHM_ARRAYS]) for r in replies]
         for k in self.control:
