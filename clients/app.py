@@ -48,7 +48,8 @@ def query(msg: Message, context: Context, config_text: str | None = None) -> Mes
     if spec is not None:
         context.state[R.DATA_SPEC] = spec
     pid = node_partition_id(context.node_config)
-    return Message(RecordDict({R.METRICS: MetricRecord({R.PARTITION_ID: pid})}), reply_to=msg)
+    return Message(R.trusted(RecordDict, {R.METRICS: R.trusted(MetricRecord, {R.PARTITION_ID: int(pid)})}),
+                   reply_to=msg)
 
 
 def load_history(context: Context) -> History:
@@ -59,7 +60,7 @@ def load_history(context: Context) -> History:
 
 
 def save_history(context: Context, history: History) -> None:
-    context.state[R.ACCOUNTANT_STATE] = ConfigRecord({
+    context.state[R.ACCOUNTANT_STATE] = R.trusted(ConfigRecord, {
         "sigma": [float(h[0]) for h in history], "q": [float(h[1]) for h in history],
         "steps": [int(h[2]) for h in history]})
 
@@ -91,6 +92,7 @@ class ClientJob:
     history: History
     start: RoundStart
     state: State
+    upload_keys: list[str]  # the state-dict keys of the reply's arrays (the rule's `upload` group)
 
 
 _NODE_INPUTS: dict[int, tuple] = {}  # node id -> (config, spec, dataset, x, y) of its current run
@@ -119,6 +121,7 @@ class RoundTemplate:
     model: torch.nn.Module
     global_params: dict[str, torch.Tensor]
     server_arrays: dict[str, torch.Tensor]
+    upload_keys: list[str]
 
 
 def prepare_job(msg: Message, context: Context, config_text: str | None = None,
@@ -138,7 +141,7 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
         extra = msg.content.get(R.ALGORITHM_ARRAYS)
         template = RoundTemplate(
             model, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad},
-            R.record_to_tensors(extra) if extra is not None else {})
+            R.record_to_tensors(extra) if extra is not None else {}, select_keys(model, rule.upload))
     settings = settings_for(cfg, data.task)
     hyper = Hyper(params=cfg.strategy.params, lr=settings.lr, private=settings.noise_multiplier > 0)
     kept = context.state.get(R.ALGORITHM_STATE)
@@ -147,7 +150,8 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
                        node_state=R.record_to_tensors(kept) if kept is not None else {})
     state = rule.setup(start) if rule.setup is not None else {}
     return ClientJob(msg, context, cfg, pid, server_round, data, x, y, model, rule, settings,
-                     derive_seed(cfg.seed, server_round, pid, "train"), load_history(context), start, state)
+                     derive_seed(cfg.seed, server_round, pid, "train"), load_history(context), start, state,
+                     template.upload_keys)
 
 
 def run_job(job: ClientJob, batches: list[np.ndarray] | None = None) -> LocalResult:
@@ -174,7 +178,7 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
     job's model unless given.
     """
     context, cfg = job.context, job.cfg
-    keys = select_keys(job.model, job.rule.upload)
+    keys = job.upload_keys
     if final is None:
         arrays = R.model_to_record(job.model, keys)
     else:
@@ -183,15 +187,15 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
     save_history(context, result.history)
     private = job.settings.noise_multiplier > 0
     eps = epsilon(result.history, cfg.privacy.delta, cfg.privacy.accountant) if private else float("inf")
-    content = RecordDict({
+    content = R.trusted(RecordDict, {
         R.ARRAYS: arrays,
-        R.METRICS: MetricRecord({
-            R.NUM_EXAMPLES: result.num_examples, R.UNIT_WEIGHT: 1.0, R.PARTITION_ID: job.partition_id,
-            R.EPSILON: eps if np.isfinite(eps) else -1.0,  # -1 = no DP (MetricRecord is finite-only)
+        R.METRICS: R.trusted(MetricRecord, {
+            R.NUM_EXAMPLES: int(result.num_examples), R.UNIT_WEIGHT: 1.0, R.PARTITION_ID: int(job.partition_id),
+            R.EPSILON: float(eps) if np.isfinite(eps) else -1.0,  # -1 = no DP (MetricRecord is finite-only)
             # -1 = no loss measured (every Poisson batch was empty); MetricRecord takes no NaN
-            R.TRAIN_LOSS: result.mean_loss if np.isfinite(result.mean_loss) else -1.0,
-            R.LOCAL_STEPS: result.steps,
-            R.SAMPLE_RATE: result.sample_rate}),
+            R.TRAIN_LOSS: float(result.mean_loss) if np.isfinite(result.mean_loss) else -1.0,
+            R.LOCAL_STEPS: int(result.steps),
+            R.SAMPLE_RATE: float(result.sample_rate)}),
     })
     if job.rule.finish is not None:
         if final is None:
@@ -257,7 +261,7 @@ def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = 
                 replies[i] = finish_job(job, run_job(job))
             else:
                 templates.setdefault(key, RoundTemplate(job.model, job.start.global_params,
-                                                        job.start.server_arrays))
+                                                        job.start.server_arrays, job.upload_keys))
                 groups.setdefault(key, []).append((i, job))
         except FedsimError:
             raise

@@ -236,8 +236,8 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
                                 device)
         elif private:
             draws = torch.full((active, n_max), 2.0, device=device)
-            for i in range(active):
-                draws[i, :sizes[i]] = torch.rand(sizes[i], generator=gens[i], device=device)
+            for i in range(active):  # each client's own stream: results do not depend on chunking
+                torch.rand(sizes[i], generator=gens[i], device=device, out=draws[i, :sizes[i]])
             chosen = draws < rates[:active, None]
             counts = chosen.sum(1)
             width = int(counts.max())
@@ -269,8 +269,10 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
                 summed = {name: torch.zeros_like(p) for name, p in current.items()}
                 batch_loss = torch.zeros(active, device=device)
             if std > 0:
-                noise = torch.stack([torch.randn(sum(numels), generator=gens[i], device=device)
-                                     for i in range(active)]) * std
+                noise = torch.empty(active, sum(numels), device=device)
+                for i in range(active):
+                    torch.randn(sum(numels), generator=gens[i], device=device, out=noise[i])
+                noise *= std
                 for (name, g), part in zip(summed.items(), noise.split(numels, dim=1)):
                     g.add_(part.reshape(active, *shapes[name]))
             grad = {name: g / expected[:active].view(-1, *([1] * (g.dim() - 1))) for name, g in summed.items()}
@@ -290,13 +292,14 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
     sigma = settings.noise_multiplier
     outcomes = []
     mean_loss = (loss_sum / loss_count.clamp_min(1)).tolist()
+    measured = (loss_count > 0).tolist()
+    final = {name: p.detach().cpu() for name, p in params.items()}  # one copy per tensor, not per client
     for i, c in enumerate(clients):
         history = extend_history(c.history, sigma, q[i], steps[i]) if settings.noise_multiplier > 0 \
             else [tuple(h) for h in c.history]
         rate = q[i] if private else min(1.0, settings.batch_size / max(sizes[i], 1))
-        result = LocalResult(sizes[i], steps[i], mean_loss[i] if loss_count[i] > 0 else float("nan"),
-                             history, rate)
-        outcomes.append(VectorOutcome(result, {name: p[i].detach().cpu() for name, p in params.items()}))
+        result = LocalResult(sizes[i], steps[i], mean_loss[i] if measured[i] else float("nan"), history, rate)
+        outcomes.append(VectorOutcome(result, {name: p[i] for name, p in final.items()}))
     return outcomes
 
 

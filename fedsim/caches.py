@@ -97,10 +97,15 @@ class Snapshot:
 
 def frozen(value: Any) -> Any:
     """An immutable, hashable snapshot of `value`: dataclasses become `Snapshot`s, lists and
-    tuples tuples, dicts sorted pairs, recursively. Scalars (str, int, float, bool, None) stay."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return Snapshot(type(value), tuple((f.name, frozen(getattr(value, f.name)))
-                                           for f in dataclasses.fields(value)))
+    tuples tuples, dicts sorted pairs, recursively. Scalars (str, int, float, bool, None) stay.
+
+    Taken on every cached call (each client's first visit of a run reads the dataset and
+    partition through it), so scalars, the bulk of a config, return first."""
+    if value is None or type(value) in _SCALARS:
+        return value
+    names = _field_names(type(value))
+    if names is not None:
+        return Snapshot(type(value), tuple((name, frozen(getattr(value, name))) for name in names))
     if isinstance(value, list):
         return FrozenList(frozen(v) for v in value)
     if isinstance(value, tuple):
@@ -109,6 +114,17 @@ def frozen(value: Any) -> Any:
         return FrozenDict((k, frozen(v)) for k, v in sorted(value.items()))
     hash(value)  # anything else must be hashable already (a TypeError names it)
     return value
+
+
+_SCALARS = frozenset({str, int, float, bool})
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """A dataclass' field names (None for other types), looked up once per class."""
+    if dataclasses.is_dataclass(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+    return None
 
 
 def _thaw(value: Any) -> Any:

@@ -12,8 +12,8 @@ import io
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.exception import InconsistentMessageReplies
 from torch import nn
 
 # RecordDict keys
@@ -57,24 +57,60 @@ def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
+def trusted(record_type: type, items: dict):
+    """A Flower record (ArrayRecord, MetricRecord, ConfigRecord) holding ``items`` as they are.
+
+    Flower's records type-check every key and value on insertion (`TypedDict.__setitem__`),
+    and ``ArrayRecord(dict)`` rebuilds each Array: together about a third of fedsim's cost per
+    client-round in the in-process runtime once the vectorized engine trains a round at once.
+    The values built here (str keys; records; `Array`s from `to_array`; Python ints and floats, made so
+    with ``int()``/``float()`` at the call site) cannot fail that check, so it is skipped. The
+    records stay ordinary Flower records: `tests/test_records.py` checks they equal the checked
+    construction and survive Flower's own message serialization, so a Flower change that breaks
+    this shows up there, not in a run.
+    """
+    record = record_type()
+    record.__dict__["_data"].update(items)
+    return record
+
+
 def to_array(values: np.ndarray) -> Array:
     """Flower's Array in Flower's format (.npy bytes), with a cached header.
 
     `Array(ndarray)` runs np.save through a BytesIO and `Array.numpy()` np.load: their
     header parsing was the largest Flower cost per client-round in the runtime benchmark.
+    The Array's fields are set as ``Array(dtype=, shape=, stype=, data=)`` sets them, without
+    re-checking the types it was just given (see `trusted`). ``np.require``, not
+    ``np.ascontiguousarray``: the latter turns a 0-d array (a step counter) into shape (1,).
     """
-    values = np.ascontiguousarray(values)
-    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype=NUMPY_STYPE,
-                 data=_npy_header(values.dtype.str, tuple(values.shape)) + values.tobytes())
+    if not values.flags.c_contiguous:
+        values = np.require(values, requirements="C")
+    shape = tuple(int(d) for d in values.shape)
+    array = Array.__new__(Array)
+    array.__dict__.update(dtype=_dtype_name(values.dtype), shape=shape, stype=NUMPY_STYPE,
+                          data=_npy_header(values.dtype.str, shape) + values.tobytes(), _is_dirty=True)
+    return array
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype: np.dtype) -> str:
+    return str(dtype)  # numpy builds this string anew on every call
 
 
 def from_array(array: Array) -> np.ndarray:
     """Read-only view of an Array's values (the .npy payload sits at the end of its bytes)."""
     if array.stype != NUMPY_STYPE:
         return array.numpy()
-    dtype = np.dtype(array.dtype)
-    nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
-    return np.frombuffer(array.data, dtype=dtype, offset=len(array.data) - nbytes).reshape(array.shape)
+    dtype, nbytes = _layout(array.dtype, array.shape)
+    data = array.data
+    return np.frombuffer(data, dtype=dtype, offset=len(data) - nbytes).reshape(array.shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(dtype: str, shape: tuple[int, ...]) -> tuple[np.dtype, int]:
+    """An Array's numpy dtype and payload size (parsing a dtype name is slow, and repeats)."""
+    parsed = np.dtype(dtype)
+    return parsed, int(np.prod(shape, dtype=np.int64)) * parsed.itemsize
 
 
 def federated_keys(model: nn.Module) -> list[str]:
@@ -85,10 +121,7 @@ def federated_keys(model: nn.Module) -> list[str]:
 
 def arrays_to_record(arrays: dict[str, Array]) -> ArrayRecord:
     """An ArrayRecord holding these Arrays as they are (``ArrayRecord(dict)`` rebuilds each one)."""
-    record = ArrayRecord()
-    for key, array in arrays.items():
-        record[key] = array
-    return record
+    return trusted(ArrayRecord, {str(k): v for k, v in arrays.items()})
 
 
 def model_to_record(model: nn.Module, keys: list[str] | None = None) -> ArrayRecord:
@@ -98,7 +131,7 @@ def model_to_record(model: nn.Module, keys: list[str] | None = None) -> ArrayRec
 
 
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: from_array(v) for k, v in record.items()}
+    return {k: from_array(v) for k, v in plain(record).items()}
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -124,17 +157,65 @@ def successful_replies(replies: list[Message] | tuple[Message, ...]) -> list[Mes
     return [r for r in replies if not r.has_error()]
 
 
+def plain(record: RecordDict | ArrayRecord | MetricRecord | ConfigRecord) -> dict:
+    """The plain dict inside a Flower record, to read without Flower's per-access overhead.
+
+    A record's Mapping methods run a ``typing.cast`` of a subscripted generic on every item,
+    and ``RecordDict.array_records``/``metric_records`` rebuild and re-check a new dict on
+    every access: at 100 clients a round, reading replies that way cost more than training
+    them. Read-only use; `tests/test_records.py` checks this agrees with the Mapping view.
+    """
+    return record.__dict__["_data"]
+
+
+def _only(content: RecordDict, record_type: type) -> list[tuple[str, object]]:
+    return [(k, v) for k, v in plain(content).items() if isinstance(v, record_type)]
+
+
+def check_replies(contents: list[RecordDict], weighted_by_key: str, check_arrayrecord: bool) -> None:
+    """Flower's `validate_message_reply_consistency`, check for check and message for message,
+    reading the records once each (`plain`) instead of through views rebuilt per access."""
+    if not contents:
+        return
+    if check_arrayrecord:
+        arrays = [_only(c, ArrayRecord) for c in contents]
+        if any(len(a) != 1 for a in arrays):
+            raise InconsistentMessageReplies(reason="Expected exactly one ArrayRecord in replies. "
+                                             "Skipping aggregation.")
+        record_key = arrays[0][0][0]
+        all_keys = set(plain(arrays[0][0][1]))
+        if any(set(plain(plain(c).get(record_key, ArrayRecord()))) != all_keys for c in contents[1:]):
+            raise InconsistentMessageReplies(reason="All ArrayRecords must have the same keys for aggregation. "
+                                             "This condition wasn't met. Skipping aggregation.")
+    metrics = [_only(c, MetricRecord) for c in contents]
+    if any(len(m) != 1 for m in metrics):
+        raise InconsistentMessageReplies(reason="Expected exactly one MetricRecord in replies, but found more. "
+                                         "Skipping aggregation.")
+    record_key = metrics[0][0][0]
+    all_keys = set(plain(metrics[0][0][1]))
+    if any(set(plain(plain(c).get(record_key, MetricRecord()))) != all_keys for c in contents[1:]):
+        raise InconsistentMessageReplies(reason="All MetricRecords must have the same keys for aggregation. "
+                                         "This condition wasn't met. Skipping aggregation.")
+    if weighted_by_key not in all_keys:
+        raise InconsistentMessageReplies(
+            reason=f"Missing required key `{weighted_by_key}` in the MetricRecord of reply messages. Cannot "
+                   "average ArrayRecords and MetricRecords. Skipping aggregation.")
+    if any(isinstance(plain(plain(c)[record_key])[weighted_by_key], list) for c in contents):
+        raise InconsistentMessageReplies(
+            reason=f"Key `{weighted_by_key}` in the MetricRecord of reply messages must be a single value "
+                   "(int or float), but a list was found. Skipping aggregation.")
+
+
 def model_views(replies: list[Message], weighted_by_key: str) -> list[RecordDict]:
     """Each reply's model ArrayRecord and MetricRecord alone, as new RecordDicts.
 
     Strategies whose replies carry extra arrays (SCAFFOLD's delta c_i) aggregate the model
     with Flower's helpers, which expect exactly one ArrayRecord: this view leaves the
-    replies themselves untouched. Checked with Flower's public consistency check.
+    replies themselves untouched. Checked like Flower's consistency check (`check_replies`).
     """
-    views = [RecordDict({ARRAYS: r.content.array_records[ARRAYS], METRICS: r.content.metric_records[METRICS]})
+    views = [trusted(RecordDict, {ARRAYS: plain(r.content)[ARRAYS], METRICS: plain(r.content)[METRICS]})
              for r in replies]
-    if views:
-        validate_message_reply_consistency(views, weighted_by_key, check_arrayrecord=True)
+    check_replies(views, weighted_by_key, check_arrayrecord=True)
     return views
 
 
@@ -142,23 +223,28 @@ def aggregate_train_replies(replies: list[Message], weighted_by_key: str, metric
                             ) -> tuple[ArrayRecord | None, object | None]:
     """Flower's FedAvg.aggregate_train, with arrays decoded as views (`from_array`) instead of
     Flower's per-array `np.load`, which parses a .npy header with `ast.literal_eval` for every
-    array of every reply. Same checks (`validate_message_reply_consistency`), same weights,
-    same accumulation order, so the result is bit-identical."""
+    array of every reply. Same checks (`check_replies`), same weights, same accumulation
+    order, so the result is bit-identical."""
     valid = successful_replies(list(replies))
     if not valid:
         return None, None
     contents = [r.content for r in valid]
-    validate_message_reply_consistency(contents, weighted_by_key, check_arrayrecord=True)
+    check_replies(contents, weighted_by_key, check_arrayrecord=True)
     averaged, metrics = weighted_average(contents, weighted_by_key, metrics_fn)
     return numpy_to_record(averaged), metrics
+
+
+def _one(content: RecordDict, record_type: type):
+    """The content's one record of this type (`check_replies` made sure there is one)."""
+    return next(v for v in plain(content).values() if isinstance(v, record_type))
 
 
 def weighted_average(contents: list[RecordDict], weighted_by_key: str, metrics_fn
                      ) -> tuple[dict[str, np.ndarray], object]:
     """The weighted mean of validated contents' one ArrayRecord each (`weighted_mean`) and
     their metrics (`metrics_fn`); shared by FedAvg's and SCAFFOLD's aggregation."""
-    weights = [float(next(iter(c.metric_records.values()))[weighted_by_key]) for c in contents]
-    arrays = [record_to_numpy(next(iter(c.array_records.values()))) for c in contents]
+    weights = [float(plain(_one(c, MetricRecord))[weighted_by_key]) for c in contents]
+    arrays = [record_to_numpy(_one(c, ArrayRecord)) for c in contents]
     return weighted_mean(arrays, weights), metrics_fn(contents, weighted_by_key)
 
 
@@ -166,7 +252,7 @@ def aggregate_metrics(contents: list[RecordDict], weighted_by_key: str) -> Metri
     """Flower's `aggregate_metricrecords` (weighted mean of every metric but the weight), summed
     in the same order in plain floats and put into one MetricRecord at the end, instead of
     re-validating the record on every client's every key."""
-    records = [next(iter(c.metric_records.values())) for c in contents]
+    records = [plain(_one(c, MetricRecord)) for c in contents]
     weights = [float(r[weighted_by_key]) for r in records]
     total = sum(weights)
     out: dict = {}

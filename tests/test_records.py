@@ -1,0 +1,98 @@
+"""fedsim's record helpers build ordinary Flower records, only faster.
+
+`records.trusted` and `records.to_array` skip Flower's per-item checks (the in-process
+runtime's largest cost per client-round once a round trains at once). These tests pin what
+that relies on: the records equal the checked construction, Flower's serialization reads them
+back unchanged, and `from_array` reads them as Flower's own `Array.numpy()` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+from fedsim import records as R
+
+ARRAYS = {"0.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "0.bias": np.array([1.5, -2.0], np.float64),
+          "steps": np.array(7, dtype=np.int64), "mask": np.ones((2, 0, 3), np.float32)}
+
+
+@pytest.mark.parametrize("key", sorted(ARRAYS))
+def test_to_array_equals_flowers_array(key: str) -> None:
+    values = ARRAYS[key]
+    fast, flower = R.to_array(values), Array(values)
+    assert fast.__dict__ == flower.__dict__  # dtype, shape, stype, data and the dirty flag
+    assert fast.object_id == flower.object_id
+    np.testing.assert_array_equal(fast.numpy(), values)
+    np.testing.assert_array_equal(R.from_array(flower), values)
+
+
+def test_trusted_records_equal_checked_ones_and_survive_serialization() -> None:
+    metrics = {"num-examples": 12, "epsilon": 1.25, "losses": [0.5, 0.25]}
+    config = {"sigma": [1.0, 1.0], "steps": [3, 4], "name": "x"}
+    fast = RecordDict({"arrays": R.numpy_to_record(ARRAYS), "metrics": R.trusted(MetricRecord, metrics),
+                       "config": R.trusted(ConfigRecord, config)})
+    checked = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in ARRAYS.items()}),
+                          "metrics": MetricRecord(metrics), "config": ConfigRecord(config)})
+    assert fast.metric_records["metrics"] == checked.metric_records["metrics"]
+    assert fast.config_records["config"] == checked.config_records["config"]
+    assert fast.array_records["arrays"].object_id == checked.array_records["arrays"].object_id
+    back = recorddict_from_proto(recorddict_to_proto(fast))
+    assert dict(back.metric_records["metrics"]) == metrics
+    assert dict(back.config_records["config"]) == config
+    for key, values in ARRAYS.items():
+        np.testing.assert_array_equal(back.array_records["arrays"][key].numpy(), values)
+
+
+def test_trusted_record_is_still_checked_on_later_writes() -> None:
+    record = R.trusted(MetricRecord, {"a": 1.0})
+    with pytest.raises(TypeError):
+        record["b"] = "not a metric"
+
+
+def _content(arrays: dict | None = None, metrics: dict | None = None, extra: dict | None = None) -> RecordDict:
+    records: dict = {}
+    if arrays is not None:
+        records["arrays"] = R.numpy_to_record(arrays)
+    if metrics is not None:
+        records["metrics"] = MetricRecord(metrics)
+    records.update(extra or {})
+    return RecordDict(records)
+
+
+GOOD = {"w": np.ones(2, np.float32)}
+CASES = {
+    "consistent": [_content(GOOD, {"n": 3}), _content(GOOD, {"n": 5})],
+    "two array records": [_content(GOOD, {"n": 3}, {"more": R.numpy_to_record(GOOD)})],
+    "no array record": [_content(None, {"n": 3})],
+    "array keys differ": [_content(GOOD, {"n": 3}), _content({"v": np.ones(2)}, {"n": 3})],
+    "two metric records": [_content(GOOD, {"n": 3}, {"m2": MetricRecord({"n": 1})})],
+    "metric keys differ": [_content(GOOD, {"n": 3}), _content(GOOD, {"n": 3, "loss": 1.0})],
+    "weight missing": [_content(GOOD, {"loss": 3.0})],
+    "weight is a list": [_content(GOOD, {"n": [1, 2]})],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("check_arrays", [True, False])
+def test_check_replies_agrees_with_flowers_check(case: str, check_arrays: bool) -> None:
+    from flwr.serverapp.exception import InconsistentMessageReplies
+    from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
+
+    def outcome(check) -> str:
+        try:
+            check(CASES[case], "n", check_arrayrecord=check_arrays)
+        except InconsistentMessageReplies as err:
+            return str(err)
+        return "ok"
+    expected = outcome(validate_message_reply_consistency)
+    assert outcome(R.check_replies) == expected
+    assert (expected == "ok") == (case == "consistent" or (not check_arrays and "array" in case))
+
+
+def test_plain_reads_what_the_mapping_view_reads() -> None:
+    content = _content(GOOD, {"n": 3}, {"c": ConfigRecord({"k": "v"})})
+    assert R.plain(content) == dict(content.items())
+    assert R.plain(content["metrics"]) == dict(content["metrics"].items())
