@@ -99,6 +99,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     from fedsim.partition import label_counts
 
+    if args.plot:
+        from fedsim.plots import check_plot_path
+
+        check_plot_path(args.plot)  # a bad extension is refused before any work
     cfg = _load(args)
     counts = label_counts(cfg)
     width = max(3, len(str(counts.max())))
@@ -111,7 +115,11 @@ def cmd_partition(args: argparse.Namespace) -> int:
     if args.plot:
         from fedsim.plots import plot_label_distribution
 
-        plot_label_distribution(cfg, counts, Path(args.plot))
+        try:
+            plot_label_distribution(cfg, counts, Path(args.plot))
+        except OSError as exc:
+            sys.stderr.write(f"error: partition: cannot write {exc.filename or args.plot}: {exc.strerror or exc}\n")
+            return 1
         print(f"plot: {args.plot}")
     return 0
 
@@ -147,19 +155,34 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedsim.report import plot, render, report
+    from fedsim.report import pivot_table, plot, render, report
 
-    where = [(key, value) for key, _, value in (item.partition("=") for item in args.where)]
-    table = report(args.path, group_by=args.group_by, best_per=args.best_per, where=where, pivot=args.pivot)
-    text = render(table, args.format)
-    if args.output:
-        Path(args.output).write_text(text)
-    else:
-        sys.stdout.write(text)
-    for name in table.attrs["unfinished"]:
-        sys.stderr.write(f"unfinished: {name}\n")
     if args.plot:
-        plot(table, args.plot)
+        from fedsim.plots import check_plot_path
+
+        check_plot_path(args.plot)  # a bad extension is refused before any work
+    where = [(key, value) for key, _, value in (item.partition("=") for item in args.where)]
+    table = report(args.path, group_by=args.group_by, best_per=args.best_per, where=where)
+    for entry in table.attrs["skipped"]:
+        sys.stderr.write(f"warning: skipped malformed run {entry}\n")
+    shown = table
+    if args.pivot:  # the plot keeps the long table: one row per setting
+        shown = pivot_table(table, args.pivot)
+        shown.attrs.update(table.attrs)
+    text = render(shown, args.format)
+    try:
+        if args.output:
+            Path(args.output).write_text(text)
+        else:
+            sys.stdout.write(text)
+        for name in table.attrs["unfinished"]:
+            sys.stderr.write(f"unfinished: {name}\n")
+        if args.plot:
+            plot(table, args.plot, log_epsilon=args.log_epsilon)
+    except OSError as exc:
+        sys.stderr.write(f"error: report: cannot write {exc.filename or args.output or args.plot}: "
+                         f"{exc.strerror or exc}\n")
+        return 1
     return 0
 
 
@@ -206,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  fedsim partition --dataset digits --partitioner dirichlet "
                               "--alpha 0.1 --num-clients 20 --plot labels.png")
     _add_config_flags(p)
-    p.add_argument("--plot", metavar="FILE.png", help="write a per-client label distribution plot")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="write stacked bars of each client's label counts (target deciles for regression; "
+                        ".png, .pdf, .svg, ...)")
     p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("datasets", help="list the built-in datasets", formatter_class=_formatter,
@@ -256,11 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="privacy-utility table from runs", formatter_class=_formatter,
                        description="Aggregate run directories (over seeds) into a privacy-utility table.",
-                       epilog="example:\n  fedsim report sweeps/privacy-utility --format md --plot pu.png")
+                       epilog="examples:\n  fedsim report sweeps/privacy-utility --format md --plot pu.png\n"
+                              "  fedsim report sweeps/privacy-utility --plot pu.pdf --log-epsilon\n"
+                              "  fedsim report sweeps/my-alpha-sweep --group-by data.alpha --plot alpha.png")
     p.add_argument("path", help="a run directory or a sweep directory")
     p.add_argument("--format", default="md", choices=("md", "csv", "latex", "json"), help="table format")
     p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    p.add_argument("--plot", metavar="FILE.png", help="metric against epsilon, one line per strategy")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="final metric against epsilon, one line per strategy and --group-by value, with "
+                        "95%% CI bands and dashed non-private references (.png, .pdf, .svg, ...)")
+    p.add_argument("--log-epsilon", action="store_true", help="--plot with a logarithmic epsilon axis")
     p.add_argument("--group-by", default="", metavar="KEYS",
                    help="extra config keys that split rows, e.g. data.alpha,data.dataset")
     p.add_argument("--best-per", default="", metavar="KEYS",

@@ -31,7 +31,7 @@ import pandas as pd
 import tomllib
 
 from fedsim.errors import FedsimError
-from fedsim.results import CONFIG_TOML, read_summary
+from fedsim.results import CONFIG_TOML, SUMMARY_JSON
 
 FORMATS = ("md", "csv", "latex", "json")
 Where = Mapping[str, Any] | Sequence[tuple[str, Any]]
@@ -58,44 +58,127 @@ def find_runs(path: Path) -> list[Path]:
     return sorted(p.parent for p in path.rglob(CONFIG_TOML))
 
 
+# Config keys `build_table` reads: a run whose config.toml lacks one is malformed.
+REQUIRED_CONFIG = ("strategy.name", "privacy.noise_multiplier", "privacy.target_epsilon",
+                   "privacy.user_noise_multiplier", "privacy.user_target_epsilon", "federation.rounds",
+                   "federation.num_clients", "federation.clients_per_round")
+# Keys of a finished summary.json that must hold a number (NaN allowed: a diverged run).
+REQUIRED_NUMBERS = ("final_metric", "best_metric")
+
+
+class MalformedRun(Exception):
+    """A run directory that cannot be read: the message says which file and why."""
+
+
+def _epsilon(value: Any) -> float:
+    """An epsilon as summary.json holds it: a number, Infinity, or null/"inf" for "no
+    guarantee" (writers differ; both mean epsilon = inf)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("inf", "infinity")):
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MalformedRun(f"summary.json: epsilon {value!r} is not a number")
+    return float(value)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MalformedRun(f"{path.name} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MalformedRun(f"{path.name} cannot be read ({exc})") from None
+    if not isinstance(data, dict):
+        raise MalformedRun(f"{path.name} holds a {type(data).__name__}, not an object")
+    return data
+
+
+def _level(summary: dict, key: str) -> dict:
+    value = summary.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedRun(f"summary.json: {key} is not an object")
+    return value
+
+
+def read_run(run: Path, summary: dict) -> dict:
+    """One table row from a finished run's summary and config.toml; `MalformedRun` names
+    the file and the key when either lacks what the table needs."""
+    missing = [k for k in ("metric_name", *REQUIRED_NUMBERS) if k not in summary]
+    if missing:
+        raise MalformedRun(f"summary.json lacks {', '.join(missing)}")
+    try:
+        cfg = _flatten(tomllib.loads((run / CONFIG_TOML).read_text()))
+    except tomllib.TOMLDecodeError as exc:
+        raise MalformedRun(f"config.toml is not valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MalformedRun(f"config.toml cannot be read ({exc})") from None
+    lacking = [k for k in REQUIRED_CONFIG if k not in cfg]
+    if lacking:
+        raise MalformedRun(f"config.toml lacks {', '.join(lacking)}")
+    sample, user, label = _level(summary, "sample_level"), _level(summary, "user_level"), _level(summary, "label_level")
+    private = bool(sample.get("accountant"))
+    return {**cfg, "run": run.name, "metric_name": str(summary["metric_name"]),
+            "final_metric": _number(summary["final_metric"], "final_metric"),
+            "best_metric": _number(summary["best_metric"], "best_metric"),
+            "sample_epsilon": _epsilon(sample.get("epsilon_max")) if private else math.inf,
+            "sample_accountant": sample.get("accountant") or "",
+            "user_epsilon": _epsilon(user.get("epsilon")) if user else None,
+            "user_accountant": user.get("accountant", "") if user else "",
+            "label_epsilon": _epsilon(label.get("epsilon")) if label else None,
+            "label_accountant": label.get("accountant", "") if label else "",
+            "delta": _number(sample.get("delta"), "sample_level.delta")}
+
+
+def _number(value: Any, key: str) -> float:
+    """A number of summary.json, NaN where it is absent (null)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MalformedRun(f"summary.json: {key} = {value!r} is not a number")
+    return float(value)
+
+
 def load_runs(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """One row per finished run (its flattened config plus the summary's metrics and
     epsilons); plus the names of runs that are missing or unfinished, so that a caller can
-    say which cells a table lacks."""
+    say which cells a table lacks. Malformed runs (a non-JSON summary, missing keys, an
+    unreadable config) are skipped, so one bad directory never hides the others; the
+    frame's ``attrs["skipped"]`` lists them as "name: why"."""
     from fedsim.sweep import read_manifest
 
     path = Path(path)
     if not path.exists():
         raise FedsimError(f"report: {path} does not exist")
-    rows, unfinished = [], []
+    rows, unfinished, skipped = [], [], []
     for run in find_runs(path):
-        summary = read_summary(run)
-        if not summary or summary.get("status") != "finished":
-            unfinished.append(f"{run.name} ({summary.get('status', 'no summary') if summary else 'no summary'})")
+        summary_path = run / SUMMARY_JSON
+        if not summary_path.is_file():
+            unfinished.append(f"{run.name} (no summary)")
             continue
-        cfg = _flatten(tomllib.loads((run / CONFIG_TOML).read_text()))
-        sample, user = summary.get("sample_level") or {}, summary.get("user_level") or {}
-        rows.append({**cfg, "run": run.name, "metric_name": summary["metric_name"],
-                     "final_metric": summary["final_metric"], "best_metric": summary["best_metric"],
-                     "sample_epsilon": sample.get("epsilon_max") if sample.get("accountant") else math.inf,
-                     "sample_accountant": sample.get("accountant") or "",
-                     "user_epsilon": user.get("epsilon") if user else None,
-                     "user_accountant": user.get("accountant", "") if user else "",
-                     "label_epsilon": (summary.get("label_level") or {}).get("epsilon"),
-                     "label_accountant": (summary.get("label_level") or {}).get("accountant", ""),
-                     "delta": sample.get("delta")})
+        try:
+            summary = _read_json(summary_path)
+            if summary.get("status") != "finished":
+                unfinished.append(f"{run.name} ({summary.get('status', 'no status')})")
+                continue
+            rows.append(read_run(run, summary))
+        except MalformedRun as exc:
+            skipped.append(f"{run.name}: {exc}")
     manifest = read_manifest(path) if path.is_dir() else None
     if manifest:
-        present = {r["run"] for r in rows} | {u.split(" (")[0] for u in unfinished}
+        present = {r["run"] for r in rows} | {u.split(" (")[0] for u in unfinished} | \
+                  {s.split(": ")[0] for s in skipped}
         unfinished += [f"{name} (not started)" for name in manifest if name not in present]
     if not rows:
-        raise FedsimError(f"report: no finished runs under {path}" +
-                          (f" ({len(unfinished)} unfinished)" if unfinished else ""))
+        notes = [f"{len(unfinished)} unfinished"] if unfinished else []
+        notes += [f"{len(skipped)} malformed, e.g. {skipped[0]}"] if skipped else []
+        raise FedsimError(f"report: no finished runs under {path}" + (f" ({'; '.join(notes)})" if notes else ""))
     frame = pd.DataFrame(rows)
     names = frame["metric_name"].unique()
     if len(names) > 1:
         raise FedsimError(f"report: runs have incompatible metrics ({', '.join(names)}); "
                           f"report them separately")
+    frame.attrs["skipped"] = skipped
     return frame, unfinished
 
 
@@ -115,7 +198,10 @@ def build_table(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
     """The privacy-utility table, numbers already rounded for display."""
     is_acc = frame["metric_name"].iloc[0] == "accuracy"
     scale, digits = (100.0, 1) if is_acc else (1.0, 4)
-    extra = [k for k in group_by if k in frame]
+    unknown = [k for k in group_by if k not in frame]
+    if unknown:
+        raise FedsimError(f"report: --group-by key {unknown[0]!r} is not a config key of these runs")
+    extra = list(group_by)
     frame = frame.assign(
         _sigma=frame["privacy.noise_multiplier"].where(frame["privacy.target_epsilon"] <= 0, -1.0),
         _user_sigma=frame["privacy.user_noise_multiplier"].where(frame["privacy.user_target_epsilon"] <= 0, -1.0))
@@ -230,46 +316,29 @@ def to_latex(table: pd.DataFrame) -> str:
                       *body, r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
-def to_json(table: pd.DataFrame, unfinished: list[str]) -> str:
+def to_json(table: pd.DataFrame, unfinished: list[str], skipped: Sequence[str] = ()) -> str:
     records = [{k: (None if isinstance(v, float) and math.isnan(v) else
                     ("inf" if isinstance(v, float) and math.isinf(v) else v))
                 for k, v in row.items()} for row in table.to_dict("records")]
-    return json.dumps({"rows": records, "unfinished": unfinished}, indent=2, default=str) + "\n"
+    return json.dumps({"rows": records, "unfinished": unfinished, "skipped": list(skipped)}, indent=2,
+                      default=str) + "\n"
 
 
 def to_csv(table: pd.DataFrame) -> str:
     return table.to_csv(index=False)
 
 
-def plot(table: pd.DataFrame, path: str | Path) -> None:
-    """Metric against sample-level epsilon, one line per strategy, with a 95% CI band.
-    The non-private reference (epsilon = inf) is a dashed horizontal line."""
-    import matplotlib
+def plot(table: pd.DataFrame, path: str | Path | None = None, *, log_epsilon: bool = False):
+    """Final metric against epsilon, one line per strategy and --group-by values, each with
+    its 95% CI band and its non-private reference (dashed, same colour); see
+    `fedsim.plots.privacy_utility_figure`. Returns the matplotlib Figure (shown inline in a
+    notebook) and writes it to `path` (.png, .pdf, .svg, ...) when given."""
+    from fedsim.plots import privacy_utility_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = next(c for c in table.columns if c.startswith("final_"))
-    eps_col = "sample_epsilon" if np.isfinite(table["sample_epsilon"]).any() else "user_epsilon"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (strategy, sub) in enumerate(table.groupby("strategy")):
-        color = f"C{i}"
-        finite = sub[np.isfinite(sub[eps_col].astype(float))].sort_values(eps_col)
-        ci = finite["ci95"].fillna(0)
-        ax.plot(finite[eps_col], finite[metric], "o-", color=color, label=strategy)
-        ax.fill_between(finite[eps_col], finite[metric] - ci, finite[metric] + ci, color=color, alpha=0.2)
-        ref = sub[~np.isfinite(sub[eps_col].astype(float))]
-        if len(ref):
-            ax.axhline(float(ref[metric].iloc[0]), color=color, ls="--", lw=1)
-    ax.set_xlabel(f"{eps_col.replace('_', ' ')} (delta = {table['delta'].iloc[0]:g})")
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title("privacy-utility (dashed: non-private)")
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig = privacy_utility_figure(table, log_epsilon=log_epsilon)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
 
 
 def _keys(keys: str | Sequence[str]) -> list[str]:
@@ -312,10 +381,12 @@ def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: st
     one column per value of this table column (e.g. "strategy") holding "final ± ci95".
 
     The numbers are already rounded for display. ``table.attrs`` holds ``unfinished`` (runs
-    missing from the table, as "name (status)") and ``metric_name``, which `render` uses.
+    missing from the table, as "name (status)"), ``skipped`` (malformed runs left out, as
+    "name: why"), ``metric_name`` and ``group_by``, which `render` and `plot` use.
     Raises `FedsimError` for a missing path, no finished runs, mixed metrics or a bad key.
     """
     frame, unfinished = load_runs(path)
+    skipped = list(frame.attrs.get("skipped", []))
     if where:
         frame = apply_filters(frame, where)
     metric_name = str(frame["metric_name"].iloc[0])
@@ -324,7 +395,8 @@ def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: st
         table = best_rows(table, _keys(best_per))
     if pivot:
         table = pivot_table(table, pivot)
-    table.attrs.update(unfinished=list(unfinished), metric_name=metric_name)
+    table.attrs.update(unfinished=list(unfinished), skipped=skipped, metric_name=metric_name,
+                       group_by=_keys(group_by))
     return table
 
 
@@ -346,4 +418,4 @@ def render(table: pd.DataFrame, fmt: str = "md", unfinished: list[str] | None = 
         return to_csv(table)
     if fmt == "latex":
         return to_latex(table)
-    return to_json(table, unfinished)
+    return to_json(table, unfinished, table.attrs.get("skipped", []))
