@@ -432,7 +432,8 @@ def read_user_file(cfg: DataConfig, encoding: Encoding | None = None) -> Rows:
     if _column_kind(label) == "numeric":
         _refuse_infinite(f"label column {cfg.label_column!r}", label.to_numpy(np.float64, na_value=np.nan),
                          source, "data.label_column")
-    used = [*features, cfg.label_column] + ([group_column] if group_column else [])
+    used_columns = {*features, cfg.label_column} | ({group_column} if group_column else set())
+    used = [c for c in frame.columns if c in used_columns]  # reported in the file's order
     keep = _apply_missing_policy(len(frame), {c: _missing_mask(frame[c]) for c in used}, cfg.missing,
                                  source, "data.path")
     if keep is not None:
