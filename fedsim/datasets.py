@@ -364,6 +364,53 @@ def _labels_of(values: Any) -> np.ndarray:
     return category_text(y)
 
 
+def _feature_columns(frame: Any, cfg: DataConfig, encoding: Encoding | None, source: str,
+                     group_column: str) -> tuple[list[str], list[str]]:
+    """(feature columns, the categorical ones among them) of a table.
+
+    The experiment's own file: every column but the label and the natural-id column, each
+    categorical or numeric by its type. A data holder's file: the experiment's columns."""
+    if cfg.text_column:
+        return [cfg.text_column], []
+    if encoding is not None:
+        if not encoding.columns:
+            raise ConfigError(f"data.path: {source} is a table, but the experiment's inputs are not the columns "
+                              f"of a table (its data is an NPZ file or a built-in dataset)")
+        absent = [c for c in encoding.columns if c not in frame.columns]
+        if absent:
+            raise ConfigError(f"data.path: {source} lacks the experiment's feature column(s) "
+                              f"{', '.join(map(repr, absent))}")
+        return list(encoding.columns), [c for c, _ in encoding.categories]
+    features = [c for c in frame.columns if c not in (cfg.label_column, group_column)]
+    if not features:
+        raise ConfigError(f"data.path: {source} has no feature columns besides the label {cfg.label_column!r}")
+    kinds = {c: _column_kind(frame[c]) for c in features}
+    unsupported = [c for c in features if kinds[c] is None]
+    if unsupported:
+        column = unsupported[0]
+        raise ConfigError(f"data.path: column {column!r} of {source} has type {frame[column].dtype}; fedsim "
+                          f"reads numeric, string, categorical and boolean columns (convert it, or remove it "
+                          f"from the file)")
+    return features, [c for c in features if kinds[c] == "categorical"]
+
+
+def _check_numeric(frame: Any, column: str, source: str) -> None:
+    """A numeric feature column: real numbers (a data holder's column that its file typed
+    otherwise is converted, or refused naming a value), none infinite."""
+    import pandas as pd
+
+    if _column_kind(frame[column]) != "numeric":
+        present = ~_missing_mask(frame[column])
+        values = pd.to_numeric(frame[column].where(present), errors="coerce")
+        bad = frame[column][values.isna() & present]
+        if len(bad):
+            raise ConfigError(f"data.path: feature column {column!r} of {source} holds {bad.iloc[0]!r}; "
+                              f"the experiment's column is numeric")
+        frame[column] = values
+    _refuse_infinite(f"feature column {column!r}", frame[column].to_numpy(np.float64, na_value=np.nan),
+                     source, "data.path")
+
+
 def read_user_file(cfg: DataConfig, encoding: Encoding | None = None) -> Rows:
     """A user file's rows, checked and with the missing-value policy applied, not yet encoded.
 
@@ -374,6 +421,8 @@ def read_user_file(cfg: DataConfig, encoding: Encoding | None = None) -> Rows:
     values are handled by ``data.missing``; anything fedsim cannot train on is refused with one
     line naming the file.
     """
+    import pandas as pd
+
     path = Path(cfg.path)
     if not path.is_file():
         raise ConfigError(f"data.path: file not found: {path}")
@@ -393,57 +442,21 @@ def read_user_file(cfg: DataConfig, encoding: Encoding | None = None) -> Rows:
     group_column = cfg.natural_id_column if cfg.partitioner == "natural-id" else ""
     if group_column and group_column not in frame.columns:
         raise ConfigError(f"data.natural_id_column: {group_column!r} is not a column of {source}")
-    if cfg.text_column:
-        features, categorical = [cfg.text_column], []
-    elif encoding is not None and encoding.columns:
-        absent = [c for c in encoding.columns if c not in frame.columns]
-        if absent:
-            raise ConfigError(f"data.path: {source} lacks the experiment's feature column(s) "
-                              f"{', '.join(map(repr, absent))}")
-        features, categorical = list(encoding.columns), [c for c, _ in encoding.categories]
-    elif encoding is not None:
-        raise ConfigError(f"data.path: {source} is a table, but the experiment's inputs are not the columns "
-                          f"of a table (its data is an NPZ file or a built-in dataset)")
-    else:
-        features = [c for c in frame.columns if c not in (cfg.label_column, group_column)]
-        if not features:
-            raise ConfigError(f"data.path: {source} has no feature columns besides the label {cfg.label_column!r}")
-        unsupported = [c for c in features if _column_kind(frame[c]) is None]
-        if unsupported:
-            column = unsupported[0]
-            raise ConfigError(f"data.path: column {column!r} of {source} has type {frame[column].dtype}; "
-                              f"fedsim reads numeric, string, categorical and boolean columns (convert it, or "
-                              f"remove it from the file)")
-        categorical = [c for c in features if _column_kind(frame[c]) == "categorical"]
-    numeric = [c for c in features if c not in categorical and c != cfg.text_column]
-    for column in numeric:
-        if _column_kind(frame[column]) != "numeric":  # a data holder's column the experiment reads as numbers
-            import pandas as pd
-
-            values = pd.to_numeric(frame[column].where(~_missing_mask(frame[column])), errors="coerce")
-            bad = frame[column][values.isna() & ~_missing_mask(frame[column])]
-            if len(bad):
-                raise ConfigError(f"data.path: feature column {column!r} of {source} holds {bad.iloc[0]!r}; "
-                                  f"the experiment's column is numeric")
-            frame[column] = values
-        _refuse_infinite(f"feature column {column!r}", frame[column].to_numpy(np.float64, na_value=np.nan),
-                         source, "data.path")
+    features, categorical = _feature_columns(frame, cfg, encoding, source, group_column)
+    for column in features:
+        if column not in categorical and column != cfg.text_column:
+            _check_numeric(frame, column, source)
     label = frame[cfg.label_column]
     if _column_kind(label) == "numeric":
         _refuse_infinite(f"label column {cfg.label_column!r}", label.to_numpy(np.float64, na_value=np.nan),
                          source, "data.label_column")
-    used_columns = {*features, cfg.label_column} | ({group_column} if group_column else set())
-    used = [c for c in frame.columns if c in used_columns]  # reported in the file's order
-    keep = _apply_missing_policy(len(frame), {c: _missing_mask(frame[c]) for c in used}, cfg.missing,
-                                 source, "data.path")
+    used = {*features, cfg.label_column, group_column}
+    missing = {c: _missing_mask(frame[c]) for c in frame.columns if c in used}  # in the file's order
+    keep = _apply_missing_policy(len(frame), missing, cfg.missing, source, "data.path")
     if keep is not None:
         frame = frame[keep].reset_index(drop=True)
     y = _labels_of(frame[cfg.label_column].to_numpy())
-    groups = None
-    if group_column:
-        import pandas as pd
-
-        groups = pd.factorize(frame[group_column])[0]
+    groups = pd.factorize(frame[group_column])[0] if group_column else None
     if cfg.text_column:
         texts = frame[cfg.text_column].astype(str).tolist()
         x = tokenize(texts, resolve_model_dir(cfg.tokenizer, "data.tokenizer"), cfg.max_length)

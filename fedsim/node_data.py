@@ -110,8 +110,9 @@ def node_data(cfg: Config, node_config: Mapping, data: Dataset | None = None) ->
         # The same reading, missing-value policy and encoding as the server's (`fedsim.datasets`).
         rows = read_user_file(replace(cfg.data, dataset="file", path=path, partitioner="iid"), data.encoding)
         x = encode(rows.features, data.encoding)
-        if x[0].size != data.num_features:
-            raise ConfigError(f"data.path: {path} gives {x[0].size} inputs per row; the experiment's model "
+        width = int(np.prod(x.shape[1:]))
+        if width != data.num_features:
+            raise ConfigError(f"data.path: {path} gives {width} inputs per row; the experiment's model "
                               f"takes {data.num_features}")
         if data.task == "classification":
             ids = {v: i for i, v in enumerate(data.label_values)}
