@@ -43,6 +43,8 @@ class DataConfig:
     dataset: str = param("digits", "built-in dataset name, or 'file' to read data.path", choices=DATASETS)
     path: str = param("", "CSV, Parquet or NPZ file when dataset = 'file'")
     label_column: str = param("label", "label column of a user file")
+    missing: str = param("drop", "rows with a missing value (NaN, None, empty string) in a used column: drop them "
+                         "(one log line with the count per column) or refuse the data", choices=("drop", "error"))
     classes: list[int] = param([], "keep only these classes (relabelled 0..C-1); empty = all")
     task: str = param("auto", "classification or regression; auto infers it",
                    choices=("auto", "classification", "regression"))

@@ -3,12 +3,23 @@
 Everything here works offline: the built-ins ship inside scikit-learn or are
 generated. A dataset is loaded once per process and cached (`fedsim.caches`), because
 every simulated client of a run reads the same arrays and only keeps its indices.
+
+A user file (CSV, Parquet, NPZ) is prepared in one place, for the server and for a data
+holder that trains on its own file (`fedsim.node_data`) alike: `read_user_file` reads it,
+refuses what cannot be trained on and applies the missing-value policy (`data.missing`);
+`encode` turns its rows into model inputs with an `Encoding` (numeric columns standardized,
+categorical columns one-hot). The server fits the encoding on the training split only
+(`fit_encoding`), so nothing of the test split leaks into the inputs, and sends it to data
+holders, so identical rows become identical inputs wherever they are read.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +27,36 @@ from fedsim.caches import Snapshot, cached, frozen
 from fedsim.config import DataConfig
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.text import resolve_model_dir, tokenize, topic_corpus
+
+log = logging.getLogger("fedsim")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How raw feature columns become model inputs; fitted on the training split.
+
+    ``columns`` are the file's feature columns in input order: the numeric ones, then the
+    categorical ones, which ``categories`` lists with the categories the training split holds
+    (sorted). The inputs are the numeric columns, then one 0/1 input per (column, category),
+    the layout and names of ``pandas.get_dummies``; a category the training split never saw
+    encodes as all zeros. ``shift`` and ``scale`` standardize every input, (x - shift) / scale:
+    the training mean and std for numeric inputs, 0 and 1 for one-hot inputs. An NPZ file or a
+    built-in has no columns: its array is the input (standardized where ``shift`` is set).
+    """
+
+    columns: tuple[str, ...] = ()
+    categories: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    shift: np.ndarray | None = field(default=None, repr=False)
+    scale: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def numeric(self) -> tuple[str, ...]:
+        return self.columns[:len(self.columns) - len(self.categories)]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """One name per model input: the numeric column, or ``column_category`` (pandas' naming)."""
+        return self.numeric + tuple(f"{col}_{cat}" for col, cats in self.categories for cat in cats)
 
 
 @dataclass(frozen=True)
@@ -32,18 +73,33 @@ class Dataset:
     input_shape: tuple[int, ...]  # per-sample shape, e.g. (1, 8, 8) for digits
     groups_train: np.ndarray | None = field(default=None, repr=False)  # natural client ids
     tokenizer: str = ""  # text data: the model directory that tokenized it (hf-text's default model)
-    # How raw file rows become model inputs, so a data holder can transform its own file the
-    # same way (`fedsim.node_data`): feature columns, standardization, original label values.
-    feature_columns: tuple[str, ...] = ()
-    x_shift: np.ndarray | None = field(default=None, repr=False)
-    x_scale: np.ndarray | None = field(default=None, repr=False)
+    # How raw rows become model inputs and labels, so that a data holder can transform its own
+    # file the same way (`fedsim.node_data`): the feature encoding, the target's standardization
+    # (regression) and the original label of class 0, 1, ... (classification).
+    encoding: Encoding = field(default_factory=Encoding, repr=False)
     y_shift: float = 0.0
     y_scale: float = 1.0
-    label_values: tuple[str, ...] = ()  # classification: original label of class 0, 1, ...
+    label_values: tuple[str, ...] = ()
 
     @property
     def num_features(self) -> int:
         return int(np.prod(self.input_shape))
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A dataset's rows before the split and the encoding: a table of raw feature columns
+    (CSV, Parquet) or an array (NPZ, built-ins, tokenized text), labels and natural client ids."""
+
+    features: Any  # pandas.DataFrame or np.ndarray
+    y: np.ndarray
+    groups: np.ndarray | None = None
+    categorical: tuple[str, ...] = ()  # table columns that are one-hot encoded
+
+    def take(self, rows: np.ndarray) -> Rows:
+        features = self.features.iloc[rows] if _is_table(self.features) else self.features[rows]
+        groups = self.groups[rows] if self.groups is not None else None
+        return Rows(features, self.y[rows], groups, self.categorical)
 
 
 BUILTIN_DESCRIPTIONS = {
@@ -58,14 +114,29 @@ BUILTIN_DESCRIPTIONS = {
 }
 
 
-def _split(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, test_fraction: float,
-           seed: int) -> tuple:
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(y))
-    n_test = max(1, int(round(test_fraction * len(y))))
-    test, train = order[:n_test], np.sort(order[n_test:])
-    g = groups[train] if groups is not None else None
-    return x[train], y[train], x[test], y[test], g
+# Central evaluation needs this many held-out samples at least (and one per class): with 4,
+# a model guessing at random scores 100% on a binary task with probability 2^-4 = 6%, with 5
+# it is 3%, below the usual 5%; and with fewer samples than classes some class cannot occur.
+MIN_TEST_SAMPLES = 5
+
+
+def _split_rows(n: int, test_fraction: float, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) row indices: a seeded permutation, the first round(fraction * n) rows held out.
+
+    A test split too small to tell a trained model from chance is refused, with the
+    fraction that would do."""
+    need = max(MIN_TEST_SAMPLES, num_classes)
+    n_test = int(round(test_fraction * n))
+    if n_test < need:
+        fraction = math.ceil(need / n * 1000) / 1000 if n else math.inf
+        fix = (f"set data.test_fraction >= {fraction}" if fraction <= 0.5
+               else "the data has too few rows for a meaningful held-out split")
+        raise ConfigError(f"data.test_fraction: {test_fraction} of {n} samples holds out {n_test}; central "
+                          f"evaluation needs at least {need} = max({MIN_TEST_SAMPLES}, classes) test samples "
+                          f"(with fewer, some class cannot occur or chance alone scores 100% more than 5% "
+                          f"of the time); {fix}")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_test:]), order[:n_test]
 
 
 def _standardize(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,49 +179,333 @@ def linear_gaussian(n: int, dim: int, noise: float, seed: int):
     return x, y.astype(np.float32)
 
 
-def read_user_file(cfg: DataConfig, feature_columns: tuple[str, ...] = ()):
-    """(x, y, groups, feature column names) of a CSV, Parquet or NPZ file, unprocessed.
+# --------------------------------------------------------------------------- user files
 
-    `feature_columns` (a data holder's file) selects exactly the experiment's features."""
+def _is_table(features: Any) -> bool:
+    return hasattr(features, "columns")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    return str(value)
+
+
+def category_text(values: Any) -> np.ndarray:
+    """Each value as the text that names its category or class, whatever type a file gave it:
+    2, 2.0 and '2' are all '2', True is 'True'. The server and data holders match categories
+    and labels by this text, since one file may read a column as numbers and another as text."""
+    import pandas as pd
+
+    codes, uniques = pd.factorize(pd.Series(values), use_na_sentinel=True)
+    texts = np.array([_text(u) for u in uniques] + ["nan"], dtype=object)
+    return texts[codes]  # a missing value (code -1) reads 'nan'; the missing policy ran before
+
+
+def _column_kind(series: Any) -> str | None:
+    """'numeric', 'categorical' (strings, pandas categoricals, booleans) or None (not supported)."""
+    import pandas as pd
+    from pandas.api import types
+
+    dtype = series.dtype
+    if (types.is_bool_dtype(dtype) or isinstance(dtype, pd.CategoricalDtype)
+            or types.is_string_dtype(dtype) or types.is_object_dtype(dtype)):
+        return "categorical"
+    if types.is_numeric_dtype(dtype) and not types.is_complex_dtype(dtype):
+        return "numeric"
+    return None
+
+
+def _missing_mask(series: Any) -> np.ndarray:
+    """Rows where a column has no value: NaN, None, NA, NaT, or an empty / blank string."""
+    import pandas as pd
+
+    if _column_kind(series) == "numeric":
+        return series.isna().to_numpy()
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    blank = np.array([isinstance(u, str) and not u.strip() for u in uniques] + [True], dtype=bool)
+    return blank[codes]  # code -1 (NA) indexes the trailing True
+
+
+def _apply_missing_policy(n: int, masks: dict[str, np.ndarray], policy: str, source: str,
+                          what: str) -> np.ndarray | None:
+    """The rows to keep under ``data.missing`` (None: every row is complete).
+
+    ``masks`` maps each used column to its rows without a value. "drop" keeps the complete
+    rows and says so in one log line with the count per column; "error" refuses in one line."""
+    incomplete = np.zeros(n, bool)
+    for mask in masks.values():
+        incomplete |= mask
+    dropped = int(incomplete.sum())
+    if dropped == 0:
+        return None
+    counts = [f"{name} {int(mask.sum())}" for name, mask in masks.items() if mask.any()]
+    if len(counts) > 10:
+        counts = counts[:10] + [f"and {len(counts) - 10} more columns"]
+    per_column = ", ".join(counts)
+    if policy == "error":
+        raise ConfigError(f"data.missing: {source} has missing values (NaN, None or empty) in {dropped} of {n} "
+                          f"rows, per column: {per_column}; fill them in, or set data.missing = \"drop\" to "
+                          f"drop those rows")
+    if dropped == n:
+        raise ConfigError(f"{what}: every row of {source} has a missing value (per column: {per_column}); "
+                          f"nothing is left to train on")
+    log.warning("data: dropped %d of %d rows of %s with missing values (per column: %s); "
+                "data.missing = \"error\" refuses them instead", dropped, n, source, per_column)
+    return ~incomplete
+
+
+def _refuse_infinite(name: str, values: np.ndarray, source: str, what: str) -> None:
+    if np.issubdtype(values.dtype, np.floating):
+        bad = int(np.isinf(values).sum())
+        if bad:
+            raise ConfigError(f"{what}: {name} of {source} holds {bad} infinite value(s); fedsim needs finite "
+                              f"numbers (replace them, or leave the cells empty to count them as missing)")
+
+
+def _array_masks(x: np.ndarray, y: np.ndarray, x_name: str = "x", y_name: str = "y") -> dict[str, np.ndarray]:
+    """The missing values of an array dataset: NaN per feature, NaN or an empty string per label."""
+    masks: dict[str, np.ndarray] = {}
+    flat = x.reshape(len(x), -1)
+    if np.issubdtype(flat.dtype, np.floating):
+        nan = np.isnan(flat)
+        for j in np.flatnonzero(nan.any(0)):
+            masks[f"{x_name}[:, {j}]"] = nan[:, j]
+    if np.issubdtype(y.dtype, np.floating):
+        masks[y_name] = np.isnan(y)
+    elif not np.issubdtype(y.dtype, np.number) and y.dtype != bool:
+        import pandas as pd
+
+        masks[y_name] = _missing_mask(pd.Series(y, dtype=object))
+    return masks
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays 'x', 'y' and (optional) 'group' of an NPZ file, loaded without pickle."""
+    import zipfile
+    import zlib
+
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"data.path: {path} is not an NPZ file (not a zip archive of .npy arrays)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = {k.lower(): k for k in archive.files}
+            if "x" not in keys or "y" not in keys:
+                raise ConfigError(f"data.path: an NPZ file needs arrays 'x' and 'y' ({path} has "
+                                  f"{', '.join(archive.files) or 'none'})")
+            return {k: archive[keys[k]] for k in ("x", "y", "group") if k in keys}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ConfigError(f"data.path: {path} holds pickled Python objects (an object array); fedsim loads "
+                              f"NPZ files with allow_pickle=False: save arrays of numbers or strings") from None
+        raise ConfigError(f"data.path: {path} is a corrupt NPZ file ({_first_line(exc)})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise ConfigError(f"data.path: {path} is a corrupt NPZ file ({_first_line(exc)})") from None
+
+
+def _npz_rows(cfg: DataConfig, path: Path) -> Rows:
+    arrays = _npz_arrays(path)
+    x, y = arrays["x"], arrays["y"]
+    if len(x) != len(y) or x.ndim == 0 or y.ndim != 1:
+        raise ConfigError(f"data.path: {path} needs x with one row per sample and a 1-d y of the same length "
+                          f"(x has shape {x.shape}, y {y.shape})")
+    if len(y) == 0:
+        raise ConfigError(f"data.path: {path} has no rows (x and y are empty)")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ConfigError(f"data.path: array x of {path} has dtype {x.dtype}; fedsim needs real numbers in an "
+                          f"NPZ's x (a CSV or Parquet file may hold categorical columns, which fedsim one-hot encodes)")
+    x = x.reshape(len(x), -1)
+    _refuse_infinite("array x", x, str(path), "data.path")
+    _refuse_infinite("array y", y, str(path), "data.path")
+    groups = arrays.get("group")
+    rows = Rows(x, y, groups)
+    keep = _apply_missing_policy(len(y), _array_masks(x, y), cfg.missing, str(path), "data.path")
+    rows = rows.take(keep) if keep is not None else rows
+    return Rows(rows.features.astype(np.float32), _labels_of(rows.y), rows.groups)
+
+
+def _read_table(path: Path) -> Any:
+    """A CSV or Parquet file as a DataFrame with string column names; one line for a file
+    that cannot be parsed."""
+    import pandas as pd
+
+    parquet = path.suffix in (".parquet", ".pq")
+    try:
+        frame = pd.read_parquet(path) if parquet else pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"data.path: {path} is empty (no header, no rows)") from None
+    except (ValueError, ImportError) as exc:  # parser errors, a corrupt Parquet file, undecodable text
+        kind = "Parquet" if parquet else "CSV"
+        raise ConfigError(f"data.path: {path} is not a readable {kind} file ({_first_line(exc)})") from None
+    except Exception as exc:  # pyarrow's own errors (ArrowException) that are no ValueError
+        if type(exc).__module__.startswith("pyarrow"):
+            raise ConfigError(f"data.path: {path} is not a readable Parquet file ({_first_line(exc)})") from None
+        raise
+    frame.columns = [str(c) for c in frame.columns]
+    if len(frame) == 0:
+        raise ConfigError(f"data.path: {path} has no rows (only the columns {', '.join(frame.columns)})")
+    return frame
+
+
+def _labels_of(values: Any) -> np.ndarray:
+    """Label values as an array: numbers and booleans as they are, anything else as category text."""
+    y = np.asarray(values)
+    if y.dtype == bool or (np.issubdtype(y.dtype, np.number) and not np.issubdtype(y.dtype, np.complexfloating)):
+        return y
+    return category_text(y)
+
+
+def _feature_columns(frame: Any, cfg: DataConfig, encoding: Encoding | None, source: str,
+                     group_column: str) -> tuple[list[str], list[str]]:
+    """(feature columns, the categorical ones among them) of a table.
+
+    The experiment's own file: every column but the label and the natural-id column, each
+    categorical or numeric by its type. A data holder's file: the experiment's columns."""
+    if cfg.text_column:
+        return [cfg.text_column], []
+    if encoding is not None:
+        if not encoding.columns:
+            raise ConfigError(f"data.path: {source} is a table, but the experiment's inputs are not the columns "
+                              f"of a table (its data is an NPZ file or a built-in dataset)")
+        absent = [c for c in encoding.columns if c not in frame.columns]
+        if absent:
+            raise ConfigError(f"data.path: {source} lacks the experiment's feature column(s) "
+                              f"{', '.join(map(repr, absent))}")
+        return list(encoding.columns), [c for c, _ in encoding.categories]
+    features = [c for c in frame.columns if c not in (cfg.label_column, group_column)]
+    if not features:
+        raise ConfigError(f"data.path: {source} has no feature columns besides the label {cfg.label_column!r}")
+    kinds = {c: _column_kind(frame[c]) for c in features}
+    unsupported = [c for c in features if kinds[c] is None]
+    if unsupported:
+        column = unsupported[0]
+        raise ConfigError(f"data.path: column {column!r} of {source} has type {frame[column].dtype}; fedsim "
+                          f"reads numeric, string, categorical and boolean columns (convert it, or remove it "
+                          f"from the file)")
+    return features, [c for c in features if kinds[c] == "categorical"]
+
+
+def _check_numeric(frame: Any, column: str, source: str) -> None:
+    """A numeric feature column: real numbers (a data holder's column that its file typed
+    otherwise is converted, or refused naming a value), none infinite."""
+    import pandas as pd
+
+    if _column_kind(frame[column]) != "numeric":
+        present = ~_missing_mask(frame[column])
+        values = pd.to_numeric(frame[column].where(present), errors="coerce")
+        bad = frame[column][values.isna() & present]
+        if len(bad):
+            raise ConfigError(f"data.path: feature column {column!r} of {source} holds {bad.iloc[0]!r}; "
+                              f"the experiment's column is numeric")
+        frame[column] = values
+    _refuse_infinite(f"feature column {column!r}", frame[column].to_numpy(np.float64, na_value=np.nan),
+                     source, "data.path")
+
+
+def read_user_file(cfg: DataConfig, encoding: Encoding | None = None) -> Rows:
+    """A user file's rows, checked and with the missing-value policy applied, not yet encoded.
+
+    The server reads the experiment's file (no ``encoding``): every column but the label (and
+    the natural-id column) is a feature, numeric or categorical by its type. A data holder
+    reads its own file with the experiment's `Encoding`: the same columns, picked by name,
+    each of the experiment's kind. Both then `encode` the rows. Used columns with missing
+    values are handled by ``data.missing``; anything fedsim cannot train on is refused with one
+    line naming the file.
+    """
+    import pandas as pd
+
     path = Path(cfg.path)
     if not path.is_file():
         raise ConfigError(f"data.path: file not found: {path}")
-    import pandas as pd
-
+    if path.stat().st_size == 0:
+        raise ConfigError(f"data.path: {path} is empty (0 bytes)")
     if path.suffix == ".npz":
-        arrays = np.load(path)
-        keys = {k.lower(): k for k in arrays.files}
-        if "x" not in keys or "y" not in keys:
-            raise ConfigError(f"data.path: an NPZ file needs arrays 'x' and 'y' (found {arrays.files})")
-        x, y = arrays[keys["x"]], arrays[keys["y"]]
-        groups = arrays[keys["group"]] if "group" in keys else None
-        return x.reshape(len(x), -1).astype(np.float32), y, groups, ()
-    frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
-    for name, column in (("label_column", cfg.label_column), ("text_column", cfg.text_column)):
-        if (column or name == "label_column") and column not in frame.columns:  # a label is required
-            raise ConfigError(f"data.{name}: {column!r} is not a column of {path.name}; "
-                              f"columns: {', '.join(map(str, frame.columns))}")
-    groups = None
-    if cfg.partitioner == "natural-id":
-        if cfg.natural_id_column not in frame.columns:
-            raise ConfigError(f"data.natural_id_column: {cfg.natural_id_column!r} is not a column of {path.name}")
-        groups = pd.factorize(frame.pop(cfg.natural_id_column))[0]
+        if encoding is not None and encoding.columns:
+            raise ConfigError(f"data.path: {path} is an NPZ file, but the experiment's features are the named "
+                              f"columns {', '.join(encoding.columns)} of a CSV or Parquet file")
+        return _npz_rows(cfg, path)
+    frame = _read_table(path)
+    source = str(path)
+    for key, column in (("label_column", cfg.label_column), ("text_column", cfg.text_column)):
+        if (column or key == "label_column") and column not in frame.columns:  # a label is required
+            raise ConfigError(f"data.{key}: {column!r} is not a column of {source}; "
+                              f"columns: {', '.join(frame.columns)}")
+    group_column = cfg.natural_id_column if cfg.partitioner == "natural-id" else ""
+    if group_column and group_column not in frame.columns:
+        raise ConfigError(f"data.natural_id_column: {group_column!r} is not a column of {source}")
+    features, categorical = _feature_columns(frame, cfg, encoding, source, group_column)
+    for column in features:
+        if column not in categorical and column != cfg.text_column:
+            _check_numeric(frame, column, source)
+    label = frame[cfg.label_column]
+    if _column_kind(label) == "numeric":
+        _refuse_infinite(f"label column {cfg.label_column!r}", label.to_numpy(np.float64, na_value=np.nan),
+                         source, "data.label_column")
+    used = {*features, cfg.label_column, group_column}
+    missing = {c: _missing_mask(frame[c]) for c in frame.columns if c in used}  # in the file's order
+    keep = _apply_missing_policy(len(frame), missing, cfg.missing, source, "data.path")
+    if keep is not None:
+        frame = frame[keep].reset_index(drop=True)
+    y = _labels_of(frame[cfg.label_column].to_numpy())
+    groups = pd.factorize(frame[group_column])[0] if group_column else None
     if cfg.text_column:
-        texts = frame[cfg.text_column].fillna("").astype(str).tolist()
+        texts = frame[cfg.text_column].astype(str).tolist()
         x = tokenize(texts, resolve_model_dir(cfg.tokenizer, "data.tokenizer"), cfg.max_length)
-        return x, frame[cfg.label_column].to_numpy(), groups, ()
-    y = frame.pop(cfg.label_column).to_numpy()
-    if feature_columns:
-        missing = [c for c in feature_columns if c not in frame.columns]
-        if missing:
-            raise ConfigError(f"data.path: {path.name} lacks the experiment's feature column(s) "
-                              f"{', '.join(map(repr, missing))}")
-        frame = frame[list(feature_columns)]
-    non_numeric = [c for c in frame.columns if not np.issubdtype(frame[c].dtype, np.number)]
-    if non_numeric:
-        raise ConfigError(f"data.path: feature column {non_numeric[0]!r} is not numeric; "
-                          f"if it is text, set data.text_column = {non_numeric[0]!r} (model hf-text)")
-    return frame.to_numpy(np.float32), y, groups, tuple(map(str, frame.columns))
+        return Rows(x, y, groups)
+    return Rows(frame[features], y, groups, tuple(categorical))
+
+
+def fit_encoding(features: Any, categorical: tuple[str, ...] = (), standardize: bool = True) -> Encoding:
+    """The `Encoding` of a training split: each categorical column's categories (sorted), the
+    numeric inputs' mean and std. An array (NPZ, built-ins) is standardized per input, or not."""
+    if not _is_table(features):
+        if not standardize:
+            return Encoding()
+        shift, scale = _standardize(np.asarray(features, np.float32).reshape(len(features), -1))
+        return Encoding(shift=shift, scale=scale)
+    numeric = tuple(c for c in features.columns if c not in categorical)
+    categories = []
+    for column in (c for c in features.columns if c in categorical):
+        values = tuple(sorted(set(category_text(features[column]))))
+        if len(values) > 20 and len(values) > len(features) / 2:
+            log.warning("data: column %r has %d distinct values in %d training rows and becomes %d one-hot "
+                        "inputs; if it is an identifier or free text, remove it from the file (or set "
+                        "data.text_column)", column, len(values), len(features), len(values))
+        categories.append((column, values))
+    shift, scale = _standardize(features[list(numeric)].to_numpy(np.float32))
+    width = sum(len(values) for _, values in categories)
+    return Encoding(columns=numeric + tuple(c for c, _ in categories), categories=tuple(categories),
+                    shift=np.concatenate([shift, np.zeros(width, np.float32)]),
+                    scale=np.concatenate([scale, np.ones(width, np.float32)]))
+
+
+def encode(features: Any, encoding: Encoding) -> np.ndarray:
+    """Model inputs (float32) of raw rows: numeric columns, then one-hot categories, standardized."""
+    if _is_table(features):
+        import pandas as pd
+
+        parts = [features[list(encoding.numeric)].to_numpy(np.float32)]
+        for column, values in encoding.categories:
+            index = pd.Index(values).get_indexer(category_text(features[column]))
+            onehot = np.zeros((len(features), len(values)), np.float32)
+            seen = index >= 0  # a category the training split never saw stays all zeros
+            onehot[np.flatnonzero(seen), index[seen]] = 1.0
+            parts.append(onehot)
+        x = np.concatenate(parts, axis=1)
+    else:
+        x = np.asarray(features)
+    if encoding.shift is not None:
+        x = (x.reshape(len(x), -1) - encoding.shift) / encoding.scale
+    return x.astype(np.float32)
 
 
 def _infer_task(y: np.ndarray, requested: str) -> str:
@@ -162,10 +517,11 @@ def _infer_task(y: np.ndarray, requested: str) -> str:
     return "classification" if is_integral and len(np.unique(y)) <= 100 else "regression"
 
 
-def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
+def _builtin_rows(cfg: DataConfig, num_clients: int, seed: int) -> tuple[Rows, str, tuple[int, ...]]:
+    """A built-in dataset's rows, its task and per-sample shape."""
     from sklearn import datasets as skd
 
-    groups, columns = None, ()
+    groups = None
     name = cfg.dataset
     if name == "digits":
         d = skd.load_digits()
@@ -188,47 +544,65 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         x = tokenize(texts, resolve_model_dir(cfg.tokenizer, "data.tokenizer"), cfg.max_length)
         task, shape = "classification", (x.shape[1],)
     else:
-        x, y, groups, columns = read_user_file(cfg)
-        task, shape = _infer_task(y, cfg.task), (x.shape[1],)
+        raise ConfigError(f"data.dataset: unknown dataset {name!r}")
+    rows = Rows(x, np.asarray(y), groups)
+    # The same missing-value policy as for a user file: a NaN never reaches training silently.
+    keep = _apply_missing_policy(len(y), _array_masks(x, rows.y), cfg.missing, name, "data.dataset")
+    return (rows.take(keep) if keep is not None else rows), task, shape
+
+
+def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
+    name = cfg.dataset
+    is_text = name == "text-topics" or cfg.text_column != ""
+    if name == "file":
+        rows = read_user_file(cfg)
+        task, shape = _infer_task(rows.y, cfg.task), None
+    else:
+        rows, task, shape = _builtin_rows(cfg, num_clients, seed)
     if cfg.task != "auto":
         task = cfg.task
     if cfg.classes:
         if task != "classification":
             raise ConfigError("data.classes: only classification datasets have classes")
-        keep = np.isin(y, cfg.classes)
+        keep = np.isin(rows.y, cfg.classes)
         if not keep.any():
             raise ConfigError(f"data.classes: none of {cfg.classes} occurs in {name}")
-        x, y = x[keep], y[keep]
-        groups = groups[keep] if groups is not None else None
+        rows = rows.take(keep)
     label_values: tuple[str, ...] = ()
     if task == "classification":
-        values, y = np.unique(y, return_inverse=True)
-        y, num_classes, label_values = y.astype(np.int64), len(values), tuple(map(str, values))
+        values, y = np.unique(rows.y, return_inverse=True)
+        y, num_classes, label_values = y.astype(np.int64), len(values), tuple(category_text(values))
+        if num_classes < 2:
+            where = (f"data.label_column: {cfg.label_column!r} of {cfg.path}" if name == "file"
+                     else f"data.classes: {name} with data.classes = {cfg.classes}")
+            raise ConfigError(f"{where} holds a single class ({label_values[0]}); classification needs at "
+                              f"least 2 classes")
     else:
-        if not np.issubdtype(np.asarray(y).dtype, np.number):
+        if not np.issubdtype(rows.y.dtype, np.number):
             raise ConfigError(f"data.label_column: regression needs a numeric label column, "
-                              f"got values like {y[0]!r}")
-        y = np.asarray(y, dtype=np.float32)
+                              f"got values like {rows.y[0]!r}")
+        y = rows.y.astype(np.float32)
         num_classes = 1
-    x_tr, y_tr, x_te, y_te, g_tr = _split(x, y, groups, cfg.test_fraction, seed)
-    is_text = name == "text-topics" or cfg.text_column != ""
-    x_shift = x_scale = None
-    if name in ("breast-cancer", "diabetes", "file") and not is_text:
-        x_shift, x_scale = _standardize(x_tr)
-        x_tr, x_te = (x_tr - x_shift) / x_scale, (x_te - x_shift) / x_scale
+    train, test = _split_rows(len(y), cfg.test_fraction, num_classes, seed)
+    if len(train) == 0:
+        raise FedsimError("data: the training split is empty; lower data.test_fraction")
+    standardize = name in ("breast-cancer", "diabetes", "file") and not is_text
+    encoding = fit_encoding(rows.take(train).features, rows.categorical, standardize)
+    x = encode(rows.features, encoding)
+    if shape is None:
+        shape = (x.shape[1],)
+    y_tr, y_te = y[train], y[test]
     mu, sd = 0.0, 1.0
     if task == "regression" and name in ("diabetes", "file"):
         # Standardize the target on train statistics so one learning rate fits every dataset;
         # MSE is then in units of the target's variance.
         mu, sd = float(y_tr.mean()), float(y_tr.std() + 1e-8)
         y_tr, y_te = (y_tr - mu) / sd, (y_te - mu) / sd
-    if len(y_tr) == 0:
-        raise FedsimError("data: the training split is empty; lower data.test_fraction")
     tokenizer = str(resolve_model_dir(cfg.tokenizer, "data.tokenizer")) if is_text else ""
-    return Dataset(name=name, task=task, x_train=x_tr.astype(np.float32), y_train=y_tr,
-                   x_test=x_te.astype(np.float32), y_test=y_te, num_classes=num_classes, input_shape=shape,
-                   groups_train=g_tr, tokenizer=tokenizer, feature_columns=columns, x_shift=x_shift,
-                   x_scale=x_scale, y_shift=mu, y_scale=sd, label_values=label_values)
+    return Dataset(name=name, task=task, x_train=x[train], y_train=y_tr, x_test=x[test], y_test=y_te,
+                   num_classes=num_classes, input_shape=shape,
+                   groups_train=rows.groups[train] if rows.groups is not None else None,
+                   tokenizer=tokenizer, encoding=encoding, y_shift=mu, y_scale=sd, label_values=label_values)
 
 
 def load_dataset(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:

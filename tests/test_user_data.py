@@ -44,9 +44,9 @@ def test_user_file_trains(tiny, tmp_path, suffix):
 
 
 def test_data_holder_reads_its_own_file(tiny, tmp_path):
-    df = frame(50)
-    df.to_csv(tmp_path / "mine.csv", index=False)
-    cfg = tiny(**{"data.label_column": "target"})
+    frame(200).to_csv(tmp_path / "server.csv", index=False)
+    frame(50, seed=3).to_csv(tmp_path / "mine.csv", index=False)
+    cfg = tiny(**{"data.dataset": "file", "data.path": str(tmp_path / "server.csv"), "data.label_column": "target"})
     x, y = node_data(cfg, {"data-path": str(tmp_path / "mine.csv")})
     assert x.shape == (50, 4) and len(y) == 50  # features a, b, c, site; the whole file
     assert set(np.unique(y)) <= {0, 1}
@@ -94,7 +94,7 @@ def test_data_holder_needs_only_the_servers_data_spec(tiny, tmp_path):
 
     node_view = node_dataset(cfg, node_config, context.state.config_records[R.DATA_SPEC])
     x, y = node_data(cfg, node_config, node_view)
-    expected = (mine[["a", "b", "c", "site"]].to_numpy(np.float32) - data.x_shift) / data.x_scale
+    expected = (mine[["a", "b", "c", "site"]].to_numpy(np.float32) - data.encoding.shift) / data.encoding.scale
     np.testing.assert_allclose(x, expected, rtol=1e-5)
     np.testing.assert_array_equal(y, (mine["target"] == 7).astype(int))
 
