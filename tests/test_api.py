@@ -19,6 +19,8 @@ from fedsim.config import config_to_dict, load_config
 from fedsim.errors import ConfigError
 from fedsim.results import read_summary
 
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(num_clients=6, clients_per_round=3, rounds=2, batch_size=32, lr=0.3, set={"model.hidden": [32]})
 

@@ -15,6 +15,8 @@ from fedsim.config import load_config
 from fedsim.errors import ConfigError
 from fedsim.results import read_summary
 
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
 # digits, MLP(32), 6 clients, 3 per round, 2 rounds, DP-SGD (finite epsilons)
 TINY = dict(num_clients=6, clients_per_round=3, rounds=2, batch_size=32, lr=0.3, noise_multiplier=1.0)
 SCALARS = {"accuracy": "metric", "test_loss": "test_loss", "train_loss": "train_loss",
