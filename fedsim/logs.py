@@ -93,7 +93,7 @@ def _consoles(logger: logging.Logger) -> list[logging.Handler]:
 
 def route_library_logger(name: str, console_level: int) -> None:
     """INFO and above of library `name` into run.log, `console_level` and above on the
-    console (the library's own console handler if it has one, else fedsim's), and nothing to
+    console (the library's own console handler if it has one, else a new one), and nothing to
     the root logger. Propagating to the root printed every Flower line twice: Opacus calls
     ``logging.basicConfig`` on import, so the root logger has a console handler of its own."""
     logger = logging.getLogger(name)
