@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,text]"
+	$(BIN)/pip install -q -e ".[dev,text,tensorboard,mlflow]"
 	touch $(STAMP)
 
 demo: $(STAMP)

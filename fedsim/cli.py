@@ -11,22 +11,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedsim.api import OVERRIDE_KEYS
 from fedsim.errors import ClientFailure, FedsimError
 from fedsim.logs import setup_logging
 
-# flag -> config key, for `run`, `partition` and `sweep`
-RUN_FLAGS: dict[str, str] = {
-    "--dataset": "data.dataset", "--model": "model.name", "--strategy": "strategy.name",
-    "--num-clients": "federation.num_clients", "--clients-per-round": "federation.clients_per_round",
-    "--rounds": "federation.rounds", "--local-epochs": "client.local_epochs",
-    "--batch-size": "client.batch_size", "--lr": "client.lr",
-    "--noise-multiplier": "privacy.noise_multiplier", "--max-grad-norm": "privacy.max_grad_norm",
-    "--delta": "privacy.delta", "--accountant": "privacy.accountant",
-    "--partitioner": "data.partitioner", "--alpha": "data.alpha",
-    "--runtime": "runtime.name", "--engine": "runtime.engine", "--device": "runtime.device",
-    "--seed": "seed", "--out": "output.dir",
-    "--bag-size": "strategy.bags.bag_size", "--rho": "strategy.bags.rho",
-    "--label-epsilon": "strategy.bags.label_epsilon",
+# flag -> config key, for `run`, `partition`, `sweep` and `deploy local`: the Python API's
+# keyword overrides (fedsim.api.OVERRIDE_KEYS), dashed, so both name every key alike
+RUN_FLAGS: dict[str, str] = {"--" + name.replace("_", "-"): key for name, key in OVERRIDE_KEYS.items()}
+# flag -> (metavar, help) where the config key alone does not say enough
+FLAG_HELP: dict[str, tuple[str, str]] = {
+    "--target-epsilon": ("EPS", "calibrate sigma to this sample-level epsilon"),
 }
 
 
@@ -46,9 +40,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="experiment TOML (default: built-in defaults)")
     group = p.add_argument_group("experiment overrides (each sets one config key)")
     for flag, key in RUN_FLAGS.items():
-        group.add_argument(flag, dest=key, metavar="V", help=key)
-    group.add_argument("--target-epsilon", dest="privacy.target_epsilon", metavar="EPS",
-                       help="calibrate sigma to this sample-level epsilon")
+        metavar, text = FLAG_HELP.get(flag, ("V", key))
+        group.add_argument(flag, dest=key, metavar=metavar, help=text)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any key, e.g. --set strategy.fedprox.mu=0.1 (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="show fedsim's and Flower's logs")
@@ -57,8 +50,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 def overrides_from(args: argparse.Namespace) -> dict:
     from fedsim.config import parse_assignment, parse_value
 
-    out = {key: parse_value(getattr(args, key)) for key in
-           list(RUN_FLAGS.values()) + ["privacy.target_epsilon"] if getattr(args, key, None) is not None}
+    out = {key: parse_value(getattr(args, key)) for key in RUN_FLAGS.values() if getattr(args, key, None) is not None}
     for item in args.set:
         key, value = parse_assignment(item)
         out[key] = value

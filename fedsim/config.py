@@ -35,6 +35,7 @@ def param(default: Any, help: str, *, choices: tuple | Callable[[], Any] | None 
 
 
 DATASETS = ("digits", "breast-cancer", "diabetes", "synthetic", "linear", "text-topics", "file")
+TRACKERS = ("tensorboard", "mlflow")
 PARTITIONERS = ("iid", "dirichlet", "shard", "pathological", "quantity", "natural-id", "feature-skew")
 
 
@@ -146,6 +147,16 @@ class RuntimeConfig:
 @dataclass
 class OutputConfig:
     dir: str = param("", "run directory (default runs/<name>-<timestamp>)")
+    trackers: list[str] = param([], "experiment trackers that also get every round and the summary, any of "
+                                    f"{', '.join(TRACKERS)} (docs/tracking.md)")
+
+    def __post_init__(self) -> None:
+        # Each name is checked here because `choices` applies to scalar keys only.
+        for name in self.trackers:
+            if name not in TRACKERS:
+                raise ConfigError(f"output.trackers: each must be one of {', '.join(TRACKERS)} (got {name!r})")
+        if len(set(self.trackers)) < len(self.trackers):
+            raise ConfigError(f"output.trackers: a tracker is listed twice (got {self.trackers!r})")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Logging and warnings for fedsim's commands (and for a sweep's worker processes).
+"""Logging and warnings for fedsim's commands, the Python API and a sweep's worker processes.
 
 Quiet by default, but never about privacy. Only warnings known to be noise are hidden,
 each matched by its message *and* category so that nothing else with a similar text is
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 # (message regex matched at the start of the text, category, module regex or "" for any, why harmless)
@@ -50,22 +51,84 @@ def filter_harmless_warnings() -> None:
         warnings.filterwarnings("once", message=message, category=category)
 
 
+# Libraries whose loggers fedsim routes (see `setup_logging`), with the lowest level their
+# console shows by default: Flower only its errors (its INFO is a banner and a line per
+# round), Opacus and MLflow their warnings.
+LIBRARY_LOGGERS: dict[str, int] = {"flwr": logging.ERROR, "opacus": logging.WARNING, "mlflow": logging.WARNING}
+FEDSIM_FORMAT = "%(levelname)s fedsim: %(message)s"
+LIBRARY_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """A console handler that writes to whatever ``sys.stderr`` is when a record comes, so a
+    notebook kernel or a test that swaps stderr after set-up still gets the lines."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(fmt))
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; stderr is read per record
+        pass
+
+
+class ToRunLog(logging.Handler):
+    """Hands a library's records to the run.log file handlers that `fedsim.results.run_log`
+    puts on fedsim's logger while a run is on, so run.log has Flower's and Opacus' lines too."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in logging.getLogger("fedsim").handlers:
+            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+
+
+def _consoles(logger: logging.Logger) -> list[logging.Handler]:
+    return [h for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+
+
+def route_library_logger(name: str, console_level: int) -> None:
+    """INFO and above of library `name` into run.log, `console_level` and above on the
+    console (the library's own console handler if it has one, else a new one), and nothing to
+    the root logger. Propagating to the root printed every Flower line twice: Opacus calls
+    ``logging.basicConfig`` on import, so the root logger has a console handler of its own."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    consoles = _consoles(logger)
+    if not consoles:
+        consoles = [ConsoleHandler(LIBRARY_FORMAT)]
+        logger.addHandler(consoles[0])
+    for handler in consoles:
+        handler.setLevel(console_level)
+    if not any(isinstance(h, ToRunLog) for h in logger.handlers):  # once, however often set up
+        logger.addHandler(ToRunLog())
+
+
 def setup_logging(verbose: bool) -> None:
     """Quiet by default: warnings only, Flower's INFO chatter and known-harmless Python
-    warnings hidden unless -v (verbose shows every warning untouched)."""
+    warnings hidden unless verbose (which shows every warning untouched). Flower's, Opacus'
+    and MLflow's INFO lines go to run.log either way. Safe to call again (the Python API
+    does, per run): no handler is added twice."""
     if not verbose:  # before importing flwr, whose dependencies warn on import
         filter_harmless_warnings()
+    # MLflow replaces its loggers' handlers when it is imported unless told not to; fedsim
+    # routes them here instead (a user's own setting of the variable wins).
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     import flwr.common.logger  # noqa: F401 - flwr configures its logger on import; override after
 
-    level = logging.INFO if verbose else logging.WARNING
     fedsim_log = logging.getLogger("fedsim")
-    if not fedsim_log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s fedsim: %(message)s"))
-        fedsim_log.addHandler(handler)
-    fedsim_log.handlers[0].setLevel(level)
+    consoles = [h for h in fedsim_log.handlers if isinstance(h, ConsoleHandler)]
+    if not consoles:
+        consoles = [ConsoleHandler(FEDSIM_FORMAT)]
+        fedsim_log.addHandler(consoles[0])
+    consoles[0].setLevel(logging.INFO if verbose else logging.WARNING)
+    fedsim_log.setLevel(logging.INFO)
     fedsim_log.propagate = False
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.INFO if verbose else logging.ERROR)
-    flwr_log.propagate = False
+    for name, quiet_level in LIBRARY_LOGGERS.items():
+        route_library_logger(name, logging.INFO if verbose else quiet_level)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -41,6 +41,7 @@ from fedsim.node_data import data_spec
 from fedsim.privacy.accounting import accountant_label, user_level_epsilon
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, ROUND_COLUMNS, ROUNDS_CSV,
                             SUMMARY_JSON, csv_text, run_log, write_atomic, write_json)
+from fedsim.trackers import open_trackers
 
 log = logging.getLogger("fedsim")
 
@@ -82,6 +83,7 @@ class RunRecorder:
 
     def __post_init__(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.trackers = open_trackers(self.cfg, self.out_dir)  # output.trackers and Python callbacks
         write_atomic(self.out_dir / CONFIG_TOML, dumps_toml(self.cfg))
         if self.progress:
             from tqdm.auto import tqdm
@@ -129,6 +131,7 @@ class RunRecorder:
         self.rows.append(row)
         self.trained_this_round, self.train_losses = 0, []
         self.write(status="running")
+        self.trackers.on_round_end(server_round, row)
         if self._bar is not None:
             text = f"{metric_name}={row['metric']:.4f}"
             if self.private:
@@ -166,19 +169,22 @@ class RunRecorder:
             "wall_seconds": time.perf_counter() - self.started, "versions": package_versions(),
         }
 
-    def write(self, status: str) -> None:
+    def write(self, status: str) -> dict:
         write_atomic(self.out_dir / ROUNDS_CSV, csv_text(ROUND_COLUMNS, self.rows))
         client_rows = [{"partition_id": pid, "num_examples": c.num_examples,
                         "participations": c.participations,
                         "sample_epsilon": c.epsilon, "sample_rate": c.sample_rate}
                        for pid, c in sorted(self.clients.items())]
         write_atomic(self.out_dir / CLIENTS_CSV, csv_text(CLIENT_COLUMNS, client_rows))
-        write_json(self.out_dir / SUMMARY_JSON, self.summary(status))
+        summary = self.summary(status)
+        write_json(self.out_dir / SUMMARY_JSON, summary)
+        return summary
 
     def close(self, status: str) -> None:
-        self.write(status)
+        summary = self.write(status)
         if self._bar is not None:
             self._bar.close()
+        self.trackers.on_run_end(summary)
 
 
 class TrackedGrid(Grid):

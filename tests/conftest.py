@@ -103,3 +103,21 @@ def flower(monkeypatch):
     for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
     return Messages()
+
+
+@pytest.fixture(scope="module")
+def restore_logging():
+    """Loggers as they were before the module: the Python API (like the CLI) sets up fedsim's,
+    Flower's, Opacus' and MLflow's loggers for the whole process, with propagation off, which
+    would hide later tests' records from caplog."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("fedsim", "flwr", "opacus", "mlflow")]
+    saved = [(lg, lg.level, lg.propagate, list(lg.handlers), {h: h.level for h in lg.handlers}) for lg in loggers]
+    yield
+    for logger, level, propagate, handlers, handler_levels in saved:
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.handlers = handlers
+        for handler, handler_level in handler_levels.items():
+            handler.setLevel(handler_level)
