@@ -135,12 +135,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from fedsim.sweep import parse_axis, run_sweep
 
     grid = dict(parse_axis(text) for text in args.grid)
-    cells = run_sweep(args.config, grid=grid, seeds=_csv_values(args.seeds),
-                      target_epsilons=_csv_values(args.target_epsilons), overrides=overrides_from(args),
-                      jobs=args.jobs, max_cells=args.max_cells)
+    try:
+        cells = run_sweep(args.config, grid=grid, seeds=_csv_values(args.seeds),
+                          target_epsilons=_csv_values(args.target_epsilons), overrides=overrides_from(args),
+                          jobs=args.jobs, max_cells=args.max_cells)
+    except OSError as exc:  # the sweep directory cannot be written: one line, exit 1
+        sys.stderr.write(f"error: sweep: {exc}\n")
+        return 1
     failed = cells[cells["error"].notna()]
     for name, error in zip(failed["cell"], failed["error"]):
         print(f"failed cell {name}: {error}")
+    for name, status in zip(cells["cell"], cells["status"]):
+        if status.startswith("running elsewhere"):
+            print(f"cell {name} is {status}; run the sweep again to collect it")
     finished = int((cells["status"] == "finished").sum())
     print(f"{finished}/{len(cells)} cells finished; table: fedsim report {cells.attrs['out']}")
     return 1 if len(failed) else 0
@@ -231,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_datasets)
 
     p = sub.add_parser("sweep", help="run a grid of experiments (resumable)", formatter_class=_formatter,
-                       description="Run every cell of a grid; re-running skips finished cells.",
+                       description="Run every cell of a grid; re-running skips finished cells. A cell is "
+                                   "its values and its resolved config: a finished cell of another config "
+                                   "is refused, never reused. A failing cell is reported and the others go "
+                                   "on (exit 1). Two sweeps on one directory share the cells.",
                        epilog="example:\n  fedsim sweep configs/privacy-utility.toml --jobs 2\n"
                               "  fedsim sweep configs/quickstart.toml --grid privacy.noise_multiplier=0,1 "
                               "--grid strategy.name=fedavg,fedprox --seeds 0,1,2")

@@ -27,6 +27,7 @@ from fedsim.privacy.accounting import calibrate_noise, poisson_sample_rate, step
 from fedsim.results import run_log
 from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
 from fedsim.runtime.ray_runtime import run_ray
+from fedsim.schedule import participation_counts
 from fedsim.server import RunRecorder, build_strategy, server_main
 
 log = logging.getLogger("fedsim")
@@ -40,20 +41,29 @@ def client_sizes(cfg: Config) -> list[int]:
 
 
 def sample_level_plans(cfg: Config, sizes: list[int]) -> list[tuple[float, int]]:
-    """Distinct (q, total steps) of the clients at their expected participation.
+    """Distinct (q, total DP-SGD steps) of the clients that train, at their REALIZED participation.
 
-    A client takes part in rounds * K / N rounds on average (rounded to the nearest
-    integer, at least 1); clients sampled more often than that will exceed the target.
+    Which clients train in which round is seeded and data-independent (`fedsim.schedule`,
+    the same function the server samples with), so each client's number of participations
+    is known before the run. Calibrating to the expected rounds * K / N instead leaves every
+    client sampled more often than average above the target. Clients the schedule never
+    picks release nothing and add no plan.
     """
     fed, c = cfg.federation, cfg.client
-    participations = max(1, round(fed.rounds * fed.clients_per_round / fed.num_clients))
+    counts = participation_counts(cfg.seed, fed.rounds, fed.num_clients, fed.clients_per_round)
     return sorted({(poisson_sample_rate(n, c.batch_size),
-                    participations * steps_per_round(n, c.batch_size, c.local_epochs, c.local_steps))
-                   for n in sizes})
+                    times * steps_per_round(n, c.batch_size, c.local_epochs, c.local_steps))
+                   for n, times in zip(sizes, counts) if times > 0})
 
 
 def calibrate(cfg: Config, sizes: list[int]) -> Config:
-    """Replace target epsilons by the noise multipliers that reach them."""
+    """Replace target epsilons by the noise multipliers that reach them.
+
+    Sample level: the smallest sigma at which EVERY client's final epsilon is <= the target
+    (the tightest client, by realized participations and size, lands within 0.1% below it).
+    A client that fails and is skipped trains less, so its epsilon only falls. User level:
+    the accountant of the reported user-level epsilon (q = K / N over the rounds).
+    """
     p, fed = cfg.privacy, cfg.federation
     if p.target_epsilon > 0:
         p.noise_multiplier = calibrate_noise(p.target_epsilon, sample_level_plans(cfg, sizes),

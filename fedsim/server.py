@@ -41,6 +41,7 @@ from fedsim.node_data import data_spec
 from fedsim.privacy.accounting import accountant_label, user_level_epsilon
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, ROUND_COLUMNS, ROUNDS_CSV,
                             SUMMARY_JSON, csv_text, run_log, write_atomic, write_json)
+from fedsim.schedule import SampledGrid, sample_round
 from fedsim.trackers import open_trackers
 
 log = logging.getLogger("fedsim")
@@ -342,16 +343,18 @@ def build_strategy(cfg: Config) -> Strategy:
 class SeededRounds(Strategy):
     """Delegates to a strategy, seeding each round's random draws where the round starts.
 
-    Flower samples nodes with Python's `random` and its DP wrappers draw noise from numpy's
-    global generator. Seeding both from (experiment seed, round) at the start of
-    `configure_train` makes every round reproducible on its own, whatever ran before, and
-    tells the grid which round it is in.
+    The round's clients are `fedsim.schedule.sample_round`'s (the schedule target-epsilon
+    calibration plans with); the strategy sees only them and takes all. Flower orders them
+    with Python's `random` and its DP wrappers draw noise from numpy's global generator.
+    Seeding both from (experiment seed, round) at the start of `configure_train` makes every
+    round reproducible on its own, whatever ran before, and tells the grid which round it is in.
     """
 
-    def __init__(self, inner: Strategy, seed: int, grid: TrackedGrid) -> None:
+    def __init__(self, inner: Strategy, seed: int, grid: TrackedGrid, clients_per_round: int) -> None:
         self.inner = inner
         self.seed = seed
         self.grid = grid
+        self.clients_per_round = clients_per_round
 
     def summary(self) -> None:
         self.inner.summary()
@@ -361,7 +364,9 @@ class SeededRounds(Strategy):
         random.seed(derive_seed(self.seed, server_round, "sample"))
         np.random.seed(derive_seed(self.seed, server_round, "server-noise"))
         self.grid.current_round = server_round
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        # The clients come from fedsim.schedule, the function target-epsilon calibration reads.
+        chosen = sample_round(self.seed, server_round, grid.get_node_ids(), self.clients_per_round)
+        return self.inner.configure_train(server_round, arrays, config, SampledGrid(grid, chosen))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         return self.inner.aggregate_train(server_round, replies)
@@ -393,7 +398,7 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_timeou
         initial = R.model_to_record(model)
         algorithm = get_algorithm(cfg.strategy.name)
         log.info("strategy %s (%s): %s", cfg.strategy.name, algorithm.summary, cfg.strategy.params)
-        strategy = SeededRounds(build_strategy(cfg), cfg.seed, tracked)
+        strategy = SeededRounds(build_strategy(cfg), cfg.seed, tracked, cfg.federation.clients_per_round)
         strategy.start(grid=tracked, initial_arrays=initial, num_rounds=cfg.federation.rounds,
                        timeout=cfg.runtime.round_timeout, train_config=ConfigRecord(), evaluate_fn=evaluate_fn)
         status = "finished"

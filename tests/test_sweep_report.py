@@ -8,6 +8,9 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -30,7 +33,8 @@ SWEEP_ARGS = ["--num-clients", "4", "--clients-per-round", "2", "--rounds", "2",
 
 
 def cells(sweep):
-    return sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    """The cell directories (the sweep's own records live in the hidden .cells)."""
+    return sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def test_tiny_sweep_makes_the_expected_cells(cli, tmp_path):
@@ -39,7 +43,7 @@ def test_tiny_sweep_makes_the_expected_cells(cli, tmp_path):
     assert cells(tmp_path / "sw") == sorted(
         f"privacy.noise_multiplier={s}__strategy.name={n}" for s in (0, 1) for n in ("fedavg", "fedprox"))
     for cell in (tmp_path / "sw").iterdir():
-        if cell.is_dir():
+        if cell.is_dir() and not cell.name.startswith("."):
             summary = json.loads((cell / "summary.json").read_text())
             assert summary["status"] == "finished" and summary["rounds_completed"] == 2
             private = "noise_multiplier=1" in cell.name
@@ -67,6 +71,124 @@ def test_interrupted_sweep_resumes_and_keeps_finished_cells(cli, tmp_path):
     assert json.loads((broken / "summary.json").read_text())["status"] == "finished"
     code, out, _ = cli("sweep", *SWEEP_ARGS, "--out", sweep)
     assert "4 already finished, running 0" in out
+
+
+ONE_CELL = ["--num-clients", "4", "--clients-per-round", "2", "--rounds", "1", "--set", "model.hidden=[8]",
+            "--grid", "client.lr=0.1"]
+
+
+def test_a_changed_config_is_refused_never_reused(cli, tmp_path):
+    """A cell is its values AND its resolved config: re-running with --rounds 2 over a 1-round
+    sweep used to say "1 already finished" and keep the 1-round result."""
+    sweep = tmp_path / "sw"
+    code, out, _ = cli("sweep", *ONE_CELL, "--out", sweep)
+    assert code == 0 and "0 already finished, running 1" in out
+    summary = sweep / "client.lr=0.1" / "summary.json"
+    before = summary.read_bytes()
+    code, out, err = cli("sweep", *ONE_CELL, "--rounds", "2", "--out", sweep)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "federation.rounds: 1 -> 2" in lines[0], err
+    assert "client.lr=0.1" in lines[0] and summary.read_bytes() == before
+    assert list(plan_sweep(None, grid={"client.lr": [0.1]}, out=sweep, overrides={
+        "federation.num_clients": 4, "federation.clients_per_round": 2, "federation.rounds": 2,
+        "model.hidden": [8]})["status"]) == ["conflict"]
+    # the same config is reused, also with a longer round timeout (it cannot change a result)
+    code, out, _ = cli("sweep", *ONE_CELL, "--set", "runtime.round_timeout=900", "--out", sweep)
+    assert code == 0 and "1 already finished, running 0" in out and summary.read_bytes() == before
+    # a cell made before sweeps kept a record of its config is checked against its config.toml
+    shutil.rmtree(sweep / ".cells")
+    assert cli("sweep", *ONE_CELL, "--out", sweep)[0] == 0
+    code, _, err = cli("sweep", *ONE_CELL, "--set", "client.momentum=0.9", "--out", sweep)
+    assert code == 2 and "client.momentum: 0.0 -> 0.9" in err and summary.read_bytes() == before
+
+
+def test_close_values_make_distinct_faithful_cells(tmp_path):
+    plan = plan_sweep(None, grid={"client.lr": [0.1, 0.1000001, 1 / 3, 1e-5, 2.0]}, out=tmp_path / "sw")
+    names = list(plan["cell"])
+    assert names == ["client.lr=0.1", "client.lr=0.1000001", "client.lr=0.3333333333333333", "client.lr=1e-05",
+                     "client.lr=2"]
+    for name, cfg in zip(names, plan["config"]):  # the name reads back as the exact value
+        assert float(name.split("=")[1]) == cfg.client.lr and Path(cfg.output.dir).name == name
+    # names that still collide ("/" is not allowed in a directory name) get a config-hash suffix
+    plan = plan_sweep(None, grid={"name": ["a/b", "a_b"]}, out=tmp_path / "sw")
+    assert len(set(plan["cell"])) == 2 and all(n.startswith("name=a_b~") for n in plan["cell"])
+    assert [c.name for c in plan["config"]] == ["a/b", "a_b"]
+    with pytest.raises(ConfigError, match="appears 2 times with the same config"):
+        plan_sweep(None, seeds=[0, 0], out=tmp_path / "sw")  # one cell twice would run twice into one dir
+
+
+@pytest.mark.parametrize("toml, error", [
+    ('grid = {"client.lr" = 0.1}', None),  # a scalar is one value
+    ("grid = 0.1", "sweep.grid: must be a table"),
+    ("seeds = 3", None),
+    ("out = 3", "sweep.out: must be a directory path string"),
+])
+def test_scalar_sweep_values(cli, tmp_path, toml, error):
+    path = tmp_path / "s.toml"
+    path.write_text(f"[sweep]\n{toml}\n")
+    if error is None:
+        assert len(plan_sweep(path, out=tmp_path / "sw")) == 1
+        return
+    code, _, err = cli("sweep", path, "--out", tmp_path / "sw")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and error in err, err
+    path.write_text("[sweep\n")
+    code, _, err = cli("sweep", path, "--out", tmp_path / "sw")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not valid TOML" in err
+
+
+@pytest.mark.parametrize("flag", [["--jobs", "0"], ["--max-cells", "-1"]])
+def test_sweep_counts_are_checked(cli, tmp_path, flag):
+    code, _, err = cli("sweep", "--out", tmp_path / "sw", *flag)
+    assert code == 2 and flag[0] in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_failed_cell_is_reported_alike_with_one_and_two_jobs(cli, tmp_path):
+    """target epsilon 0.001 is unreachable (prepare refuses it); the non-private cell still runs,
+    and both job counts print the same lines and exit 1."""
+    results = {}
+    for jobs in (1, 2):
+        out_dir = tmp_path / f"jobs{jobs}"
+        code, out, _ = cli("sweep", "--num-clients", "4", "--clients-per-round", "2", "--rounds", "1",
+                           "--set", "model.hidden=[8]", "--target-epsilons", "0.001,0", "--jobs", jobs,
+                           "--out", out_dir)
+        results[jobs] = (code, out.replace(str(out_dir), "DIR"))
+    assert results[1] == results[2]
+    code, out = results[1]
+    assert code == 1
+    assert "failed cell privacy.target_epsilon=0.001: privacy.target_epsilon: 0.001 is unreachable" in out
+    assert "1/2 cells finished" in out
+    cells = run_sweep(None, target_epsilons=[0.001, 0], out=tmp_path / "jobs1", progress=False,
+                      overrides={"federation.num_clients": 4, "federation.clients_per_round": 2,
+                                 "federation.rounds": 1, "model.hidden": [8]})
+    assert list(cells["status"]) == ["failed", "finished"] and list(cells["ran"]) == [True, False]
+
+
+def test_a_cell_claimed_by_a_live_process_is_left_to_it(tmp_path):
+    """Two sweeps on one directory: a cell whose lock a live process holds is not computed
+    twice; once that process is gone, its stale lock is reclaimed."""
+    from fedsim.sweep import claim, release
+
+    tiny = {**TINY, "federation.rounds": 1}
+    plan = plan_sweep(None, seeds=[0], overrides=tiny, out=tmp_path / "sw")
+    lock = tmp_path / "sw" / ".cells" / f"{plan['cell'][0]}.lock"
+    lock.parent.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        lock.write_text(f"{other.pid} {socket.gethostname()}\n")
+        cells = run_sweep(None, seeds=[0], overrides=tiny, out=tmp_path / "sw", progress=False)
+        assert list(cells["status"]) == [f"running elsewhere (pid {other.pid})"]
+        assert not Path(cells["dir"][0]).exists() and lock.read_text().split()[0] == str(other.pid)
+        assert claim(lock) == (False, other.pid)
+    finally:
+        other.kill()
+        other.wait()
+    assert claim(lock) == (True, None)  # the holder died: reclaimed
+    assert lock.read_text().split()[0] == str(os.getpid())
+    release(lock)
+    assert not lock.exists()
+    lock.write_text(f"{other.pid} elsewhere.example\n")  # another host: cannot tell, so it stands
+    assert claim(lock) == (False, other.pid)
 
 
 def fake_run(root, name, strategy, sigma, seed, final, best, eps, metric="accuracy"):
