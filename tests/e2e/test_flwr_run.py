@@ -98,15 +98,14 @@ def flower(tmp_path):
 def flwr(env: dict, *args: str) -> subprocess.CompletedProcess:
     """`flwr run . --stream ...` from the checkout, output (the run's log stream) in stdout.
 
-    Flower gives the local SuperLink it starts 15 s to come up; a loaded machine can miss
-    that, so a start that timed out is tried once more."""
-    for attempt in range(2):
+    Flower gives the local SuperLink it starts a fixed 15 s to come up (and kills it after);
+    a loaded machine can miss that, so a start that timed out is tried again, up to 4 times."""
+    for _ in range(4):
         done = subprocess.run([str(BIN / "flwr"), "run", ".", "--stream", *args], cwd=PROJECT_DIR, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
                               stdin=subprocess.DEVNULL)
-        if attempt == 0 and "Failed to start local SuperLink" in done.stdout:
-            continue
-        return done
+        if "Failed to start local SuperLink" not in done.stdout:
+            break
     return done
 
 
