@@ -239,7 +239,8 @@ class LocalDeployment:
         proc = self.group.start("superlink", [
             _bin("flower-superlink"), *self.tls_args(True), "--host", self.host, "--port", str(self.link_port),
             "--disable-runtime-dependency-installation", "--database", str(self.work / "superlink.db"),
-            *(["--enable-supernode-auth"] if self.auth else [])])
+            *(["--enable-supernode-auth"] if self.auth else [])],
+            env=child_env(FEDSIM_OUTPUT_ROOT=str(Path(self.cfg.output.dir).resolve().parent)))  # run dir's root
         wait_for_port(self.host, self.link_port, 60, proc)
 
     def node_key(self, partition_id: int, register: bool = True) -> NodeKey:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
 from clients.trainer import evaluate
@@ -408,11 +408,3 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_timeou
     finally:
         recorder.close(status)
 
-
-server_app = ServerApp()
-
-
-@server_app.main()
-def _main(grid: Grid, context: Context) -> None:
-    """Entry point when Flower loads fedsim as an app (`flwr run`, deployment)."""
-    server_main(grid, context, progress=False)
