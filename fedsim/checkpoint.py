@@ -133,7 +133,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
     meta = {"version": FORMAT_VERSION, "round": ckpt.round, "config": ckpt.config,
             "order": {"arrays": list(ckpt.arrays), "strategy": list(ckpt.strategy)},
             "nodes": nodes, "recorder": ckpt.recorder}
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    tensors = {k: np.require(v, requirements='C') for k, v in tensors.items()}  # keeps 0-d arrays 0-d
     path = checkpoint_path(run_dir)
     write_atomic(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
     return path

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one experiment", formatter_class=_formatter,
                        description="Run one federated experiment and write rounds.csv, clients.csv, "
-                                   "summary.json, config.toml, run.log and model.safetensors to its run "
+                                   "summary.json, config.toml, run.log and the trained model to its run "
                                    "directory, with a checkpoint every output.checkpoint_every rounds.\n"
                                    "Exit codes: 0 finished, 1 failed (a client, the disk), 2 bad input or "
                                    "a run directory in use, 130 Ctrl-C, 143 SIGTERM.",
