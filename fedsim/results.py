@@ -161,6 +161,8 @@ def run_state(run_dir: str | Path) -> str:
 
 def remove_run_files(run_dir: str | Path) -> None:
     """Delete a run's own files (`RUN_FILES`) from its directory: what ``--overwrite`` does."""
+    if not Path(run_dir).is_dir():
+        return
     for name in RUN_FILES:
         with contextlib.suppress(FileNotFoundError):
             (Path(run_dir) / name).unlink()

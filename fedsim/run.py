@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import logging
 import signal
 import threading
@@ -222,6 +223,8 @@ def run_experiment(cfg: Config, *, progress: bool = True, resume: bool = False, 
     if resume and overwrite:
         raise ConfigError("run: resume and overwrite exclude each other (got both)")
     out_dir = Path(cfg.output.dir or default_out_dir(cfg))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "output.dir is a file, not a directory", str(out_dir))
     cfg = copy.deepcopy(cfg)
     cfg.output.dir = str(out_dir)
     claimed = claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
