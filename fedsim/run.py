@@ -163,16 +163,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-_FINISHED = object()
+def claim_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> tuple[str, Checkpoint | None]:
+    """What to do with `out_dir` before a run starts in it: ``("fresh", None)`` (the old run's
+    files, if any, are removed), ``("resume", checkpoint)``, or ``("finished", None)`` (resume
+    asked of a finished run: nothing to do).
 
-
-def claim_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Checkpoint | None | object:
-    """What to do with `out_dir` before a run starts in it.
-
-    Returns the checkpoint to resume from, None to start afresh (the run's old files
-    removed), or `_FINISHED` (resume asked of a finished run: nothing to do). Refuses
-    (`FedsimError`) a directory a live run is writing, and, unless told to resume or
-    overwrite, a finished run or an unfinished one that has results.
+    Refuses (`FedsimError`) a directory a live run is writing, and, unless told to resume or
+    overwrite, a finished run or an unfinished one that has finished rounds or a checkpoint.
     """
     state = run_state(out_dir)
     summary = read_summary(out_dir) or {}
@@ -181,20 +178,20 @@ def claim_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Checkpoint
                           f"{summary.get('host')}); stop it first")
     if overwrite:
         remove_run_files(out_dir)
-        return None
+        return "fresh", None
     if state == "finished":
         if resume:
-            return _FINISHED
+            return "finished", None
         raise FedsimError(f"output.dir: {out_dir}: finished run; use --resume, or --overwrite")
     checkpoint = load_checkpoint(out_dir)
     if resume and checkpoint is not None:
-        return checkpoint
+        return "resume", checkpoint
     done = summary.get("rounds_completed") or 0
     if not resume and (checkpoint is not None or done):
         raise FedsimError(f"output.dir: {out_dir}: unfinished run ({state} after round {done} of "
                           f"{summary.get('rounds_planned', '?')}); use --resume, or --overwrite")
     remove_run_files(out_dir)  # nothing to keep: no round finished, or resume without a checkpoint
-    return None
+    return "fresh", None
 
 
 def check_resumable(cfg: Config, checkpoint: Checkpoint, out_dir: Path) -> None:
@@ -227,11 +224,10 @@ def run_experiment(cfg: Config, *, progress: bool = True, resume: bool = False, 
         raise NotADirectoryError(errno.ENOTDIR, "output.dir is a file, not a directory", str(out_dir))
     cfg = copy.deepcopy(cfg)
     cfg.output.dir = str(out_dir)
-    claimed = claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
-    if claimed is _FINISHED:
+    action, checkpoint = claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
+    if action == "finished":
         log.info("%s: finished run, nothing to resume", out_dir)
         return out_dir
-    checkpoint = claimed if isinstance(claimed, Checkpoint) else None
     with sigterm_as_interrupt(), run_log(out_dir):
         cfg = prepare(cfg)
         if checkpoint is not None:
