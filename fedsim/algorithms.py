@@ -233,3 +233,45 @@ def algorithm_names() -> list[str]:
     """Registered names, in registration order (built-ins first)."""
     load_registered()
     return list(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------- server state
+
+def stateful_strategy(strategy: Any) -> Any | None:
+    """The strategy that says what it keeps across rounds, or None if none does.
+
+    A strategy exposes its state with two methods (the server half's only state hooks):
+
+    ``state_dict() -> dict[str, np.ndarray]``
+        Everything it carries from one round into the next, as named arrays (FedAdam's
+        moments m_t and v_t, SCAFFOLD's server control c); ``{}`` for a stateless strategy.
+    ``load_state_dict(state)``
+        Takes that dict back, so the next ``configure_train`` continues as if never stopped.
+
+    Checkpoints (`fedsim.checkpoint`) store it with the global model. fedsim's ``FedAvg``,
+    which every built-in strategy extends, is stateless and defines both; a strategy that
+    defines neither is not known to be resumable, so its runs write no checkpoint. Wrappers
+    are looked through: fedsim's round seeding (``inner``) and Flower's DP wrappers
+    (``strategy``).
+    """
+    while strategy is not None:
+        if callable(getattr(strategy, "state_dict", None)) and callable(getattr(strategy, "load_state_dict", None)):
+            return strategy
+        strategy = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
+    return None
+
+
+def strategy_state(strategy: Any) -> dict[str, np.ndarray]:
+    """The named arrays a strategy keeps across rounds (see `stateful_strategy`)."""
+    target = stateful_strategy(strategy)
+    if target is None:
+        raise TypeError(f"{type(strategy).__name__} does not expose its state (state_dict / load_state_dict)")
+    return {k: np.asarray(v) for k, v in target.state_dict().items()}
+
+
+def load_strategy_state(strategy: Any, state: Mapping[str, np.ndarray]) -> None:
+    """Give a strategy back what `strategy_state` took from it."""
+    target = stateful_strategy(strategy)
+    if target is None:
+        raise TypeError(f"{type(strategy).__name__} does not expose its state (state_dict / load_state_dict)")
+    target.load_state_dict(dict(state))

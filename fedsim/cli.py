@@ -67,12 +67,46 @@ def _load(args: argparse.Namespace):
 
 # ----------------------------------------------------------------------------- commands
 
+def _resume_config(args: argparse.Namespace):
+    """The config of ``run --resume DIR``: DIR/config.toml, with any flags on top (a flag that
+    changes it makes the resume refuse, naming the key)."""
+    from fedsim.checkpoint import checkpoint_path
+    from fedsim.config import load_config
+    from fedsim.errors import ConfigError
+    from fedsim.results import CONFIG_TOML, run_state
+
+    run_dir = Path(args.resume)
+    if args.config:
+        raise ConfigError(f"run: --resume reads {run_dir / CONFIG_TOML}; give no config file with it "
+                          f"(got {args.config})")
+    if args.overwrite:
+        raise ConfigError("run: --resume and --overwrite exclude each other")
+    if not (run_dir / CONFIG_TOML).is_file():
+        raise ConfigError(f"--resume: {run_dir} is not a run directory (no {CONFIG_TOML})")
+    state = run_state(run_dir)
+    if state == "finished":
+        raise ConfigError(f"--resume: {run_dir}: finished run, nothing to resume (--overwrite runs it again)")
+    if state != "running" and not checkpoint_path(run_dir).is_file():
+        raise ConfigError(f"--resume: {run_dir}: no checkpoint to resume from (run {state}; "
+                          f"output.checkpoint_every = 0, or no round finished)")
+    overrides = overrides_from(args)
+    out = overrides.pop("output.dir", None)
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise ConfigError(f"run: --out {out} differs from --resume {run_dir}; a run resumes in its own directory")
+    cfg = load_config(run_dir / CONFIG_TOML, overrides)
+    if not cfg.output.dir or Path(cfg.output.dir).resolve() != run_dir.resolve():
+        cfg.output.dir = str(run_dir)  # the run directory was moved (or config.toml names a relative path)
+    return cfg
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.results import read_summary
     from fedsim.run import run_experiment
 
-    cfg = _load(args)
-    out = run_experiment(cfg, progress=not args.no_progress)
+    if args.resume:
+        out = run_experiment(_resume_config(args), progress=not args.no_progress, resume=True)
+    else:
+        out = run_experiment(_load(args), progress=not args.no_progress, overwrite=args.overwrite)
     summary = read_summary(out) or {}
     line = (f"{summary.get('metric_name')}: final {summary.get('final_metric'):.4f}, "
             f"best {summary.get('best_metric'):.4f}")
@@ -215,12 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one experiment", formatter_class=_formatter,
                        description="Run one federated experiment and write rounds.csv, clients.csv, "
-                                   "summary.json and config.toml to its run directory.",
+                                   "summary.json, config.toml, run.log and the trained model to its run "
+                                   "directory, with a checkpoint every output.checkpoint_every rounds.\n"
+                                   "Exit codes: 0 finished, 1 failed (a client, the disk), 2 bad input or "
+                                   "a run directory in use, 130 Ctrl-C, 143 SIGTERM.",
                        epilog="examples:\n  fedsim run configs/quickstart.toml\n"
                               "  fedsim run configs/quickstart.toml --noise-multiplier 1.0 --rounds 20 "
-                              "--strategy fedprox --set strategy.fedprox.mu=0.1")
+                              "--strategy fedprox --set strategy.fedprox.mu=0.1\n"
+                              "  fedsim run --resume runs/quickstart-20261123-101500\n"
+                              "  fedsim run configs/quickstart.toml --out runs/qs --overwrite")
     _add_config_flags(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the interrupted or killed run in DIR from its checkpoint, with DIR/config.toml")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (by default a finished or started run is refused)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("partition", help="show how a config splits the data", formatter_class=_formatter,
@@ -319,9 +362,15 @@ def main(argv: list[str] | None = None) -> int:
         if exc.client_traceback:
             sys.stderr.write("client traceback:\n" + exc.client_traceback)
         return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: finished rounds are kept in the run directory\n")
-        return 130
+    except OSError as exc:  # the run directory: unwritable, not a directory, disk full
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"error: {exc.strerror or exc}{where}\n")
+        return 1
+    except KeyboardInterrupt as exc:
+        terminated = getattr(sys.modules.get("fedsim.run"), "Terminated", ())
+        sys.stderr.write("interrupted: finished rounds and the last checkpoint are kept in the run directory "
+                         "(continue with fedsim run --resume DIR)\n")
+        return 143 if isinstance(exc, terminated) else 130
 
 
 if __name__ == "__main__":

@@ -2,29 +2,37 @@
 
 `prepare` does everything that can fail on bad input *before* any training:
 partitioning, model and strategy construction, target-epsilon calibration, bag sizes.
-`run_experiment` then hands the config to the chosen runtime.
+`run_experiment` then hands the config to the chosen runtime, after making sure it
+overwrites nothing: a finished run or an unfinished one with results is refused unless
+the caller resumes it or asks to overwrite it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
 from clients.app import choose_engine, make_client_app, train_round
 from fedsim.algorithms import algorithm_names, get_algorithm
-from fedsim.config import Config
+from fedsim.checkpoint import Checkpoint, config_difference, load_checkpoint
+from fedsim.config import Config, dumps_toml
 from fedsim.datasets import load_dataset
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, FedsimError
 from fedsim.experiment import run_config_for
 from fedsim.lora import set_trainable
 from fedsim.models import build_model
 from fedsim.partition import partition
 from fedsim.privacy.accounting import calibrate_noise, poisson_sample_rate, steps_per_round
-from fedsim.results import run_log
+from fedsim.results import read_summary, remove_run_files, run_log, run_state
 from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
 from fedsim.runtime.ray_runtime import run_ray
 from fedsim.schedule import participation_counts
@@ -139,23 +147,111 @@ def prepare(cfg: Config) -> Config:
     return cfg
 
 
-def run_experiment(cfg: Config, *, progress: bool = True) -> Path:
-    """Run one experiment; returns its run directory (rounds.csv, clients.csv, summary.json...)."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a timeout, ``docker stop``, a batch scheduler) during a run. It is a
+    KeyboardInterrupt so that it ends the run as Ctrl-C does: status "interrupted", finished
+    rounds and the last checkpoint kept. The CLI exits with 143 (128 + 15) for it, 130 for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` inside the block. Only from the main thread (where Python
+    runs signal handlers) and only when no one else handles SIGTERM: a handler the caller
+    installed is left alone."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+            signal.SIG_DFL, None):
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(f"signal {signum} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def claim_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> tuple[str, Checkpoint | None]:
+    """What to do with `out_dir` before a run starts in it: ``("fresh", None)`` (the old run's
+    files, if any, are removed), ``("resume", checkpoint)``, or ``("finished", None)`` (resume
+    asked of a finished run: nothing to do).
+
+    Refuses (`FedsimError`) a directory a live run is writing, and, unless told to resume or
+    overwrite, a finished run or an unfinished one that has finished rounds or a checkpoint.
+    """
+    state = run_state(out_dir)
+    summary = read_summary(out_dir) or {}
+    if state == "running":
+        raise FedsimError(f"output.dir: {out_dir}: a run is writing it (pid {summary.get('pid')} on "
+                          f"{summary.get('host')}); stop it first")
+    if overwrite:
+        remove_run_files(out_dir)
+        return "fresh", None
+    if state == "finished":
+        if resume:
+            return "finished", None
+        raise FedsimError(f"output.dir: {out_dir}: finished run; use --resume, or --overwrite")
+    checkpoint = load_checkpoint(out_dir)
+    if resume and checkpoint is not None:
+        return "resume", checkpoint
+    done = summary.get("rounds_completed") or 0
+    if not resume and (checkpoint is not None or done):
+        raise FedsimError(f"output.dir: {out_dir}: unfinished run ({state} after round {done} of "
+                          f"{summary.get('rounds_planned', '?')}); use --resume, or --overwrite")
+    remove_run_files(out_dir)  # nothing to keep: no round finished, or resume without a checkpoint
+    return "fresh", None
+
+
+def check_resumable(cfg: Config, checkpoint: Checkpoint, out_dir: Path) -> None:
+    """A checkpoint continues only the config it was taken with (the run directory may move)."""
+    if cfg.runtime.name != "inprocess":
+        raise ConfigError(f"runtime.name: resuming needs the in-process runtime, the one whose node state a "
+                          f"checkpoint holds (got {cfg.runtime.name!r})")
+    diff = config_difference(checkpoint.config, dumps_toml(cfg))
+    if diff is not None:
+        raise ConfigError(f"--resume: {out_dir} was checkpointed with another config: {diff}; resume with the "
+                          f"same config, or start again with --overwrite")
+
+
+def run_experiment(cfg: Config, *, progress: bool = True, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run one experiment; returns its run directory (rounds.csv, clients.csv, summary.json,
+    config.toml, run.log, model.safetensors).
+
+    The directory (``cfg.output.dir``, default ``runs/<name>-<timestamp>``) must not hold
+    another run's results: a finished run, or an unfinished one with finished rounds, is
+    refused with a `FedsimError`. ``resume=True`` continues an unfinished run there from its
+    checkpoint (the same config, else `ConfigError`), returns a finished one as it is, and
+    starts afresh if there is no checkpoint. ``overwrite=True`` deletes the run's files
+    first. SIGTERM ends the run like Ctrl-C (`Terminated`, a KeyboardInterrupt): status
+    "interrupted", the checkpoint kept for a resume.
+    """
+    if resume and overwrite:
+        raise ConfigError("run: resume and overwrite exclude each other (got both)")
     out_dir = Path(cfg.output.dir or default_out_dir(cfg))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "output.dir is a file, not a directory", str(out_dir))
     cfg = copy.deepcopy(cfg)
     cfg.output.dir = str(out_dir)
-    with run_log(out_dir):
+    action, checkpoint = claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
+    if action == "finished":
+        log.info("%s: finished run, nothing to resume", out_dir)
+        return out_dir
+    with sigterm_as_interrupt(), run_log(out_dir):
         cfg = prepare(cfg)
+        if checkpoint is not None:
+            check_resumable(cfg, checkpoint, out_dir)
         if cfg.runtime.name == "inprocess":
-            run_inprocess(cfg, progress=progress)
+            run_inprocess(cfg, progress=progress, resume=checkpoint)
         else:
             run_ray(cfg, progress=progress)
     return out_dir
 
 
-def run_inprocess(cfg: Config, *, progress: bool = True) -> RunRecorder:
+def run_inprocess(cfg: Config, *, progress: bool = True, resume: Checkpoint | None = None) -> RunRecorder:
     run_config = run_config_for(cfg)
     grid = InProcessGrid(make_client_app(), cfg.federation.num_clients, run_config, train_round=train_round)
     context = Context(run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=run_config)
-    return server_main(grid, context, progress=progress)
+    return server_main(grid, context, progress=progress, resume=resume)

@@ -11,6 +11,10 @@ in-process grid, Flower's Ray simulation and a real SuperLink. It wraps the grid
 * waits until all nodes are connected before round 1 (Flower's round-1 race).
 * hands every train reply to the `RunRecorder`, and turns a client's error reply into a
   `ClientFailure` that names the node, partition and round (or skips it, by config).
+
+The rounds themselves are the loop of Flower's `Strategy.start`, driven here (`_run_rounds`)
+so that a run writes a checkpoint between rounds (`fedsim.checkpoint`) and a resumed run
+starts at the round after it. The finished run's global model is `model.safetensors`.
 """
 
 from __future__ import annotations
@@ -18,20 +22,25 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import random
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
 from clients.trainer import evaluate
 from fedsim import records as R
-from fedsim.algorithms import algorithm_names, get_algorithm, resolve_device
+from fedsim.algorithms import (algorithm_names, get_algorithm, load_strategy_state, resolve_device,
+                               stateful_strategy, strategy_state)
+from fedsim.checkpoint import Checkpoint, checkpoint_path, model_meta, save_checkpoint, save_model
 from fedsim.config import Config, dumps_toml
 from fedsim.datasets import load_dataset
 from fedsim.errors import ClientFailure, ConfigError
@@ -39,8 +48,8 @@ from fedsim.experiment import config_from_context, derive_seed
 from fedsim.models import build_model
 from fedsim.node_data import data_spec
 from fedsim.privacy.accounting import accountant_label, user_level_epsilon
-from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, ROUND_COLUMNS, ROUNDS_CSV,
-                            SUMMARY_JSON, csv_text, run_log, write_atomic, write_json)
+from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, MODEL, MODEL_BEST, ROUND_COLUMNS,
+                            ROUNDS_CSV, SUMMARY_JSON, csv_text, run_log, write_atomic, write_json)
 from fedsim.schedule import SampledGrid, sample_round
 from fedsim.trackers import open_trackers
 
@@ -70,31 +79,59 @@ class ClientRecord:
 
 @dataclass
 class RunRecorder:
-    """Everything the outputs say, updated per reply and written per round."""
+    """Everything the outputs say, updated per reply and written per round.
+
+    `restored` (a checkpoint's `state()`) continues a run: its rows, client records, wall
+    time and skipped failures come back before anything is written.
+    """
 
     cfg: Config
     out_dir: Path
     progress: bool = True
+    restored: dict | None = None
     clients: dict[int, ClientRecord] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
     trained_this_round: int = 0
     train_losses: list[float] = field(default_factory=list)
+    skipped_failures: int = 0  # client exceptions skipped under runtime.on_client_error = "skip"
     started: float = field(default_factory=time.perf_counter)
+    earlier_seconds: float = 0.0  # wall time of the sessions before a resume
     _bar: object = None
 
     def __post_init__(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.trackers = open_trackers(self.cfg, self.out_dir)  # output.trackers and Python callbacks
+        if self.restored is not None:
+            self.restore(self.restored)
         write_atomic(self.out_dir / CONFIG_TOML, dumps_toml(self.cfg))
+        self.write(status="running")  # the pid and heartbeat from the start: a dead run is told apart
         if self.progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.cfg.federation.rounds, desc=self.cfg.name, unit="round",
-                             leave=True, dynamic_ncols=True)
+            self._bar = tqdm(total=self.cfg.federation.rounds, initial=len(self.rows), desc=self.cfg.name,
+                             unit="round", leave=True, dynamic_ncols=True)
 
     @property
     def private(self) -> bool:
         return self.cfg.privacy.noise_multiplier > 0
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.started
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the recorder (plain JSON values)."""
+        return {"rows": self.rows, "wall_seconds": self.wall_seconds, "skipped_failures": self.skipped_failures,
+                "clients": [[pid, c.num_examples, c.participations, c.epsilon, c.sample_rate]
+                            for pid, c in sorted(self.clients.items())]}
+
+    def restore(self, state: dict) -> None:
+        self.rows = [dict(r) for r in state["rows"]]
+        self.clients = {int(pid): ClientRecord(int(n), int(k), float(eps), float(q))
+                        for pid, n, k, eps, q in state["clients"]}
+        self.skipped_failures = int(state.get("skipped_failures", 0))
+        self.earlier_seconds = float(state["wall_seconds"])
+        self.started = time.perf_counter()
 
     def on_train_reply(self, metrics: MetricRecord) -> None:
         pid = int(metrics[R.PARTITION_ID])
@@ -127,37 +164,49 @@ class RunRecorder:
             "sample_epsilon_mean": float(np.mean(eps)) if eps and self.private else (math.inf if eps else 0.0),
             "user_epsilon": self.user_epsilon(server_round),
             "clients_trained": self.trained_this_round,
-            "wall_seconds": time.perf_counter() - self.started,
+            "wall_seconds": self.wall_seconds,
         }
         self.rows.append(row)
         self.trained_this_round, self.train_losses = 0, []
         self.write(status="running")
+        text = f"{metric_name}={row['metric']:.4f}"
+        if self.private:
+            text += f" eps={row['sample_epsilon_max']:.2f}"
+        if row["user_epsilon"] is not None:
+            text += f" user_eps={row['user_epsilon']:.2f}"
+        log.info("round %d/%d: %s test_loss=%.4f train_loss=%.4f clients=%d (%.1f s)", server_round,
+                 self.cfg.federation.rounds, text, row["test_loss"], row["train_loss"], row["clients_trained"],
+                 row["wall_seconds"])
         self.trackers.on_round_end(server_round, row)
         if self._bar is not None:
-            text = f"{metric_name}={row['metric']:.4f}"
-            if self.private:
-                text += f" eps={row['sample_epsilon_max']:.2f}"
-            if row["user_epsilon"] is not None:
-                text += f" user_eps={row['user_epsilon']:.2f}"
             self._bar.set_postfix_str(text)
             self._bar.update(1)
 
-    def summary(self, status: str) -> dict:
+    def best_row(self) -> dict:
+        """The row of the best evaluated round (the first one, on ties); {} before round 1."""
+        if not self.rows:
+            return {}
+        better = max if self.rows[-1]["metric_name"] == "accuracy" else min
+        return better(self.rows, key=lambda r: r["metric"])
+
+    def summary(self, status: str, error: str | None = None) -> dict:
         p = self.cfg.privacy
         last = self.rows[-1] if self.rows else {}
         metric_name = last.get("metric_name", "accuracy")
-        better = max if metric_name == "accuracy" else min
-        best = better(self.rows, key=lambda r: r["metric"]) if self.rows else {}
+        best = self.best_row()
         sample = {"epsilon_max": last.get("sample_epsilon_max"), "epsilon_mean": last.get("sample_epsilon_mean"),
                   "delta": p.delta, "accountant": accountant_label(p.accountant) if self.private else None,
                   "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm}
+        if not self.private:  # strict JSON has no Infinity: say why there is no number
+            sample.update(epsilon_max=None, epsilon_mean=None,
+                          note="no DP-SGD (noise_multiplier = 0): no finite sample-level epsilon")
         user = None
         if p.user_noise_multiplier > 0:
             user = {"epsilon": last.get("user_epsilon"), "delta": p.delta,
                     "accountant": accountant_label(p.accountant) + ", Poisson client sampling assumed",
                     "noise_multiplier": p.user_noise_multiplier, "clip": p.user_clip}
         label = get_algorithm(self.cfg.strategy.name).label_privacy(self.cfg.strategy.params, p.delta)
-        return {
+        out = {
             "status": status, "name": self.cfg.name, "seed": self.cfg.seed,
             "strategy": self.cfg.strategy.name, "dataset": self.cfg.data.dataset,
             "rounds_completed": len(self.rows), "rounds_planned": self.cfg.federation.rounds,
@@ -167,24 +216,31 @@ class RunRecorder:
             "best_metric": best.get("metric"), "best_round": best.get("round"),
             "final_test_loss": last.get("test_loss"),
             "sample_level": sample, "user_level": user, "label_level": label,
-            "wall_seconds": time.perf_counter() - self.started, "versions": package_versions(),
+            "client_failures_skipped": self.skipped_failures,
+            "wall_seconds": self.wall_seconds, "versions": package_versions(),
+            # who writes this run, and when it last did: `fedsim.results.run_state` tells a
+            # live run from one whose process is gone
+            "pid": os.getpid(), "host": socket.gethostname(), "updated_at": time.time(),
         }
+        if error is not None:
+            out["error"] = error
+        return out
 
-    def write(self, status: str) -> dict:
+    def write(self, status: str, error: str | None = None) -> dict:
         write_atomic(self.out_dir / ROUNDS_CSV, csv_text(ROUND_COLUMNS, self.rows))
         client_rows = [{"partition_id": pid, "num_examples": c.num_examples,
                         "participations": c.participations,
                         "sample_epsilon": c.epsilon, "sample_rate": c.sample_rate}
                        for pid, c in sorted(self.clients.items())]
         write_atomic(self.out_dir / CLIENTS_CSV, csv_text(CLIENT_COLUMNS, client_rows))
-        summary = self.summary(status)
+        summary = self.summary(status, error)
         write_json(self.out_dir / SUMMARY_JSON, summary)
         return summary
 
-    def close(self, status: str) -> None:
-        summary = self.write(status)
+    def close(self, status: str, error: str | None = None) -> None:
         if self._bar is not None:
             self._bar.close()
+        summary = self.write(status, error)
         self.trackers.on_run_end(summary)
 
 
@@ -200,6 +256,7 @@ class TrackedGrid(Grid):
         self.lost: set[int] = set()
         self.partition_of: dict[int, int] = {}
         self.current_round = 0  # set by SeededRounds when a round starts
+        self.last_skipped: tuple[str, str | None] | None = None  # the last client error skipped
 
     # -- delegation -------------------------------------------------------------------
     def set_run(self, run) -> None:
@@ -287,6 +344,9 @@ class TrackedGrid(Grid):
                 raise ClientFailure(text, reply.error.reason)
             else:
                 log.warning("%s (skipped)", text)
+                self.last_skipped = (text, reply.error.reason)
+                if sent:
+                    self.recorder.skipped_failures += 1
 
 
 def evaluation_function(cfg: Config, recorder: RunRecorder):
@@ -345,9 +405,11 @@ class SeededRounds(Strategy):
 
     The round's clients are `fedsim.schedule.sample_round`'s (the schedule target-epsilon
     calibration plans with); the strategy sees only them and takes all. Flower orders them
-    with Python's `random` and its DP wrappers draw noise from numpy's global generator.
-    Seeding both from (experiment seed, round) at the start of `configure_train` makes every
-    round reproducible on its own, whatever ran before, and tells the grid which round it is in.
+    with Python's `random`, its DP wrappers draw noise from numpy's global generator, and
+    server-side torch draws (FedSVD's randomized SVD) use torch's. Seeding all three from
+    (experiment seed, round) at the start of `configure_train` makes every round reproducible
+    on its own, whatever ran before (a resumed run included), and tells the grid which round
+    it is in.
     """
 
     def __init__(self, inner: Strategy, seed: int, grid: TrackedGrid, clients_per_round: int) -> None:
@@ -363,6 +425,9 @@ class SeededRounds(Strategy):
                         grid: Grid) -> Iterable[Message]:
         random.seed(derive_seed(self.seed, server_round, "sample"))
         np.random.seed(derive_seed(self.seed, server_round, "server-noise"))
+        # torch's global generator too (FedSVD's randomized SVD draws from it): then no
+        # generator state carries over between rounds, and a checkpoint needs to store none
+        torch.default_generator.manual_seed(derive_seed(self.seed, server_round, "server-torch"))
         self.grid.current_round = server_round
         # The clients come from fedsim.schedule, the function target-epsilon calibration reads.
         chosen = sample_round(self.seed, server_round, grid.get_node_ids(), self.clients_per_round)
@@ -380,31 +445,152 @@ class SeededRounds(Strategy):
 
 
 def server_main(grid: Grid, context: Context, *, progress: bool = True, config_text: str | None = None,
-                discovery_timeout: float = 120.0) -> RunRecorder:
+                discovery_timeout: float = 120.0, resume: Checkpoint | None = None) -> RunRecorder:
+    """Run the experiment of `context` on `grid`; `resume` continues from a checkpoint (the
+    in-process runtime only: it is the one whose node states a checkpoint can hold)."""
     cfg = config_from_context(context, config_text)
-    recorder = RunRecorder(cfg, Path(cfg.output.dir or "runs/deployed"), progress=progress)
+    recorder = RunRecorder(cfg, Path(cfg.output.dir or "runs/deployed"), progress=progress,
+                           restored=resume.recorder if resume is not None else None)
     with run_log(recorder.out_dir):
-        _run_rounds(cfg, grid, recorder, discovery_timeout)
+        _run_rounds(cfg, grid, recorder, discovery_timeout, resume)
     return recorder
 
 
-def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_timeout: float) -> None:
+def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_timeout: float,
+                resume: Checkpoint | None = None) -> None:
+    """Discovery, then the rounds: fedsim drives the loop of Flower's `Strategy.start` itself
+    (configure_train, send, aggregate_train, configure/aggregate_evaluate, central
+    evaluation), so that a resumed run starts at the round after its checkpoint and a
+    checkpoint is written between rounds. The model is saved when the last round is done."""
     tracked = TrackedGrid(grid, recorder, cfg.runtime.on_client_error, cfg.federation.clients_per_round)
-    status = "failed"
+    status, error = "failed", None
     try:
         spec = data_spec(load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed))
         tracked.discover(cfg.federation.num_clients, discovery_timeout, dumps_toml(cfg), spec)
         model, evaluate_fn = evaluation_function(cfg, recorder)
-        initial = R.model_to_record(model)
-        algorithm = get_algorithm(cfg.strategy.name)
-        log.info("strategy %s (%s): %s", cfg.strategy.name, algorithm.summary, cfg.strategy.params)
         strategy = SeededRounds(build_strategy(cfg), cfg.seed, tracked, cfg.federation.clients_per_round)
-        strategy.start(grid=tracked, initial_arrays=initial, num_rounds=cfg.federation.rounds,
-                       timeout=cfg.runtime.round_timeout, train_config=ConfigRecord(), evaluate_fn=evaluate_fn)
+        log_settings(cfg, strategy)
+        can_checkpoint = _checkpoints_possible(cfg, grid, strategy)
+        arrays = R.model_to_record(model)
+        first = 1
+        if resume is not None:
+            if not can_checkpoint:
+                raise ConfigError("--resume: this run cannot restore its state (see run.log)")
+            arrays = R.numpy_to_record(resume.arrays)
+            load_strategy_state(strategy, resume.strategy)
+            grid.restore_node_states(resume.nodes)  # type: ignore[attr-defined]
+            first = resume.round + 1
+            log.info("resumed after round %d of %d from %s", resume.round, cfg.federation.rounds,
+                     checkpoint_path(recorder.out_dir))
+        every = cfg.output.checkpoint_every
+        for server_round in range(first, cfg.federation.rounds + 1):
+            arrays = _train_round(strategy, tracked, recorder, server_round, arrays, cfg.runtime.round_timeout)
+            evaluate_fn(server_round, arrays)  # loads `arrays` into `model` and writes the round
+            if cfg.output.keep_best and recorder.best_row().get("round") == server_round:
+                save_model(recorder.out_dir / MODEL_BEST, model, model_meta(cfg, spec, server_round))
+            if can_checkpoint and every and server_round % every == 0 and server_round < cfg.federation.rounds:
+                save_checkpoint(recorder.out_dir, Checkpoint(
+                    server_round, dumps_toml(cfg), R.record_to_numpy(arrays), strategy_state(strategy),
+                    {node: _kept_state(state) for node, state in grid.node_states().items()},  # type: ignore
+                    recorder.state()))
+        R.load_record(model, arrays)
+        save_model(recorder.out_dir / MODEL, model, model_meta(cfg, spec, cfg.federation.rounds))
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
-        recorder.close(status)
+        recorder.close(status, error)
+    checkpoint_path(recorder.out_dir).unlink(missing_ok=True)  # finished: model.safetensors is the result
+
+
+def _train_round(strategy: Strategy, grid: TrackedGrid, recorder: RunRecorder, server_round: int,
+                 arrays: ArrayRecord, timeout: float) -> ArrayRecord:
+    """One round of `Strategy.start`'s loop; the new global arrays. A round in which no client
+    trained fails the run, whatever the error policy: skipping every client would otherwise
+    finish a run that learned nothing."""
+    replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+                                    timeout=timeout)
+    if recorder.trained_this_round == 0:
+        skipped = grid.last_skipped
+        text = f"round {server_round}: no client trained"
+        if skipped is not None:
+            text += f" (every reply was an error, skipped by runtime.on_client_error; last: {skipped[0]})"
+        raise ClientFailure(text, skipped[1] if skipped is not None else None)
+    aggregated, _ = strategy.aggregate_train(server_round, replies)
+    if aggregated is not None:  # as in Flower's loop: nothing aggregated keeps the model
+        arrays = aggregated
+    evaluate_replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                                             timeout=timeout)
+    strategy.aggregate_evaluate(server_round, evaluate_replies)
+    return arrays
+
+
+# Node-state records that discovery sends again in every run (the experiment TOML, the data
+# spec): a checkpoint leaves them out.
+_DISCOVERY_RECORDS = (R.CLIENT_STATE, R.DATA_SPEC)
+
+
+def _kept_state(state: RecordDict) -> RecordDict:
+    return RecordDict({k: v for k, v in state.items() if k not in _DISCOVERY_RECORDS})
+
+
+def _checkpoints_possible(cfg: Config, grid: Grid, strategy: Strategy) -> bool:
+    """Whether this run can write (and resume from) checkpoints; if not, run.log says why."""
+    if cfg.output.checkpoint_every == 0:
+        log.info("checkpoints: off (output.checkpoint_every = 0)")
+        return False
+    if not hasattr(grid, "node_states"):
+        log.info("checkpoints: off (runtime %s keeps the nodes' state where fedsim cannot save it; "
+                 "the in-process runtime can)", cfg.runtime.name)
+        return False
+    if stateful_strategy(strategy) is None:
+        log.warning("checkpoints: off (strategy %s does not expose its state: state_dict / load_state_dict)",
+                    cfg.strategy.name)
+        return False
+    log.info("checkpoints: every %d round(s) to %s", cfg.output.checkpoint_every, checkpoint_path(cfg.output.dir))
+    return True
+
+
+def _flower_summary(strategy: Strategy) -> list[str]:
+    """The lines `strategy.summary()` logs through Flower's logger, caught without showing them."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage().replace("\t", " ").rstrip())
+
+    flwr_log = logging.getLogger("flwr")
+    saved = flwr_log.handlers[:], flwr_log.level, flwr_log.propagate
+    flwr_log.handlers, flwr_log.propagate = [Collect(logging.INFO)], False
+    flwr_log.setLevel(logging.INFO)
+    try:
+        strategy.summary()
+    finally:
+        flwr_log.handlers, flwr_log.propagate = saved[0], saved[2]
+        flwr_log.setLevel(saved[1])
+    return [line for line in lines if line.strip()]
+
+
+def log_settings(cfg: Config, strategy: Strategy) -> None:
+    """The resolved settings, at the top of run.log: the key config values and the strategy's
+    own `summary()` (config.toml beside it has every key)."""
+    fed, c, p, rt, d = cfg.federation, cfg.client, cfg.privacy, cfg.runtime, cfg.data
+    log.info("run %s: seed %d; data %s, partitioner %s (alpha %g); model %s", cfg.name, cfg.seed, d.dataset,
+             d.partitioner, d.alpha, cfg.model.name)
+    log.info("federation: %d clients, %d per round, %d rounds; local: %s, batch %d, lr %g, momentum %g",
+             fed.num_clients, fed.clients_per_round, fed.rounds,
+             f"{c.local_steps} steps" if c.local_steps else f"{c.local_epochs} epoch(s)", c.batch_size, c.lr,
+             c.momentum)
+    log.info("privacy: noise_multiplier %g, max_grad_norm %g, delta %g, accountant %s, user_noise_multiplier %g",
+             p.noise_multiplier, p.max_grad_norm, p.delta, p.accountant, p.user_noise_multiplier)
+    log.info("runtime %s, engine %s, device %s, on_client_error %s", rt.name, rt.engine, rt.device,
+             rt.on_client_error)
+    algorithm = get_algorithm(cfg.strategy.name)
+    log.info("strategy %s (%s): %s", cfg.strategy.name, algorithm.summary, cfg.strategy.params)
+    for line in _flower_summary(strategy):
+        log.info("  %s", line)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flwr.serverapp import strategy as flwr_strategy
 
 from fedsim.config import param
@@ -17,7 +18,23 @@ from strategies.fedavg import FedAvg
 
 
 class FedAdam(flwr_strategy.FedAdam, FedAvg):
-    """Flower's FedAdam; its ``super().aggregate_train`` is fedsim's FedAvg."""
+    """Flower's FedAdam; its ``super().aggregate_train`` is fedsim's FedAvg.
+
+    Its state across rounds is Adam's first and second moments ``m_t`` and ``v_t`` (per
+    parameter name; empty before the first aggregation). The bias correction reads the round
+    number, which the loop supplies, so the moments are all a checkpoint needs.
+    """
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {**{f"m_t/{k}": v for k, v in (self.m_t or {}).items()},
+                **{f"v_t/{k}": v for k, v in (self.v_t or {}).items()}}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        unknown = [k for k in state if not k.startswith(("m_t/", "v_t/"))]
+        if unknown:
+            raise ValueError(f"FedAdam.load_state_dict: unknown keys {unknown[:3]}")
+        self.m_t = {k[4:]: np.array(v) for k, v in state.items() if k.startswith("m_t/")} or None
+        self.v_t = {k[4:]: np.array(v) for k, v in state.items() if k.startswith("v_t/")} or None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr_strategy
 
@@ -32,6 +33,16 @@ class FedAvg(flwr_strategy.FedAvg):
         if kwargs.get("train_metrics_aggr_fn") is None:  # Flower's subclasses pass None explicitly
             kwargs["train_metrics_aggr_fn"] = R.aggregate_metrics
         super().__init__(**kwargs)
+
+    # State hooks (`fedsim.algorithms.stateful_strategy`): what the strategy carries from one
+    # round into the next, for checkpoints. FedAvg carries nothing: the global model is all.
+    # Subclasses with state (FedAdam's moments, SCAFFOLD's c) override both.
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state across rounds (got {sorted(state)[:3]})")
 
 
 @dataclass(frozen=True)

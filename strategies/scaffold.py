@@ -65,6 +65,13 @@ class Scaffold(FedAvg):
         log(INFO, "\t│\t└── global lr eta_g (%s) | clients N (%d)", f"{self.global_lr:.6g}", self.num_clients)
         super().summary()
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The server control variate c (empty before round 1, when it is still zero)."""
+        return dict(self.control or {})
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.control = {k: np.array(v) for k, v in state.items()} or None
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current = R.record_to_numpy(arrays)

@@ -1,0 +1,57 @@
+"""Checkpoint files (`fedsim.checkpoint`): what goes in comes out, exactly, in order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedsim import records as R
+from fedsim.checkpoint import Checkpoint, config_difference, load_checkpoint, save_checkpoint
+from fedsim.config import dumps_toml, load_config
+from fedsim.errors import FedsimError
+
+
+def test_checkpoint_round_trip_keeps_values_types_and_order(tmp_path):
+    node_state = RecordDict({
+        R.ACCOUNTANT_STATE: ConfigRecord({"sigma": [1.1, 1.1], "q": [0.03125, 0.5], "steps": [12, 3]}),
+        "odd": ConfigRecord({"text": "x", "blob": b"\x00\xff", "blobs": [b"a", b"b"], "flag": True, "empty": []}),
+        "metrics": MetricRecord({"m": 0.1 + 0.2, "n": 7}),
+        R.ALGORITHM_STATE: R.numpy_to_record({"z.weight": np.arange(6, dtype=np.float32).reshape(2, 3) / 7,
+                                              "a.bias": np.array([np.pi], np.float64)}),
+    })
+    arrays = {"layer2.weight": np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32),
+              "layer1.bias": np.array([1e-45, -0.0, np.inf], np.float32), "count": np.array(3, np.int64)}
+    strategy = {"m_t/w": np.full(3, 0.1, np.float32), "v_t/w": np.zeros((0,), np.float32)}
+    rows = [{"round": 1, "metric": 0.1 + 0.2, "train_loss": float("nan"), "user_epsilon": None}]
+    cfg = dumps_toml(load_config(None))
+    save_checkpoint(tmp_path, Checkpoint(3, cfg, arrays, strategy, {1000: node_state, 1002: RecordDict()},
+                                         {"rows": rows}))
+    back = load_checkpoint(tmp_path)
+    assert back.round == 3 and back.config == cfg
+    assert list(back.arrays) == list(arrays) and list(back.strategy) == list(strategy)
+    for got, want in [*zip(back.arrays.values(), arrays.values()), *zip(back.strategy.values(), strategy.values())]:
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes() and got.shape == want.shape
+    assert sorted(back.nodes) == [1000, 1002] and not list(back.nodes[1002].items())
+    state = back.nodes[1000]
+    assert list(state.keys()) == list(node_state.keys())
+    for key in (R.ACCOUNTANT_STATE, "odd", "metrics"):
+        assert dict(state[key]) == dict(node_state[key]) and type(state[key]) is type(node_state[key])
+    kept, saved = R.record_to_numpy(state[R.ALGORITHM_STATE]), R.record_to_numpy(node_state[R.ALGORITHM_STATE])
+    assert list(kept) == list(saved) and all(kept[k].tobytes() == saved[k].tobytes() for k in saved)
+    assert back.recorder["rows"][0]["metric"] == 0.1 + 0.2 and back.recorder["rows"][0]["user_epsilon"] is None
+    assert np.isnan(back.recorder["rows"][0]["train_loss"])
+
+
+def test_no_checkpoint_and_a_damaged_one(tmp_path):
+    assert load_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(FedsimError, match="unreadable checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_config_difference_names_the_key_and_ignores_the_directory():
+    a = dumps_toml(load_config(None, {"output.dir": "runs/a"}))
+    assert config_difference(a, dumps_toml(load_config(None, {"output.dir": "/elsewhere/a"}))) is None
+    diff = config_difference(a, dumps_toml(load_config(None, {"federation.rounds": 7})))
+    assert diff == "federation.rounds (checkpoint 10, now 7)"
