@@ -45,7 +45,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import socket
 import time
 import traceback
@@ -452,19 +451,18 @@ def release(path: Path) -> None:
 def _run_cell(cell: Cell, threads: int) -> dict:
     """Run one cell that this process has claimed; returns its summary.
 
-    The one place a cell runs: an unfinished directory is cleared and the run starts over
-    (resuming from its checkpoint instead is a change here only).
+    The one place a cell runs. An unfinished cell (a killed or interrupted sweep) continues
+    from its last checkpoint (`run_experiment(resume=True)`), so its finished rounds are not
+    trained again; one without a checkpoint starts over.
     """
     import torch
 
     from fedsim.run import run_experiment
 
     torch.set_num_threads(threads)
-    if cell.dir.exists():
-        shutil.rmtree(cell.dir)  # an interrupted cell: start it afresh
     write_json(cell.record_path, {"cell": cell.name, "values": cell.values,
                                   "config_hash": config_hash(cell.identity), "config": cell.identity})
-    out = run_experiment(cell.config, progress=False)
+    out = run_experiment(cell.config, progress=False, resume=True)
     return read_summary(out) or {}
 
 

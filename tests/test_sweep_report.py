@@ -452,3 +452,32 @@ def test_cli_run_shows_the_secure_rng_warning_once_and_no_noise(tmp_path):
     assert "sample-level eps" in res.stdout  # the DP run's one-line result
     assert res.stderr.count("Secure RNG turned off") == 1, res.stderr
     assert "Full backward hook" not in res.stderr and "Warning" in res.stderr
+
+
+def test_an_interrupted_cell_resumes_from_its_checkpoint(cli, tmp_path, monkeypatch):
+    """A sweep killed inside a cell continues that cell at the round after its last checkpoint
+    (run.log says so) and ends with the rows an uninterrupted sweep writes."""
+    from fedsim import server
+
+    args = ["--num-clients", "4", "--clients-per-round", "2", "--rounds", "3", "--set", "model.hidden=[8]",
+            "--grid", "client.lr=0.1"]
+    real = server.save_checkpoint
+
+    def stop(run_dir, ckpt):
+        real(run_dir, ckpt)
+        if ckpt.round == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(server, "save_checkpoint", stop)
+    code, _, _ = cli("sweep", *args, "--out", tmp_path / "a")  # "killed" after round 2 (Ctrl-C)
+    assert code != 0
+    monkeypatch.undo()
+    code, out, err = cli("sweep", *args, "--out", tmp_path / "a")
+    assert code == 0, err
+    cell = tmp_path / "a" / "client.lr=0.1"
+    assert "resumed after round 2 of 3" in (cell / "run.log").read_text()
+    code, _, err = cli("sweep", *args, "--out", tmp_path / "b")
+    assert code == 0, err
+
+    def rows(d):
+        return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in csv.DictReader(open(d / "rounds.csv"))]
+    assert rows(cell) == rows(tmp_path / "b" / "client.lr=0.1")
