@@ -228,7 +228,11 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         cfg.output.dir = default_out_dir(cfg)
     cfg.output.dir = str(Path(cfg.output.dir).resolve())
     cfg = prepare(cfg)
-    out = deploy_local(cfg, args.nodes, tls=args.tls, auth=args.auth, host=args.host, timeout=args.timeout)
+    try:
+        out = deploy_local(cfg, args.nodes, tls=args.tls, auth=args.auth, host=args.host, timeout=args.timeout)
+    except OSError as exc:  # unwritable run directory, full disk: one line, exit 1
+        sys.stderr.write(f"error: deploy local: {exc}\n")
+        return 1
     print(f"deployed run finished: {out}")
     return 0
 
@@ -236,7 +240,11 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 def cmd_deploy_certs(args: argparse.Namespace) -> int:
     from fedsim.deploy import make_certificates
 
-    certs = make_certificates(args.dir, tuple(args.hosts.split(",")))
+    try:
+        certs = make_certificates(args.dir, tuple(args.hosts.split(",")), overwrite=args.overwrite)
+    except OSError as exc:  # unwritable or missing parent, full disk: one line, exit 1
+        sys.stderr.write(f"error: deploy certs: cannot write {args.dir}: {exc.strerror or exc}\n")
+        return 1
     print(f"CA: {certs.ca_cert}\nserver certificate: {certs.server_cert}\nserver key: {certs.server_key}")
     return 0
 
@@ -304,10 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "  fedsim deploy certs certs/")
     deploy = p.add_subparsers(dest="deploy_command", required=True, parser_class=Parser)
     d = deploy.add_parser("local", help="a SuperLink and N SuperNodes on this machine", formatter_class=_formatter,
-                          description="Start a SuperLink and N SuperNodes as subprocesses, run the experiment "
-                                      "through them with `flwr run`, write the usual outputs, stop everything.",
+                          description="Start a SuperLink and N SuperNodes as subprocesses, wait until all are "
+                                      "online, run the experiment through them with `flwr run`, write the usual "
+                                      "outputs, stop everything (also if fedsim is killed). Waiting for the nodes "
+                                      "is bounded by runtime.discovery_timeout; a failure names its cause and the "
+                                      "logs in <run>/deploy/logs/.",
                           epilog="examples:\n  fedsim deploy local configs/quickstart.toml --nodes 20 --tls\n"
-                                 "  fedsim deploy local configs/quickstart.toml --nodes 20 --auth")
+                                 "  fedsim deploy local configs/quickstart.toml --nodes 20 --auth "
+                                 "--set runtime.discovery_timeout=900")
     _add_config_flags(d)
     d.add_argument("--nodes", type=int, required=True, help="SuperNodes to start (= federation.num_clients)")
     d.add_argument("--tls", action="store_true", help="generate a CA and serve the SuperLink over TLS")
@@ -318,10 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
     d.set_defaults(func=cmd_deploy_local)
     d = deploy.add_parser("certs", help="a self-signed CA and server certificate", formatter_class=_formatter,
-                          description="Write ca.crt, server.pem and server.key (EC P-256) for local TLS testing.",
-                          epilog="example:\n  fedsim deploy certs certs/ --hosts 127.0.0.1,localhost")
-    d.add_argument("dir", help="output directory")
+                          description="Write ca.crt, server.pem and server.key (EC P-256) for local TLS testing. "
+                                      "Existing files are kept unless --overwrite.",
+                          epilog="examples:\n  fedsim deploy certs certs/ --hosts 127.0.0.1,localhost\n"
+                                 "  fedsim deploy certs certs/ --overwrite")
+    d.add_argument("dir", help="output directory (created if missing)")
     d.add_argument("--hosts", default="127.0.0.1,localhost", help="names the certificate is valid for")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace existing ca.crt, server.pem and server.key (refused otherwise)")
     d.set_defaults(func=cmd_deploy_certs)
 
     p = sub.add_parser("report", help="privacy-utility table from runs", formatter_class=_formatter,

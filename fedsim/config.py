@@ -142,6 +142,9 @@ class RuntimeConfig:
                               lo=0.0, lo_open=True)
     on_client_error: str = param("fail", "a client exception stops the run, or the round goes on without it",
                               choices=("fail", "skip"))
+    discovery_timeout: float = param(600.0, "seconds to wait before round 1 for all num_clients nodes to connect "
+                                     "and answer discovery (deployment: each answer starts a ClientApp process)",
+                                     lo=0.0, lo_open=True)
 
 
 @dataclass

@@ -54,6 +54,7 @@ from fedsim.schedule import SampledGrid, sample_round
 from fedsim.trackers import open_trackers
 
 log = logging.getLogger("fedsim")
+DISCOVERY_WINDOW_KEY = "discovery-window"  # run config: nodes asked at a time in discovery (fedsim.deploy)
 
 
 @functools.lru_cache(maxsize=1)
@@ -288,26 +289,60 @@ class TrackedGrid(Grid):
             raise ClientFailure(f"only {len(nodes)} nodes left, {self.min_nodes} needed per round; lost: {lost}")
         return nodes
 
-    def discover(self, expected: int, timeout: float, config_text: str, spec: dict | None = None) -> None:
+    def discover(self, expected: int, timeout: float, config_text: str, spec: dict | None = None,
+                 window: int | None = None) -> None:
         """Wait for `expected` nodes, then ask each which partition it holds, handing each the
         experiment TOML and the data spec (a SuperNode keeps both in its state for the train
-        messages; a data holder builds its model and reads its file with the spec)."""
-        deadline = time.monotonic() + timeout
+        messages; a data holder builds its model and reads its file with the spec).
+
+        Both steps together take at most `timeout` seconds. `window` caps how many nodes are
+        asked at a time (`fedsim deploy local` passes its CPU count: there each answer starts
+        a ClientApp process on the same CPUs, and Flower drops one that has not reported within
+        30 s); None asks all at once."""
+        started = time.monotonic()
+        deadline = started + timeout
         while len(nodes := list(self.inner.get_node_ids())) < expected:
             if time.monotonic() > deadline:
-                raise ClientFailure(f"only {len(nodes)} of {expected} nodes connected within {timeout:.0f} s")
+                raise ClientFailure(f"discovery: only {len(nodes)} of {expected} nodes connected within "
+                                    f"{timeout:.0f} s; check that every SuperNode runs and reaches the "
+                                    f"SuperLink, or raise runtime.discovery_timeout")
             time.sleep(0.05)
         content = RecordDict({R.CONFIG: ConfigRecord({R.RUN_CONFIG_KEY: config_text})})
         if spec is not None:
             content[R.DATA_SPEC] = ConfigRecord(spec)
         query = [Message(content, node, R.QUERY_PARTITION) for node in nodes]
-        replies = list(self.inner.send_and_receive(query, timeout=timeout))
+        if window is None:
+            replies = list(self.inner.send_and_receive(query, timeout=max(deadline - time.monotonic(), 0.0)))
+        else:
+            replies = self._send_paced(query, window, deadline)
         self._raise_errors(replies, "discovery")
         for reply in replies:
-            self.partition_of[reply.metadata.src_node_id] = int(reply.content[R.METRICS][R.PARTITION_ID])
-        missing = expected - len(self.partition_of)
-        if missing > 0:
-            raise ClientFailure(f"{missing} of {expected} nodes did not answer discovery within {timeout:.0f} s")
+            if not reply.has_error():
+                self.partition_of[reply.metadata.src_node_id] = int(reply.content[R.METRICS][R.PARTITION_ID])
+        silent = sorted(set(nodes) - set(self.partition_of))
+        if len(self.partition_of) < expected:
+            raise ClientFailure(
+                f"discovery: node(s) {', '.join(map(str, silent))} ({len(silent)} of {len(nodes)}) did not answer "
+                f"within {time.monotonic() - started:.0f} s (runtime.discovery_timeout = {timeout:g}); a node whose "
+                f"ClientApp cannot start in time never answers (see its SuperNode's log): raise "
+                f"runtime.discovery_timeout, or run fewer nodes per machine")
+
+    def _send_paced(self, messages: list[Message], window: int, deadline: float,
+                    patience: float = 60.0) -> list[Message]:
+        """`send_and_receive` with at most `window` messages awaiting a reply at a time, until
+        all are answered or `deadline` (time.monotonic()) passes. A message unanswered for
+        `patience` seconds stops counting against the window (its reply is still collected),
+        so nodes that died cannot hold back the others."""
+        waiting, pushed_at, replies = list(messages), {}, []
+        while (waiting or pushed_at) and (now := time.monotonic()) < deadline:
+            while waiting and sum(now - t < patience for t in pushed_at.values()) < window:
+                pushed_at.update((i, now) for i in self.inner.push_messages([waiting.pop(0)]) if i)
+            for reply in self.inner.pull_messages(list(pushed_at)):
+                pushed_at.pop(reply.metadata.reply_to_message_id, None)
+                replies.append(reply)
+            if pushed_at:
+                time.sleep(0.5)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
@@ -445,18 +480,20 @@ class SeededRounds(Strategy):
 
 
 def server_main(grid: Grid, context: Context, *, progress: bool = True, config_text: str | None = None,
-                discovery_timeout: float = 120.0, resume: Checkpoint | None = None) -> RunRecorder:
+                resume: Checkpoint | None = None) -> RunRecorder:
     """Run the experiment of `context` on `grid`; `resume` continues from a checkpoint (the
     in-process runtime only: it is the one whose node states a checkpoint can hold)."""
     cfg = config_from_context(context, config_text)
     recorder = RunRecorder(cfg, Path(cfg.output.dir or "runs/deployed"), progress=progress,
                            restored=resume.recorder if resume is not None else None)
+    # set by `fedsim deploy local`, whose nodes share this machine's CPUs (fedsim.deploy)
+    window = int(context.run_config.get(DISCOVERY_WINDOW_KEY, 0)) or None
     with run_log(recorder.out_dir):
-        _run_rounds(cfg, grid, recorder, discovery_timeout, resume)
+        _run_rounds(cfg, grid, recorder, window, resume)
     return recorder
 
 
-def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_timeout: float,
+def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_window: int | None = None,
                 resume: Checkpoint | None = None) -> None:
     """Discovery, then the rounds: fedsim drives the loop of Flower's `Strategy.start` itself
     (configure_train, send, aggregate_train, configure/aggregate_evaluate, central
@@ -466,7 +503,8 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_timeou
     status, error = "failed", None
     try:
         spec = data_spec(load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed))
-        tracked.discover(cfg.federation.num_clients, discovery_timeout, dumps_toml(cfg), spec)
+        tracked.discover(cfg.federation.num_clients, cfg.runtime.discovery_timeout, dumps_toml(cfg), spec,
+                         discovery_window)
         model, evaluate_fn = evaluation_function(cfg, recorder)
         strategy = SeededRounds(build_strategy(cfg), cfg.seed, tracked, cfg.federation.clients_per_round)
         log_settings(cfg, strategy)

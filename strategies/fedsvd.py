@@ -62,29 +62,45 @@ class FedSVDParams:
     method: str = param("exact", "exact (QR + small SVD) or randomized SVD", choices=("exact", "randomized"))
 
 
+# Singular values below this fraction of the largest count as zero in the randomized path:
+# far above float64 round-off (~1e-16), far below the float32 resolution (~1e-7) in which the
+# factors travel, so dropping them changes B A by less than storing it does.
+RANK_RTOL = 1e-9
+
+
 def refactorize(b: np.ndarray, a: np.ndarray, method: str = "exact") -> tuple[np.ndarray, np.ndarray]:
     """(B_new, A_new) with B_new A_new = B A and A_new having orthonormal rows.
 
-    When the SVD yields fewer than r directions (d_out < r, e.g. a 5-class head with
-    r = 8), the missing rows of A are completed from the previous A, orthonormalized
-    against the kept ones, with zero columns in B: the product is unchanged.
+    When B A has fewer than r directions (d_out < r, e.g. a 5-class head with r = 8, or B
+    with dependent columns), the missing rows of A are completed from the previous A: an
+    orthonormal basis of the part of span(A) the kept rows miss, with zero columns in B. The
+    product is unchanged and A stays inside span(A_0). The exact path gets this for free (its factors live in
+    span(A) by construction); the randomized SVD's trailing singular vectors are directions
+    of its random projection, so it keeps only singular values above `RANK_RTOL` times the
+    largest and completes the rest from A in the same way.
     """
     rank = a.shape[0]
     if method == "randomized":
-        u, s, v = torch.svd_lowrank(torch.as_tensor(b @ a, dtype=torch.float64), q=rank, niter=4)
+        product = b.astype(np.float64) @ a.astype(np.float64)
+        u, s, v = torch.svd_lowrank(torch.as_tensor(product), q=rank, niter=4)
         u, s, vt = u.numpy(), s.numpy(), v.numpy().T
+        kept = int(np.count_nonzero(s > RANK_RTOL * (s.max() if s.size else 0.0)))
     else:
         qb, rb = np.linalg.qr(b.astype(np.float64))
         qa, ra = np.linalg.qr(a.T.astype(np.float64))
         uc, s, vct = np.linalg.svd(rb @ ra.T)
         u, vt = qb @ uc, (qa @ vct.T).T
-    kept = min(rank, len(s))
+        kept = min(rank, len(s))
     b_new = np.zeros((b.shape[0], rank))
     b_new[:, :kept] = u[:, :kept] * s[:kept]
     a_new = vt[:kept]
     if kept < rank:
-        basis, _ = np.linalg.qr(np.concatenate([a_new, a.astype(np.float64)]).T)
-        a_new = np.concatenate([a_new, basis[:, kept:rank].T])
+        # what of span(A) the kept rows miss: A's rows less their part in span(A_new); its
+        # leading right singular vectors are an orthonormal basis of it, whichever rows of A
+        # happen to be dependent on the kept ones (a QR of [A_new; A] picks wrong ones then)
+        a64 = a.astype(np.float64)
+        rest = a64 - (a64 @ a_new.T) @ a_new
+        a_new = np.concatenate([a_new, np.linalg.svd(rest)[2][:rank - kept]])
     return b_new.astype(b.dtype), a_new.astype(a.dtype)
 
 

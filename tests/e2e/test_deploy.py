@@ -1,4 +1,5 @@
-"""Real deployment on loopback: SuperLink + SuperNodes over gRPC, TLS, a lost node.
+"""Real deployment on loopback: SuperLink + SuperNodes over gRPC, TLS, a lost node, a killed
+`fedsim`, 20 authenticated nodes; and `deploy certs` and failure messages without processes.
 
 Bounded in time (every wait has a timeout), on free ports, and every process a test
 starts is stopped by the test itself (process groups, so Flower's own children too).
@@ -8,14 +9,23 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from fedsim.deploy import LocalDeployment, deploy_local, make_certificates
+from fedsim.errors import ClientFailure
 from fedsim.run import prepare, run_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rows(out):
@@ -62,9 +72,12 @@ def test_supernode_with_an_unregistered_key_cannot_join(tiny, tmp_path):
         dep.node_key(0)  # a registered key exists, but the node signs in with another one
         stranger = dep.node_key(1, register=False)
         node = dep.start_supernode(0, key=stranger, max_wait=5)
-        node.wait(timeout=90)
+        with pytest.raises(ClientFailure) as err:  # waiting for it to come online ends when it exits
+            dep.wait_for_nodes(timeout=120)
         assert node.returncode != 0
         assert "failed to activate supernode" in (dep.group.log_dir / "supernode-0.log").read_text().lower()
+        assert "SuperNode 0 exited" in str(err.value)
+        assert "the SuperLink refused SuperNode(s) 0" in str(err.value)
     finally:
         dep.group.stop_all()
     assert all(p.poll() is not None for _, p in dep.group.procs)
@@ -98,3 +111,169 @@ def test_killed_supernode_mid_run_loses_nothing(tiny, tmp_path):
     log = (out / "run.log").read_text() if (out / "run.log").exists() else ""
     # either the run finished with the two remaining nodes, or it failed naming the lost one
     assert summary["status"] == "finished" or "partition 2" in log
+
+
+# ----------------------------------------------------------------------------- processes
+
+def proc_stat(pid: int) -> tuple[int, int, str, int] | None:
+    """(parent pid, session id, state, start time) of a process from /proc, None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return int(fields[1]), int(fields[3]), fields[0].decode(), int(fields[19])
+
+
+def all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def descendants(root: int) -> dict[int, int]:
+    """pid -> start time of every living descendant of `root`."""
+    stats = {pid: st for pid in all_pids() if (st := proc_stat(pid))}
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _, state, start) in stats.items():
+            if ppid == parent and pid not in found and state != "Z":
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+
+def survivors(family: dict[int, int], sessions: set[int]) -> list[int]:
+    """Processes of `family` (same pid and start time) or of `sessions` that are still running."""
+    left = []
+    for pid in all_pids():
+        st = proc_stat(pid)
+        if st is None or st[2] == "Z":
+            continue
+        if family.get(pid) == st[3] or st[1] in sessions:
+            left.append(pid)
+    return left
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def port_open(superlink_cmdline: str) -> bool:
+    port = int(re.search(r"--port (\d+)", superlink_cmdline).group(1))
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_fedsim_kills_every_process_it_started(tmp_path):
+    """`kill -9` of `fedsim deploy local` runs none of its cleanup: the SuperLink, the SuperNodes,
+    Flower's SuperExecs (one in a session of its own) and the watchdog must still all end."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedsim.cli", "deploy", "local", "--dataset", "digits", "--num-clients", "2",
+           "--clients-per-round", "2", "--rounds", "5", "--set", "model.hidden=[8]", "--nodes", "2",
+           "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    fedsim = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sessions: set[int] = set()
+    try:
+        # wait, by what runs (not by fedsim's logs), until the SuperLink's port is up and
+        # Flower has started a SuperExec for the SuperLink and for each SuperNode
+        deadline = time.monotonic() + 300
+        while True:
+            assert fedsim.poll() is None, f"fedsim exited early with code {fedsim.returncode}"
+            assert time.monotonic() < deadline, "the deployment did not start"
+            family = descendants(fedsim.pid)
+            commands = {pid: cmdline(pid) for pid in family}
+            link = [c for c in commands.values() if "flower-superlink" in c]
+            if link and sum("flower-superexec" in c for c in commands.values()) >= 3 and port_open(link[0]):
+                break
+            time.sleep(0.2)
+        sessions = {st[1] for pid in family if (st := proc_stat(pid))} | {fedsim.pid}
+        assert len(family) >= 6  # SuperLink, 2 SuperNodes, their 3 SuperExecs (and the watchdog)
+        fedsim.send_signal(signal.SIGKILL)
+        fedsim.wait()
+        deadline = time.monotonic() + 30  # the watchdog's grace is 5 s; room for a loaded machine
+        while (left := survivors(family, sessions)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"still running after fedsim was killed: {left}"
+    finally:
+        if fedsim.poll() is None:
+            fedsim.kill()
+            fedsim.wait()
+        for session in sessions:  # never leave a failed test's processes behind
+            for pid in survivors({}, {session}):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+# ----------------------------------------------------------------------------- failures and certificates
+
+def test_a_failed_deployment_names_its_cause_from_the_logs(tiny, tmp_path):
+    """What the logs of the README's failed 20-node run held, reduced to two nodes: Flower
+    revoked node 1's ClientApp tokens, and the ServerApp gave up on discovery. The error is
+    one line that says both, maps Flower's node id to the SuperNode, and says where to look."""
+    cfg = tiny(**{"federation.num_clients": 2, "federation.clients_per_round": 2})
+    dep = LocalDeployment(cfg, 2)
+    logs = dep.log_dir
+    logs.mkdir(parents=True)
+    (logs / "supernode-0.log").write_text("INFO :      SuperNode ID: 1111\n")
+    revoked = "\x1b[91mERROR \x1b[0m:     [/v1/runtime/pull-task-input][ApiError:1008] Runtime task-token " \
+              "authentication failed.\n"
+    (logs / "supernode-1.log").write_text("INFO :      SuperNode ID: 2222\n" + revoked * 3)
+    (logs / "flwr-run.log").write_text(
+        "Traceback (most recent call last):\n  File \"server.py\", line 1\n"
+        "fedsim.errors.ClientFailure: discovery: node(s) 2222 (1 of 2) did not answer within 600 s\n"
+        "ERROR :     Exit Code: 201\n")
+    text = str(dep.failure("deployed run ended with status 'failed'"))
+    assert "\n" not in text
+    assert text.startswith("deployed run ended with status 'failed': discovery: node(s) 2222 (1 of 2) did not answer")
+    assert "node 2222 is SuperNode 1" in text and "SuperNode 0" not in text
+    assert "SuperNode(s) 1 did not report within Flower's 30 s and were dropped 3 times" in text
+    assert text.endswith(f"logs in {logs}")
+
+
+def test_deploy_certs_refuses_a_file_and_never_overwrites_silently(cli, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    code, _, err = cli("deploy", "certs", a_file)
+    assert code == 2 and err == f"error: deploy certs: {a_file} is a file, not a directory; " \
+                                "name a directory to write into\n"
+    code, _, err = cli("deploy", "certs", a_file / "certs")  # an OS error: one line, exit 1
+    assert code == 1 and err.count("\n") == 1 and "Not a directory" in err
+
+    certs = tmp_path / "certs"
+    assert cli("deploy", "certs", certs)[0] == 0
+    first = {p.name: p.read_bytes() for p in certs.iterdir()}
+    assert sorted(first) == ["ca.crt", "server.key", "server.pem"]
+    assert (certs / "server.key").stat().st_mode & 0o777 == 0o600
+    code, _, err = cli("deploy", "certs", certs)
+    assert code == 2 and err.count("\n") == 1 and "already exist; pass --overwrite" in err
+    assert {p.name: p.read_bytes() for p in certs.iterdir()} == first  # untouched
+    assert cli("deploy", "certs", certs, "--overwrite")[0] == 0
+    assert (certs / "ca.crt").read_bytes() != first["ca.crt"]
+    assert (certs / "server.key").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.slow
+def test_twenty_authenticated_nodes_end_to_end(tiny, tmp_path):
+    """The README's `deploy local --nodes 20 --auth` on the tiny experiment (2 rounds, 4 nodes a
+    round): every node registers, comes online and answers discovery on this machine's CPUs."""
+    cfg = prepare(tiny(**{"federation.num_clients": 20, "federation.clients_per_round": 4,
+                          "federation.rounds": 2, "runtime.discovery_timeout": 1200.0,
+                          "output.dir": str(tmp_path / "dep")}))
+    started = time.monotonic()
+    out = deploy_local(cfg, 20, auth=True, timeout=1800)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 2
+    deploy_log = (out / "deploy" / "logs" / "deploy.log").read_text()
+    assert "registered 20 SuperNode key(s)" in deploy_log and "all 20 SuperNodes online" in deploy_log
+    print(f"20 authenticated nodes, 2 rounds: {time.monotonic() - started:.0f} s")  # for docs/deployment.md

@@ -36,6 +36,24 @@ def test_rank_deficient_product_keeps_a_orthonormal():
     np.testing.assert_allclose(a_new @ a_new.T, np.eye(4), atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("shape", [(16, 12, 4), (3, 12, 6)])  # rank(B A) = 1 < r, and d_out < r
+def test_rank_deficient_product_keeps_a_in_the_span_of_the_previous_a(method, shape):
+    """The rows of B A lie in span(A), so a refactorized A must too, including the rows that
+    complete it where B A has fewer than r directions: those come from the previous A, never
+    from the randomized SVD's random projection (FedSVD's A_i stays in span(A_0))."""
+    d_out, d_in, r = shape
+    b = np.zeros((d_out, r))
+    b[:, 0] = rng.normal(size=d_out)  # rank(B A) = 1
+    a = rng.normal(size=(r, d_in))
+    b_new, a_new = refactorize(b, a, method)
+    np.testing.assert_allclose(b_new @ a_new, b @ a, atol=1e-10)
+    np.testing.assert_allclose(a_new @ a_new.T, np.eye(r), atol=1e-10)
+    projector = a.T @ np.linalg.solve(a @ a.T, a)  # onto span(rows of A)
+    residual = np.abs(a_new - a_new @ projector).max()
+    assert residual < 1e-6, f"A left span(A) by {residual:.2g}"
+
+
 def test_refactorization_by_hand():
     """B A = [[3, 0], [0, 0]] (rank 1) with A = [[0, 1], [1, 0]]: A' = [[+-1, 0], [0, +-1]],
     B' = [[3, 0], [0, 0]] up to the signs, which B' A' fixes."""
