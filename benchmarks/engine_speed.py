@@ -44,7 +44,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe  # noqa: E402
 
-import clients.app as client_app  # noqa: E402
+import fedsim.clients.app as client_app  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
 from fedsim.models import register_model  # noqa: E402
 from fedsim.run import run_experiment  # noqa: E402

@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe  # noqa: E402
 
-from strategies.fedld import principal_gradient_update  # noqa: E402
+from fedsim.strategies.fedld import principal_gradient_update  # noqa: E402
 
 D = 1_000_000
 

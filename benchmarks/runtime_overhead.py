@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe  # noqa: E402
 
-from clients.app import settings_for  # noqa: E402
-from clients.trainer import evaluate, train_local  # noqa: E402
+from fedsim.clients.app import settings_for  # noqa: E402
+from fedsim.clients.trainer import evaluate, train_local  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
 from fedsim.datasets import load_dataset  # noqa: E402
 from fedsim.experiment import derive_seed  # noqa: E402

@@ -23,8 +23,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.trainer import train_local
-from clients.vectorized import VectorClient, train_clients, unsupported_reason
+from fedsim.clients.trainer import train_local
+from fedsim.clients.vectorized import VectorClient, train_clients, unsupported_reason
 from fedsim import records as R
 from fedsim.algorithms import (ClientRule, Hyper, LocalResult, LocalTask, RoundStart, State, TrainSettings,
                                get_algorithm, resolve_device)

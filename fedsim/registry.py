@@ -7,16 +7,16 @@ own code: see docs/architecture.md). This module is the only place that imports 
 
 from __future__ import annotations
 
-from clients import bags as c_bags
-from clients import fedavg as c_fedavg
-from clients import fedavg_lora as c_fedavg_lora
-from clients import fedld as c_fedld
-from clients import fedprox as c_fedprox
-from clients import ffa_lora as c_ffa_lora
-from clients import scaffold as c_scaffold
+from fedsim.clients import bags as c_bags
+from fedsim.clients import fedavg as c_fedavg
+from fedsim.clients import fedavg_lora as c_fedavg_lora
+from fedsim.clients import fedld as c_fedld
+from fedsim.clients import fedprox as c_fedprox
+from fedsim.clients import ffa_lora as c_ffa_lora
+from fedsim.clients import scaffold as c_scaffold
 from fedsim import lora_models  # noqa: F401 - registers the lora-mlp and hf-text models
 from fedsim.algorithms import Algorithm, register_algorithm
-from strategies import bags, fedadam, fedavg, fedavg_lora, fedld, fedprox, fedsvd, ffa_lora, scaffold
+from fedsim.strategies import bags, fedadam, fedavg, fedavg_lora, fedld, fedprox, fedsvd, ffa_lora, scaffold
 
 BUILTIN = [
     Algorithm("fedavg", fedavg.FedAvgParams, fedavg.build, c_fedavg.RULE, central_dp=True,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
-from clients.app import choose_engine, make_client_app, train_round
+from fedsim.clients.app import choose_engine, make_client_app, train_round
 from fedsim.algorithms import algorithm_names, get_algorithm
 from fedsim.checkpoint import Checkpoint, config_difference, load_checkpoint
 from fedsim.config import Config, dumps_toml

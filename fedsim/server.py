@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
-from clients.trainer import evaluate
+from fedsim.clients.trainer import evaluate
 from fedsim import records as R
 from fedsim.algorithms import (algorithm_names, get_algorithm, load_strategy_state, resolve_device,
                                stateful_strategy, strategy_state)

@@ -16,7 +16,7 @@ from typing import Any
 
 
 from fedsim.config import param
-from strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import FedAvg
 from fedsim.errors import ConfigError
 
 

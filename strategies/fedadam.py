@@ -14,7 +14,7 @@ import numpy as np
 from flwr.serverapp import strategy as flwr_strategy
 
 from fedsim.config import param
-from strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import FedAvg
 
 
 class FedAdam(flwr_strategy.FedAdam, FedAvg):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 
-from strategies.fedavg import FedAvg
-from strategies.ffa_lora import check_lora_model
+from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.ffa_lora import check_lora_model
 
 
 @dataclass(frozen=True)

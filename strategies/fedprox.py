@@ -14,7 +14,7 @@ from typing import Any
 from flwr.serverapp import strategy as flwr_strategy
 
 from fedsim.config import param
-from strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import FedAvg
 
 
 class FedProx(flwr_strategy.FedProx, FedAvg):

@@ -43,7 +43,7 @@ from flwr.common.logger import log
 
 from fedsim import records as R
 from fedsim.config import param
-from strategies.ffa_lora import FFALoRA, check_lora_model
+from fedsim.strategies.ffa_lora import FFALoRA, check_lora_model
 
 
 @dataclass(frozen=True)

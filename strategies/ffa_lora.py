@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedsim import records as R
-from strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import FedAvg
 from fedsim.errors import ConfigError
 
 

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from fedsim import records as R
 from fedsim.config import param
-from strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import FedAvg
 
 
 @dataclass(frozen=True)

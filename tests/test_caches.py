@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients.bags import client_bags
+from fedsim.clients.bags import client_bags
 from fedsim import caches, models
 from fedsim.algorithms import Hyper, LocalTask, TrainSettings
 from fedsim.caches import Key, Snapshot, clear_all, frozen
@@ -18,7 +18,7 @@ from fedsim.datasets import load_dataset
 from fedsim.experiment import _parse
 from fedsim.models import build_model
 from fedsim.partition import partition
-from strategies.bags import BagsParams
+from fedsim.strategies.bags import BagsParams
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +147,7 @@ def test_clear_all_empties_every_cache(tiny):
     infos = caches.cache_infos()
     assert {"fedsim.datasets._load_cached", "fedsim.partition._partition_cached", "fedsim.models._slow_template",
             "fedsim.lora_models._backbone", "fedsim.text._tokenizer", "fedsim.experiment._parse",
-            "clients.bags._release"} <= set(infos)
+            "fedsim.clients.bags._release"} <= set(infos)
     assert infos["fedsim.partition._partition_cached"].currsize == 1
     assert infos["fedsim.experiment._parse"].currsize == 1
     clear_all()

@@ -216,7 +216,7 @@ def test_a_client_trains_the_servers_experiment_not_the_run_config():
 def test_flwr_run_config_end_to_end_in_process(tmp_path):
     """The ServerApp's whole path on fedsim's in-process grid (a stand-in for a deployment of
     3 SuperNodes): flat keys reach the clients, the count comes from the federation."""
-    from clients.app import make_client_app
+    from fedsim.clients.app import make_client_app
     from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
 
     rc = run_config("num-server-rounds=2 lr=0.2 fraction-train=1.0 noise-multiplier=0 dataset='breast-cancer'")

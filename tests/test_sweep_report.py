@@ -416,7 +416,7 @@ def quiet_cli_warnings():
 
 def test_quiet_mode_hides_only_harmless_warnings(quiet_cli_warnings):
     caught = quiet_cli_warnings
-    warn_from("clients.trainer", "Full backward hook is firing when gradients are computed with respect to "
+    warn_from("fedsim.clients.trainer", "Full backward hook is firing when gradients are computed with respect to "
               "module outputs since no inputs require gradients. See https://docs.pytorch.org/ for more details.")
     warn_from("ray._private.worker", "Tip: In future versions of Ray, Ray will no longer override accelerator "
               "visible devices env var if num_gpus=0 or num_gpus=None (default).", FutureWarning)

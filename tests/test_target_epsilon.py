@@ -106,7 +106,7 @@ def test_every_client_ends_at_most_at_the_target(tmp_path, rounds_trained, seed,
 def test_a_skipped_client_only_lowers_epsilon(tmp_path, monkeypatch):
     """The client that trains most fails every time and is skipped: it never trains and
     everyone else still ends at most at the target."""
-    import clients.app as app
+    import fedsim.clients.app as app
 
     cfg = small(tmp_path, seed=0, **{"privacy.target_epsilon": 3.0, "runtime.on_client_error": "skip"})
     counts = participation_counts(0, 4, 6, 3)

@@ -59,7 +59,7 @@ def test_data_holder_needs_only_the_servers_data_spec(tiny, tmp_path):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from clients.app import query, train
+    from fedsim.clients.app import query, train
     from fedsim import records as R
     from fedsim.config import dumps_toml
     from fedsim.models import build_model

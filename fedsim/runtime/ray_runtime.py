@@ -17,7 +17,7 @@ import os
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from clients.app import make_client_app
+from fedsim.clients.app import make_client_app
 from fedsim.config import Config
 from fedsim.experiment import run_config_for
 from fedsim.records import RUN_CONFIG_KEY

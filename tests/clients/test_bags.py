@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from clients.bags import RULE, client_bags, interpolated_loss, proportion_loss, squared_losses, train_bags
+from fedsim.clients.bags import RULE, client_bags, interpolated_loss, proportion_loss, squared_losses, train_bags
 from fedsim.algorithms import Hyper, LocalTask, TrainSettings
-from strategies.bags import BagsParams
+from fedsim.strategies.bags import BagsParams
 
 
 def test_squared_losses_by_hand():

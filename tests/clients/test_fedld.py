@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from clients.fedld import RULE, loss_term, margin_term
-from clients.trainer import train_local
+from fedsim.clients.fedld import RULE, loss_term, margin_term
+from fedsim.clients.trainer import train_local
 from fedsim.algorithms import Hyper, TrainSettings
-from strategies.fedld import FedLDParams
+from fedsim.strategies.fedld import FedLDParams
 
 
 def test_margin_closed_forms():

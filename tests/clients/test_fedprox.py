@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from clients.fedprox import RULE, post_step, setup
-from clients.trainer import train_local
+from fedsim.clients.fedprox import RULE, post_step, setup
+from fedsim.clients.trainer import train_local
 from fedsim.algorithms import Hyper, RoundStart, TrainSettings
-from strategies.fedprox import FedProxParams
+from fedsim.strategies.fedprox import FedProxParams
 
 
 def test_post_step_by_hand():

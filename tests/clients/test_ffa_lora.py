@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from clients import fedavg_lora, ffa_lora
-from clients.app import train
+from fedsim.clients import fedavg_lora, ffa_lora
+from fedsim.clients.app import train
 from fedsim import records as R
 from fedsim.datasets import load_dataset
 from fedsim.experiment import run_config_for

@@ -15,11 +15,11 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from clients.scaffold import RULE, option_two, post_step, setup
-from clients.trainer import train_local
+from fedsim.clients.scaffold import RULE, option_two, post_step, setup
+from fedsim.clients.trainer import train_local
 from fedsim import records as R
 from fedsim.algorithms import Hyper, RoundStart, TrainSettings
-from strategies.scaffold import ScaffoldParams
+from fedsim.strategies.scaffold import ScaffoldParams
 
 
 def test_option_two_by_hand():
@@ -100,7 +100,7 @@ def test_k_local_steps_and_option_two_match_a_literal_numpy_loop():
 def test_clientapp_train_reads_c_and_c_i_and_replies_delta_c_i(tiny, flower):
     """Through the ClientApp handler: c arrives in the message, c_i in the node's state; the
     reply carries delta c_i and the node keeps c_i+ (checked against the reply's own model)."""
-    from clients.app import train
+    from fedsim.clients.app import train
     from fedsim.datasets import load_dataset
     from fedsim.experiment import run_config_for
     from fedsim.models import build_model

@@ -17,8 +17,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from clients.app import finish_job, prepare_job, run_job, run_vectorized
-from clients.vectorized import extend_history
+from fedsim.clients.app import finish_job, prepare_job, run_job, run_vectorized
+from fedsim.clients.vectorized import extend_history
 from fedsim import records as R
 from fedsim.datasets import load_dataset
 from fedsim.experiment import run_config_for

@@ -13,7 +13,7 @@ from fedsim.models import build_model
 
 def test_a_is_never_changed_by_a_client_in_a_run(lora_cfg, monkeypatch):
     """Record every A a client trains from and every A in its model afterwards."""
-    import clients.app as app
+    import fedsim.clients.app as app
 
     seen = []
     real = app.train_local
@@ -109,7 +109,7 @@ def test_any_registered_torch_model_can_be_fine_tuned_with_lora(tiny, monkeypatc
 
     from torch import nn
 
-    import clients.app as app
+    import fedsim.clients.app as app
 
     from fedsim.lora import add_lora
     from fedsim.models import register_model

@@ -57,7 +57,7 @@ def test_non_private_run_outputs(tiny, tmp_path):
 
 
 def test_failed_run_logs_the_error_and_its_traceback(tiny, monkeypatch):
-    import clients.app as app
+    import fedsim.clients.app as app
 
     real = app.prepare_job
 
@@ -82,7 +82,7 @@ def test_failed_run_logs_the_error_and_its_traceback(tiny, monkeypatch):
 def test_saved_models_rebuild_without_the_dataset(tiny, monkeypatch):
     """model.safetensors is the final global model, model-best.safetensors the best round's:
     loaded back, each scores exactly what summary.json says, and loading reads no data."""
-    from clients.trainer import evaluate
+    from fedsim.clients.trainer import evaluate
     from fedsim.datasets import load_dataset
 
     cfg = tiny(**{"federation.rounds": 4, "privacy.noise_multiplier": 2.0, "client.lr": 1.0, "output.keep_best": True})
@@ -116,7 +116,7 @@ def test_saved_models_rebuild_without_the_dataset(tiny, monkeypatch):
 
 
 def test_skip_policy_fails_when_no_client_trains_and_counts_skips(tiny, monkeypatch):
-    import clients.app as app
+    import fedsim.clients.app as app
 
     real = app.prepare_job
 

@@ -56,7 +56,7 @@ def test_ray_and_inprocess_agree(tiny, tmp_path):
 
 @pytest.mark.parametrize("engine", ["opacus", "vectorized"])
 def test_failing_client_names_node_and_keeps_finished_rounds(tiny, monkeypatch, engine):
-    import clients.app as app
+    import fedsim.clients.app as app
 
     real = app.prepare_job
     calls = {"n": 0}
@@ -82,7 +82,7 @@ def test_failing_client_names_node_and_keeps_finished_rounds(tiny, monkeypatch, 
 
 @pytest.mark.parametrize("engine", ["opacus", "vectorized"])
 def test_skip_policy_finishes_the_round_without_the_client(tiny, monkeypatch, engine):
-    import clients.app as app
+    import fedsim.clients.app as app
 
     real = app.prepare_job
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fedsim.errors import ConfigError
-from strategies.bags import BagsParams, check, label_privacy
+from fedsim.strategies.bags import BagsParams, check, label_privacy
 
 
 def test_label_privacy_statement():

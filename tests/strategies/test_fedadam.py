@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedsim import records as R
 from fedsim.server import fedavg_kwargs
-from strategies.fedadam import FedAdamParams, build
+from fedsim.strategies.fedadam import FedAdamParams, build
 
 
 def test_one_server_adam_step_by_hand(tiny, flower):

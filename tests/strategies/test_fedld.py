@@ -8,7 +8,7 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedsim import records as R
-from strategies.fedld import FedLD, principal_gradient_update
+from fedsim.strategies.fedld import FedLD, principal_gradient_update
 
 
 def reference_update(g: np.ndarray, k_fraction: float, normalization: str) -> np.ndarray:

@@ -8,7 +8,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedsim import records as R
 from fedsim.server import fedavg_kwargs
-from strategies.fedprox import FedProxParams, build
+from fedsim.strategies.fedprox import FedProxParams, build
 
 
 def test_mu_from_the_table_is_sent_with_every_train_message(tiny, flower):

@@ -8,7 +8,7 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedsim import records as R
-from strategies.fedsvd import FedSVD, refactorize
+from fedsim.strategies.fedsvd import FedSVD, refactorize
 
 rng = np.random.default_rng(0)
 

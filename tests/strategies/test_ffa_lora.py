@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedsim import records as R
 from fedsim.errors import ConfigError
-from strategies.ffa_lora import FFALoRA, check
+from fedsim.strategies.ffa_lora import FFALoRA, check
 
 A = np.array([[1.0, 0.0, 2.0], [0.0, -1.0, 1.0]], np.float32)  # r = 2, d_in = 3
 B0 = np.zeros((2, 2), np.float32)

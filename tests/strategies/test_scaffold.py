@@ -13,7 +13,7 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedsim import records as R
-from strategies.scaffold import Scaffold, ScaffoldParams, build
+from fedsim.strategies.scaffold import Scaffold, ScaffoldParams, build
 
 # the model x, the server control c, and three clients' (y_i, n_i, delta c_i)
 X = {"w": np.array([2.0, -1.0], np.float32), "m": np.array([[0.5, -0.25], [1.5, 3.0]], np.float32)}
