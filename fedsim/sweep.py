@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import tomllib
 
-from fedsim.config import Config, load_config, parse_value
+from fedsim.config import (Config, config_from_dict, parse_value, read_experiment, read_toml, report_unused,
+                           unused_keys)
 from fedsim.errors import ConfigError
 from fedsim.logs import setup_logging
 from fedsim.results import is_finished, read_summary, write_json
@@ -81,13 +81,19 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
 
 def sweep_table(config_path: str | Path | None) -> dict:
     """The TOML's ``[sweep]`` table (empty without a file), its keys checked."""
-    if not config_path or not Path(config_path).is_file():
+    if not config_path:
         return {}
-    table = tomllib.loads(Path(config_path).read_text()).get("sweep", {})
+    table = read_toml(config_path).get("sweep", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"sweep: expected a [sweep] table, got {table!r}"[:200])
     allowed = {"grid", "seeds", "target_epsilons", "out"}
     unknown = set(table) - allowed
     if unknown:
         raise ConfigError(f"sweep.{sorted(unknown)[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
+    if not isinstance(table.get("grid", {}), dict):
+        raise ConfigError(f"sweep.grid: expected a [sweep.grid] table of key = [values], got {table['grid']!r}"[:200])
+    if not isinstance(table.get("out", ""), str):
+        raise ConfigError(f"sweep.out: expected a directory name, got {table['out']!r}"[:200])
     return table
 
 
@@ -155,22 +161,29 @@ def cell_overrides(assignment: dict[str, Any]) -> dict[str, Any]:
 
 def _plan(config: str | Path | None, grid: Mapping[str, Any] | None, seeds: Sequence[int] | None,
           target_epsilons: Sequence[float] | None, overrides: Mapping[str, Any] | None,
-          out: str | Path | None) -> tuple[Path, list[Cell]]:
+          out: str | Path | None, strict: bool = False) -> tuple[Path, list[Cell]]:
     """The sweep directory and every cell, each config validated up front (a typo in the
-    last cell fails before the first one trains)."""
+    last cell fails before the first one trains). A key that does nothing in every cell is
+    reported once (a warning, or an error under `strict`); one that some cell reads is not."""
     base_overrides = dict(overrides or {})
     if out is not None:
         base_overrides["output.dir"] = str(out)
     table = sweep_table(config)
     axes = build_axes(table, grid, seeds, target_epsilons)
-    base = load_config(config, base_overrides)
+    base = config_from_dict(read_experiment(config, base_overrides))
     sweep_dir = Path(base_overrides.get("output.dir") or table.get("out") or f"sweeps/{base.name}")
     cells = []
+    unused: dict[str, str] | None = None
     for values in itertools.product(*[v for _, v in axes]):
         assignment = dict(zip([k for k, _ in axes], values))
         name = cell_name(assignment)
         cell_cfg = {**base_overrides, **cell_overrides(assignment), "output.dir": str(sweep_dir / name)}
-        cells.append(Cell(name, _split(assignment), load_config(config, cell_cfg)))
+        raw = read_experiment(config, cell_cfg)
+        cell = Cell(name, _split(assignment), config_from_dict(raw))
+        cell_unused = unused_keys(raw, cell.config)
+        unused = cell_unused if unused is None else {k: v for k, v in unused.items() if k in cell_unused}
+        cells.append(cell)
+    report_unused(unused or {}, strict)
     return sweep_dir, cells
 
 
@@ -183,15 +196,17 @@ def _status(cell_dir: Path) -> str:
 
 def plan_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = None,
                seeds: Sequence[int] | None = None, target_epsilons: Sequence[float] | None = None,
-               overrides: Mapping[str, Any] | None = None, out: str | Path | None = None) -> pd.DataFrame:
+               overrides: Mapping[str, Any] | None = None, out: str | Path | None = None,
+               strict: bool = False) -> pd.DataFrame:
     """The cells `run_sweep` would run, without running anything.
 
     One row per cell: ``cell`` (its name), ``dir``, one column per axis key, ``status`` (what
     its directory holds now: "finished", "running", "failed", "not started", ...) and
     ``config`` (the validated `Config`). ``frame.attrs["out"]`` is the sweep directory.
-    Raises `ConfigError` on a bad key or value in any cell.
+    Raises `ConfigError` on a bad key or value in any cell, and under `strict` on a key that
+    does nothing in every cell.
     """
-    sweep_dir, cells = _plan(config, grid, seeds, target_epsilons, overrides, out)
+    sweep_dir, cells = _plan(config, grid, seeds, target_epsilons, overrides, out, strict)
     frame = pd.DataFrame([{"cell": c.name, "dir": str(c.dir), **c.values, "status": _status(c.dir),
                            "config": c.config} for c in cells])
     frame.attrs["out"] = str(sweep_dir)
@@ -231,7 +246,7 @@ def _result_row(cell: Cell, ran: bool, error: str | None) -> dict[str, Any]:
 def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = None,
               seeds: Sequence[int] | None = None, target_epsilons: Sequence[float] | None = None,
               overrides: Mapping[str, Any] | None = None, jobs: int = 1, max_cells: int = 0,
-              out: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+              out: str | Path | None = None, progress: bool = True, strict: bool = False) -> pd.DataFrame:
     """Run every cell of a grid that is not finished yet; returns one row per cell.
 
     config: an experiment TOML (its ``[sweep]`` table gives default axes and ``out``) or None
@@ -240,7 +255,8 @@ def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = Non
     non-private reference). overrides: config key -> value for every cell. jobs: cells run
     in parallel processes. max_cells: run at most this many new cells (0 = all). out: the
     sweep directory (default: ``overrides["output.dir"]``, then the table's ``out``, then
-    ``sweeps/<name>``). progress: print the plan line and show a progress bar.
+    ``sweeps/<name>``). progress: print the plan line and show a progress bar. strict: refuse
+    a key that does nothing in every cell (otherwise a warning names it).
 
     Columns: ``cell``, ``dir``, the axis keys, ``status`` ("finished", "failed", "not
     started" for cells beyond max_cells, ...), ``ran`` (run by this call), the summary's
@@ -254,7 +270,7 @@ def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = Non
     """
     from tqdm.auto import tqdm
 
-    sweep_dir, cells = _plan(config, grid, seeds, target_epsilons, overrides, out)
+    sweep_dir, cells = _plan(config, grid, seeds, target_epsilons, overrides, out, strict)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / MANIFEST, {"cells": [c.name for c in cells]})
     todo = []
@@ -274,9 +290,12 @@ def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = Non
     threads = max(1, (os.cpu_count() or 1) // jobs)
     errors: dict[str, str] = {}
     if jobs == 1:
-        for cell in todo:
-            summary = _run_cell(cell.config, threads)
-            _tick(bar, cell.name, summary)
+        try:
+            for cell in todo:
+                summary = _run_cell(cell.config, threads)
+                _tick(bar, cell.name, summary)
+        finally:  # end the bar's line, so that an error is a line of its own
+            bar.close()
     else:
         # Each worker is set up once, as quiet as the CLI (a spawned worker inherits nothing), so a
         # warning shown "once" is shown once per worker, not once per cell.
