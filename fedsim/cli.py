@@ -44,6 +44,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=key, metavar=metavar, help=text)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any key, e.g. --set strategy.fedprox.mu=0.1 (repeatable)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse keys that do nothing for this experiment (by default a warning names them)")
     p.add_argument("-v", "--verbose", action="store_true", help="show fedsim's and Flower's logs")
 
 
@@ -59,10 +61,36 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return out
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, overrides: dict | None = None):
     from fedsim.config import load_config
 
-    return load_config(args.config, overrides_from(args))
+    return load_config(args.config, overrides_from(args) if overrides is None else overrides, strict=args.strict)
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= minimum (a bad one is argparse's one-line error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum} (got {value})")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (got {text!r})")
+    return value
 
 
 # ----------------------------------------------------------------------------- commands
@@ -172,7 +200,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         cells = run_sweep(args.config, grid=grid, seeds=_csv_values(args.seeds),
                           target_epsilons=_csv_values(args.target_epsilons), overrides=overrides_from(args),
-                          jobs=args.jobs, max_cells=args.max_cells)
+                          jobs=args.jobs, max_cells=args.max_cells, strict=args.strict)
     except OSError as exc:  # the sweep directory cannot be written: one line, exit 1
         sys.stderr.write(f"error: sweep: {exc}\n")
         return 1
@@ -223,7 +251,10 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     from fedsim.deploy import deploy_local
     from fedsim.run import default_out_dir, prepare
 
-    cfg = _load(args)
+    overrides = overrides_from(args)
+    # --nodes is the number of clients, unless --num-clients (or --set) names it too; then the two must agree
+    overrides.setdefault("federation.num_clients", args.nodes)
+    cfg = _load(args, overrides)
     if not cfg.output.dir:
         cfg.output.dir = default_out_dir(cfg)
     cfg.output.dir = str(Path(cfg.output.dir).resolve())
@@ -302,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", metavar="S1,S2", help="seeds axis, e.g. 0,1,2")
     p.add_argument("--target-epsilons", metavar="E1,E2",
                    help="target sample-level epsilons axis (0 = non-private), e.g. 0,1,3,8")
-    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes (default 1)")
-    p.add_argument("--max-cells", type=int, default=0, help="stop after this many new cells (0 = all)")
+    p.add_argument("--jobs", type=_count(1), default=1, help="cells run in parallel processes (default 1)")
+    p.add_argument("--max-cells", type=_count(0), default=0, help="stop after this many new cells (0 = all)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("deploy", help="run on a Flower SuperLink and SuperNodes", formatter_class=_formatter,
@@ -318,16 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
                                       "is bounded by runtime.discovery_timeout; a failure names its cause and the "
                                       "logs in <run>/deploy/logs/.",
                           epilog="examples:\n  fedsim deploy local configs/quickstart.toml --nodes 20 --tls\n"
+                                 "  fedsim deploy local --nodes 3 --dataset digits --rounds 2\n"
                                  "  fedsim deploy local configs/quickstart.toml --nodes 20 --auth "
                                  "--set runtime.discovery_timeout=900")
     _add_config_flags(d)
-    d.add_argument("--nodes", type=int, required=True, help="SuperNodes to start (= federation.num_clients)")
+    d.add_argument("--nodes", type=_count(1), required=True,
+                   help="SuperNodes to start; sets federation.num_clients unless --num-clients is given")
     d.add_argument("--tls", action="store_true", help="generate a CA and serve the SuperLink over TLS")
     d.add_argument("--auth", action="store_true",
                    help="SuperNode authentication (implies --tls): each node registers its own EC key")
     d.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default loopback; anything else exposes the ports)")
-    d.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
+    d.add_argument("--timeout", type=_seconds, default=1800.0, help="seconds before the run is abandoned")
     d.set_defaults(func=cmd_deploy_local)
     d = deploy.add_parser("certs", help="a self-signed CA and server certificate", formatter_class=_formatter,
                           description="Write ca.crt, server.pem and server.key (EC P-256) for local TLS testing. "
@@ -370,17 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(getattr(args, "verbose", False))
     try:
         return args.func(args)
-    except FedsimError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+    except FedsimError as exc:  # one line, whatever the message holds (a key or path with a newline)
+        sys.stderr.write("error: " + " ".join(str(exc).splitlines()) + "\n")
+        return exc.exit_code
+    except OSError as exc:  # unwritable, missing or full: one line, exit 1
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"error: {exc.strerror or exc}{where}\n")
+        return 1
     except ClientFailure as exc:
         sys.stderr.write(f"error: {exc}\n")
         if exc.client_traceback:
             sys.stderr.write("client traceback:\n" + exc.client_traceback)
-        return 1
-    except OSError as exc:  # the run directory: unwritable, not a directory, disk full
-        where = f": {exc.filename}" if exc.filename else ""
-        sys.stderr.write(f"error: {exc.strerror or exc}{where}\n")
         return 1
     except KeyboardInterrupt as exc:
         terminated = getattr(sys.modules.get("fedsim.run"), "Terminated", ())

@@ -5,30 +5,47 @@ allowed range and one line of help, so bad input can be refused with a single
 line that names the key and what is allowed, before any work starts. The same
 schema drives ``--set section.key=value`` overrides and the resolved
 ``config.toml`` written into each run directory.
+
+One source of truth: each key's type and `param(...)` metadata (choices, bounds,
+pattern). A pydantic model per section is generated from them (strict types, no
+NaN or infinity, no unknown keys) and its errors are turned into fedsim's one line,
+``section.key: must be ... (got X)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+
+from pydantic import ConfigDict, Field, ValidationError, create_model
 
 from fedsim.algorithms import algorithm_names, get_algorithm
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, InputFileError
+
+log = logging.getLogger("fedsim")
 
 
 def param(default: Any, help: str, *, choices: tuple | Callable[[], Any] | None = None,
-          lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
+          lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+          pattern: str | None = None, why: str = "") -> Any:
     """A schema field: default, help text and the allowed values.
 
     Used by every config section here and by each algorithm's params dataclass (its
     ``[strategy.<name>]`` table), so all keys are validated and documented the same way.
     ``choices`` may be a function returning them (strategy names come from the registry).
+    ``lo``/``hi`` bound numbers (and each number of a list), open with ``lo_open``/``hi_open``;
+    ``pattern`` is a regular expression a string must match in full; ``why`` is appended to the
+    error when ``hi`` or ``pattern`` refuses a value (an upper bound needs a reason).
+    Every number must be finite, whatever the bounds.
     """
-    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open}
+    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+            "pattern": pattern, "why": why}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,6 +54,16 @@ def param(default: Any, help: str, *, choices: tuple | Callable[[], Any] | None 
 DATASETS = ("digits", "breast-cancer", "diabetes", "synthetic", "linear", "text-topics", "file")
 TRACKERS = ("tensorboard", "mlflow")
 PARTITIONERS = ("iid", "dirichlet", "shard", "pathological", "quantity", "natural-id", "feature-skew")
+GENERATED_DATASETS = ("synthetic", "linear", "text-topics")  # sized by data.synthetic_samples
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# Upper bounds, each with its reason (the error says it).
+MAX_ROUNDS = 1_000_000
+MAX_CLIENTS = 1_000_000
+MAX_WIDTH = 65_536
+MAX_MLP_WEIGHTS = 2**24
+MAX_GENERATED_FLOATS = 10**9
+WHY_LONG = "a bound against typos: no experiment needs more, and the run would not end"
+WHY_MEMORY = "the simulation holds this in one process's memory"
 
 
 @dataclass
@@ -46,10 +73,11 @@ class DataConfig:
     label_column: str = param("label", "label column of a user file")
     missing: str = param("drop", "rows with a missing value (NaN, None, empty string) in a used column: drop them "
                          "(one log line with the count per column) or refuse the data", choices=("drop", "error"))
-    classes: list[int] = param([], "keep only these classes (relabelled 0..C-1); empty = all")
+    classes: list[int] = param([], "keep only these classes (relabelled 0..C-1); empty = all", lo=0)
     task: str = param("auto", "classification or regression; auto infers it",
                    choices=("auto", "classification", "regression"))
-    test_fraction: float = param(0.2, "held-out share for central evaluation", lo=0.0, hi=0.9, lo_open=True)
+    test_fraction: float = param(0.2, "held-out share for central evaluation", lo=0.0, hi=0.9, lo_open=True,
+                                 why="at least a tenth of the data must be left to train on")
     partitioner: str = param("iid", "how samples are split across clients", choices=PARTITIONERS)
     alpha: float = param(0.5, "Dirichlet concentration (smaller = more label skew)", lo=0.0, lo_open=True)
     classes_per_client: int = param(2, "classes per client for shard / pathological", lo=1)
@@ -59,52 +87,62 @@ class DataConfig:
     feature_noise: float = param(0.0, "std of per-client additive feature noise for 'feature-skew'", lo=0.0)
     synthetic_alpha: float = param(1.0, "Synthetic(alpha, beta): model heterogeneity", lo=0.0)
     synthetic_beta: float = param(1.0, "Synthetic(alpha, beta): feature heterogeneity", lo=0.0)
-    synthetic_samples: int = param(100, "mean samples per group of the synthetic generators", lo=10)
-    linear_dim: int = param(100, "feature dimension of the 'linear' generator", lo=1)
+    synthetic_samples: int = param(100, "mean samples per group of the synthetic generators", lo=10,
+                                   hi=10**6, why=WHY_MEMORY)
+    linear_dim: int = param(100, "feature dimension of the 'linear' generator", lo=1, hi=MAX_WIDTH,
+                            why=WHY_MEMORY)
     linear_noise: float = param(0.5, "label-noise std of the 'linear' generator", lo=0.0)
     text_column: str = param("", "user file: column of raw text, tokenized as the features (needs .[text])")
     tokenizer: str = param("all-MiniLM-L6-v2", "text data: packaged model name or local Hugging Face directory "
                         "whose tokenizer is used (hf-text loads the same model unless model.pretrained_path)")
-    max_length: int = param(32, "text data: tokens per sample (padded or truncated)", lo=2)
+    max_length: int = param(32, "text data: tokens per sample (padded or truncated)", lo=2, hi=512,
+                            why="the packaged encoders have 512 positions")
 
 
 @dataclass
 class ModelConfig:
     name: str = param("mlp", "model architecture")  # checked against the open registry in models.build_model
-    hidden: list[int] = param([64], "hidden widths of the MLP")
-    lora_rank: int = param(8, "LoRA rank r", lo=1)
+    hidden: list[int] = param([64], "hidden widths of the MLP", lo=1, hi=MAX_WIDTH, why=WHY_MEMORY)
+    lora_rank: int = param(8, "LoRA rank r", lo=1, hi=MAX_WIDTH, why="no layer is wider")
     lora_alpha: float = param(16.0, "LoRA scale alpha (update scaled by alpha/r)", lo=0.0, lo_open=True)
     lora_dropout: float = param(0.0, "LoRA dropout on the adapter input", lo=0.0, hi=0.9)
     lora_targets: list[str] = param([], "names of Linear modules to adapt; empty = every hidden Linear")
     lora_init: str = param("kaiming", "initial A: kaiming (peft), orthogonal (the Kaiming draw with orthonormal "
                         "rows), pissa (top-r SVD of the frozen weight)", choices=("kaiming", "orthogonal", "pissa"))
-    pretrain_classes: list[int] = param([], "lora-mlp: classes of the central source task (empty = all)")
-    pretrain_epochs: int = param(30, "central pretraining epochs of the LoRA backbone", lo=1)
+    pretrain_classes: list[int] = param([], "lora-mlp: classes of the central source task (empty = all)", lo=0)
+    pretrain_epochs: int = param(30, "central pretraining epochs of the LoRA backbone", lo=1, hi=10_000,
+                                 why="pretraining runs before the first round; " + WHY_LONG)
     pretrained_path: str = param("", "hf-text: packaged model name or local Hugging Face directory "
                               "(empty = data.tokenizer's model)")
 
 
 @dataclass
 class FederationConfig:
-    num_clients: int = param(10, "number of simulated clients", lo=1)
-    clients_per_round: int = param(5, "clients sampled per round", lo=1)
-    rounds: int = param(10, "federated rounds", lo=1)
+    num_clients: int = param(10, "number of simulated clients", lo=1, hi=MAX_CLIENTS, why=WHY_MEMORY)
+    clients_per_round: int = param(5, "clients sampled per round (unset: at most num_clients)", lo=1,
+                                   hi=MAX_CLIENTS, why=WHY_MEMORY)
+    rounds: int = param(10, "federated rounds", lo=1, hi=MAX_ROUNDS, why=WHY_LONG)
 
 
 @dataclass
 class ClientConfig:
-    local_epochs: int = param(1, "local epochs per round", lo=1)
-    local_steps: int = param(0, "local steps per round instead of epochs (0 = use epochs)", lo=0)
-    batch_size: int = param(32, "expected batch size (Poisson sampling under DP)", lo=1)
+    local_epochs: int = param(1, "local epochs per round", lo=1, hi=10_000, why=WHY_LONG)
+    local_steps: int = param(0, "local steps per round instead of epochs (0 = use epochs)", lo=0, hi=MAX_ROUNDS,
+                             why=WHY_LONG)
+    batch_size: int = param(32, "expected batch size (Poisson sampling under DP)", lo=1, hi=MAX_WIDTH,
+                            why="a batch holds one per-sample gradient per row; " + WHY_MEMORY)
     lr: float = param(0.1, "local SGD learning rate", lo=0.0, lo_open=True)
-    momentum: float = param(0.0, "local SGD momentum", lo=0.0, hi=1.0)
+    momentum: float = param(0.0, "local SGD momentum", lo=0.0, hi=1.0, hi_open=True,
+                            why="at momentum 1 no gradient ever decays and the step grows without bound")
 
 
 @dataclass
 class PrivacyConfig:
     noise_multiplier: float = param(0.0, "DP-SGD noise multiplier sigma (0 = no DP)", lo=0.0)
     max_grad_norm: float = param(1.0, "DP-SGD per-sample clipping norm C", lo=0.0, lo_open=True)
-    delta: float = param(1e-5, "delta of every reported epsilon", lo=0.0, hi=1.0, lo_open=True)
+    delta: float = param(1e-5, "delta of every reported epsilon; must also be < 1/n (n: samples of the "
+                         "largest client; clients, for user-level DP)", lo=0.0, hi=1.0, lo_open=True, hi_open=True,
+                         why="delta >= 1 bounds nothing")
     accountant: str = param("rdp", "accountant for sample-level epsilon", choices=("rdp", "prv"))
     target_epsilon: float = param(0.0, "calibrate sigma to this sample-level epsilon (0 = off)", lo=0.0)
     user_noise_multiplier: float = param(0.0, "central user-level DP noise multiplier (0 = off)", lo=0.0)
@@ -134,12 +172,13 @@ class RuntimeConfig:
                         "(torch.func), opacus one at a time; auto picks vectorized where the model and "
                         "algorithm allow it", choices=("auto", "vectorized", "opacus"))
     engine_chunk: int = param(0, "vectorized engine: clients per batched computation (0 = from free memory)",
-                              lo=0)
+                              lo=0, hi=MAX_CLIENTS, why="more than federation.num_clients can be")
     device: str = param("auto", "torch device", choices=("auto", "cpu", "cuda"))
-    num_cpus: float = param(1.0, "ray: CPUs per client", lo=0.0, lo_open=True)
-    num_gpus: float = param(0.0, "ray: GPUs per client", lo=0.0)
+    num_cpus: float = param(1.0, "ray: CPUs per client", lo=0.0, lo_open=True, hi=4096.0,
+                            why="no machine has more CPUs")
+    num_gpus: float = param(0.0, "ray: GPUs per client", lo=0.0, hi=64.0, why="no machine has more GPUs")
     round_timeout: float = param(600.0, "seconds to wait for replies in a round (deployment); late nodes are dropped",
-                              lo=0.0, lo_open=True)
+                              lo=0.0, lo_open=True, hi=30 * 86400.0, why="no round waits longer than 30 days")
     on_client_error: str = param("fail", "a client exception stops the run, or the round goes on without it",
                               choices=("fail", "skip"))
     discovery_timeout: float = param(600.0, "seconds to wait before round 1 for all num_clients nodes to connect "
@@ -167,7 +206,8 @@ class OutputConfig:
 
 @dataclass
 class Config:
-    name: str = param("experiment", "experiment name, used in the default run directory")
+    name: str = param("experiment", "experiment name, used in the default run directory", pattern=NAME_PATTERN,
+                      why="the name becomes a directory name under runs/ or sweeps/")
     seed: int = param(0, "one seed fixes partition, sampling, initialization and noise", lo=0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -178,8 +218,11 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
-
 # --------------------------------------------------------------------------- validation
+
+INT64_MAX = 2**63 - 1  # TOML's integer range: the resolved config.toml must hold every value
+NO_NUL = r"^[^\x00]*$"  # a NUL cannot be part of a path or a column name
+
 
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
@@ -188,46 +231,117 @@ def _type_name(tp: Any) -> str:
     return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, str(tp))
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check one value against its declared type; ints are accepted for floats."""
-    origin = get_origin(tp)
-    if origin is list:
-        (inner,) = get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {value!r}")
-        return [_coerce(key, v, inner) for v in value]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is bool or isinstance(value, bool):
-        if tp is not bool or not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {value!r}")
-        return value
-    if not isinstance(value, tp):
-        raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {value!r}")
-    return value
-
-
 def _choices(meta: dict) -> tuple | None:
     """A field's allowed values; strategy names come from the registry, so they may be a function."""
     choices = meta.get("choices")
     return tuple(choices()) if callable(choices) else choices
 
 
-def _check_range(key: str, value: Any, meta: dict) -> None:
-    choices = _choices(meta)
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: must be one of {', '.join(choices)} (got {value!r})")
-    lo, hi = meta.get("lo"), meta.get("hi")
-    values = value if isinstance(value, list) else [value]
-    for v in values:
-        if not isinstance(v, (int, float)):
-            continue
-        if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):
-            bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
-            allowed = f"{bound}" + (f" and <= {hi}" if hi is not None else "")
-            raise ConfigError(f"{key}: must be {allowed} (got {v!r})")
-        if hi is not None and v > hi:
-            raise ConfigError(f"{key}: must be <= {hi} (got {v!r})")
+def _scalar_schema(tp: Any, meta: dict, choices: tuple | None) -> Any:
+    """The pydantic type of one value, from its declared type and `param` metadata."""
+    if choices is not None:
+        return Literal[choices]
+    constraints: dict[str, Any] = {}
+    if tp in (int, float):
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if lo is not None:
+            constraints["gt" if meta.get("lo_open") else "ge"] = lo
+        if hi is not None:
+            constraints["lt" if meta.get("hi_open") else "le"] = hi
+        if tp is int:  # the integer range TOML can write back
+            constraints.setdefault("le", INT64_MAX)
+            constraints.setdefault("ge", -INT64_MAX - 1)
+    elif tp is str:
+        constraints["pattern"] = meta.get("pattern") or NO_NUL
+    return Annotated[tp, Field(**constraints)] if constraints else tp
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_for(cls: type, choices: tuple) -> Any:
+    """A pydantic model of `cls`'s scalar and list keys (sections are walked by `_build`).
+
+    Strict: no string for a number, no float for an integer, no bool for either (an int for
+    a float is fine, TOML writes 1.0 as 1 often enough). No NaN or infinity anywhere."""
+    hints = get_type_hints(cls)
+    specs = {}
+    for f, field_choices in zip(_scalar_fields(cls), choices):
+        tp = hints[f.name]
+        if get_origin(tp) is list:
+            schema: Any = list[_scalar_schema(get_args(tp)[0], f.metadata, field_choices)]
+        else:
+            schema = _scalar_schema(tp, f.metadata, field_choices)
+        specs[f.name] = (schema, None)  # only the keys given are validated; defaults are known good
+    config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    return create_model(f"{cls.__name__}Schema", __config__=config, **specs)
+
+
+def _scalar_fields(cls: type) -> list[dataclasses.Field]:
+    hints = get_type_hints(cls)
+    return [f for f in fields(cls) if f.name != "tables" and not dataclasses.is_dataclass(hints[f.name])]
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as it goes into a one-line message: its repr (newlines escaped), shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _key(text: str) -> str:
+    """A user-given key as it goes into a one-line message."""
+    return text if text.isprintable() else repr(text)
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _lower_text(meta: dict) -> str:
+    lo, hi = meta["lo"], meta.get("hi")
+    text = f"{'>' if meta.get('lo_open') else '>='} {lo}"
+    if hi is not None:
+        text += f" and {'<' if meta.get('hi_open') else '<='} {hi}"
+    return text
+
+
+def _message(key: str, tp: Any, meta: dict, choices: tuple | None, value: Any, error: dict) -> str:
+    """fedsim's one line for a pydantic error on `key`: what is allowed, what it got, and why
+    for an upper bound."""
+    kind, got = error["type"], _show(error["input"])
+    if len(error["loc"]) > 1:  # an element of a list: name it, and its type
+        key, tp, value = f"{key}[{error['loc'][1]}]", get_args(tp)[0], error["input"]
+    why = f"; {meta['why']}" if meta.get("why") else ""
+    if kind == "finite_number":
+        return f"{key}: must be a finite number (got {got})"
+    if kind == "literal_error":
+        return f"{key}: must be one of {', '.join(map(str, choices or ()))} (got {got})"
+    if kind in ("greater_than", "greater_than_equal"):
+        if meta.get("lo") is None:
+            return f"{key}: must be >= {-INT64_MAX - 1} (got {got})"
+        return f"{key}: must be {_lower_text(meta)} (got {got})"
+    if kind in ("less_than", "less_than_equal"):
+        if meta.get("hi") is None:
+            return f"{key}: must be <= {INT64_MAX}, the largest TOML integer (got {got})"
+        return f"{key}: must be {'<' if meta.get('hi_open') else '<='} {meta['hi']} (got {got}){why}"
+    if kind == "string_pattern_mismatch":
+        if meta.get("pattern"):
+            return f"{key}: must match {meta['pattern'].strip('^$')} (got {got}){why}"
+        return f"{key}: must not contain a NUL character (got {got})"
+    return f"{key}: expected {_article(_type_name(tp))}, got {_show(value)}"
+
+
+def _validate_scalars(cls: type, raw: dict, prefix: str) -> dict:
+    """Types, finiteness, ranges, choices and patterns of `raw`'s keys, all from `cls`'s fields."""
+    scalar = _scalar_fields(cls)
+    choices = tuple(_choices(f.metadata) for f in scalar)
+    try:
+        checked = _schema_for(cls, choices).model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        name = str(error["loc"][0])
+        spec = next(f for f in scalar if f.name == name)
+        raise ConfigError(_message(prefix + name, get_type_hints(cls)[name], spec.metadata,
+                                   choices[scalar.index(spec)], raw.get(name), error)) from None
+    return {name: getattr(checked, name) for name in raw}
 
 
 # Keys that moved into an algorithm's own table: refused with one line naming the new key.
@@ -258,7 +372,7 @@ def _refuse_renamed(raw: dict, prefix: str, known: Any) -> None:
 
 
 def _build(cls: type, raw: dict, prefix: str) -> Any:
-    """Validate one table into `cls`: types, ranges, unknown and renamed keys."""
+    """Validate one table into `cls`: unknown and renamed keys, sections, then every value."""
     hints = get_type_hints(cls)
     known = {f.name: f for f in fields(cls) if f.name != "tables"}
     _refuse_renamed(raw, prefix, known)
@@ -267,25 +381,15 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(known))
     if unknown:
         where = prefix.rstrip(".") or "top level"
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key in {where}; allowed: {', '.join(known)}")
-    kwargs = {}
+        raise ConfigError(f"{_key(prefix + unknown[0])}: unknown key in {where}; allowed: {', '.join(known)}")
+    sections = {}
     for name, value in raw.items():
-        key = prefix + name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a [{key}] table, got {value!r}")
-            kwargs[name] = _build(tp, value, key + ".")
-        else:
-            kwargs[name] = _value(key, value, tp, known[name])
-    return cls(**kwargs)
-
-
-def _value(key: str, value: Any, tp: Any, spec: dataclasses.Field) -> Any:
-    """One scalar or list key: its type, then its allowed values."""
-    value = _coerce(key, value, tp)
-    _check_range(key, value, spec.metadata)
-    return value
+                raise ConfigError(f"{prefix}{name}: expected a [{prefix}{name}] table, got {_show(value)}")
+            sections[name] = _build(hints[name], value, f"{prefix}{name}.")
+    values = _validate_scalars(cls, {k: v for k, v in raw.items() if k not in sections}, prefix)
+    return cls(**values, **sections)
 
 
 def _build_strategy(raw: dict, prefix: str, known: dict) -> StrategyConfig:
@@ -295,15 +399,25 @@ def _build_strategy(raw: dict, prefix: str, known: dict) -> StrategyConfig:
         if key in known:
             continue
         if key not in algorithm_names():
-            raise ConfigError(f"{prefix}{key}: unknown key in strategy; allowed: name, or a table "
+            raise ConfigError(f"{_key(prefix + key)}: unknown key in strategy; allowed: name, or a table "
                               f"[strategy.<name>] with <name> one of {', '.join(algorithm_names())}")
         if not isinstance(value, dict):
-            raise ConfigError(f"{prefix}{key}: expected a [{prefix}{key}] table, got {value!r}")
+            raise ConfigError(f"{prefix}{key}: expected a [{prefix}{key}] table, got {_show(value)}")
         tables[key] = _build(get_algorithm(key).params, value, f"{prefix}{key}.")
-    name = _value(prefix + "name", raw["name"], str, known["name"]) if "name" in raw else known["name"].default
+    name = _validate_scalars(StrategyConfig, {"name": raw["name"]}, prefix)["name"] if "name" in raw \
+        else known["name"].default
     if name not in tables:
         tables[name] = get_algorithm(name).params()  # the resolved config shows the defaults
     return StrategyConfig(name=name, tables=tables)
+
+
+def _resolve_defaults(cfg: Config, raw: dict) -> None:
+    """Defaults that depend on other keys. An unset clients_per_round is at most num_clients,
+    so `--num-clients 3` (or `deploy local --nodes 3`) works without also lowering it; a value
+    the file or the command line sets stays as given, and is checked."""
+    fed = cfg.federation
+    if "clients_per_round" not in (raw.get("federation") or {}):
+        fed.clients_per_round = min(fed.clients_per_round, fed.num_clients)
 
 
 def _check_consistency(cfg: Config) -> None:
@@ -315,6 +429,19 @@ def _check_consistency(cfg: Config) -> None:
             f"got {fed.clients_per_round}")
     if cfg.data.dataset == "file" and not cfg.data.path:
         raise ConfigError("data.path: required when data.dataset = 'file'")
+    if cfg.data.dataset in GENERATED_DATASETS:
+        features = {"synthetic": 60, "linear": cfg.data.linear_dim, "text-topics": 2 * cfg.data.max_length}
+        floats = cfg.data.synthetic_samples * fed.num_clients * features[cfg.data.dataset]
+        if floats > MAX_GENERATED_FLOATS:
+            raise ConfigError(
+                f"data.synthetic_samples: {cfg.data.synthetic_samples} samples x {fed.num_clients} clients x "
+                f"{features[cfg.data.dataset]} features = {floats:.3g} floats; at most {MAX_GENERATED_FLOATS:.0e} "
+                f"(4 GB of float32), since the generated data set is held in memory")
+    hidden = [*cfg.model.hidden]
+    weights = sum(a * b for a, b in zip(hidden, hidden[1:]))
+    if weights > MAX_MLP_WEIGHTS:
+        raise ConfigError(f"model.hidden: {_show(hidden)} has {weights} hidden-to-hidden weights; at most "
+                          f"{MAX_MLP_WEIGHTS}, as DP-SGD holds one gradient per batch row in memory")
     for table in cfg.strategy.tables.values():
         check = getattr(table, "validate", None)  # rules between a table's own keys
         if check is not None:
@@ -324,8 +451,177 @@ def _check_consistency(cfg: Config) -> None:
 def config_from_dict(raw: dict) -> Config:
     """Validate a nested dict (as TOML gives it) into a Config."""
     cfg = _build(Config, raw, "")
+    _resolve_defaults(cfg, raw)
     _check_consistency(cfg)
     return cfg
+
+
+# --------------------------------------------------------------------------- keys that do nothing
+
+def _dp(cfg: Config) -> bool:
+    return cfg.privacy.noise_multiplier > 0 or cfg.privacy.target_epsilon > 0
+
+
+def _user_dp(cfg: Config) -> bool:
+    return cfg.privacy.user_noise_multiplier > 0 or cfg.privacy.user_target_epsilon > 0
+
+
+def _label_delta(cfg: Config) -> float:
+    """The delta of the algorithm's label-level guarantee (Gaussian bag means), or 0."""
+    statement = get_algorithm(cfg.strategy.name).label_privacy(cfg.strategy.params, cfg.privacy.delta)
+    return float((statement or {}).get("delta") or 0.0)
+
+
+def _is_text(cfg: Config) -> bool:
+    return cfg.data.dataset == "text-topics" or (cfg.data.dataset == "file" and bool(cfg.data.text_column))
+
+
+# (keys, is read(cfg), when it is read, what it is here): a key the user sets that the run
+# never reads is reported by `unused_keys`. Only built-in behaviour is listed: a registered
+# model may read any model.* key, so model keys are listed for built-in model names only.
+BUILTIN_MODELS = ("logreg", "linear", "mlp", "cnn", "lora-mlp", "hf-text")
+_UNUSED_RULES: tuple[tuple[tuple[str, ...], Callable[[Config], bool], str, Callable[[Config], str]], ...] = (
+    (("data.alpha",), lambda c: c.data.partitioner == "dirichlet",
+     "data.partitioner = 'dirichlet'", lambda c: f"data.partitioner is {c.data.partitioner!r}"),
+    (("data.classes_per_client",), lambda c: c.data.partitioner in ("shard", "pathological"),
+     "data.partitioner is 'shard' or 'pathological'", lambda c: f"data.partitioner is {c.data.partitioner!r}"),
+    (("data.quantity_power",), lambda c: c.data.partitioner == "quantity",
+     "data.partitioner = 'quantity'", lambda c: f"data.partitioner is {c.data.partitioner!r}"),
+    (("data.natural_id_column",), lambda c: c.data.partitioner == "natural-id" and c.data.dataset == "file",
+     "data.partitioner = 'natural-id' on a user file",
+     lambda c: f"data.partitioner is {c.data.partitioner!r}, data.dataset {c.data.dataset!r}"),
+    (("data.feature_shift", "data.feature_noise"), lambda c: c.data.partitioner == "feature-skew",
+     "data.partitioner = 'feature-skew'", lambda c: f"data.partitioner is {c.data.partitioner!r}"),
+    (("data.synthetic_alpha", "data.synthetic_beta"), lambda c: c.data.dataset == "synthetic",
+     "data.dataset = 'synthetic'", lambda c: f"data.dataset is {c.data.dataset!r}"),
+    (("data.synthetic_samples",), lambda c: c.data.dataset in GENERATED_DATASETS,
+     f"data.dataset is one of {', '.join(GENERATED_DATASETS)}", lambda c: f"data.dataset is {c.data.dataset!r}"),
+    (("data.linear_dim", "data.linear_noise"), lambda c: c.data.dataset == "linear",
+     "data.dataset = 'linear'", lambda c: f"data.dataset is {c.data.dataset!r}"),
+    (("data.path", "data.label_column", "data.text_column"), lambda c: c.data.dataset == "file",
+     "data.dataset = 'file'", lambda c: f"data.dataset is {c.data.dataset!r}"),
+    (("data.tokenizer", "data.max_length"), _is_text,
+     "the data is text (data.dataset = 'text-topics', or a file with data.text_column)",
+     lambda c: f"data.dataset is {c.data.dataset!r}"),
+    (("model.hidden",), lambda c: c.model.name in ("mlp", "lora-mlp") or c.model.name not in BUILTIN_MODELS,
+     "model.name is 'mlp' or 'lora-mlp'", lambda c: f"model.name is {c.model.name!r}"),
+    (("model.lora_rank", "model.lora_alpha", "model.lora_dropout", "model.lora_targets", "model.lora_init"),
+     lambda c: c.model.name in ("lora-mlp", "hf-text") or c.model.name not in BUILTIN_MODELS,
+     "model.name is a LoRA model (lora-..., hf-text)", lambda c: f"model.name is {c.model.name!r}"),
+    (("model.pretrain_classes", "model.pretrain_epochs"),
+     lambda c: c.model.name == "lora-mlp" or c.model.name not in BUILTIN_MODELS,
+     "model.name = 'lora-mlp'", lambda c: f"model.name is {c.model.name!r}"),
+    (("model.pretrained_path",), lambda c: c.model.name == "hf-text" or c.model.name not in BUILTIN_MODELS,
+     "model.name = 'hf-text'", lambda c: f"model.name is {c.model.name!r}"),
+    (("client.local_epochs",), lambda c: c.client.local_steps == 0,
+     "client.local_steps = 0", lambda c: f"client.local_steps is {c.client.local_steps}"),
+    (("privacy.max_grad_norm",), _dp, "DP-SGD is on (privacy.noise_multiplier or privacy.target_epsilon > 0)",
+     lambda c: "both are 0: no per-sample clipping"),
+    (("privacy.noise_multiplier",), lambda c: c.privacy.target_epsilon == 0, "privacy.target_epsilon = 0",
+     lambda c: f"privacy.target_epsilon is {c.privacy.target_epsilon:g}: calibration sets sigma"),
+    (("privacy.user_clip",), _user_dp,
+     "user-level DP is on (privacy.user_noise_multiplier or privacy.user_target_epsilon > 0)",
+     lambda c: "both are 0"),
+    (("privacy.user_noise_multiplier",), lambda c: c.privacy.user_target_epsilon == 0,
+     "privacy.user_target_epsilon = 0",
+     lambda c: f"privacy.user_target_epsilon is {c.privacy.user_target_epsilon:g}: calibration sets it"),
+    (("privacy.accountant",), lambda c: _dp(c) or _user_dp(c), "sample- or user-level DP is on",
+     lambda c: "no noise is configured"),
+    (("privacy.delta",), lambda c: _dp(c) or _user_dp(c) or _label_delta(c) > 0,
+     "some guarantee has a delta (DP-SGD, user-level DP, Gaussian label DP)", lambda c: "none is on"),
+    (("runtime.num_cpus", "runtime.num_gpus"), lambda c: c.runtime.name == "ray",
+     "runtime.name = 'ray'", lambda c: f"runtime.name is {c.runtime.name!r}"),
+    (("runtime.engine",), lambda c: c.runtime.name == "inprocess",
+     "runtime.name = 'inprocess' (Ray and deployments train with Opacus)",
+     lambda c: f"runtime.name is {c.runtime.name!r}"),
+    (("runtime.engine_chunk",), lambda c: c.runtime.name == "inprocess" and c.runtime.engine != "opacus",
+     "the vectorized engine can run (runtime.engine auto or vectorized, in-process)",
+     lambda c: f"runtime.engine is {c.runtime.engine!r}, runtime.name {c.runtime.name!r}"),
+)
+
+
+def _set_keys(raw: dict, prefix: str = "") -> list[str]:
+    """Every dotted key `raw` sets; an empty table counts as a key of its own."""
+    keys = []
+    for name, value in raw.items():
+        if isinstance(value, dict) and value:
+            keys += _set_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _is_resolved(keys: set[str]) -> bool:
+    """A run directory's config.toml (`dumps_toml`) sets every key of every section: its keys were
+    checked when that run started, and a resumed or repeated run should not hear about them again."""
+    every = {key for key, *_ in _describe(Config(), "", tables=False)}
+    return every <= keys
+
+
+def unused_keys(raw: dict, cfg: Config) -> dict[str, str]:
+    """Keys that `raw` (the file plus overrides) sets but the run described by `cfg` never reads,
+    each with the reason: an algorithm table other than strategy.name's, a partitioner's knob
+    under another partitioner, sigma under a target epsilon, clipping without noise...
+    None for a resolved config.toml, which lists every key."""
+    rules = {key: rule for rule in _UNUSED_RULES for key in rule[0]}
+    keys = _set_keys(raw)
+    if _is_resolved(set(keys)):
+        return {}
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        if parts[0] == "strategy" and len(parts) >= 2 and parts[1] != "name" and parts[1] != cfg.strategy.name:
+            out[key] = f"read only when strategy.name = {parts[1]!r}; strategy.name is {cfg.strategy.name!r}"
+        elif key in rules:
+            _, used, when, here = rules[key]
+            if not used(cfg):
+                out[key] = f"read only when {when}; {here(cfg)}"
+    return out
+
+
+def report_unused(unused: dict[str, str], strict: bool) -> None:
+    """A warning per key that does nothing, or (strict) one error naming the first."""
+    if not unused:
+        return
+    if strict:
+        key, why = next(iter(unused.items()))
+        more = f" (and {len(unused) - 1} more unused keys)" if len(unused) > 1 else ""
+        raise ConfigError(f"{key}: has no effect: {why}{more}; strict mode refuses keys that do nothing")
+    for key, why in unused.items():
+        log.warning("%s: has no effect: %s (--strict refuses it)", key, why)
+
+
+# --------------------------------------------------------------------------- checks that need the data
+
+def check_delta(delta: float, n: int, what: str = "samples in the largest client") -> None:
+    """delta < 1/n: at delta >= 1/n the mechanism that publishes each of n records with probability
+    delta is (0, delta)-DP, yet releases a record in expectation, so the guarantee means nothing.
+    `n` is the number of protected units (records of the largest client; clients for user-level DP)."""
+    if n >= 1 and delta >= 1.0 / n:
+        raise ConfigError(f"privacy.delta: must be < 1/n = {1.0 / n:.3g}, n = {n} {what} (got {delta:g}); at "
+                          f"delta >= 1/n, publishing each record with probability delta is (0, delta)-DP, so the "
+                          f"guarantee would permit releasing a whole record")
+
+
+def check_device(device: str) -> None:
+    """An explicit ``runtime.device = "cuda"`` on a machine without one is refused up front."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("runtime.device: 'cuda' but no CUDA device is available on this machine; "
+                          "allowed here: auto, cpu")
+
+
+def check_before_training(cfg: Config, sizes: list[int]) -> None:
+    """What validation can tell only with the partition in hand (client sizes) and on the
+    machine that trains: delta against the number of protected units, the device."""
+    check_device(cfg.runtime.device)
+    if sizes and (_dp(cfg) or _label_delta(cfg) > 0):
+        check_delta(cfg.privacy.delta, max(sizes))
+    if _user_dp(cfg):
+        check_delta(cfg.privacy.delta, cfg.federation.num_clients, "clients (user-level DP protects a client)")
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -336,21 +632,50 @@ def config_to_dict(cfg: Config) -> dict:
     return out
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a TOML experiment, apply dotted-key overrides, validate everything."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: file not found: {p}")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config: {p} is not valid TOML: {exc}") from None
+def read_toml(path: str | Path, what: str = "config") -> dict:
+    """A TOML file as a dict; anything that is not a readable TOML text is one line.
+
+    A missing file is bad input (exit 2); a file that cannot be read (a directory, no
+    permission) an `InputFileError` (exit 1). Deeply nested arrays exhaust tomllib's recursion."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what}: file not found: {p}")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise InputFileError(f"{what}: cannot read {p}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what}: {p} is not a TOML text file (not UTF-8 at byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what}: {p} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: {p} is not valid TOML: nested too deeply") from None
+
+
+def read_experiment(path: str | Path | None, overrides: dict[str, Any] | None = None) -> dict:
+    """The raw experiment: the TOML file (without its ``[sweep]`` table) with dotted-key
+    overrides applied, before validation. `unused_keys` reads which keys it sets."""
+    raw = read_toml(path) if path is not None else {}
     raw.pop("sweep", None)  # read by `fedsim sweep`, not part of one run
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
-    return config_from_dict(raw)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None, *,
+                strict: bool = False) -> Config:
+    """Load a TOML experiment, apply dotted-key overrides, validate everything.
+
+    A key that is set but does nothing for this experiment (`unused_keys`) is a warning, or
+    with ``strict=True`` an error (the CLI's ``--strict``)."""
+    raw = read_experiment(path, overrides)
+    cfg = config_from_dict(raw)
+    report_unused(unused_keys(raw, cfg), strict)
+    return cfg
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -360,7 +685,7 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part} is not a section")
+            raise ConfigError(f"{_key(key)}: {_key(part)} is not a section")
     node[parts[-1]] = value
 
 
@@ -368,13 +693,13 @@ def parse_value(text: str) -> Any:
     """Parse a CLI override value as a TOML literal; bare words stay strings."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise ConfigError(f"--set: expected section.key=value, got {text!r}")
+        raise ConfigError(f"--set: expected section.key=value, got {_show(text)}")
     key, value = text.split("=", 1)
     return key.strip(), parse_value(value.strip())
 
@@ -390,7 +715,7 @@ def loads_toml(text: str) -> Config:
     return config_from_dict(tomllib.loads(text))
 
 
-def _describe(obj: Any, prefix: str) -> list[tuple[str, str, Any, str]]:
+def _describe(obj: Any, prefix: str, tables: bool = True) -> list[tuple[str, str, Any, str]]:
     hints = get_type_hints(type(obj))
     rows = []
     for f in fields(obj):
@@ -398,10 +723,10 @@ def _describe(obj: Any, prefix: str) -> list[tuple[str, str, Any, str]]:
             continue
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            rows += _describe(value, f"{prefix}{f.name}.")
+            rows += _describe(value, f"{prefix}{f.name}.", tables)
         else:
             rows.append((prefix + f.name, _type_name(hints[f.name]), value, _allowed_text(f.metadata)))
-        if isinstance(obj, StrategyConfig) and f.name == "name":
+        if isinstance(obj, StrategyConfig) and f.name == "name" and tables:
             for name in algorithm_names():
                 rows += _describe(get_algorithm(name).params(), f"{prefix}{name}.")
     return rows
@@ -421,8 +746,23 @@ def reference_table() -> str:
 
 
 def _allowed_text(meta: dict) -> str:
+    """Help text plus the allowed values: choices, bounds or pattern (from the same metadata
+    validation uses)."""
     text = meta.get("help", "")
     choices = _choices(meta)
+    bounds = []
+    if meta.get("lo") is not None:
+        bounds.append(f"{'>' if meta.get('lo_open') else '>='} {_number(meta['lo'])}")
+    if meta.get("hi") is not None:
+        bounds.append(f"{'<' if meta.get('hi_open') else '<='} {_number(meta['hi'])}")
     if choices:
         text += f" ({' | '.join(choices)})"
+    elif bounds:
+        text += f" ({', '.join(bounds)})"
+    elif meta.get("pattern"):
+        text += f" (matching `{meta['pattern'].strip('^$')}`)"
     return text
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -4,9 +4,18 @@
 class FedsimError(Exception):
     """Bad input or an impossible setting: the CLI prints ``error: <message>`` and exits 2."""
 
+    exit_code = 2
+
 
 class ConfigError(FedsimError):
     """A config key has a wrong type, an out-of-range value, or is unknown."""
+
+
+class InputFileError(FedsimError):
+    """An input file exists but cannot be read (a directory, no permission): an OS error, so
+    the CLI exits 1 rather than 2, still with one line."""
+
+    exit_code = 1
 
 
 class ClientFailure(Exception):

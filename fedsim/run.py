@@ -24,7 +24,7 @@ from flwr.app import Context, RecordDict
 from fedsim.clients.app import choose_engine, make_client_app, train_round
 from fedsim.algorithms import algorithm_names, get_algorithm
 from fedsim.checkpoint import Checkpoint, config_difference, load_checkpoint
-from fedsim.config import Config, dumps_toml
+from fedsim.config import Config, check_before_training, dumps_toml
 from fedsim.datasets import load_dataset
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.experiment import run_config_for
@@ -138,6 +138,7 @@ def prepare(cfg: Config) -> Config:
         cfg.output.dir = default_out_dir(cfg)
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     sizes = client_sizes(cfg)
+    check_before_training(cfg, sizes)  # delta < 1/n, the device
     check_compatibility(cfg, sizes)
     model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
     check_engine(cfg, model)

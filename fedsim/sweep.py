@@ -47,6 +47,7 @@ import math
 import os
 import socket
 import time
+import tomllib
 import traceback
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -55,9 +56,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import tomllib
 
-from fedsim.config import Config, config_to_dict, load_config, parse_value
+from fedsim.config import (Config, config_from_dict, config_to_dict, load_config, parse_value, read_experiment,
+                           read_toml, report_unused, unused_keys)
 from fedsim.errors import ClientFailure, ConfigError, FedsimError
 from fedsim.logs import setup_logging
 from fedsim.results import CONFIG_TOML, is_finished, read_summary, write_atomic, write_json
@@ -117,16 +118,12 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
 
 
 def sweep_table(config_path: str | Path | None) -> dict:
-    """The TOML's ``[sweep]`` table (empty without a file), its keys and their shapes checked."""
-    if not config_path or not Path(config_path).is_file():
+    """The TOML's ``[sweep]`` table (empty without a file), its keys checked."""
+    if not config_path:
         return {}
-    try:
-        raw = tomllib.loads(Path(config_path).read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config: {config_path} is not valid TOML: {exc}") from None
-    table = raw.get("sweep", {})
+    table = read_toml(config_path).get("sweep", {})
     if not isinstance(table, dict):
-        raise ConfigError(f"sweep: must be a table with keys grid, seeds, target_epsilons, out (got {table!r})")
+        raise ConfigError(f"sweep: expected a [sweep] table, got {table!r}"[:200])
     allowed = {"grid", "seeds", "target_epsilons", "out"}
     unknown = set(table) - allowed
     if unknown:
@@ -258,21 +255,27 @@ def _unique_names(names: list[str], identities: list[dict[str, Any]]) -> list[st
 
 def _plan(config: str | Path | None, grid: Mapping[str, Any] | None, seeds: Sequence[int] | None,
           target_epsilons: Sequence[float] | None, overrides: Mapping[str, Any] | None,
-          out: str | Path | None) -> tuple[Path, list[Cell]]:
+          out: str | Path | None, strict: bool = False) -> tuple[Path, list[Cell]]:
     """The sweep directory and every cell, each config validated up front (a typo in the
-    last cell fails before the first one trains)."""
+    last cell fails before the first one trains). A key that does nothing in every cell is
+    reported once (a warning, or an error under `strict`); one that some cell reads is not."""
     base_overrides = dict(overrides or {})
     if out is not None:
         base_overrides["output.dir"] = str(out)
     table = sweep_table(config)
     axes = build_axes(table, grid, seeds, target_epsilons)
-    base = load_config(config, base_overrides)
+    base = config_from_dict(read_experiment(config, base_overrides))
     sweep_dir = Path(base_overrides.get("output.dir") or table.get("out") or f"sweeps/{base.name}")
     planned = []
+    unused: dict[str, str] | None = None
     for values in itertools.product(*[v for _, v in axes]):
         assignment = dict(zip([k for k, _ in axes], values))
-        cfg = load_config(config, {**base_overrides, **cell_overrides(assignment), "output.dir": ""})
+        raw = read_experiment(config, {**base_overrides, **cell_overrides(assignment), "output.dir": ""})
+        cfg = config_from_dict(raw)
+        cell_unused = unused_keys(raw, cfg)  # reported only if no cell reads the key
+        unused = cell_unused if unused is None else {k: v for k, v in unused.items() if k in cell_unused}
         planned.append((cell_name(assignment), _split(assignment), cfg))
+    report_unused(unused or {}, strict)
     names = _unique_names([n for n, _, _ in planned], [config_identity(c) for _, _, c in planned])
     cells = []
     for name, (_, values, cfg) in zip(names, planned):
@@ -355,16 +358,17 @@ def _refuse_conflicts(sweep_dir: Path, cells: list[Cell]) -> None:
 
 def plan_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = None,
                seeds: Sequence[int] | None = None, target_epsilons: Sequence[float] | None = None,
-               overrides: Mapping[str, Any] | None = None, out: str | Path | None = None) -> pd.DataFrame:
+               overrides: Mapping[str, Any] | None = None, out: str | Path | None = None,
+               strict: bool = False) -> pd.DataFrame:
     """The cells `run_sweep` would run, without running anything.
 
     One row per cell: ``cell`` (its name), ``dir``, one column per axis key, ``status`` (what
     its directory holds now: "finished", "running", "failed", "not started", "conflict" for a
     run of another config, ...), ``config_hash`` and ``config`` (the validated `Config`).
     ``frame.attrs["out"]`` is the sweep directory. Raises `ConfigError` on a bad key or value
-    in any cell.
+    in any cell, and under `strict` on a key that does nothing in every cell.
     """
-    sweep_dir, cells = _plan(config, grid, seeds, target_epsilons, overrides, out)
+    sweep_dir, cells = _plan(config, grid, seeds, target_epsilons, overrides, out, strict)
     frame = pd.DataFrame([{"cell": c.name, "dir": str(c.dir), **c.values, "status": _status(c),
                            "config_hash": config_hash(c.identity), "config": c.config} for c in cells])
     frame.attrs["out"] = str(sweep_dir)
@@ -551,7 +555,7 @@ def _result_row(cell: Cell, outcome: Outcome | None) -> dict[str, Any]:
 def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = None,
               seeds: Sequence[int] | None = None, target_epsilons: Sequence[float] | None = None,
               overrides: Mapping[str, Any] | None = None, jobs: int = 1, max_cells: int = 0,
-              out: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+              out: str | Path | None = None, progress: bool = True, strict: bool = False) -> pd.DataFrame:
     """Run every cell of a grid that is not finished yet; returns one row per cell.
 
     config: an experiment TOML (its ``[sweep]`` table gives default axes and ``out``) or None
@@ -560,7 +564,8 @@ def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = Non
     (target 0 is the non-private reference). overrides: config key -> value for every cell.
     jobs: cells run in parallel processes. max_cells: run at most this many new cells (0 =
     all). out: the sweep directory (default: ``overrides["output.dir"]``, then the table's
-    ``out``, then ``sweeps/<name>``). progress: print the plan line and show a progress bar.
+    ``out``, then ``sweeps/<name>``). progress: print the plan line and show a progress bar. strict: refuse
+    a key that does nothing in every cell (otherwise a warning names it).
 
     Columns: ``cell``, ``dir``, the axis keys, ``status`` ("finished", "failed", "not
     started" for cells beyond max_cells, "running elsewhere (pid N)" for a cell another
@@ -581,7 +586,7 @@ def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = Non
         raise ConfigError(f"--jobs: must be >= 1 (got {jobs})")
     if max_cells < 0:
         raise ConfigError(f"--max-cells: must be >= 0, 0 for all (got {max_cells})")
-    sweep_dir, cells = _plan(config, grid, seeds, target_epsilons, overrides, out)
+    sweep_dir, cells = _plan(config, grid, seeds, target_epsilons, overrides, out, strict)
     _refuse_conflicts(sweep_dir, cells)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / MANIFEST, {"cells": [c.name for c in cells],
@@ -596,9 +601,12 @@ def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = Non
     threads = max(1, (os.cpu_count() or 1) // jobs)
     outcomes: dict[str, Outcome] = {}
     if jobs == 1:
-        for cell in todo:
-            outcomes[cell.name] = _attempt(cell, threads)
-            _tick(bar, cell.name, outcomes[cell.name])
+        try:
+            for cell in todo:
+                outcomes[cell.name] = _attempt(cell, threads)
+                _tick(bar, cell.name, outcomes[cell.name])
+        finally:  # end the bar's line, so that an error is a line of its own
+            bar.close()
     else:
         # Each worker is set up once, as quiet as the CLI (a spawned worker inherits nothing), so a
         # warning shown "once" is shown once per worker, not once per cell.

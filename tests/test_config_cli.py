@@ -26,7 +26,7 @@ def write(tmp_path, text: str):
 
 @pytest.mark.parametrize("toml, expected", [
     ('[federation]\nnum_clientz = 3\n', "federation.num_clientz: unknown key"),
-    ('[federation]\nrounds = "ten"\n', "federation.rounds: expected a integer"),
+    ('[federation]\nrounds = "ten"\n', "federation.rounds: expected an integer"),
     ('[federation]\nrounds = 0\n', "federation.rounds: must be >= 1"),
     ('[privacy]\naccountant = "gdp"\n', "privacy.accountant: must be one of rdp, prv"),
     ('[strategy.bags]\nrho = 1.5\n', "strategy.bags.rho: must be <= 1.0"),

@@ -1,0 +1,280 @@
+"""Fuzzing the bad-input contract with hypothesis.
+
+Random invalid values (NaN, infinities, negative, huge, wrong types, unknown keys, bad
+choices) in config files, ``--set`` and flags, and config or sweep files with random
+bytes, truncation or corruption, go through `fedsim.cli.main` in-process. Whatever the
+input, the outcome is one of:
+
+* refused: exit 2 (1 for an OS error), one ``error:`` line naming what is wrong, no
+  traceback (under ``--strict`` nothing else; otherwise only fedsim's warning lines);
+* valid: it reaches training, which is replaced by a stub here, so nothing trains
+  (`partition`, which does not train, exits 0).
+
+Where an independent oracle (`surely_invalid`: an unknown key, a value of the wrong type, a
+NaN or an infinity) says the input is bad, it must be refused, not reach training.
+
+Any other exception (a traceback) fails the example; so does one that runs past a
+generous bound (a hang). `make test` runs a short budget; ``-m slow`` a long one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import signal
+import tempfile
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import tomli_w
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from fedsim.cli import RUN_FLAGS, main
+from fedsim.config import describe_fields
+
+REPO = Path(__file__).parent.parent
+HANG_SECONDS = 300  # far beyond any validation; only a hang gets there
+SHORT = settings(max_examples=50, deadline=None, database=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+LONG = settings(max_examples=1000, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+KINDS = {key: kind for key, kind, *_ in describe_fields()}
+KEYS = [key for key in KINDS if key != "output.dir"]  # the harness sets the run directory
+SECTIONS = sorted({key.split(".")[0] for key in KEYS if "." in key})
+
+# Values that are invalid for most keys, plus a few valid choice names so that invalid
+# values also meet other datasets, partitioners, models and runtimes.
+BAD_FLOATS = [math.nan, math.inf, -math.inf, -1.0, -1e308, 1e308, 1e19, 0.0]
+BAD_INTS = [-1, 0, -(2**63), 2**63, 10**12, 10**30]
+WORDS = ["", "x", "nan", "../../x", "a/b", "a\nb", "a\x00b", "file", "dirichlet", "shard", "linear", "synthetic",
+         "ray", "cuda", "vectorized", "prv", "hf-text", "lora-mlp", "fedprox", "bags", "gaussian"]
+scalars = st.one_of(st.sampled_from(BAD_FLOATS), st.sampled_from(BAD_INTS), st.sampled_from(WORDS),
+                    st.booleans(), st.text(max_size=12), st.floats(), st.integers(min_value=-(2**70), max_value=2**70))
+values = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.sampled_from(["a", "x"]), scalars,
+                                                                            max_size=2))
+unknown_keys = st.builds(lambda section, name: f"{section}.{name}" if section else name,
+                         st.sampled_from(["", *SECTIONS, "strategy.fedprox", "strategy.nosuch", "sweep"]),
+                         st.from_regex(r"[a-z_]{1,10}", fullmatch=True))
+keys = st.one_of(st.sampled_from(KEYS), unknown_keys)
+assignments = st.lists(st.tuples(keys, values), min_size=1, max_size=3)
+
+FLAG_VALUES = ["nan", "inf", "-inf", "-1", "0", "1", "1e999", "99999999999999999999", "abc", "", "[1,2]",
+               "{a=1}", "'x'", "true", "1.5", "[[[[", "\"a\\u0000b\""]
+FLAGS = [f for f in RUN_FLAGS if f != "--out"] + ["--target-epsilon"]
+flag_args = st.lists(st.tuples(st.sampled_from(FLAGS), st.one_of(st.sampled_from(FLAG_VALUES), st.text(max_size=8))),
+                     min_size=1, max_size=3)
+SHIPPED = sorted(p.name for p in (REPO / "configs").glob("*.toml"))
+
+
+class ReachedTraining(Exception):
+    pass
+
+
+class Hang(Exception):
+    pass
+
+
+def _stop(*_args, **_kwargs):
+    raise ReachedTraining
+
+
+@contextlib.contextmanager
+def _bounded(seconds: int):
+    """Raise `Hang` in this (the main) thread after `seconds`."""
+    def alarm(*_args):
+        raise Hang(f"no outcome after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def outcome(argv: list[str]) -> tuple[int | None, str]:
+    """(exit code, stderr) of `fedsim argv`; exit code None when the input reached training."""
+    from fedsim.logs import setup_logging
+
+    setup_logging(False)
+    handler = logging.getLogger("fedsim").handlers[0]
+    err = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_bounded(HANG_SECONDS))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")  # Python warnings are not fedsim's lines
+        for target in ("fedsim.run.run_inprocess", "fedsim.run.run_ray", "fedsim.deploy.deploy_local"):
+            stack.enter_context(mock.patch(target, _stop))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        previous = handler.setStream(err)
+        try:
+            code = main(argv)
+        except ReachedTraining:
+            return None, err.getvalue()
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        finally:
+            handler.setStream(previous)
+    return code, err.getvalue()
+
+
+def _flat(raw: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for name, value in raw.items():
+        if isinstance(value, dict) and value:
+            out += _flat(value, f"{prefix}{name}.")
+        else:
+            out.append((prefix + name, value))
+    return out
+
+
+def _non_finite(value: object) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return any(isinstance(v, float) and not math.isfinite(v) for v in values)
+
+
+def _type_ok(kind: str, value: object) -> bool:
+    def one(inner: str, v: object) -> bool:
+        if inner in ("integer", "int"):
+            return isinstance(v, int) and not isinstance(v, bool)
+        if inner in ("number", "float"):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        if inner in ("string", "str"):
+            return isinstance(v, str)
+        return isinstance(v, bool) if inner == "true/false" else True
+    if kind.startswith("list of "):
+        return isinstance(value, list) and all(one(kind[len("list of "):], v) for v in value)
+    return one(kind, value)
+
+
+def surely_invalid(raw: dict) -> bool:
+    """True when an unknown key, a wrongly typed value, NaN or infinity is among `raw`'s keys
+    (the ``[sweep]`` table aside): an oracle that knows only the keys and their types."""
+    for key, value in _flat(raw):
+        if key.split(".")[0] == "sweep" or value == {}:  # an empty table sets nothing
+            continue
+        if key not in KINDS or not _type_ok(KINDS[key], value) or _non_finite(value):
+            return True
+    return False
+
+
+def assert_contract(argv: list[str], strict: bool, bad: bool = False) -> None:
+    """The outcome is a one-line refusal, or (unless `bad`) valid input."""
+    code, err = outcome(argv)
+    if code is None or code == 0:  # `partition` has no training: a valid input just prints the split
+        assert not bad, f"bad input was accepted: {argv}"
+        event("valid")
+        return
+    event(f"refused with exit {code}")
+    # a sweep's progress bar (stderr) may have started when a cell's data-dependent check refuses it
+    lines = [line for line in err.strip().splitlines() if not (argv[0] == "sweep" and "cell/s]" in line)]
+    assert code in (1, 2), (code, err)
+    assert "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, lines
+    if strict:
+        assert len(lines) == 1, lines
+    else:
+        assert all(line.startswith(("error: ", "WARNING fedsim: ")) for line in lines), lines
+
+
+def _nested(pairs: list[tuple[str, object]]) -> dict:
+    raw: dict = {}
+    for key, value in pairs:
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = value
+    return raw
+
+
+def _set_literal(value: object) -> str:
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+# --------------------------------------------------------------------------- the properties
+
+def check_config_file(pairs, strict, command):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "exp.toml"
+        raw = _nested(pairs)
+        path.write_text(tomli_w.dumps(raw))
+        assert_contract([command, str(path), "--out", f"{tmp}/out", "--rounds", "1",
+                         *(["--strict"] if strict else [])], strict, surely_invalid(raw))
+
+
+def check_set_overrides(pairs, strict):
+    pairs = [(k, v) for k, v in pairs if not isinstance(v, dict)]  # an inline table is a file's business
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["run", "--out", f"{tmp}/out", "--rounds", "1", *(["--strict"] if strict else [])]
+        for key, value in pairs:
+            argv += ["--set", f"{key}={_set_literal(value)}"]
+        assert_contract(argv, strict, surely_invalid(_nested(pairs)))
+
+
+def check_flags(flags, strict, command):
+    from fedsim.config import parse_value
+
+    keys = {**RUN_FLAGS, "--target-epsilon": "privacy.target_epsilon"}
+    bad = surely_invalid(_nested([(keys[flag], parse_value(value)) for flag, value in flags]))
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [*command, "--out", f"{tmp}/out", *(["--strict"] if strict else [])]
+        for flag, value in flags:
+            argv += [f"{flag}={value}"]
+        if "--rounds" not in dict(flags):
+            argv += ["--rounds", "1"]
+        assert_contract(argv, strict, bad)
+
+
+def check_file_bytes(data, command, strict):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "exp.toml"
+        path.write_bytes(data)
+        assert_contract([command, str(path), "--out", f"{tmp}/out", "--rounds", "1",
+                         *(["--strict"] if strict else [])], strict)
+
+
+def check_damaged_shipped_config(name, cut, position, byte, command, strict):
+    text = (REPO / "configs" / name).read_bytes()
+    cut = min(cut, len(text))
+    damaged = bytearray(text[:cut])
+    if damaged and byte is not None:
+        damaged[position % len(damaged)] = byte
+    check_file_bytes(bytes(damaged), command, strict)
+
+
+config_file = given(assignments, st.booleans(), st.sampled_from(["run", "partition", "sweep"]))(check_config_file)
+set_overrides = given(assignments, st.booleans())(check_set_overrides)
+flags = given(flag_args, st.booleans(), st.sampled_from([["run"], ["partition"], ["sweep"],
+                                                         ["deploy", "local", "--nodes", "2"]]))(check_flags)
+file_bytes = given(st.binary(max_size=400), st.sampled_from(["run", "sweep"]), st.booleans())(check_file_bytes)
+damaged = given(st.sampled_from(SHIPPED), st.integers(0, 3000), st.integers(0, 3000),
+                st.none() | st.integers(0, 255), st.sampled_from(["run", "sweep"]),
+                st.booleans())(check_damaged_shipped_config)
+
+test_fuzz_config_file = SHORT(config_file)
+test_fuzz_set_overrides = SHORT(set_overrides)
+test_fuzz_flags = SHORT(flags)
+test_fuzz_file_bytes = SHORT(file_bytes)
+test_fuzz_damaged_shipped_config = SHORT(damaged)
+
+test_fuzz_config_file_long = pytest.mark.slow(LONG(given(assignments, st.booleans(), st.sampled_from(
+    ["run", "partition", "sweep"]))(check_config_file)))
+test_fuzz_set_overrides_long = pytest.mark.slow(LONG(given(assignments, st.booleans())(check_set_overrides)))
+test_fuzz_flags_long = pytest.mark.slow(LONG(given(flag_args, st.booleans(), st.sampled_from(
+    [["run"], ["partition"], ["sweep"], ["deploy", "local", "--nodes", "2"]]))(check_flags)))
+test_fuzz_file_bytes_long = pytest.mark.slow(LONG(given(st.binary(max_size=2000), st.sampled_from(
+    ["run", "sweep"]), st.booleans())(check_file_bytes)))
+test_fuzz_damaged_shipped_config_long = pytest.mark.slow(LONG(given(
+    st.sampled_from(SHIPPED), st.integers(0, 3000), st.integers(0, 3000), st.none() | st.integers(0, 255),
+    st.sampled_from(["run", "sweep"]), st.booleans())(check_damaged_shipped_config)))
