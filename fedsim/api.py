@@ -55,13 +55,11 @@ OVERRIDE_KEYS: dict[str, str] = {
 # ----------------------------------------------------------------------------- configs
 
 def builtin_config(name: str) -> Path | None:
-    """The shipped experiment called `name` (e.g. "quickstart"), or None.
+    """The shipped experiment called `name` (e.g. "quickstart"), or None: every API call that
+    takes a config accepts these names (`fedsim.config.builtin_configs`)."""
+    from fedsim.config import builtin_configs
 
-    The hook for ``fedsim.run("quickstart")``: the shipped configs are not installed with the
-    package yet, so there are none to find; once they are, this looks them up and every API
-    call that takes a config accepts their names.
-    """
-    return None
+    return builtin_configs().get(name)
 
 
 def _config_path(config: str | Path | None) -> Path | None:

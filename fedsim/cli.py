@@ -178,6 +178,24 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Copy a shipped experiment into DIR, to edit and run: the start of a project of one's own."""
+    from fedsim.config import builtin_configs
+    from fedsim.errors import ConfigError
+    from fedsim.results import write_atomic
+
+    shipped = builtin_configs()
+    if args.example not in shipped:
+        raise ConfigError(f"--example: must be one of {', '.join(shipped)} (got {args.example!r})")
+    target = Path(args.dir) / f"{args.example}.toml"
+    if target.exists():
+        raise ConfigError(f"init: {target} exists; edit it, or choose another DIR")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, shipped[args.example].read_text())
+    print(f"wrote {target}\nnext: fedsim run {target}")
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from fedsim.datasets import BUILTIN_DESCRIPTIONS
 
@@ -205,8 +223,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sys.stderr.write(f"error: sweep: {exc}\n")
         return 1
     failed = cells[cells["error"].notna()]
-    for name, error in zip(failed["cell"], failed["error"]):
-        print(f"failed cell {name}: {error}")
+    for name, error in zip(failed["cell"], failed["error"]):  # on stderr, one line each, like any error
+        sys.stderr.write(f"error: failed cell {name}: {' '.join(str(error).splitlines())}\n")
     for name, status in zip(cells["cell"], cells["status"]):
         if status.startswith("running elsewhere"):
             print(f"cell {name} is {status}; run the sweep again to collect it")
@@ -314,6 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write stacked bars of each client's label counts (target deciles for regression; "
                         ".png, .pdf, .svg, ...)")
     p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("init", help="copy a shipped experiment to start from", formatter_class=_formatter,
+                       description="Write a shipped example experiment (a TOML file) into DIR, to edit and run. "
+                                   "Shipped experiments also run by name: fedsim run quickstart.",
+                       epilog="examples:\n  fedsim init my-study\n  fedsim run my-study/quickstart.toml --rounds 5\n"
+                              "  fedsim init . --example privacy-utility")
+    p.add_argument("dir", nargs="?", default=".", help="directory to write into (default: here)")
+    p.add_argument("--example", default="quickstart",
+                   help="which shipped experiment (quickstart, privacy-utility, fedld-heterogeneity, fedsvd, "
+                        "bags, ...)")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("datasets", help="list the built-in datasets", formatter_class=_formatter,
                        description="List the datasets that work offline.", epilog="example:\n  fedsim datasets")

@@ -71,6 +71,8 @@ class DataConfig:
     dataset: str = param("digits", "built-in dataset name, or 'file' to read data.path", choices=DATASETS)
     path: str = param("", "CSV, Parquet or NPZ file when dataset = 'file'")
     label_column: str = param("label", "label column of a user file")
+    drop_columns: list[str] = param([], "user file: columns that are not features, e.g. ids, free text or a mostly "
+                                        "empty column whose gaps would drop most rows")
     missing: str = param("drop", "rows with a missing value (NaN, None, empty string) in a used column: drop them "
                          "(one log line with the count per column) or refuse the data", choices=("drop", "error"))
     classes: list[int] = param([], "keep only these classes (relabelled 0..C-1); empty = all", lo=0)
@@ -498,7 +500,7 @@ _UNUSED_RULES: tuple[tuple[tuple[str, ...], Callable[[Config], bool], str, Calla
      f"data.dataset is one of {', '.join(GENERATED_DATASETS)}", lambda c: f"data.dataset is {c.data.dataset!r}"),
     (("data.linear_dim", "data.linear_noise"), lambda c: c.data.dataset == "linear",
      "data.dataset = 'linear'", lambda c: f"data.dataset is {c.data.dataset!r}"),
-    (("data.path", "data.label_column", "data.text_column"), lambda c: c.data.dataset == "file",
+    (("data.path", "data.label_column", "data.text_column", "data.drop_columns"), lambda c: c.data.dataset == "file",
      "data.dataset = 'file'", lambda c: f"data.dataset is {c.data.dataset!r}"),
     (("data.tokenizer", "data.max_length"), _is_text,
      "the data is text (data.dataset = 'text-topics', or a file with data.text_column)",
@@ -632,14 +634,44 @@ def config_to_dict(cfg: Config) -> dict:
     return out
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository's configs/, installed as fedsim/configs
+
+
+def builtin_configs() -> dict[str, Path]:
+    """The example experiments shipped with fedsim, by name (``quickstart`` ->
+    ``configs/quickstart.toml``). Installed, they are package data of ``fedsim.configs``; in
+    a checkout, ``fedsim/configs`` links to the repository's ``configs/``."""
+    if not SHIPPED_CONFIGS.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(SHIPPED_CONFIGS.glob("*.toml"))}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config argument as a file: the path itself when it exists; else a shipped experiment
+    named by it, as ``quickstart`` or as the repository path ``configs/quickstart.toml`` (what
+    the README says, run from outside a checkout). Anything else is returned as given, and
+    `read_toml` refuses it naming the shipped experiments."""
+    p = Path(path)
+    if p.exists():
+        return p
+    name = p.stem if p.suffix == ".toml" else p.name
+    shipped = builtin_configs().get(name)
+    if shipped is not None and (p.parent == Path(".") and p.suffix in ("", ".toml") or
+                                p.parent == Path("configs") and p.suffix == ".toml"):
+        return shipped
+    return p
+
+
 def read_toml(path: str | Path, what: str = "config") -> dict:
     """A TOML file as a dict; anything that is not a readable TOML text is one line.
 
     A missing file is bad input (exit 2); a file that cannot be read (a directory, no
     permission) an `InputFileError` (exit 1). Deeply nested arrays exhaust tomllib's recursion."""
-    p = Path(path)
+    p = resolve_config_path(path)
     if not p.exists():
-        raise ConfigError(f"{what}: file not found: {p}")
+        shipped = ", ".join(builtin_configs())
+        raise ConfigError(f"{what}: file not found: {p}" + (f" (shipped experiments, by name: {shipped}; "
+                                                             f"`fedsim init` copies one here)" if shipped else ""))
     try:
         data = p.read_bytes()
     except OSError as exc:

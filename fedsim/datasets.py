@@ -368,8 +368,8 @@ def _feature_columns(frame: Any, cfg: DataConfig, encoding: Encoding | None, sou
                      group_column: str) -> tuple[list[str], list[str]]:
     """(feature columns, the categorical ones among them) of a table.
 
-    The experiment's own file: every column but the label and the natural-id column, each
-    categorical or numeric by its type. A data holder's file: the experiment's columns."""
+    The experiment's own file: every column but the label, the natural-id column and
+    ``data.drop_columns``, each categorical or numeric by its type. A data holder's file: the experiment's columns."""
     if cfg.text_column:
         return [cfg.text_column], []
     if encoding is not None:
@@ -381,7 +381,11 @@ def _feature_columns(frame: Any, cfg: DataConfig, encoding: Encoding | None, sou
             raise ConfigError(f"data.path: {source} lacks the experiment's feature column(s) "
                               f"{', '.join(map(repr, absent))}")
         return list(encoding.columns), [c for c, _ in encoding.categories]
-    features = [c for c in frame.columns if c not in (cfg.label_column, group_column)]
+    unknown = [c for c in cfg.drop_columns if c not in frame.columns]
+    if unknown:
+        raise ConfigError(f"data.drop_columns: {source} has no column(s) {', '.join(map(repr, unknown))} "
+                          f"(columns: {', '.join(frame.columns)})")
+    features = [c for c in frame.columns if c not in (cfg.label_column, group_column, *cfg.drop_columns)]
     if not features:
         raise ConfigError(f"data.path: {source} has no feature columns besides the label {cfg.label_column!r}")
     kinds = {c: _column_kind(frame[c]) for c in features}
@@ -389,8 +393,8 @@ def _feature_columns(frame: Any, cfg: DataConfig, encoding: Encoding | None, sou
     if unsupported:
         column = unsupported[0]
         raise ConfigError(f"data.path: column {column!r} of {source} has type {frame[column].dtype}; fedsim "
-                          f"reads numeric, string, categorical and boolean columns (convert it, or remove it "
-                          f"from the file)")
+                          f"reads numeric, string, categorical and boolean columns (convert it, or list it "
+                          f"in data.drop_columns)")
     return features, [c for c in features if kinds[c] == "categorical"]
 
 
@@ -478,8 +482,8 @@ def fit_encoding(features: Any, categorical: tuple[str, ...] = (), standardize: 
         values = tuple(sorted(set(category_text(features[column]))))
         if len(values) > 20 and len(values) > len(features) / 2:
             log.warning("data: column %r has %d distinct values in %d training rows and becomes %d one-hot "
-                        "inputs; if it is an identifier or free text, remove it from the file (or set "
-                        "data.text_column)", column, len(values), len(features), len(values))
+                        "inputs; if it is an identifier or free text, list it in data.drop_columns (or "
+                        "set data.text_column)", column, len(values), len(features), len(values))
         categories.append((column, values))
     shift, scale = _standardize(features[list(numeric)].to_numpy(np.float32))
     width = sum(len(values) for _, values in categories)

@@ -488,7 +488,7 @@ class LocalDeployment:
     def submit(self, timeout: float, discovery_window: int | None = None) -> subprocess.CompletedProcess:
         """`flwr run` the experiment and stream its logs until it ends. `discovery_window` caps
         how many nodes the ServerApp asks at once (each answer starts a ClientApp process)."""
-        from fedsim.server import DISCOVERY_WINDOW_KEY  # here: `deploy certs` need not import torch
+        from fedsim.records import DISCOVERY_WINDOW_KEY  # here: `deploy certs` need not import torch
 
         experiment = self.work / "experiment.toml"
         experiment.write_text(dumps_toml(self.cfg))

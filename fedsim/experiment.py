@@ -23,12 +23,12 @@ from typing import Any
 from flwr.app import Context
 
 from fedsim.caches import cached
-from fedsim.config import Config, config_from_dict, describe_fields, dumps_toml, loads_toml, set_dotted
+from fedsim.config import (Config, builtin_configs, config_from_dict, describe_fields, dumps_toml, loads_toml,
+                           set_dotted)
 from fedsim.errors import ConfigError
-from fedsim.records import CLIENT_STATE, CONFIG_PATH_KEY, RUN_CONFIG_KEY
+from fedsim.records import CLIENT_STATE, CONFIG_PATH_KEY, DISCOVERY_WINDOW_KEY, RUN_CONFIG_KEY
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_EXPERIMENT = "quickstart.toml"
+DEFAULT_EXPERIMENT = "quickstart"
 
 # Flat run-config key -> the fedsim config key it sets. The names follow Flower's `flwr new`
 # templates where one exists (num-server-rounds, fraction-train, local-epochs, lr, batch-size).
@@ -68,12 +68,13 @@ FLAT_NOTES: dict[str, str] = {
                   "default: <name>-<timestamp>",
 }
 EXPERIMENT_KEYS = (CONFIG_PATH_KEY, RUN_CONFIG_KEY)  # the experiment itself: a file, or its TOML text
+RUNTIME_KEYS = (DISCOVERY_WINDOW_KEY,)  # how the ServerApp runs it, not what it runs (fedsim.deploy sets it)
 
 
 def default_experiment_text() -> str:
-    """The experiment `flwr run` runs when the run config names none (``configs/quickstart.toml``
-    of the project). The one place that knows where the shipped experiments live."""
-    path = PROJECT_DIR / "configs" / DEFAULT_EXPERIMENT
+    """The experiment `flwr run` runs when the run config names none: the shipped
+    ``quickstart`` (`fedsim.config.builtin_configs`)."""
+    path = builtin_configs().get(DEFAULT_EXPERIMENT, Path(DEFAULT_EXPERIMENT))
     if not path.is_file():
         raise ConfigError(f"run config: the default experiment {path} is missing; "
                           f"give one with --run-config \"{CONFIG_PATH_KEY}='my.toml'\"")
@@ -81,8 +82,9 @@ def default_experiment_text() -> str:
 
 
 def run_config_keys() -> list[str]:
-    """Every key `[tool.flwr.app.config]` declares: the experiment keys, then the flat keys."""
-    return [*EXPERIMENT_KEYS, *FLAT_KEYS]
+    """Every key `[tool.flwr.app.config]` declares: the experiment keys, the runtime keys, then
+    the flat keys."""
+    return [*EXPERIMENT_KEYS, *RUNTIME_KEYS, *FLAT_KEYS]
 
 
 def _given(run_config: Mapping[str, Any]) -> dict[str, Any]:

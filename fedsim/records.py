@@ -44,6 +44,9 @@ QUERY_PARTITION = "query"  # discovery: which partition does this node hold?
 # run_config key carrying the whole experiment as TOML (simulation and deployment alike)
 RUN_CONFIG_KEY = "fedsim-config"
 CONFIG_PATH_KEY = "config-path"  # ... or a path to it (what `fedsim deploy` passes to `flwr run`)
+# run_config key: how many nodes discovery asks at a time (0 = all); set by `fedsim deploy local`,
+# whose nodes share one machine's CPUs (fedsim.deploy)
+DISCOVERY_WINDOW_KEY = "discovery-window"
 
 
 NUMPY_STYPE = "numpy.ndarray"  # flwr's SType.NUMPY: the payload is a .npy file

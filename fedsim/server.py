@@ -54,7 +54,6 @@ from fedsim.schedule import SampledGrid, sample_round
 from fedsim.trackers import open_trackers
 
 log = logging.getLogger("fedsim")
-DISCOVERY_WINDOW_KEY = "discovery-window"  # run config: nodes asked at a time in discovery (fedsim.deploy)
 
 
 @functools.lru_cache(maxsize=1)
@@ -487,7 +486,7 @@ def server_main(grid: Grid, context: Context, *, progress: bool = True, config_t
     recorder = RunRecorder(cfg, Path(cfg.output.dir or "runs/deployed"), progress=progress,
                            restored=resume.recorder if resume is not None else None)
     # set by `fedsim deploy local`, whose nodes share this machine's CPUs (fedsim.deploy)
-    window = int(context.run_config.get(DISCOVERY_WINDOW_KEY, 0)) or None
+    window = int(context.run_config.get(R.DISCOVERY_WINDOW_KEY) or 0) or None
     with run_log(recorder.out_dir):
         _run_rounds(cfg, grid, recorder, window, resume)
     return recorder

@@ -129,9 +129,10 @@ def sweep_table(config_path: str | Path | None) -> dict:
     if unknown:
         raise ConfigError(f"sweep.{sorted(unknown)[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
     if not isinstance(table.get("grid", {}), dict):
-        raise ConfigError(f"sweep.grid: must be a table of KEY = [V1, V2, ...] (got {table['grid']!r})")
+        raise ConfigError(f"sweep.grid: expected a [sweep.grid] table of KEY = [V1, V2, ...], "
+                          f"got {table['grid']!r}"[:200])
     if not isinstance(table.get("out", ""), str):
-        raise ConfigError(f"sweep.out: must be a directory path string (got {table['out']!r})")
+        raise ConfigError(f"sweep.out: expected a directory name, got {table['out']!r}"[:200])
     return table
 
 
@@ -597,7 +598,8 @@ def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = Non
         todo = todo[:max_cells]
     if progress:
         print(f"sweep {sweep_dir}: {len(cells)} cells, {finished} already finished, running {len(todo)}")
-    bar = tqdm(total=len(todo), unit="cell", dynamic_ncols=True, disable=not progress)
+    # a bar only on a terminal (None: tqdm's own check), never in a log file or a pipe
+    bar = tqdm(total=len(todo), unit="cell", dynamic_ncols=True, disable=None if progress else True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     outcomes: dict[str, Outcome] = {}
     if jobs == 1:

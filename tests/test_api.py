@@ -71,7 +71,7 @@ def test_set_reaches_any_key_and_a_key_given_twice_is_refused():
     assert type(cfg.seed) is int and cfg.output.dir == str(Path("runs") / "y")
     with pytest.raises(ConfigError, match=r"^federation\.rounds: given twice, as rounds=2 and in set= as 3$"):
         config_for(rounds=2, set={"federation.rounds": 3})
-    with pytest.raises(ConfigError, match=r"^federation\.rounds: must be >= 1 \(got 0\)$"):
+    with pytest.raises(ConfigError, match=r"^federation\.rounds: must be >= 1 and <= 1000000 \(got 0\)$"):
         config_for(rounds=0)
 
 
@@ -183,11 +183,10 @@ def test_quiet_by_default_and_each_flower_line_once_when_verbose(tmp_path):
     done = python(code, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     quiet, verbose = done.stderr.split("=== verbose\n")
-    banner = "Starting SeededRounds strategy"
+    banner = "configure_train: Sampled"  # Flower's FedAvg, once per round (TINY has 2 rounds)
     assert banner not in quiet and "INFO" not in quiet
-    assert verbose.count(banner) == 1
-    assert verbose.count("[ROUND 2/2]") == 1
+    assert verbose.count(banner) == 2
     assert done.stdout == ""
     for run in ("quiet", "verbose"):
         log = (tmp_path / run / "run.log").read_text()
-        assert log.count(banner) == 1 and log.count("[ROUND 2/2]") == 1, run
+        assert log.count(banner) == 2 and log.count("round 2/2:") == 1, run

@@ -72,8 +72,9 @@ flag_args = st.lists(st.tuples(st.sampled_from(FLAGS), st.one_of(st.sampled_from
 SHIPPED = sorted(p.name for p in (REPO / "configs").glob("*.toml"))
 
 
-class ReachedTraining(Exception):
-    pass
+class ReachedTraining(BaseException):
+    """Raised where training would start. A BaseException, like KeyboardInterrupt: a sweep
+    reports a failing cell and goes on to the next, but this must end the whole command."""
 
 
 class Hang(Exception):

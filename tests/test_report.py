@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.config import dumps_toml, load_config
+from fedsim.config import config_from_dict, dumps_toml, read_experiment
 from fedsim.report import report
 from fedsim.results import write_json
 
@@ -20,17 +20,19 @@ def write_run(root: Path, name: str, *, strategy: str = "fedavg", sigma: float =
               metric: str = "accuracy", alpha: float = 0.5, user: dict | None = None, **cfg) -> Path:
     """A finished run directory as fedsim writes it (config.toml, summary.json, rounds.csv),
     with the numbers given; what `report` reads of it is config.toml and summary.json."""
-    config = load_config(None, {"strategy.name": strategy, "privacy.noise_multiplier": sigma, "seed": seed,
-                                "data.alpha": alpha, "federation.rounds": 5, "federation.num_clients": 10,
-                                "federation.clients_per_round": 5, **cfg})
+    # not load_config: it would warn that data.alpha does nothing under the default iid partitioner
+    config = config_from_dict(read_experiment(None, {
+        "strategy.name": strategy, "privacy.noise_multiplier": sigma, "seed": seed, "data.alpha": alpha,
+        "federation.rounds": 5, "federation.num_clients": 10, "federation.clients_per_round": 5, **cfg}))
     run = root / name
     run.mkdir(parents=True)
     (run / "config.toml").write_text(dumps_toml(config))
-    write_json(run / "summary.json", {
+    # json.dumps, not fedsim's writer (which writes null): older runs spell no guarantee Infinity
+    (run / "summary.json").write_text(json.dumps({
         "status": "finished", "metric_name": metric, "final_metric": final,
         "best_metric": final if best is None else best,
         "sample_level": {"epsilon_max": eps, "delta": 1e-5, "accountant": "RDP (Opacus)" if sigma else None},
-        "user_level": user})
+        "user_level": user}))
     (run / "rounds.csv").write_text(f"round,metric_name,metric\n1,{metric},{final}\n")
     return run
 

@@ -17,10 +17,12 @@ from flwr.common.config import parse_config_args
 
 from fedsim.config import describe_fields, dumps_toml, load_config
 from fedsim.errors import ClientFailure, ConfigError
-from fedsim.experiment import (FLAT_KEYS, PROJECT_DIR, config_from_context, experiment_from_run_config,
+from fedsim.experiment import (FLAT_KEYS, config_from_context, experiment_from_run_config,
                                flat_key_table, requested_num_clients, run_config_keys)
 from fedsim.records import CLIENT_STATE, RUN_CONFIG_KEY
 from fedsim.serverapp import federation_size, output_root, run_directory, run_flower_app, safe_name
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the checkout
 
 PYPROJECT = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())
 DEFAULTS = PYPROJECT["tool"]["flwr"]["app"]["config"]
@@ -210,6 +212,7 @@ def test_a_client_trains_the_servers_experiment_not_the_run_config():
     state = RecordDict({CLIENT_STATE: ConfigRecord({RUN_CONFIG_KEY: server})})
     context = Context(run_id=1, node_id=5, node_config={}, state=state,
                       run_config={**run_config(), RUN_CONFIG_KEY: 'name = "raw"\n[client]\nlr = 0.9\n'})
+
     assert config_from_context(context).client.lr == 0.05
 
 

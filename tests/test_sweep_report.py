@@ -111,18 +111,18 @@ def test_close_values_make_distinct_faithful_cells(tmp_path):
     for name, cfg in zip(names, plan["config"]):  # the name reads back as the exact value
         assert float(name.split("=")[1]) == cfg.client.lr and Path(cfg.output.dir).name == name
     # names that still collide ("/" is not allowed in a directory name) get a config-hash suffix
-    plan = plan_sweep(None, grid={"name": ["a/b", "a_b"]}, out=tmp_path / "sw")
-    assert len(set(plan["cell"])) == 2 and all(n.startswith("name=a_b~") for n in plan["cell"])
-    assert [c.name for c in plan["config"]] == ["a/b", "a_b"]
+    plan = plan_sweep(None, grid={"data.path": ["a/b.csv", "a_b.csv"]}, out=tmp_path / "sw")
+    assert len(set(plan["cell"])) == 2 and all(n.startswith("data.path=a_b.csv~") for n in plan["cell"])
+    assert [c.data.path for c in plan["config"]] == ["a/b.csv", "a_b.csv"]
     with pytest.raises(ConfigError, match="appears 2 times with the same config"):
         plan_sweep(None, seeds=[0, 0], out=tmp_path / "sw")  # one cell twice would run twice into one dir
 
 
 @pytest.mark.parametrize("toml, error", [
     ('grid = {"client.lr" = 0.1}', None),  # a scalar is one value
-    ("grid = 0.1", "sweep.grid: must be a table"),
+    ("grid = 0.1", "sweep.grid: expected a [sweep.grid] table"),
     ("seeds = 3", None),
-    ("out = 3", "sweep.out: must be a directory path string"),
+    ("out = 3", "sweep.out: expected a directory name"),
 ])
 def test_scalar_sweep_values(cli, tmp_path, toml, error):
     path = tmp_path / "s.toml"
@@ -139,9 +139,15 @@ def test_scalar_sweep_values(cli, tmp_path, toml, error):
 
 
 @pytest.mark.parametrize("flag", [["--jobs", "0"], ["--max-cells", "-1"]])
-def test_sweep_counts_are_checked(cli, tmp_path, flag):
-    code, _, err = cli("sweep", "--out", tmp_path / "sw", *flag)
-    assert code == 2 and flag[0] in err and len(err.strip().splitlines()) == 1
+def test_sweep_counts_are_checked(tmp_path, capsys, flag):
+    from fedsim.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses the flag: one line, exit 2
+        main(["sweep", "--out", str(tmp_path / "sw"), *flag])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and flag[0] in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match=flag[0]):  # and the library names it too
+        run_sweep(None, out=tmp_path / "sw2", **({"jobs": 0} if flag[0] == "--jobs" else {"max_cells": -1}))
 
 
 def test_a_failed_cell_is_reported_alike_with_one_and_two_jobs(cli, tmp_path):
@@ -150,14 +156,15 @@ def test_a_failed_cell_is_reported_alike_with_one_and_two_jobs(cli, tmp_path):
     results = {}
     for jobs in (1, 2):
         out_dir = tmp_path / f"jobs{jobs}"
-        code, out, _ = cli("sweep", "--num-clients", "4", "--clients-per-round", "2", "--rounds", "1",
-                           "--set", "model.hidden=[8]", "--target-epsilons", "0.001,0", "--jobs", jobs,
-                           "--out", out_dir)
-        results[jobs] = (code, out.replace(str(out_dir), "DIR"))
+        code, out, err = cli("sweep", "--num-clients", "4", "--clients-per-round", "2", "--rounds", "1",
+                             "--set", "model.hidden=[8]", "--target-epsilons", "0.001,0", "--jobs", jobs,
+                             "--out", out_dir)
+        results[jobs] = (code, out.replace(str(out_dir), "DIR"), err)
     assert results[1] == results[2]
-    code, out = results[1]
+    code, out, err = results[1]
     assert code == 1
-    assert "failed cell privacy.target_epsilon=0.001: privacy.target_epsilon: 0.001 is unreachable" in out
+    assert ("error: failed cell privacy.target_epsilon=0.001: privacy.target_epsilon: 0.001 is unreachable"
+            in err.splitlines()[0])
     assert "1/2 cells finished" in out
     cells = run_sweep(None, target_epsilons=[0.001, 0], out=tmp_path / "jobs1", progress=False,
                       overrides={"federation.num_clients": 4, "federation.clients_per_round": 2,

@@ -288,3 +288,22 @@ def test_penguins_csv_trains_from_the_cli(cli, tmp_path):
     test_species = complete_rows(with_missing(penguins())).species.iloc[split_positions(291)[1]]
     majority = test_species.value_counts(normalize=True).max()
     assert final > majority + 0.3, (final, majority)
+
+
+def test_drop_columns_keeps_rows_a_mostly_empty_column_would_drop(tiny, tmp_path):
+    """Titanic-like: an id column and a mostly empty 'cabin'. By default cabin's gaps drop most
+    rows and the id is one-hot encoded; data.drop_columns leaves both out and keeps every row."""
+    df = penguins(200)
+    df["passenger"] = [f"p{i}" for i in range(len(df))]
+    df["cabin"] = np.where(np.arange(len(df)) % 5 == 0, "C85", None)
+    path = tmp_path / "titanic-like.csv"
+    df.to_csv(path, index=False)
+    n_test = int(round(0.2 * len(df)))
+    default = load_dataset(file_cfg(tiny, path).data, 4, 0)
+    assert len(default.y_train) + len(default.y_test) == len(df) // 5  # only rows with a cabin survive
+    assert any(name.startswith("passenger_") for name in default.encoding.input_names)
+    dropped = load_dataset(file_cfg(tiny, path, **{"data.drop_columns": ["passenger", "cabin"]}).data, 4, 0)
+    assert (len(dropped.y_train), len(dropped.y_test)) == (len(df) - n_test, n_test)
+    assert not any(name.startswith(("passenger", "cabin")) for name in dropped.encoding.input_names)
+    with pytest.raises(ConfigError, match="data.drop_columns: .*'Cabin'"):
+        load_dataset(file_cfg(tiny, path, **{"data.drop_columns": ["Cabin"]}).data, 4, 0)

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from fedsim.config import load_config
-from fedsim.experiment import PROJECT_DIR
 from fedsim.run import run_experiment
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the checkout
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="scans /proc for processes")]
@@ -104,6 +105,7 @@ def flwr(env: dict, *args: str) -> subprocess.CompletedProcess:
         done = subprocess.run([str(BIN / "flwr"), "run", ".", "--stream", *args], cwd=PROJECT_DIR, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
                               stdin=subprocess.DEVNULL)
+
         if "Failed to start local SuperLink" not in done.stdout:
             break
     return done

@@ -66,7 +66,8 @@ def test_a_strategy_rebuilt_from_its_state_continues_exactly(tiny, flower, name,
 def test_every_builtin_strategy_declares_its_state_through_wrappers(tiny):
     for name in algorithm_names():
         cfg = tiny(**{"strategy.name": name})
-        assert stateful_strategy(SeededRounds(build_strategy(cfg), 0, None)) is not None, name
+        wrapped = SeededRounds(build_strategy(cfg), 0, None, cfg.federation.clients_per_round)
+        assert stateful_strategy(wrapped) is not None, name
     dp = build_strategy(tiny(**{"privacy.user_noise_multiplier": 1.0}))  # Flower's DP wrapper around FedAvg
     assert stateful_strategy(dp) is dp.strategy and strategy_state(dp) == {}
 
@@ -79,7 +80,8 @@ def test_seeded_rounds_reseed_torch_on_the_server(tiny, flower):
     for before in (1, 2):
         torch.manual_seed(before)
         torch.rand(before)
-        rounds = SeededRounds(build_strategy(cfg), cfg.seed, type("G", (), {"current_round": 0})())
+        rounds = SeededRounds(build_strategy(cfg), cfg.seed, type("G", (), {"current_round": 0})(),
+                              cfg.federation.clients_per_round)
         list(rounds.configure_train(3, R.numpy_to_record(X0), ConfigRecord(), flower.grid(2)))
         draws.append(torch.rand(4))
     assert torch.equal(draws[0], draws[1])
