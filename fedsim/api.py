@@ -109,15 +109,6 @@ def override_keys(set: Mapping[str, Any] | None = None, **overrides: Any) -> dic
     return out
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
 
 def config_for(config: Config | str | Path | None = None, *, set: Mapping[str, Any] | None = None,
                **overrides: Any) -> Config:
@@ -126,11 +117,11 @@ def config_for(config: Config | str | Path | None = None, *, set: Mapping[str, A
     config: a `Config`, a TOML path, or None for the built-in defaults. overrides: the CLI's
     flags as keywords (`OVERRIDE_KEYS`). set: {"section.key": value} for any key.
     """
-    from fedsim.config import Config, config_to_dict, load_config
+    from fedsim.config import Config, config_to_dict, flatten, load_config
 
     keys = override_keys(set, **overrides)
     if isinstance(config, Config):  # its values as overrides of the defaults, validated again
-        return load_config(None, {**_flatten(config_to_dict(config)), **keys})
+        return load_config(None, {**flatten(config_to_dict(config)), **keys})
     return load_config(_config_path(config), keys)
 
 
@@ -257,7 +248,7 @@ def sweep(config: Config | str | Path | None = None, *, grid: Mapping[str, Seque
     ``sweeps/<name>``). jobs: cells run in parallel processes. Re-running the same call skips
     finished cells. ``frame.attrs["out"]`` is the sweep directory, for `report`.
     """
-    from fedsim.config import Config, config_to_dict
+    from fedsim.config import Config, config_to_dict, flatten
     from fedsim.logs import setup_logging
     from fedsim.sweep import run_sweep
     from fedsim.trackers import check_available
@@ -265,7 +256,7 @@ def sweep(config: Config | str | Path | None = None, *, grid: Mapping[str, Seque
     keys = override_keys(set, **overrides)
     path = None
     if isinstance(config, Config):
-        keys = {**_flatten(config_to_dict(config)), **keys}
+        keys = {**flatten(config_to_dict(config)), **keys}
     else:
         path = _config_path(config)
     check_available(config_for(path, set=keys).output.trackers)

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import logging
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
@@ -708,6 +708,19 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     cfg = config_from_dict(raw)
     report_unused(unused_keys(raw, cfg), strict)
     return cfg
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict by dotted keys, ``{"client": {"lr": 0.1}}`` -> ``{"client.lr": 0.1}``:
+    the form the CLI's ``--set``, sweep cells, reports and trackers name keys in (the inverse
+    of `set_dotted`)."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:

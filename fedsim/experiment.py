@@ -20,13 +20,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 
 from fedsim.caches import cached
 from fedsim.config import (Config, builtin_configs, config_from_dict, describe_fields, dumps_toml, loads_toml,
                            set_dotted)
 from fedsim.errors import ConfigError
-from fedsim.records import CLIENT_STATE, CONFIG_PATH_KEY, DISCOVERY_WINDOW_KEY, RUN_CONFIG_KEY
+from fedsim.records import CLIENT_STATE, CONFIG_PATH_KEY, DISCOVERY_WINDOW_KEY, RUN_CONFIG_KEY, plain
 
 DEFAULT_EXPERIMENT = "quickstart"
 
@@ -212,7 +212,9 @@ def config_from_context(context: Context, fallback: str | None = None) -> Config
        and of `flwr run` once `fedsim.serverapp` has resolved the experiment);
     3. `fallback`: Flower's `run_simulation` delivers no run config (its Context is read-only).
     """
-    stored = context.state.config_records.get(CLIENT_STATE)
+    stored = plain(context.state).get(CLIENT_STATE)  # read per client-round: no record views rebuilt
+    if not isinstance(stored, ConfigRecord):
+        stored = None
     text = (stored.get(RUN_CONFIG_KEY) if stored is not None else None) \
         or context.run_config.get(RUN_CONFIG_KEY) or fallback
     if not isinstance(text, str) or not text:

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import tomllib
 
+from fedsim.config import flatten
 from fedsim.errors import FedsimError
 from fedsim.results import CONFIG_TOML, SUMMARY_JSON
 
@@ -41,14 +42,9 @@ Where = Mapping[str, Any] | Sequence[tuple[str, Any]]
 PRIVACY_KEYS = ["privacy.target_epsilon", "privacy.user_target_epsilon", "_sigma", "_user_sigma"]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = tuple(v) if isinstance(v, list) else v
-    return out
+def _flatten(d: dict) -> dict:
+    """`flatten`, with lists as tuples: table cells that group and compare."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flatten(d).items()}
 
 
 def find_runs(path: Path) -> list[Path]:

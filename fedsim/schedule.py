@@ -54,21 +54,12 @@ def participation_counts(seed: int, rounds: int, num_clients: int, clients_per_r
     return counts
 
 
-class SampledGrid(Grid):
-    """A grid that shows a strategy's ``configure_train`` only this round's sampled nodes.
+class ForwardingGrid(Grid):
+    """A Grid that forwards everything to `inner`: the base of grids that change one thing
+    (`SampledGrid` the node ids, `fedsim.server.TrackedGrid` ordering and reply tracking)."""
 
-    Flower's strategies sample inside ``configure_train`` (``sample_nodes``: K of the
-    grid's node ids). Shown exactly the K nodes `sample_round` chose, with
-    ``min_train_nodes`` = K, they take all of them: the clients that train are the ones the
-    schedule says, whatever Flower's sampling code does. Everything else goes to `inner`.
-    """
-
-    def __init__(self, inner: Grid, nodes: Sequence[int]) -> None:
+    def __init__(self, inner: Grid) -> None:
         self.inner = inner
-        self.nodes = list(nodes)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
 
     def set_run(self, run) -> None:
         self.inner.set_run(run)
@@ -80,6 +71,9 @@ class SampledGrid(Grid):
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.inner.push_messages(messages)
 
@@ -88,3 +82,20 @@ class SampledGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.inner.send_and_receive(messages, timeout=timeout)
+
+
+class SampledGrid(ForwardingGrid):
+    """A grid that shows a strategy's ``configure_train`` only this round's sampled nodes.
+
+    Flower's strategies sample inside ``configure_train`` (``sample_nodes``: K of the
+    grid's node ids). Shown exactly the K nodes `sample_round` chose, with
+    ``min_train_nodes`` = K, they take all of them: the clients that train are the ones the
+    schedule says, whatever Flower's sampling code does. Everything else goes to `inner`.
+    """
+
+    def __init__(self, inner: Grid, nodes: Sequence[int]) -> None:
+        super().__init__(inner)
+        self.nodes = list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)

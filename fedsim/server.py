@@ -50,7 +50,7 @@ from fedsim.node_data import data_spec
 from fedsim.privacy.accounting import accountant_label, user_level_epsilon
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, MODEL, MODEL_BEST, ROUND_COLUMNS,
                             ROUNDS_CSV, SUMMARY_JSON, csv_text, run_log, write_atomic, write_json)
-from fedsim.schedule import SampledGrid, sample_round
+from fedsim.schedule import ForwardingGrid, SampledGrid, sample_round
 from fedsim.trackers import open_trackers
 
 log = logging.getLogger("fedsim")
@@ -244,12 +244,12 @@ class RunRecorder:
         self.trackers.on_run_end(summary)
 
 
-class TrackedGrid(Grid):
+class TrackedGrid(ForwardingGrid):
     """A Grid wrapper: partition-ordered node ids, reply tracking, error policy."""
 
     def __init__(self, inner: Grid, recorder: RunRecorder, on_client_error: str = "fail",
                  min_nodes: int = 1) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.recorder = recorder
         self.on_client_error = on_client_error
         self.min_nodes = min_nodes
@@ -258,24 +258,7 @@ class TrackedGrid(Grid):
         self.current_round = 0  # set by SeededRounds when a round starts
         self.last_skipped: tuple[str, str | None] | None = None  # the last client error skipped
 
-    # -- delegation -------------------------------------------------------------------
-    def set_run(self, run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self):
-        return self.inner.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
-
-    # -- what fedsim adds -------------------------------------------------------------
+    # -- what fedsim adds (the rest is forwarded) ------------------------------------
     def get_node_ids(self) -> list[int]:
         """Discovered nodes that are still connected, in partition order."""
         live = set(self.inner.get_node_ids())

@@ -57,7 +57,7 @@ from typing import Any
 
 import pandas as pd
 
-from fedsim.config import (Config, config_from_dict, config_to_dict, load_config, parse_value, read_experiment,
+from fedsim.config import (Config, config_from_dict, config_to_dict, flatten, load_config, parse_value, read_experiment,
                            read_toml, report_unused, unused_keys)
 from fedsim.errors import ClientFailure, ConfigError, FedsimError
 from fedsim.logs import setup_logging
@@ -197,14 +197,9 @@ def config_hash(identity: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = list(v) if isinstance(v, tuple) else v
-    return out
+def _flatten(d: Mapping[str, Any]) -> dict[str, Any]:
+    """`flatten`, with tuples as the lists TOML reads back (a cell's identity compares both)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(d).items()}
 
 
 def _split(assignment: dict[str, Any]) -> dict[str, Any]:

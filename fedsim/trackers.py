@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedsim.config import Config, config_to_dict
+from fedsim.config import Config, config_to_dict, flatten
 from fedsim.errors import ConfigError
 
 log = logging.getLogger("fedsim")
@@ -102,15 +102,6 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
 
 class MLflowTracker:
     """One MLflow run: the config as params, one metric per rounds.csv column (step = round),
@@ -137,7 +128,7 @@ class MLflowTracker:
             experiment_id = self.client.create_experiment(cfg.name, artifact_location=artifacts)
         self.run_id = self.client.create_run(experiment_id, run_name=out_dir.name,
                                              tags={"fedsim.run_dir": str(out_dir.resolve())}).info.run_id
-        params = [Param(key, str(value)) for key, value in _flatten(config_to_dict(cfg)).items()]
+        params = [Param(key, str(value)) for key, value in flatten(config_to_dict(cfg)).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=params[start:start + 100])
         log.info("mlflow: run %s in %s (mlflow ui --backend-store-uri %s)", self.run_id, self.uri, self.uri)
