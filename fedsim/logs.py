@@ -109,6 +109,15 @@ def route_library_logger(name: str, console_level: int) -> None:
         logger.addHandler(ToRunLog())
 
 
+_PYTHON_FORMAT = warnings.formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A Python warning as the quiet console shows it: one line, without the source line of the
+    library code that raised it (``-v`` keeps Python's own format, with file and line)."""
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
 def setup_logging(verbose: bool) -> None:
     """Quiet by default: warnings only, Flower's INFO chatter and known-harmless Python
     warnings hidden unless verbose (which shows every warning untouched). Flower's, Opacus'
@@ -116,6 +125,7 @@ def setup_logging(verbose: bool) -> None:
     does, per run): no handler is added twice."""
     if not verbose:  # before importing flwr, whose dependencies warn on import
         filter_harmless_warnings()
+    warnings.formatwarning = _PYTHON_FORMAT if verbose else _one_line_warning
     # MLflow replaces its loggers' handlers when it is imported unless told not to; fedsim
     # routes them here instead (a user's own setting of the variable wins).
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
