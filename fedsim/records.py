@@ -175,30 +175,32 @@ def _only(content: RecordDict, record_type: type) -> list[tuple[str, object]]:
     return [(k, v) for k, v in plain(content).items() if isinstance(v, record_type)]
 
 
+def _one_each(contents: list[RecordDict], record_type: type, one_reason: str, keys_reason: str
+              ) -> tuple[str, set[str]]:
+    """Every content holds exactly one record of `record_type`, under the first one's key and
+    with its keys (Flower's two checks per record type); returns that key and those keys."""
+    found = [_only(c, record_type) for c in contents]
+    if any(len(f) != 1 for f in found):
+        raise InconsistentMessageReplies(reason=one_reason)
+    record_key, first = found[0][0]
+    keys = set(plain(first))
+    if any(set(plain(plain(c).get(record_key, record_type()))) != keys for c in contents[1:]):
+        raise InconsistentMessageReplies(reason=keys_reason)
+    return record_key, keys
+
+
 def check_replies(contents: list[RecordDict], weighted_by_key: str, check_arrayrecord: bool) -> None:
     """Flower's `validate_message_reply_consistency`, check for check and message for message,
     reading the records once each (`plain`) instead of through views rebuilt per access."""
     if not contents:
         return
     if check_arrayrecord:
-        arrays = [_only(c, ArrayRecord) for c in contents]
-        if any(len(a) != 1 for a in arrays):
-            raise InconsistentMessageReplies(reason="Expected exactly one ArrayRecord in replies. "
-                                             "Skipping aggregation.")
-        record_key = arrays[0][0][0]
-        all_keys = set(plain(arrays[0][0][1]))
-        if any(set(plain(plain(c).get(record_key, ArrayRecord()))) != all_keys for c in contents[1:]):
-            raise InconsistentMessageReplies(reason="All ArrayRecords must have the same keys for aggregation. "
-                                             "This condition wasn't met. Skipping aggregation.")
-    metrics = [_only(c, MetricRecord) for c in contents]
-    if any(len(m) != 1 for m in metrics):
-        raise InconsistentMessageReplies(reason="Expected exactly one MetricRecord in replies, but found more. "
-                                         "Skipping aggregation.")
-    record_key = metrics[0][0][0]
-    all_keys = set(plain(metrics[0][0][1]))
-    if any(set(plain(plain(c).get(record_key, MetricRecord()))) != all_keys for c in contents[1:]):
-        raise InconsistentMessageReplies(reason="All MetricRecords must have the same keys for aggregation. "
-                                         "This condition wasn't met. Skipping aggregation.")
+        _one_each(contents, ArrayRecord, "Expected exactly one ArrayRecord in replies. Skipping aggregation.",
+                  "All ArrayRecords must have the same keys for aggregation. This condition wasn't met. "
+                  "Skipping aggregation.")
+    record_key, all_keys = _one_each(
+        contents, MetricRecord, "Expected exactly one MetricRecord in replies, but found more. Skipping aggregation.",
+        "All MetricRecords must have the same keys for aggregation. This condition wasn't met. Skipping aggregation.")
     if weighted_by_key not in all_keys:
         raise InconsistentMessageReplies(
             reason=f"Missing required key `{weighted_by_key}` in the MetricRecord of reply messages. Cannot "

@@ -47,6 +47,13 @@ def good_runs(tmp_path):
     return root
 
 
+def edit_summary(run: Path, change) -> None:
+    """Rewrite a run's summary.json after `change` edits the parsed dict in place."""
+    summary = json.loads((run / "summary.json").read_text())
+    change(summary)
+    write_json(run / "summary.json", summary)
+
+
 def break_runs(root: Path) -> dict[str, str]:
     """Malformed run directories beside the good ones: name -> the reason report must give."""
     bad = {}
@@ -54,17 +61,13 @@ def break_runs(root: Path) -> dict[str, str]:
     (run / "summary.json").write_text('{"status": "finished", "final_metric": 0.')  # cut off mid-write
     bad["not-json"] = "summary.json is not valid JSON"
     run = write_run(root, "no-final", sigma=1.0, final=0.1, eps=3.0)
-    summary = json.loads((run / "summary.json").read_text())
-    del summary["final_metric"], summary["best_metric"]
-    write_json(run / "summary.json", summary)
+    edit_summary(run, lambda summary: (summary.pop("final_metric"), summary.pop("best_metric")))
     bad["no-final"] = "summary.json lacks final_metric, best_metric"
     run = write_run(root, "a-list", sigma=1.0, final=0.1, eps=3.0)
     (run / "summary.json").write_text("[1, 2]")
     bad["a-list"] = "summary.json holds a list, not an object"
     run = write_run(root, "text-eps", sigma=1.0, final=0.1, eps=3.0)
-    summary = json.loads((run / "summary.json").read_text())
-    summary["sample_level"]["epsilon_max"] = "three"
-    write_json(run / "summary.json", summary)
+    edit_summary(run, lambda summary: summary["sample_level"].update(epsilon_max="three"))
     bad["text-eps"] = "epsilon 'three' is not a number"
     run = write_run(root, "bad-toml", sigma=1.0, final=0.1, eps=3.0)
     (run / "config.toml").write_text("[privacy\nnoise_multiplier = 1")
