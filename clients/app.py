@@ -260,8 +260,9 @@ def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = 
             if engines[key] == "opacus":
                 replies[i] = finish_job(job, run_job(job))
             else:
-                templates.setdefault(key, RoundTemplate(job.model, job.start.global_params,
-                                                        job.start.server_arrays, job.upload_keys))
+                if key not in templates:  # the round's first job built it; the others share it
+                    templates[key] = RoundTemplate(job.model, job.start.global_params, job.start.server_arrays,
+                                                   job.upload_keys)
                 groups.setdefault(key, []).append((i, job))
         except FedsimError:
             raise
