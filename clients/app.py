@@ -41,10 +41,10 @@ from fedsim.privacy.accounting import History, epsilon
 def query(msg: Message, context: Context, config_text: str | None = None) -> Message:
     """Discovery: the server asks which partition this node holds, to sample reproducibly,
     and hands over the experiment, which this node keeps for the rounds to come."""
-    sent = msg.content.config_records.get(R.CONFIG, ConfigRecord()).get(R.RUN_CONFIG_KEY)
+    sent = R.plain(R.record_of(msg.content, R.CONFIG, ConfigRecord) or ConfigRecord()).get(R.RUN_CONFIG_KEY)
     if sent:
-        context.state[R.CLIENT_STATE] = ConfigRecord({R.RUN_CONFIG_KEY: sent})
-    spec = msg.content.config_records.get(R.DATA_SPEC)
+        context.state[R.CLIENT_STATE] = R.trusted(ConfigRecord, {R.RUN_CONFIG_KEY: sent})
+    spec = R.record_of(msg.content, R.DATA_SPEC, ConfigRecord)
     if spec is not None:
         context.state[R.DATA_SPEC] = spec
     pid = node_partition_id(context.node_config)

@@ -22,6 +22,15 @@ DP-SGD exactly as Opacus 1.6 runs it (`opacus/privacy_engine.py`, `optimizers/op
 Without DP, each epoch is a fresh permutation cut into batches of B (the last one partial),
 as a shuffled DataLoader gives, and the loss is the mean over the batch.
 
+Two ways to get the clipped per-sample sum. A model that is a chain of Linear layers and
+elementwise activations (logreg, linear, mlp, and user models built the same way) takes the
+**dense path**: one batched forward over all clients, autograd for each Linear's output
+gradient g, and for a sample the Linear's gradient is the outer product g a^T of that
+gradient and the layer's input a, so its norm is ||g|| ||a|| (Goodfellow 2015; "ghost
+clipping", Li et al. 2022). The clipped sum is then one batched matmul per layer, and no
+per-sample gradient is ever materialized. Any other model (cnn, lora-mlp, a rule with a loss
+term such as FedLD) takes the **vmap path** above. Both give Opacus' numbers.
+
 Clients take different numbers of steps: they are sorted by steps, so at each step the
 active ones are a prefix of the stack. Each client draws from its own generator, seeded by
 its round seed, so results do not depend on how clients are grouped into chunks.
@@ -116,6 +125,102 @@ def default_chunk(num_params: int, batch_size: int, device: str) -> int:
     return max(1, int(budget // per_client))
 
 
+ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Identity)
+
+
+def dense_chain(model: nn.Module, rule: ClientRule) -> list[tuple[str, nn.Module]] | None:
+    """The model as (name, module) steps of the dense path, or None where it does not apply.
+
+    The dense path needs every per-sample gradient to be a Linear layer's outer product: an
+    ``nn.Sequential`` of Linear layers (all of their tensors trained), elementwise
+    activations and a leading Flatten, no buffers, and no rule loss term (FedLD's margin
+    term reads the logits per sample; the vmap path handles it).
+    """
+    if not isinstance(model, nn.Sequential) or rule.loss_term is not None or next(model.buffers(), None) is not None:
+        return None
+    steps, seen_linear = [], False
+    for name, module in model.named_children():
+        if isinstance(module, nn.Linear):
+            if not all(p.requires_grad for p in module.parameters()):
+                return None
+            seen_linear = True
+        elif isinstance(module, nn.Flatten):
+            if seen_linear or (module.start_dim, module.end_dim) != (1, -1):
+                return None
+        elif not isinstance(module, ELEMENTWISE) or any(True for _ in module.parameters()):
+            return None
+        steps.append((name, module))
+    return steps if seen_linear else None
+
+
+def _dense_forward(chain: list[tuple[str, nn.Module]], params: Tensors, x: torch.Tensor):
+    """Outputs (clients, batch, out) of the chain for stacked parameters, and for every Linear
+    (its parameter-name prefix, its input a, its output z). Gradients are taken with respect
+    to the outputs z: the first is made a leaf that requires grad, the others follow it."""
+    h = x.flatten(2) if x.dim() > 3 else x  # (clients, batch, features), an empty batch included
+    linears = []
+    for name, module in chain:
+        if isinstance(module, nn.Linear):
+            weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
+            z = torch.bmm(h, weight.transpose(1, 2)) if bias is None else \
+                torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+            if not linears:
+                z.requires_grad_(True)
+            linears.append((name, h, z))
+            h = z
+        elif not isinstance(module, nn.Flatten):
+            h = module(h)
+    return h, linears
+
+
+def _dense_output_grads(chain, params: Tensors, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                        losses) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Per-sample losses (clients, batch) and, for every Linear, (name, input a, d(sum of
+    weight * loss)/dz). Samples are independent, so row (k, b) of that gradient is sample b's
+    own loss gradient times its weight."""
+    with torch.enable_grad():
+        out, linears = _dense_forward(chain, params, x)
+        k, b = x.shape[:2]
+        per_sample = losses(out.flatten(0, 1), y.flatten(0, 1)).reshape(k, b)
+        outputs = [z for _, _, z in linears]
+        grads = torch.autograd.grad((per_sample * weight).sum(), outputs)
+    return [(name, a, g) for (name, a, _), g in zip(linears, grads)], per_sample.detach()
+
+
+def _dense_weight_grads(layers, params: Tensors, scale: torch.Tensor | None = None) -> Tensors:
+    """Sum over samples of each Linear's gradient, g a^T (and g for the bias), with sample
+    weights `scale` (clients, batch): one batched matmul per layer."""
+    out = {}
+    for name, a, g in layers:
+        if scale is not None:
+            g = g * scale.unsqueeze(-1)
+        out[f"{name}.weight"] = torch.bmm(g.transpose(1, 2), a)
+        if f"{name}.bias" in params:
+            out[f"{name}.bias"] = g.sum(1)
+    return out
+
+
+def dense_clipped_sum(chain, params: Tensors, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                      losses, max_grad_norm: float) -> tuple[Tensors, torch.Tensor]:
+    """Opacus' clipped sum of per-sample gradients, without materializing them: a sample's
+    gradient norm squared is sum over Linears of ||g||^2 (||a||^2 + 1 with a bias)."""
+    layers, per_sample = _dense_output_grads(chain, params, x, y, mask, losses)
+    norm_sq = torch.zeros_like(mask)
+    for name, a, g in layers:
+        inputs_sq = a.square().sum(-1) + (1.0 if f"{name}.bias" in params else 0.0)
+        norm_sq = norm_sq + g.square().sum(-1) * inputs_sq
+    factor = (max_grad_norm / (norm_sq.sqrt() + CLIP_EPS)).clamp(max=1.0) * mask
+    return _dense_weight_grads(layers, params, factor), per_sample
+
+
+def dense_batch_grads(chain, params: Tensors, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                      losses) -> tuple[Tensors, torch.Tensor]:
+    """Each client's gradient of its mean loss over the batch's real rows (no DP), and that loss."""
+    count = mask.sum(1, keepdim=True).clamp_min(1.0)
+    layers, per_sample = _dense_output_grads(chain, params, x, y, mask / count, losses)
+    return _dense_weight_grads(layers, params), (per_sample * mask).sum(1) / count.squeeze(1)
+
+
 class _Functional:
     """The model as pure functions of its trainable tensors, for one client and one sample."""
 
@@ -126,6 +231,26 @@ class _Functional:
                        if k not in self.trainable}
         self.rule, self.hyper = rule, hyper
         self.losses = loss_fn(task, reduction="none")
+        self.chain = dense_chain(model, rule)  # None: the vmap path
+
+    def clipped_sum(self, params: Tensors, state: State, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                    max_grad_norm: float) -> tuple[Tensors, torch.Tensor]:
+        """Per client, the sum over the batch's real rows of per-sample gradients clipped to
+        `max_grad_norm` as Opacus clips them, and the per-sample losses."""
+        if self.chain is not None:
+            return dense_clipped_sum(self.chain, params, x, y, mask, self.losses, max_grad_norm)
+        grads, values = self.per_sample_grads(params, state, x, y)
+        norms = torch.stack([g.reshape(*g.shape[:2], -1).norm(2, dim=-1) for g in grads.values()],
+                            dim=-1).norm(2, dim=-1)
+        factor = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * mask
+        return {name: torch.einsum("ab,ab...->a...", factor, g) for name, g in grads.items()}, values
+
+    def mean_grads(self, params: Tensors, state: State, x: torch.Tensor, y: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[Tensors, torch.Tensor]:
+        """Per client, the gradient of the mean loss over the batch's real rows, and that loss."""
+        if self.chain is not None:
+            return dense_batch_grads(self.chain, params, x, y, mask, self.losses)
+        return self.batch_grads(params, state, x, y, mask)
 
     def forward(self, params: Tensors, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, {**params, **self.frozen}, (x,))
@@ -259,11 +384,7 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
         nonempty = mask.sum(1) > 0
         if private:
             if xb.shape[1] > 0:
-                grads, values = fn.per_sample_grads(current, sub_state, xb, yb)
-                norms = torch.stack([g.reshape(*g.shape[:2], -1).norm(2, dim=-1) for g in grads.values()],
-                                    dim=-1).norm(2, dim=-1)
-                factor = (settings.max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * mask
-                summed = {name: torch.einsum("ab,ab...->a...", factor, g) for name, g in grads.items()}
+                summed, values = fn.clipped_sum(current, sub_state, xb, yb, mask, settings.max_grad_norm)
                 batch_loss = (values * mask).sum(1) / mask.sum(1).clamp_min(1.0)
             else:
                 summed = {name: torch.zeros_like(p) for name, p in current.items()}
@@ -277,7 +398,7 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
                     g.add_(part.reshape(active, *shapes[name]))
             grad = {name: g / expected[:active].view(-1, *([1] * (g.dim() - 1))) for name, g in summed.items()}
         else:
-            grad, batch_loss = fn.batch_grads(current, sub_state, xb, yb, mask)
+            grad, batch_loss = fn.mean_grads(current, sub_state, xb, yb, mask)
         loss_sum[:active] += torch.where(nonempty, batch_loss.double(), 0.0)
         loss_count[:active] += nonempty.double()
         if momentum is not None:

@@ -171,6 +171,14 @@ def plain(record: RecordDict | ArrayRecord | MetricRecord | ConfigRecord) -> dic
     return record.__dict__["_data"]
 
 
+def record_of(content: RecordDict, key: str, record_type: type):
+    """The record of `record_type` under `key`, or None: what ``content.config_records.get(key)``
+    (and the array/metric variants) return, without building the filtered view (0.16 ms a
+    call, paid per client per message)."""
+    value = plain(content).get(key)
+    return value if isinstance(value, record_type) else None
+
+
 def _only(content: RecordDict, record_type: type) -> list[tuple[str, object]]:
     return [(k, v) for k, v in plain(content).items() if isinstance(v, record_type)]
 

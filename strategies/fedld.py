@@ -145,7 +145,7 @@ class FedLD(FedAvg):
             return None, None
         views = R.model_views(valid, self.weighted_by_key)
         metrics = self.train_metrics_aggr_fn(views, self.weighted_by_key)
-        models = [R.record_to_numpy(v.array_records[R.ARRAYS]) for v in views]
+        models = [R.record_to_numpy(R.record_of(v, R.ARRAYS, ArrayRecord)) for v in views]
         out = {}
         for key, theta_g in self.current.items():
             stacked = np.stack([m[key] for m in models]).astype(np.float64)

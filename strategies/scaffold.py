@@ -94,7 +94,7 @@ class Scaffold(FedAvg):
         views = R.model_views(replies, self.weighted_by_key)
         averaged, metrics = R.weighted_average(views, self.weighted_by_key, self.train_metrics_aggr_fn)
         out = {k: self.current[k] + self.global_lr * (averaged[k] - self.current[k]) for k in averaged}
-        deltas = [R.record_to_numpy(r.content.array_records[R.ALGORITHM_ARRAYS]) for r in replies]
+        deltas = [R.record_to_numpy(R.record_of(r.content, R.ALGORITHM_ARRAYS, ArrayRecord)) for r in replies]
         for k in self.control:
             self.control[k] = self.control[k] + sum(d[k] for d in deltas) / self.num_clients
         return R.numpy_to_record(out), metrics

@@ -96,3 +96,13 @@ def test_plain_reads_what_the_mapping_view_reads() -> None:
     content = _content(GOOD, {"n": 3}, {"c": ConfigRecord({"k": "v"})})
     assert R.plain(content) == dict(content.items())
     assert R.plain(content["metrics"]) == dict(content["metrics"].items())
+
+
+def test_record_of_returns_what_flowers_typed_views_return() -> None:
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2))}), "config": ConfigRecord({"a": 1}),
+                          "metrics": MetricRecord({"m": 1.0})})
+    views = {ArrayRecord: content.array_records, ConfigRecord: content.config_records,
+             MetricRecord: content.metric_records}
+    for record_type, view in views.items():
+        for key in ("arrays", "config", "metrics", "absent"):
+            assert R.record_of(content, key, record_type) is view.get(key), (record_type, key)

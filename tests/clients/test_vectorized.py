@@ -212,3 +212,45 @@ def test_auto_falls_back_to_opacus_for_bags_and_explicit_vectorized_is_refused(t
     with pytest.raises(FedsimError, match="runtime.engine: vectorized cannot train this experiment: the algorithm"):
         run_experiment(tiny(**kw, **{"runtime.engine": "vectorized", "output.dir": str(tmp_path / "b")}),
                        progress=False)
+
+
+def test_dense_path_applies_to_linear_chains_only(tiny):
+    """The dense (ghost-norm) path takes Linear/activation chains; conv, LoRA and a rule with a
+    loss term (FedLD) take the vmap path."""
+    from fedsim.algorithms import get_algorithm
+    from fedsim.clients.vectorized import dense_chain
+
+    data = load_dataset(tiny().data, 6, 0)
+    fedavg, fedld = get_algorithm("fedavg").client, get_algorithm("fedld").client
+    for name, expected in [("mlp", True), ("logreg", True), ("cnn", False)]:
+        model = build_model(tiny(**{"model.name": name, "model.hidden": [16]}).model, data, 0)
+        assert (dense_chain(model, fedavg) is not None) is expected, name
+    mlp = build_model(tiny(**{"model.hidden": [16]}).model, data, 0)
+    assert dense_chain(mlp, fedld) is None
+    mlp[1].bias.requires_grad_(False)  # a frozen tensor: not a plain outer product to clip
+    assert dense_chain(mlp, fedavg) is None
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_dense_path_equals_vmap_path(tiny, monkeypatch, private):
+    """The dense path against the vmap path on the same clients and draws, with momentum,
+    a partial batch and an empty one: two independent derivations of the same clipped sum."""
+    import fedsim.clients.vectorized as V
+
+    cfg = tiny(**BASE, **{"model.hidden": [16, 8]})
+    runs = []
+    for force_vmap in (False, True):
+        if force_vmap:
+            monkeypatch.setattr(V, "dense_chain", lambda model, rule: None)
+        _, jobs = _jobs(cfg, (0, 1, 2, 3), dp_reference=private)
+        batches = _poisson_batches(jobs, np.random.default_rng(1), steps=4, empty_at=2)
+        runs.append(run_vectorized(jobs, batches=batches))
+    for dense, vmapped in zip(*runs):
+        assert dense.final.keys() == vmapped.final.keys()
+        for name in dense.final:
+            torch.testing.assert_close(dense.final[name], vmapped.final[name], atol=1e-6, rtol=0)
+        assert dense.result.mean_loss == pytest.approx(vmapped.result.mean_loss, rel=1e-6)
+
+
+def test_non_private_mlp_matches_plain_torch_loop(tiny):
+    _compare(tiny(**BASE), steps=4, empty_at=2, dp_reference=False)
