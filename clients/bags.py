@@ -198,20 +198,20 @@ def _train_stack(tasks: list[LocalTask], plans: list[_Plan]) -> list[tuple[Local
     frozen = {k: v.detach().to(device) for k, v in itertools.chain(model.named_parameters(), model.named_buffers())
               if k not in trainable}
     # every client's minibatches up front, padded to per_batch bags: rows into the stacked data
-    k, per_batch, steps = len(tasks), plans[0].per_batch, [p.steps for p in plans]
+    count, per_batch, steps = len(tasks), plans[0].per_batch, [p.steps for p in plans]
     longest = max(steps)
     sample_at = np.cumsum([0] + [len(t.x) for t in tasks])
     bag_at = np.cumsum([0] + [len(p.bags) for p in plans])
-    samples = np.zeros((longest, k, per_batch, bag_size), dtype=np.int64)
-    rows = np.zeros((longest, k, per_batch), dtype=np.int64)
-    real = np.zeros((longest, k, per_batch), dtype=np.float32)
+    samples = np.zeros((longest, count, per_batch, bag_size), dtype=np.int64)
+    rows = np.zeros((longest, count, per_batch), dtype=np.int64)
+    real = np.zeros((longest, count, per_batch), dtype=np.float32)
     for i, plan in enumerate(plans):
         for t, chosen in enumerate(plan.batches):
             c = chosen.numpy()
             samples[t, i, :len(c)] = plan.bags[c] + sample_at[i]
             rows[t, i, :len(c)] = c + bag_at[i]
             real[t, i, :len(c)] = 1.0
-    samples_t = torch.as_tensor(samples.reshape(longest, k, per_batch * bag_size), device=device)
+    samples_t = torch.as_tensor(samples.reshape(longest, count, per_batch * bag_size), device=device)
     rows_t, real_t = torch.as_tensor(rows, device=device), torch.as_tensor(real, device=device)
     x = torch.as_tensor(np.concatenate([t.x for t in tasks]), dtype=torch.float32, device=device)
     targets = torch.as_tensor(np.concatenate([p.targets for p in plans]), dtype=torch.float32, device=device)
@@ -221,10 +221,10 @@ def _train_stack(tasks: list[LocalTask], plans: list[_Plan]) -> list[tuple[Local
         return bag_loss(out, tb, bag_size, rho, settings.task, mask)
 
     step = vmap(grad_and_value(loss))
-    params = {name: t.unsqueeze(0).expand(k, *t.shape).clone() for name, t in trainable.items()}
+    params = {name: t.unsqueeze(0).expand(count, *t.shape).clone() for name, t in trainable.items()}
     # torch.optim.SGD (dampening 0, no Nesterov): b = g at the first step, then b = mu b + g; p -= lr b
     momentum = {name: torch.zeros_like(p) for name, p in params.items()} if settings.momentum else None
-    losses = torch.zeros(longest, k, dtype=torch.float64, device=device)
+    losses = torch.zeros(longest, count, dtype=torch.float64, device=device)
     for t in range(longest):
         active = sum(1 for s in steps if s > t)
         current = {name: p[:active] for name, p in params.items()}
