@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from fedsim.clients.trainer import train_local
-from fedsim.clients.vectorized import VectorClient, train_clients, unsupported_reason
+from fedsim.clients.vectorized import VectorClient, VectorOutcome, train_clients, unsupported_reason
 from fedsim import records as R
 from fedsim.algorithms import (ClientRule, Hyper, LocalResult, LocalTask, RoundStart, State, TrainSettings,
                                get_algorithm, resolve_device)
@@ -154,12 +154,17 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
                      template.upload_keys)
 
 
+def local_task(job: ClientJob) -> LocalTask:
+    """The job as a rule with its own local loop sees it."""
+    return LocalTask(job.model, job.x, job.y, job.settings, job.start.hyper, job.partition_id,
+                     job.seed, job.cfg.seed, job.cfg.privacy.delta, job.data.num_classes)
+
+
 def run_job(job: ClientJob, batches: list[np.ndarray] | None = None) -> LocalResult:
     """Train one job with the Opacus engine (or the rule's own loop)."""
     rule, hyper = job.rule, job.start.hyper
     if rule.local_train is not None:
-        return rule.local_train(LocalTask(job.model, job.x, job.y, job.settings, hyper, job.partition_id,
-                                          job.seed, job.cfg.seed, job.cfg.privacy.delta, job.data.num_classes))
+        return rule.local_train(local_task(job))
     loss_term = post_step = None
     if rule.loss_term is not None:
         def loss_term(out, mask, state):
@@ -303,9 +308,15 @@ def _on_device(job: ClientJob) -> tuple:
     return _DEVICE_DATA[key]
 
 
-def run_vectorized(jobs: list[ClientJob], batches=None):
-    """Train jobs that start from the same arrays with the vectorized engine."""
+def run_vectorized(jobs: list[ClientJob], batches=None) -> list[VectorOutcome]:
+    """Train jobs that start from the same arrays with the vectorized engine (or the rule's
+    own batched loop, `ClientRule.local_train_batched`)."""
     first = jobs[0]
+    if first.rule.local_train_batched is not None:
+        if batches is not None:
+            raise ValueError("run_vectorized: given batches are for the DP-SGD loop, not a rule's own loop")
+        done = first.rule.local_train_batched([local_task(job) for job in jobs], first.cfg.runtime.engine_chunk)
+        return [VectorOutcome(result, final) for result, final in done]
     clients = [VectorClient(*_on_device(job), job.history, job.seed, job.state) for job in jobs]
     return train_clients(first.model, first.rule, first.start.hyper, first.settings, clients,
                          chunk=first.cfg.runtime.engine_chunk, batches=batches)

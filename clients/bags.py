@@ -18,38 +18,63 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.func import functional_call, grad_and_value, vmap
 
-from fedsim.algorithms import ClientRule, LocalResult, LocalTask, seed_everything
+from fedsim.algorithms import ClientRule, LocalResult, LocalTask, Tensors, seed_everything
 from fedsim.caches import Key, cached
 from fedsim.errors import FedsimError
 from fedsim.experiment import derive_seed
 from fedsim.privacy.bag_mechanism import make_bags, release_bag_means, release_label_proportions
 
 
-def squared_losses(pred: torch.Tensor, bag_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_bag, R) for predictions of shape (m, k) and bag targets of shape (m,)."""
+def _mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean over bags; with ``mask`` (1 = a real bag, 0 = padding) over the real bags only."""
+    if mask is None:
+        return values.mean()
+    return (values * mask).sum() / mask.sum()
+
+
+def squared_losses(pred: torch.Tensor, bag_targets: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_bag, R) for predictions of shape (m, k) and bag targets of shape (m,).
+
+    ``mask`` (m,) marks the real bags of a padded batch: both terms are then means over those."""
     bag_mean = pred.mean(dim=1)
-    l_bag = ((bag_targets - bag_mean) ** 2).mean()
-    r = ((pred - bag_mean[:, None]) ** 2).mean()
+    l_bag = _mean((bag_targets - bag_mean) ** 2, mask)
+    r = _mean(((pred - bag_mean[:, None]) ** 2).mean(dim=1), mask)
     return l_bag, r
 
 
-def interpolated_loss(pred: torch.Tensor, bag_targets: torch.Tensor, rho: float) -> torch.Tensor:
-    """L_rho = L_bag + rho * R for regression (pred (m, k), targets (m,))."""
-    l_bag, r = squared_losses(pred, bag_targets)
+def interpolated_loss(pred: torch.Tensor, bag_targets: torch.Tensor, rho: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L_rho = L_bag + rho * R for regression (pred (m, k), targets (m,)), over ``mask``'s bags."""
+    l_bag, r = squared_losses(pred, bag_targets, mask)
     return l_bag + rho * r
 
 
-def proportion_loss(logits: torch.Tensor, proportions: torch.Tensor, rho: float) -> torch.Tensor:
-    """(1 - rho) CE(p_a, mean softmax) + rho * mean_i CE(p_a, softmax(z_i)); logits (m, k, C)."""
+def proportion_loss(logits: torch.Tensor, proportions: torch.Tensor, rho: float,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - rho) CE(p_a, mean softmax) + rho * mean_i CE(p_a, softmax(z_i)); logits (m, k, C),
+    averaged over ``mask``'s bags (all of them without a mask)."""
     log_probs = torch.log_softmax(logits, dim=-1)
     mean_probs = log_probs.exp().mean(dim=1).clamp_min(1e-12)
-    l_bag = -(proportions * mean_probs.log()).sum(-1).mean()
-    l_ins = -(proportions[:, None, :] * log_probs).sum(-1).mean()
+    l_bag = _mean(-(proportions * mean_probs.log()).sum(-1), mask)
+    l_ins = _mean(-(proportions[:, None, :] * log_probs).sum(-1).mean(dim=1), mask)
     return (1 - rho) * l_bag + rho * l_ins
+
+
+def bag_loss(out: torch.Tensor, targets: torch.Tensor, bag_size: int, rho: float, task: str,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of a minibatch of bags from the model's outputs on their samples, bag after bag."""
+    num_bags = out.shape[0] // bag_size
+    if task == "classification":
+        return proportion_loss(out.reshape(num_bags, bag_size, -1), targets, rho, mask)
+    return interpolated_loss(out.reshape(num_bags, bag_size), targets, rho, mask)
 
 
 def client_bags(task: LocalTask) -> tuple[np.ndarray, np.ndarray]:
@@ -97,34 +122,125 @@ def _bag_batches(num_bags: int, per_batch: int, gen: torch.Generator):
             yield order[start:start + per_batch]
 
 
+@dataclass
+class _Plan:
+    """One client's round: its released bags and targets, and its minibatches of bags."""
+
+    bags: np.ndarray  # (m, k) sample indices
+    targets: np.ndarray  # (m,) bag means or (m, C) label proportions
+    per_batch: int  # bags per minibatch
+    steps: int
+    batches: Iterator[torch.Tensor]  # the bag indices of each step, `steps` of them
+
+    @classmethod
+    def of(cls, task: LocalTask) -> _Plan:
+        bags, targets = client_bags(task)
+        settings, m = task.settings, len(bags)
+        per_batch = max(1, settings.batch_size // task.hyper.params.bag_size)
+        steps = settings.local_steps or settings.local_epochs * math.ceil(m / per_batch)
+        gen = torch.Generator().manual_seed(task.seed)
+        return cls(bags, targets, per_batch, steps, itertools.islice(_bag_batches(m, per_batch, gen), steps))
+
+    def result(self, mean_loss: float) -> LocalResult:
+        m = len(self.bags)
+        return LocalResult(m * self.bags.shape[1], self.steps, mean_loss, [], min(1.0, self.per_batch / m))
+
+
 def train_bags(task: LocalTask) -> LocalResult:
     """Local SGD on minibatches of bags with L_rho. Label-DP comes from the release, so no DP-SGD."""
-    bags, targets = client_bags(task)
+    plan = _Plan.of(task)
     settings, model, bag_size, rho = task.settings, task.model, task.hyper.params.bag_size, task.hyper.params.rho
     seed_everything(task.seed, settings.device)
     device = settings.device
     model.to(device).train()
     xt = torch.as_tensor(task.x, dtype=torch.float32, device=device)
-    tt = torch.as_tensor(targets, dtype=torch.float32, device=device)
-    m = len(bags)
-    per_batch = max(1, settings.batch_size // bag_size)
-    steps = settings.local_steps or settings.local_epochs * math.ceil(m / per_batch)
+    tt = torch.as_tensor(plan.targets, dtype=torch.float32, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
-    gen = torch.Generator().manual_seed(task.seed)
     losses = []
-    for chosen in itertools.islice(_bag_batches(m, per_batch, gen), steps):
-        idx = torch.as_tensor(bags[chosen.numpy()], device=device)
-        out = model(xt[idx.reshape(-1)])
-        if settings.task == "classification":
-            loss = proportion_loss(out.reshape(len(chosen), bag_size, -1), tt[chosen], rho)
-        else:
-            loss = interpolated_loss(out.reshape(len(chosen), bag_size), tt[chosen], rho)
+    for chosen in plan.batches:
+        idx = torch.as_tensor(plan.bags[chosen.numpy()], device=device)
+        loss = bag_loss(model(xt[idx.reshape(-1)]), tt[chosen], bag_size, rho, settings.task)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    return LocalResult(m * bag_size, steps, float(np.mean(losses)), [], min(1.0, per_batch / m))
+    return plan.result(float(np.mean(losses)))
 
 
-RULE = ClientRule(local_train=train_bags)
+def train_bags_batched(tasks: Sequence[LocalTask], chunk: int = 0) -> list[tuple[LocalResult, Tensors]]:
+    """`train_bags` for a round's clients at once (`ClientRule.local_train_batched`).
+
+    Each client's parameters are stacked on a leading axis and one ``vmap`` over clients of
+    ``grad_and_value`` takes a step for all of them: the same bags, minibatches (from each
+    client's own generator) and SGD with momentum as `train_bags`, client by client. An
+    epoch's last, smaller minibatch is padded and its loss is the mean over its real bags.
+    Clients are sorted by their number of steps, so the ones still training at a step are a
+    prefix of the stack; ``chunk`` (0: all) caps the clients per stack.
+    """
+    plans = [_Plan.of(task) for task in tasks]
+    order = sorted(range(len(tasks)), key=lambda i: -plans[i].steps)  # stable: ties keep client order
+    size = chunk or len(tasks)
+    out: list[tuple[LocalResult, Tensors] | None] = [None] * len(tasks)
+    for start in range(0, len(order), size):
+        ids = order[start:start + size]
+        for i, done in zip(ids, _train_stack([tasks[i] for i in ids], [plans[i] for i in ids])):
+            out[i] = done
+    return out  # type: ignore[return-value]
+
+
+def _train_stack(tasks: list[LocalTask], plans: list[_Plan]) -> list[tuple[LocalResult, Tensors]]:
+    """Clients sorted by steps (most first), trained together from the shared model."""
+    first = tasks[0]
+    settings, model = first.settings, first.model
+    bag_size, rho, device = first.hyper.params.bag_size, first.hyper.params.rho, settings.device
+    trainable = {k: p.detach().to(device) for k, p in model.named_parameters() if p.requires_grad}
+    frozen = {k: v.detach().to(device) for k, v in itertools.chain(model.named_parameters(), model.named_buffers())
+              if k not in trainable}
+    # every client's minibatches up front, padded to per_batch bags: rows into the stacked data
+    count, per_batch, steps = len(tasks), plans[0].per_batch, [p.steps for p in plans]
+    longest = max(steps)
+    sample_at = np.cumsum([0] + [len(t.x) for t in tasks])
+    bag_at = np.cumsum([0] + [len(p.bags) for p in plans])
+    samples = np.zeros((longest, count, per_batch, bag_size), dtype=np.int64)
+    rows = np.zeros((longest, count, per_batch), dtype=np.int64)
+    real = np.zeros((longest, count, per_batch), dtype=np.float32)
+    for i, plan in enumerate(plans):
+        for t, chosen in enumerate(plan.batches):
+            c = chosen.numpy()
+            samples[t, i, :len(c)] = plan.bags[c] + sample_at[i]
+            rows[t, i, :len(c)] = c + bag_at[i]
+            real[t, i, :len(c)] = 1.0
+    samples_t = torch.as_tensor(samples.reshape(longest, count, per_batch * bag_size), device=device)
+    rows_t, real_t = torch.as_tensor(rows, device=device), torch.as_tensor(real, device=device)
+    x = torch.as_tensor(np.concatenate([t.x for t in tasks]), dtype=torch.float32, device=device)
+    targets = torch.as_tensor(np.concatenate([p.targets for p in plans]), dtype=torch.float32, device=device)
+
+    def loss(params: Tensors, xb: torch.Tensor, tb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, {**params, **frozen}, (xb,))
+        return bag_loss(out, tb, bag_size, rho, settings.task, mask)
+
+    step = vmap(grad_and_value(loss))
+    params = {name: t.unsqueeze(0).expand(count, *t.shape).clone() for name, t in trainable.items()}
+    # torch.optim.SGD (dampening 0, no Nesterov): b = g at the first step, then b = mu b + g; p -= lr b
+    momentum = {name: torch.zeros_like(p) for name, p in params.items()} if settings.momentum else None
+    losses = torch.zeros(longest, count, dtype=torch.float64, device=device)
+    for t in range(longest):
+        active = sum(1 for s in steps if s > t)
+        current = {name: p[:active] for name, p in params.items()}
+        grads, values = step(current, x[samples_t[t, :active]], targets[rows_t[t, :active]], real_t[t, :active])
+        losses[t, :active] = values.double()
+        for name, p in current.items():
+            g = grads[name]
+            if momentum is not None:
+                momentum[name][:active] = settings.momentum * momentum[name][:active] + g
+                g = momentum[name][:active]
+            p.sub_(settings.lr * g)
+    counts = torch.as_tensor(steps, dtype=torch.float64, device=device)
+    mean_losses = (losses.sum(0) / counts.clamp_min(1)).tolist()
+    final = {name: p.detach().cpu() for name, p in params.items()}
+    return [(plan.result(mean_losses[i] if plan.steps else float("nan")), {name: p[i] for name, p in final.items()})
+            for i, plan in enumerate(plans)]
+
+
+RULE = ClientRule(local_train=train_bags, local_train_batched=train_bags_batched)

@@ -77,8 +77,8 @@ class VectorOutcome:
 
 def unsupported_reason(model: nn.Module, rule: ClientRule) -> str | None:
     """Why this model/rule cannot run vectorized (None: it can). `auto` falls back to Opacus."""
-    if rule.local_train is not None:
-        return "the algorithm's client rule has its own local loop (local_train)"
+    if rule.local_train is not None and rule.local_train_batched is None:
+        return "the algorithm's client rule has its own local loop (local_train) and no batched version of it"
     for name, module in model.named_modules():
         if isinstance(module, nn.Dropout) and module.p > 0:
             return f"module {name or 'model'} has dropout, which vmap cannot draw per client"

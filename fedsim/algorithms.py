@@ -147,8 +147,16 @@ class ClientRule:
     finish(start, state, final, steps) -> (reply arrays, node state)
         Extra numpy arrays for the reply (SCAFFOLD's delta c_i) and for the node's state.
     local_train(task) -> LocalResult
-        Replaces the DP-SGD loop altogether (learning from bags); such a rule runs one
-        client at a time under every engine.
+        Replaces the DP-SGD loop altogether (learning from bags). The Opacus engine runs it
+        one client at a time, training ``task.model`` in place.
+    local_train_batched(tasks, chunk) -> [(LocalResult, final tensors)]
+        The same loop for a round's clients at once, so that the vectorized engine can train
+        a rule with its own loop (otherwise such a rule falls back to Opacus, one client at a
+        time). ``tasks`` share one model, settings and hyper (one round, the same arrays
+        sent); the model is read-only. ``chunk`` caps the clients per batched computation
+        (0: the rule chooses); results must not depend on it. Each client gets what
+        ``local_train`` would give: its `LocalResult` and its trainable tensors after
+        training, on the CPU. Needs ``local_train`` beside it.
     """
 
     trainable: str = "all"
@@ -157,12 +165,16 @@ class ClientRule:
     loss_term: Callable[[torch.Tensor, torch.Tensor | None, State, Hyper], torch.Tensor] | None = None
     post_step: Callable[[Tensors, Tensors, State, Hyper], Tensors] | None = None
     finish: Callable[[RoundStart, State, Tensors, int], tuple[dict, dict]] | None = None
-    local_train: Callable[..., Any] | None = None
+    local_train: Callable[[LocalTask], LocalResult] | None = None
+    local_train_batched: Callable[[list[LocalTask], int], list[tuple[LocalResult, Tensors]]] | None = None
 
     def __post_init__(self) -> None:
         for name in ("trainable", "upload"):
             if getattr(self, name) not in TRAINABLE_GROUPS:
                 raise ValueError(f"ClientRule.{name}: must be one of {', '.join(TRAINABLE_GROUPS)}")
+        if self.local_train_batched is not None and self.local_train is None:
+            raise ValueError("ClientRule.local_train_batched: a batched loop needs local_train beside it "
+                             "(the Opacus engine runs one client at a time)")
 
 
 @dataclass(frozen=True)

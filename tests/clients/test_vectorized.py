@@ -201,16 +201,18 @@ def test_vectorized_runs_are_deterministic_and_learn(tiny, tmp_path):
     assert float(_rows(a / "rounds.csv")[-1]["metric"]) > 0.5  # chance is 0.1
 
 
-def test_auto_falls_back_to_opacus_for_bags_and_explicit_vectorized_is_refused(tiny, tmp_path, caplog):
+def test_auto_falls_back_to_opacus_for_dropout_and_explicit_vectorized_is_refused(lora_cfg, tmp_path, caplog):
+    """A model vmap cannot run (LoRA dropout) trains under Opacus with `auto`, and an explicit
+    `vectorized` is refused before any work. (Learning from bags, whose rule has its own loop,
+    runs vectorized through its batched loop: tests/clients/test_bags.py.)"""
     from fedsim.errors import FedsimError
 
-    kw = {"strategy.name": "bags", "data.dataset": "diabetes", "model.name": "linear",
-          "federation.rounds": 1, "strategy.bags.bag_size": 2}
+    kw = {"federation.rounds": 1, "model.lora_dropout": 0.1, "model.pretrain_epochs": 1}
     with caplog.at_level("INFO", logger="fedsim"):
-        run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "a")}), progress=False)
-    assert "engine: Opacus" in caplog.text and "local_train" in caplog.text
-    with pytest.raises(FedsimError, match="runtime.engine: vectorized cannot train this experiment: the algorithm"):
-        run_experiment(tiny(**kw, **{"runtime.engine": "vectorized", "output.dir": str(tmp_path / "b")}),
+        run_experiment(lora_cfg(**kw, **{"output.dir": str(tmp_path / "a")}), progress=False)
+    assert "engine: Opacus" in caplog.text and "dropout" in caplog.text
+    with pytest.raises(FedsimError, match="runtime.engine: vectorized cannot train this experiment: module .* dropout"):
+        run_experiment(lora_cfg(**kw, **{"runtime.engine": "vectorized", "output.dir": str(tmp_path / "b")}),
                        progress=False)
 
 
