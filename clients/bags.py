@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import vmap
 
 from fedsim.algorithms import ClientRule, LocalResult, LocalTask, Tensors, seed_everything
 from fedsim.caches import Key, cached
+from fedsim.clients.vectorized import dense_chain, stacked_forward
 from fedsim.errors import FedsimError
 from fedsim.experiment import derive_seed
 from fedsim.privacy.bag_mechanism import make_bags, release_bag_means, release_label_proportions
@@ -171,9 +172,11 @@ def train_bags(task: LocalTask) -> LocalResult:
 def train_bags_batched(tasks: Sequence[LocalTask], chunk: int = 0) -> list[tuple[LocalResult, Tensors]]:
     """`train_bags` for a round's clients at once (`ClientRule.local_train_batched`).
 
-    Each client's parameters are stacked on a leading axis and one ``vmap`` over clients of
-    ``grad_and_value`` takes a step for all of them: the same bags, minibatches (from each
-    client's own generator) and SGD with momentum as `train_bags`, client by client. An
+    Each client's parameters are stacked on a leading axis; one batched forward
+    (`clients.vectorized.stacked_forward`: matmuls for Linear chains, else ``vmap``), each
+    client's bag loss, and ordinary autograd on their sum take a step for all of them, since
+    the clients are independent: the same bags, minibatches (from each client's own
+    generator) and SGD with momentum as `train_bags`, client by client. An
     epoch's last, smaller minibatch is padded and its loss is the mean over its real bags.
     Clients are sorted by their number of steps, so the ones still training at a step are a
     prefix of the stack; ``chunk`` (0: all) caps the clients per stack.
@@ -216,11 +219,11 @@ def _train_stack(tasks: list[LocalTask], plans: list[_Plan]) -> list[tuple[Local
     x = torch.as_tensor(np.concatenate([t.x for t in tasks]), dtype=torch.float32, device=device)
     targets = torch.as_tensor(np.concatenate([p.targets for p in plans]), dtype=torch.float32, device=device)
 
-    def loss(params: Tensors, xb: torch.Tensor, tb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, {**params, **frozen}, (xb,))
+    def one_loss(out: torch.Tensor, tb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return bag_loss(out, tb, bag_size, rho, settings.task, mask)
 
-    step = vmap(grad_and_value(loss))
+    client_losses = vmap(one_loss)  # (clients,): each client's loss of its own minibatch
+    chain = dense_chain(model)
     params = {name: t.unsqueeze(0).expand(count, *t.shape).clone() for name, t in trainable.items()}
     # torch.optim.SGD (dampening 0, no Nesterov): b = g at the first step, then b = mu b + g; p -= lr b
     momentum = {name: torch.zeros_like(p) for name, p in params.items()} if settings.momentum else None
@@ -228,7 +231,12 @@ def _train_stack(tasks: list[LocalTask], plans: list[_Plan]) -> list[tuple[Local
     for t in range(longest):
         active = sum(1 for s in steps if s > t)
         current = {name: p[:active] for name, p in params.items()}
-        grads, values = step(current, x[samples_t[t, :active]], targets[rows_t[t, :active]], real_t[t, :active])
+        leaves = {name: p.detach().requires_grad_() for name, p in current.items()}
+        with torch.enable_grad():  # clients are independent: the gradient of the sum is each one's own
+            out = stacked_forward(model, chain, leaves, frozen, x[samples_t[t, :active]])
+            values = client_losses(out, targets[rows_t[t, :active]], real_t[t, :active])
+            grads = dict(zip(leaves, torch.autograd.grad(values.sum(), list(leaves.values()))))
+        values = values.detach()
         losses[t, :active] = values.double()
         for name, p in current.items():
             g = grads[name]

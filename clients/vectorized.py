@@ -128,7 +128,7 @@ def default_chunk(num_params: int, batch_size: int, device: str) -> int:
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Identity)
 
 
-def dense_chain(model: nn.Module, rule: ClientRule) -> list[tuple[str, nn.Module]] | None:
+def dense_chain(model: nn.Module, rule: ClientRule | None = None) -> list[tuple[str, nn.Module]] | None:
     """The model as (name, module) steps of the dense path, or None where it does not apply.
 
     The dense path needs every per-sample gradient to be a Linear layer's outer product: an
@@ -136,7 +136,8 @@ def dense_chain(model: nn.Module, rule: ClientRule) -> list[tuple[str, nn.Module
     activations and a leading Flatten, no buffers, and no rule loss term (FedLD's margin
     term reads the logits per sample; the vmap path handles it).
     """
-    if not isinstance(model, nn.Sequential) or rule.loss_term is not None or next(model.buffers(), None) is not None:
+    if not isinstance(model, nn.Sequential) or next(model.buffers(), None) is not None or \
+            (rule is not None and rule.loss_term is not None):
         return None
     steps, seen_linear = [], False
     for name, module in model.named_children():
@@ -153,10 +154,11 @@ def dense_chain(model: nn.Module, rule: ClientRule) -> list[tuple[str, nn.Module
     return steps if seen_linear else None
 
 
-def _dense_forward(chain: list[tuple[str, nn.Module]], params: Tensors, x: torch.Tensor):
+def _dense_forward(chain: list[tuple[str, nn.Module]], params: Tensors, x: torch.Tensor, leaf_outputs: bool = True):
     """Outputs (clients, batch, out) of the chain for stacked parameters, and for every Linear
-    (its parameter-name prefix, its input a, its output z). Gradients are taken with respect
-    to the outputs z: the first is made a leaf that requires grad, the others follow it."""
+    (its parameter-name prefix, its input a, its output z). With `leaf_outputs`, gradients are
+    taken with respect to the outputs z: the first is made a leaf that requires grad, the
+    others follow it."""
     h = x.flatten(2) if x.dim() > 3 else x  # (clients, batch, features), an empty batch included
     linears = []
     for name, module in chain:
@@ -164,13 +166,24 @@ def _dense_forward(chain: list[tuple[str, nn.Module]], params: Tensors, x: torch
             weight, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
             z = torch.bmm(h, weight.transpose(1, 2)) if bias is None else \
                 torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-            if not linears:
+            if leaf_outputs and not linears:
                 z.requires_grad_(True)
             linears.append((name, h, z))
             h = z
         elif not isinstance(module, nn.Flatten):
             h = module(h)
     return h, linears
+
+
+def stacked_forward(model: nn.Module, chain: list[tuple[str, nn.Module]] | None, params: Tensors,
+                    frozen: Tensors, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs (clients, batch, ...) for trainable tensors stacked on a leading
+    client axis: batched matmuls on the dense path (`dense_chain`), else ``vmap`` over clients
+    of ``functional_call``. Ordinary autograd differentiates it in `params`, which gives every
+    client's gradient of its own loss at once (for losses that are not per-sample, like bags')."""
+    if chain is not None:
+        return _dense_forward(chain, params, x, leaf_outputs=False)[0]
+    return vmap(lambda p, xb: functional_call(model, {**p, **frozen}, (xb,)))(params, x)
 
 
 def _dense_output_grads(chain, params: Tensors, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
