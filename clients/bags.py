@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.func import vmap
+
 
 from fedsim.algorithms import ClientRule, LocalResult, LocalTask, Tensors, seed_everything
 from fedsim.caches import Key, cached
@@ -34,20 +34,22 @@ from fedsim.privacy.bag_mechanism import make_bags, release_bag_means, release_l
 
 
 def _mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The mean over bags; with ``mask`` (1 = a real bag, 0 = padding) over the real bags only."""
+    """The mean over bags (the last axis); with ``mask`` (1 = a real bag, 0 = padding) over the
+    real bags only. Leading axes (clients, under the batched loop) are kept."""
     if mask is None:
-        return values.mean()
-    return (values * mask).sum() / mask.sum()
+        return values.mean(-1)
+    return (values * mask).sum(-1) / mask.sum(-1)
 
 
 def squared_losses(pred: torch.Tensor, bag_targets: torch.Tensor,
                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_bag, R) for predictions of shape (m, k) and bag targets of shape (m,).
 
-    ``mask`` (m,) marks the real bags of a padded batch: both terms are then means over those."""
-    bag_mean = pred.mean(dim=1)
+    ``mask`` (m,) marks the real bags of a padded batch: both terms are then means over those.
+    Leading axes on all three (one per client) give one (L_bag, R) per client."""
+    bag_mean = pred.mean(dim=-1)
     l_bag = _mean((bag_targets - bag_mean) ** 2, mask)
-    r = _mean(((pred - bag_mean[:, None]) ** 2).mean(dim=1), mask)
+    r = _mean(((pred - bag_mean.unsqueeze(-1)) ** 2).mean(dim=-1), mask)
     return l_bag, r
 
 
@@ -61,21 +63,22 @@ def interpolated_loss(pred: torch.Tensor, bag_targets: torch.Tensor, rho: float,
 def proportion_loss(logits: torch.Tensor, proportions: torch.Tensor, rho: float,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """(1 - rho) CE(p_a, mean softmax) + rho * mean_i CE(p_a, softmax(z_i)); logits (m, k, C),
-    averaged over ``mask``'s bags (all of them without a mask)."""
+    averaged over ``mask``'s bags (all of them without a mask); leading axes are kept."""
     log_probs = torch.log_softmax(logits, dim=-1)
-    mean_probs = log_probs.exp().mean(dim=1).clamp_min(1e-12)
+    mean_probs = log_probs.exp().mean(dim=-2).clamp_min(1e-12)
     l_bag = _mean(-(proportions * mean_probs.log()).sum(-1), mask)
-    l_ins = _mean(-(proportions[:, None, :] * log_probs).sum(-1).mean(dim=1), mask)
+    l_ins = _mean(-(proportions.unsqueeze(-2) * log_probs).sum(-1).mean(dim=-1), mask)
     return (1 - rho) * l_bag + rho * l_ins
 
 
 def bag_loss(out: torch.Tensor, targets: torch.Tensor, bag_size: int, rho: float, task: str,
              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss of a minibatch of bags from the model's outputs on their samples, bag after bag."""
-    num_bags = out.shape[0] // bag_size
+    """The loss of a minibatch of bags from the model's outputs (samples, outputs) on their
+    samples, bag after bag; outputs (clients, samples, outputs) give one loss per client."""
+    lead, num_bags = out.shape[:-2], out.shape[-2] // bag_size
     if task == "classification":
-        return proportion_loss(out.reshape(num_bags, bag_size, -1), targets, rho, mask)
-    return interpolated_loss(out.reshape(num_bags, bag_size), targets, rho, mask)
+        return proportion_loss(out.reshape(*lead, num_bags, bag_size, out.shape[-1]), targets, rho, mask)
+    return interpolated_loss(out.reshape(*lead, num_bags, bag_size), targets, rho, mask)
 
 
 def client_bags(task: LocalTask) -> tuple[np.ndarray, np.ndarray]:
@@ -219,10 +222,6 @@ def _train_stack(tasks: list[LocalTask], plans: list[_Plan]) -> list[tuple[Local
     x = torch.as_tensor(np.concatenate([t.x for t in tasks]), dtype=torch.float32, device=device)
     targets = torch.as_tensor(np.concatenate([p.targets for p in plans]), dtype=torch.float32, device=device)
 
-    def one_loss(out: torch.Tensor, tb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return bag_loss(out, tb, bag_size, rho, settings.task, mask)
-
-    client_losses = vmap(one_loss)  # (clients,): each client's loss of its own minibatch
     chain = dense_chain(model)
     params = {name: t.unsqueeze(0).expand(count, *t.shape).clone() for name, t in trainable.items()}
     # torch.optim.SGD (dampening 0, no Nesterov): b = g at the first step, then b = mu b + g; p -= lr b
@@ -234,7 +233,7 @@ def _train_stack(tasks: list[LocalTask], plans: list[_Plan]) -> list[tuple[Local
         leaves = {name: p.detach().requires_grad_() for name, p in current.items()}
         with torch.enable_grad():  # clients are independent: the gradient of the sum is each one's own
             out = stacked_forward(model, chain, leaves, frozen, x[samples_t[t, :active]])
-            values = client_losses(out, targets[rows_t[t, :active]], real_t[t, :active])
+            values = bag_loss(out, targets[rows_t[t, :active]], bag_size, rho, settings.task, real_t[t, :active])
             grads = dict(zip(leaves, torch.autograd.grad(values.sum(), list(leaves.values()))))
         values = values.detach()
         losses[t, :active] = values.double()
