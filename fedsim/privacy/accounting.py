@@ -3,7 +3,10 @@
 A history is Opacus's: a list of (noise_multiplier, sample_rate, steps). Opacus's
 `get_epsilon` costs 100-300 ms per call because it recomputes the RDP curve each
 time. RDP composes additively, so the curve of one step is computed once per
-(sigma, q) and scaled by the step count: the same epsilon in about 0.05 ms.
+(sigma, q) and scaled by the step count: the same epsilon in about 0.05 ms. The curve itself
+is Opacus' `compute_rdp`, vectorized over orders and series terms (`fedsim.privacy.rdp`):
+2-25 ms instead of 15-500 ms per (sigma, q), which matters because every client size gives
+its own q and calibration tries many sigmas.
 PRV has no such shortcut, so its results are cached per whole history (clients
 with the same size share a history, so the cache hits often).
 
@@ -21,6 +24,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from fedsim.errors import ConfigError
+from fedsim.privacy.rdp import compute_rdp_curve
 
 History = Sequence[tuple[float, float, int]]
 # Opacus' orders, plus larger ones (as dp-accounting has): with large sigma or few steps the
@@ -37,9 +41,12 @@ def accountant_label(name: str) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def rdp_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    """RDP of ONE step of the subsampled Gaussian mechanism at every order in ORDERS."""
-    return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier,
-                                               steps=1, orders=list(ORDERS)))
+    """RDP of ONE step of the subsampled Gaussian mechanism at every order in ORDERS (read-only:
+    it is cached). Equals Opacus' `compute_rdp(q, sigma, steps=1, orders=ORDERS)` up to float
+    rounding: |difference| <= 1e-9 |value| + 1e-12 / (alpha - 1), see `fedsim.privacy.rdp`."""
+    curve = np.asarray(compute_rdp_curve(sample_rate, noise_multiplier, ORDERS), dtype=float)
+    curve.flags.writeable = False
+    return curve
 
 
 def _normalize(history: Iterable[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
