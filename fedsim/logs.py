@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -43,12 +44,26 @@ ONCE_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
 )
 
 
+def _installed(action: str, message: str, category: type[Warning], module: str = "") -> bool:
+    """Whether `warnings.filterwarnings` with these arguments has already put this filter in place
+    (it stores the patterns compiled, and equal patterns compile to equal objects)."""
+    entry = (action, re.compile(message, re.I) if message else None, category,
+             re.compile(module) if module else None, 0)
+    return entry in warnings.filters
+
+
 def filter_harmless_warnings() -> None:
-    """Hide the known-harmless warnings above; every other warning keeps its default action."""
+    """Hide the known-harmless warnings above; every other warning keeps its default action.
+
+    Each filter is added only if it is not there yet: any change to the warning filters makes
+    Python forget which "once" warnings it has shown, so re-adding them per run (the API and
+    an in-process sweep set up logging per run) showed "Secure RNG turned off" per sweep cell."""
     for message, category, module in HARMLESS_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        if not _installed("ignore", message, category, module):
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for message, category in ONCE_WARNINGS:
-        warnings.filterwarnings("once", message=message, category=category)
+        if not _installed("once", message, category):
+            warnings.filterwarnings("once", message=message, category=category)
 
 
 # Libraries whose loggers fedsim routes (see `setup_logging`), with the lowest level their

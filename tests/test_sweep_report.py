@@ -447,6 +447,15 @@ def test_secure_rng_warning_is_shown_once_not_per_client(quiet_cli_warnings):
     assert len(quiet_cli_warnings) == 1
 
 
+def test_secure_rng_warning_stays_once_when_logging_is_set_up_again(quiet_cli_warnings):
+    """The API and an in-process sweep set up logging per run; re-adding the filters made
+    Python forget the "once" warnings it had shown, so a sweep printed one per DP cell."""
+    for _ in range(3):
+        setup_logging(False)
+        warn_from("opacus.privacy_engine", "Secure RNG turned off. This is perfectly fine (test again)")
+    assert len(quiet_cli_warnings) == 1
+
+
 def test_cli_run_shows_the_secure_rng_warning_once_and_no_noise(tmp_path):
     """The real thing: a DP run of 2 rounds x 2 clients (4 make_private calls, 4+ backward
     hooks firing), as a user runs it."""
