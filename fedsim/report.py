@@ -5,7 +5,9 @@ final metric as mean +- 95% CI (Student t over seeds), best-round metric, and th
 epsilon of each privacy level with its accountant and delta. A non-private row
 (sigma = 0, epsilon = inf) is the reference. Every output format is rendered from the
 same rounded numbers, so markdown, CSV, LaTeX and JSON agree digit for digit.
-Unfinished or missing cells are listed, never dropped silently.
+Unfinished or missing cells are listed, never dropped silently. A pivoted table can show
+methods as paired differences from a baseline over the seeds both have
+(`pivot_table(..., paired_against=...)`, `paired_difference`).
 
 From a notebook::
 
