@@ -269,13 +269,15 @@ def sweep(config: Config | str | Path | None = None, *, grid: Mapping[str, Seque
 
 def report(runs: str | Path | RunResult | pd.DataFrame, *, group_by: str | Sequence[str] = (),
            best_per: str | Sequence[str] = (), where: Mapping[str, Any] | None = None,
-           pivot: str = "") -> pd.DataFrame:
+           pivot: str = "", paired_against: Any = None) -> pd.DataFrame:
     """The privacy-utility table (`fedsim.report.report`): one row per strategy and privacy
     level (and group-by value), averaged over seeds.
 
     runs: a sweep or run directory, a `RunResult`, or the frame `sweep` returned. group_by:
     config keys that split rows. best_per: keep the best row per group of these keys. where:
     only runs whose config has these values. pivot: one column per value of this column.
+    paired_against: with pivot, the baseline value (e.g. "fedavg-lora"): the other columns hold
+    their paired difference from it over the seeds both have.
     Render it with ``fedsim.report.render(table, "md")`` (or "csv", "latex", "json").
     """
     from fedsim.report import report as build
@@ -287,4 +289,5 @@ def report(runs: str | Path | RunResult | pd.DataFrame, *, group_by: str | Seque
             raise ConfigError("report: expected a run or sweep directory, a RunResult, or the frame "
                               f"fedsim.sweep returned (got {type(runs).__name__})")
         runs = runs.attrs["out"]
-    return build(runs, group_by=group_by, best_per=best_per, where=where, pivot=pivot)
+    return build(runs, group_by=group_by, best_per=best_per, where=where, pivot=pivot,
+                 paired_against=paired_against)

@@ -234,8 +234,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedsim.report import pivot_table, plot, render, report
+    from fedsim.report import check_paired, pivot_table, plot, render, report
 
+    check_paired(args.pivot, args.paired_against)
     if args.plot:
         from fedsim.plots import check_plot_path
 
@@ -246,8 +247,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stderr.write(f"warning: skipped malformed run {entry}\n")
     shown = table
     if args.pivot:  # the plot keeps the long table: one row per setting
-        shown = pivot_table(table, args.pivot)
+        shown = pivot_table(table, args.pivot, args.paired_against)
         shown.attrs.update(table.attrs)
+        for note in shown.attrs.get("paired", {}).get("dropped", []):
+            sys.stderr.write(f"warning: --paired-against: {note}\n")
     text = render(shown, args.format)
     try:
         if args.output:
@@ -406,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Aggregate run directories (over seeds) into a privacy-utility table.",
                        epilog="examples:\n  fedsim report sweeps/privacy-utility --format md --plot pu.png\n"
                               "  fedsim report sweeps/privacy-utility --plot pu.pdf --log-epsilon\n"
-                              "  fedsim report sweeps/my-alpha-sweep --group-by data.alpha --plot alpha.png")
+                              "  fedsim report sweeps/my-alpha-sweep --group-by data.alpha --plot alpha.png\n"
+                              "  fedsim report sweeps/fedsvd --pivot strategy --paired-against fedavg-lora")
     p.add_argument("path", help="a run directory or a sweep directory")
     p.add_argument("--format", default="md", choices=("md", "csv", "latex", "json"), help="table format")
     p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
@@ -422,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only runs whose config has this value, e.g. data.dataset=diabetes (repeatable)")
     p.add_argument("--pivot", default="", metavar="COLUMN",
                    help="one column per value of COLUMN (e.g. strategy) holding final +- ci95")
+    p.add_argument("--paired-against", default="", metavar="VALUE",
+                   help="with --pivot: the other columns become \"V − VALUE\", the paired difference from "
+                        "VALUE over the seeds both have (mean +- 95%% t-interval of the per-seed differences)")
     p.set_defaults(func=cmd_report)
     return parser
 

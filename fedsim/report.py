@@ -5,7 +5,9 @@ final metric as mean +- 95% CI (Student t over seeds), best-round metric, and th
 epsilon of each privacy level with its accountant and delta. A non-private row
 (sigma = 0, epsilon = inf) is the reference. Every output format is rendered from the
 same rounded numbers, so markdown, CSV, LaTeX and JSON agree digit for digit.
-Unfinished or missing cells are listed, never dropped silently.
+Unfinished or missing cells are listed, never dropped silently. A pivoted table can show
+methods as paired differences from a baseline over the seeds both have
+(`pivot_table(..., paired_against=...)`, `paired_difference`).
 
 From a notebook::
 
@@ -190,10 +192,27 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
 
 
+def _scale_digits(metric_name: str) -> tuple[float, int]:
+    """How the tables show a metric: accuracy in % with one decimal, MSE with four."""
+    return (100.0, 1) if metric_name == "accuracy" else (1.0, 4)
+
+
+def _is_statistic(column: str) -> bool:
+    """A column computed over seeds (the rest describe the setting and name the row)."""
+    return column.startswith(("final_", "best_")) or column in ("ci95", "seeds")
+
+
+def _row_key(values: Mapping[str, Any]) -> tuple:
+    """A table row's identity: its descriptive columns' values (NaN as None, so it matches)."""
+    return tuple(sorted((c, None if isinstance(v, float) and math.isnan(v) else v)
+                        for c, v in values.items() if not _is_statistic(c)))
+
+
 def build_table(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
-    """The privacy-utility table, numbers already rounded for display."""
-    is_acc = frame["metric_name"].iloc[0] == "accuracy"
-    scale, digits = (100.0, 1) if is_acc else (1.0, 4)
+    """The privacy-utility table, numbers already rounded for display. ``attrs["per_seed"]``
+    maps each row (`_row_key`) to its runs' (seed, final metric in the display unit), unrounded:
+    what `pivot_table(..., paired_against=...)` pairs."""
+    scale, digits = _scale_digits(frame["metric_name"].iloc[0])
     unknown = [k for k in group_by if k not in frame]
     if unknown:
         raise FedsimError(f"report: --group-by key {unknown[0]!r} is not a config key of these runs")
@@ -202,7 +221,7 @@ def build_table(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
         _sigma=frame["privacy.noise_multiplier"].where(frame["privacy.target_epsilon"] <= 0, -1.0),
         _user_sigma=frame["privacy.user_noise_multiplier"].where(frame["privacy.user_target_epsilon"] <= 0, -1.0))
     keys = ["strategy.name"] + extra + PRIVACY_KEYS
-    out = []
+    out, per_seed = [], []
     for group, sub in frame.groupby(keys, sort=True, dropna=False):
         group = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
         final_mean, final_ci = mean_ci95(sub["final_metric"].to_numpy() * scale)
@@ -235,14 +254,22 @@ def build_table(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
             "seeds": len(sub),
         })
         out.append(row)
+        run_seeds = sub["seed"].tolist() if "seed" in sub else [None] * len(sub)
+        per_seed.append(tuple(zip(run_seeds, (sub["final_metric"].to_numpy() * scale).tolist())))
     table = pd.DataFrame(out)
     if "label_epsilon" in table:  # a bags run without label noise is the non-private reference
         table["label_epsilon"] = table["label_epsilon"].fillna(math.inf)
         table["label_accountant"] = table["label_accountant"].fillna("-")
+    seeds: dict[tuple, tuple | None] = {}
+    for row, pairs in zip(table.to_dict("records"), per_seed):
+        key = _row_key(row)
+        seeds[key] = None if key in seeds else pairs  # None: two groups look alike, cannot pair
     # non-private reference first within each strategy, then by growing epsilon
-    return table.sort_values(["strategy", "sample_epsilon", "sigma"], ascending=[True, False, True],
-                             key=lambda s: s if s.name != "sample_epsilon" else s.replace(math.inf, 1e18),
-                             ignore_index=True)
+    table = table.sort_values(["strategy", "sample_epsilon", "sigma"], ascending=[True, False, True],
+                              key=lambda s: s if s.name != "sample_epsilon" else s.replace(math.inf, 1e18),
+                              ignore_index=True)
+    table.attrs["per_seed"] = seeds
+    return table
 
 
 def best_rows(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -258,18 +285,135 @@ def best_rows(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return ordered.groupby(keys, sort=True, dropna=False).head(1).sort_values(keys, ignore_index=True)
 
 
-def pivot_table(table: pd.DataFrame, column: str) -> pd.DataFrame:
+def paired_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
+    """Paired difference a - b over the seeds both have (the series' index): the mean of the
+    per-seed differences d_s = a_s - b_s, the half-width of its 95% Student-t interval,
+    t_{0.975, n-1} * sd(d) / sqrt(n) (nan for fewer than two seeds), and n. A seed on one
+    side only is left out; (nan, nan, 0) when no seed is shared. Raises ValueError when a
+    seed appears twice on one side (its runs cannot be paired)."""
+    for side in (a, b):
+        if side.index.has_duplicates:
+            raise ValueError(f"seed {side.index[side.index.duplicated()][0]} appears twice")
+    common = [s for s in a.index if s in b.index]
+    if not common:
+        return math.nan, math.nan, 0
+    mean, ci = mean_ci95(a.loc[common].to_numpy(dtype=float) - b.loc[common].to_numpy(dtype=float))
+    return mean, ci, len(common)
+
+
+def check_paired(pivot: str, paired_against: Any) -> None:
+    """--paired-against needs --pivot: refused before any run is read."""
+    if paired_against not in (None, "") and not pivot:
+        raise FedsimError(f"report: --paired-against {paired_against} needs --pivot COLUMN, the column "
+                          f"whose value {paired_against} is the baseline (e.g. --pivot strategy)")
+
+
+def _plus_minus(mean: float, ci: float, sign: str = "") -> str:
+    return f"{mean:{sign}g} ± {ci:g}" if ci == ci else f"{mean:{sign}g}"
+
+
+def pivot_table(table: pd.DataFrame, column: str, paired_against: Any = None) -> pd.DataFrame:
     """One column per value of `column` (e.g. strategy) holding "final +- ci95"; the other
-    descriptive columns stay as the row index. Compact tables for papers and READMEs."""
+    descriptive columns stay as the row index. Compact tables for papers and READMEs.
+
+    paired_against: a value of `column` (e.g. "fedavg-lora"), the baseline. Its column keeps
+    "final +- ci95"; every other value V becomes a column "V − baseline" holding the paired
+    difference (`paired_difference`) over the seeds both have in that row, in the table's
+    unit. ``attrs["paired"]`` holds the column, the baseline, n per cell and the seeds left
+    out; `render` writes them under the markdown table and into JSON."""
     metric = next(c for c in table.columns if c.startswith("final_"))
     if column not in table:
         raise FedsimError(f"report: --pivot column {column!r} is not in the table")
     drop = {metric, "ci95", f"best_{metric[6:]}", column, "seeds"}
     index = [c for c in table.columns if c not in drop]
-    cells = table.assign(_v=[f"{m:g} ± {c:g}" if c == c else f"{m:g}" for m, c in zip(table[metric], table["ci95"])])
+    cells = table.assign(_v=[_plus_minus(m, c) for m, c in zip(table[metric], table["ci95"])])
     wide = cells.pivot_table(index=index, columns=column, values="_v", aggfunc="first", sort=False)
     wide.columns = [str(c) for c in wide.columns]
-    return wide.reset_index()
+    wide = wide.reset_index()
+    wide.attrs.pop("per_seed", None)
+    if paired_against in (None, ""):
+        return wide
+    return _paired(wide, table, column, str(paired_against), index, metric)
+
+
+def _paired(wide: pd.DataFrame, table: pd.DataFrame, column: str, base: str, index: list[str],
+            metric: str) -> pd.DataFrame:
+    """`wide` with each non-baseline column replaced by its paired difference from `base`."""
+    original = {str(v): v for v in table[column].unique()}
+    values = [c for c in wide.columns if c not in index]
+    if base not in values:
+        raise FedsimError(f"report: --paired-against {base!r} is not a value of --pivot column {column!r}; "
+                          f"allowed: {', '.join(values)}")
+    per_seed = table.attrs.get("per_seed")
+    if per_seed is None:
+        raise FedsimError("report: --paired-against needs the per-seed values that fedsim.report.report "
+                          "keeps in the table's attrs; pivot a table it returned")
+    _, digits = _scale_digits(metric[len("final_"):])
+    varying: list[str] = []  # the fewest columns (in table order) that tell the rows apart, to name a row
+    for c in index:
+        if len({tuple(r) for r in wide[varying + [c]].astype(str).to_numpy()}) > \
+                len({tuple(r) for r in wide[varying].astype(str).to_numpy()}):
+            varying.append(c)
+    others = [v for v in values if v != base]
+    headers = {v: f"{v} − {base}" for v in others}
+    counts: dict[str, list[int]] = {headers[v]: [] for v in others}
+    dropped: list[str] = []
+    out = wide.copy()
+    for i, row in wide.iterrows():
+        setting = {c: row[c] for c in index}
+        where = ", ".join(f"{c}={_cell(row[c], c)}" for c in varying)
+        at = f" at {where}" if where else ""
+
+        def runs(value: str, setting=setting) -> pd.Series | None:
+            pairs = per_seed.get(_row_key({**setting, column: original[value]}), ())
+            if pairs is None:
+                raise FedsimError(f"report: --paired-against: two groups of runs share the row of {column}="
+                                  f"{value}{at}; add the key that tells them apart to --group-by")
+            return pd.Series([v for _, v in pairs], index=[s for s, _ in pairs], dtype=float) if pairs else None
+
+        b = runs(base)
+        for value in others:
+            a = runs(value)
+            if a is None:
+                counts[headers[value]].append(0)
+                continue
+            if b is None:
+                out.at[i, value] = math.nan
+                counts[headers[value]].append(0)
+                dropped.append(f"{value}{at}: no {base} run to pair with")
+                continue
+            try:
+                mean, ci, n = paired_difference(a, b)
+            except ValueError as exc:
+                raise FedsimError(f"report: --paired-against: {exc} among the {value} or {base} runs{at}; "
+                                  f"add the key that tells them apart to --group-by") from None
+            counts[headers[value]].append(n)
+            only_a, only_b = [s for s in a.index if s not in b.index], [s for s in b.index if s not in a.index]
+            if only_a or only_b:
+                sides = [f"seed{'s' * (len(s) > 1)} {', '.join(map(str, s))}, only in {name}"
+                         for s, name in ((only_a, value), (only_b, base)) if s]
+                dropped.append(f"{value} − {base}{at}: n = {n} (left out: {'; '.join(sides)})")
+            if n == 0:
+                out.at[i, value] = math.nan
+                continue
+            rounded = round(mean, digits) + 0.0  # + 0.0: no "-0"
+            out.at[i, value] = _plus_minus(rounded, round(ci, digits) if ci == ci else ci, "+")
+    out = out[index + [base] + others].rename(columns=headers)
+    out.attrs["paired"] = {"column": column, "against": base, "n": counts, "dropped": dropped}
+    return out
+
+
+def paired_note(paired: Mapping[str, Any]) -> str:
+    """The sentence under a paired table: what its difference columns hold, with n."""
+    ns = sorted({n for cells in paired["n"].values() for n in cells if n})
+    n = "no seed" if not ns else f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]} to {ns[-1]} per cell"
+    base = paired["against"]
+    text = (f"Columns \"V − {base}\" are paired differences from {paired['column']} {base}: per seed, "
+            f"V's final metric minus {base}'s, over the seeds both have in that row ({n}); mean ± "
+            f"half-width of the 95% t-interval of the differences. The {base} column is its own mean ± ci95.")
+    if paired["dropped"]:
+        text += " Seeds on one side only are left out: " + "; ".join(paired["dropped"]) + "."
+    return text
 
 
 def _cell(value, column: str) -> str:
@@ -284,17 +428,18 @@ def _cell(value, column: str) -> str:
     return str(value)
 
 
-def to_markdown(table: pd.DataFrame, unit: str) -> str:
+def to_markdown(table: pd.DataFrame, unit: str, paired: Mapping[str, Any] | None = None) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(_cell(row[c], c) for c in cols) + " |")
     return "\n".join(lines) + (f"\n\nMetric: {unit}, mean over seeds; ci95 (or ±) is the half-width "
-                                "of the 95% t-interval over seeds.\n")
+                                "of the 95% t-interval over seeds.\n") + (paired_note(paired) + "\n" if paired else "")
 
 
 def _latex_escape(text: str) -> str:
-    return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+    return (text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+            .replace("−", "$-$"))
 
 
 def to_latex(table: pd.DataFrame) -> str:
@@ -312,11 +457,13 @@ def to_latex(table: pd.DataFrame) -> str:
                       *body, r"\bottomrule", r"\end{tabular}"]) + "\n"
 
 
-def to_json(table: pd.DataFrame, unfinished: list[str], skipped: Sequence[str] = ()) -> str:
+def to_json(table: pd.DataFrame, unfinished: list[str], skipped: Sequence[str] = (),
+            paired: Mapping[str, Any] | None = None) -> str:
     records = [{k: (None if isinstance(v, float) and math.isnan(v) else
                     ("inf" if isinstance(v, float) and math.isinf(v) else v))
                 for k, v in row.items()} for row in table.to_dict("records")]
-    return json.dumps({"rows": records, "unfinished": unfinished, "skipped": list(skipped)}, indent=2,
+    extra = {"paired": {**paired, "note": paired_note(paired)}} if paired else {}
+    return json.dumps({"rows": records, "unfinished": unfinished, "skipped": list(skipped), **extra}, indent=2,
                       default=str) + "\n"
 
 
@@ -368,29 +515,35 @@ def metric_unit(metric_name: str) -> str:
 
 
 def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: str | Sequence[str] = (),
-           where: Where | None = None, pivot: str = "") -> pd.DataFrame:
+           where: Where | None = None, pivot: str = "", paired_against: Any = None) -> pd.DataFrame:
     """The privacy-utility table of the runs under `path` (a run or a sweep directory).
 
     group_by: extra config keys that split rows (e.g. ["data.alpha"]). best_per: keep only
     the best row per group of these columns (they must be table columns, so group-by keys).
     where: only runs whose config has these values (a dict, or (key, value) pairs). pivot:
     one column per value of this table column (e.g. "strategy") holding "final ± ci95".
+    paired_against: with pivot, a value of that column (e.g. "fedavg-lora"): every other
+    column becomes "V − value", the paired difference over the seeds both have (`pivot_table`).
 
     The numbers are already rounded for display. ``table.attrs`` holds ``unfinished`` (runs
     missing from the table, as "name (status)"), ``skipped`` (malformed runs left out, as
     "name: why"), ``metric_name`` and ``group_by``, which `render` and `plot` use.
-    Raises `FedsimError` for a missing path, no finished runs, mixed metrics or a bad key.
+    Raises `FedsimError` for a missing path, no finished runs, mixed metrics, a bad key, or
+    paired_against without pivot or not among the pivot column's values.
     """
+    check_paired(pivot, paired_against)
     frame, unfinished = load_runs(path)
     skipped = list(frame.attrs.get("skipped", []))
     if where:
         frame = apply_filters(frame, where)
     metric_name = str(frame["metric_name"].iloc[0])
     table = build_table(frame, _keys(group_by))
+    per_seed = table.attrs["per_seed"]
     if _keys(best_per):
         table = best_rows(table, _keys(best_per))
+    table.attrs["per_seed"] = per_seed
     if pivot:
-        table = pivot_table(table, pivot)
+        table = pivot_table(table, pivot, paired_against)
     table.attrs.update(unfinished=list(unfinished), skipped=skipped, metric_name=metric_name,
                        group_by=_keys(group_by))
     return table
@@ -409,9 +562,9 @@ def render(table: pd.DataFrame, fmt: str = "md", unfinished: list[str] | None = 
             (c[len("final_"):] for c in table.columns if c.startswith("final_")), "")
         unit = metric_unit(name)
     if fmt == "md":
-        return to_markdown(table, unit)
+        return to_markdown(table, unit, table.attrs.get("paired"))
     if fmt == "csv":
         return to_csv(table)
     if fmt == "latex":
         return to_latex(table)
-    return to_json(table, unfinished, table.attrs.get("skipped", []))
+    return to_json(table, unfinished, table.attrs.get("skipped", []), table.attrs.get("paired"))

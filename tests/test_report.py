@@ -4,14 +4,22 @@ is one line with exit 2, an unwritable file one line with exit 1."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+from scipy import stats
 
+import fedsim
+from fedsim.cli import main
 from fedsim.config import config_from_dict, dumps_toml, read_experiment
-from fedsim.report import report
+from fedsim.errors import FedsimError
+from fedsim.report import paired_difference, render, report
 from fedsim.results import write_json
 
 
@@ -165,3 +173,156 @@ def test_unwritable_plot_is_one_line_exit_1(cli, good_runs, tmp_path):
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: report: cannot write"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "runs"]
+
+
+# ----------------------------------------------------------------------------- --paired-against
+
+def hand_paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
+    """The paired interval written out: d_s = a_s - b_s over shared seeds,
+    mean(d) +- t_{0.975, n-1} sd(d) / sqrt(n)."""
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[s] - b[s] for s in seeds])
+    n = len(d)
+    ci = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n) if n > 1 else math.nan
+    return float(d.mean()), float(ci), n
+
+
+def test_paired_difference_is_the_paired_t_interval():
+    # the baseline varies a lot from seed to seed, the method beats it by about 2 on every seed
+    base = pd.Series([50.0, 62.0, 71.0, 83.0, 90.0, 40.0], index=[0, 1, 2, 3, 4, 5])  # seed 5: baseline only
+    method = pd.Series([53.0, 61.5, 72.0, 85.5, 92.0, 99.0], index=[0, 1, 2, 3, 4, 6])  # seed 6: method only
+    method = method.iloc[[3, 0, 5, 2, 4, 1]]  # paired by seed, never by position
+    mean, ci, n = paired_difference(method, base)
+    d = np.array([53.0 - 50.0, 61.5 - 62.0, 72.0 - 71.0, 85.5 - 83.0, 92.0 - 90.0])
+    assert n == 5
+    assert mean == pytest.approx(d.mean()) == pytest.approx(1.6)
+    assert ci == pytest.approx(stats.t.ppf(0.975, 4) * d.std(ddof=1) / math.sqrt(5))
+    low, high = stats.ttest_rel([53.0, 61.5, 72.0, 85.5, 92.0], [50.0, 62.0, 71.0, 83.0, 90.0]).confidence_interval()
+    assert (mean - ci, mean + ci) == (pytest.approx(low), pytest.approx(high))
+    # unpaired, the seed-to-seed spread of the baseline swamps the difference
+    shared = [0, 1, 2, 3, 4]
+    unpaired = stats.ttest_ind(method.loc[shared], base.loc[shared]).confidence_interval()
+    assert ci < (unpaired.high - unpaired.low) / 2 / 5
+    assert paired_difference(base, method)[:2] == (pytest.approx(-mean), pytest.approx(ci))
+
+
+def test_paired_difference_with_fewer_than_two_seeds():
+    one = paired_difference(pd.Series([80.0, 70.0], index=[3, 4]), pd.Series([75.0, 1.0], index=[3, 9]))
+    assert one[0] == 5.0 and math.isnan(one[1]) and one[2] == 1
+    none = paired_difference(pd.Series([80.0], index=[3]), pd.Series([75.0], index=[4]))
+    assert math.isnan(none[0]) and math.isnan(none[1]) and none[2] == 0
+    with pytest.raises(ValueError, match="seed 3 appears twice"):
+        paired_difference(pd.Series([80.0, 81.0], index=[3, 3]), pd.Series([75.0], index=[3]))
+
+
+# finals (accuracy in [0, 1]) per strategy and seed; "scaffold" lacks seed 3, the baseline "fedavg" seed 4 at sigma 1;
+# without DP, "scaffold" shares one seed with "fedavg" only
+PAIRED_DP = {"fedavg": {0: 0.50, 1: 0.62, 2: 0.71, 3: 0.83},
+             "fedprox": {0: 0.53, 1: 0.615, 2: 0.72, 3: 0.855},
+             "scaffold": {0: 0.48, 1: 0.66, 2: 0.70, 4: 0.99}}
+PAIRED_NODP = {"fedavg": {0: 0.90, 1: 0.92, 2: 0.91}, "fedprox": {0: 0.95, 1: 0.93, 2: 0.97},
+               "scaffold": {2: 0.96, 7: 0.5}}
+
+
+@pytest.fixture
+def paired_runs(tmp_path):
+    root = tmp_path / "runs"
+    for sigma, finals in ((1.0, PAIRED_DP), (0.0, PAIRED_NODP)):
+        for strategy, by_seed in finals.items():
+            for seed, final in by_seed.items():
+                write_run(root, f"{strategy}-{sigma}-{seed}", strategy=strategy, sigma=sigma, seed=seed,
+                          final=final, eps=3.0 if sigma else math.inf)
+    return root
+
+
+def pct(finals: dict[int, float]) -> dict[int, float]:
+    return {s: v * 100 for s, v in finals.items()}
+
+
+def md_rows(out: str) -> list[dict[str, str]]:
+    lines = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("|")]
+    return [dict(zip(lines[0], row)) for row in lines[2:]]
+
+
+def test_paired_against_columns_hold_the_paired_differences(cli, paired_runs):
+    code, out, err = cli("report", paired_runs, "--pivot", "strategy", "--paired-against", "fedavg")
+    assert code == 0, err
+    rows = md_rows(out)
+    assert list(rows[0])[-3:] == ["fedavg", "fedprox − fedavg", "scaffold − fedavg"]
+    nodp, dp = rows  # non-private reference first
+    assert nodp["sigma"] == "0" and dp["sigma"] == "1"
+    for row, finals in ((dp, PAIRED_DP), (nodp, PAIRED_NODP)):
+        for name in ("fedprox", "scaffold"):
+            mean, ci, n = hand_paired(pct(finals[name]), pct(finals["fedavg"]))
+            expected = f"{round(mean, 1) + 0.0:+g}" + (f" ± {round(ci, 1):g}" if n > 1 else "")
+            assert row[f"{name} − fedavg"] == expected, (name, row)
+    # by hand: d = 3, -0.5, 1, 2.5: mean 1.5, sd sqrt(7.5 / 3), t(0.975, 3) = 3.182; 96 - 91 on the one shared seed
+    assert (dp["fedprox − fedavg"], dp["scaffold − fedavg"]) == ("+1.5 ± 2.5", "+0.3 ± 8")
+    assert (nodp["fedprox − fedavg"], nodp["scaffold − fedavg"]) == ("+4 ± 6.6", "+5")  # one shared seed: no interval
+    # the baseline column is the plain pivot's, unchanged
+    plain = md_rows(cli("report", paired_runs, "--pivot", "strategy")[1])
+    assert [r["fedavg"] for r in rows] == [r["fedavg"] for r in plain]
+    assert plain[1]["fedprox"] != dp["fedprox − fedavg"]
+    # the footer says what the columns hold, with n, and which seeds were left out (also on stderr)
+    footer = out.split("\n\n", 1)[1]
+    assert 'Columns "V − fedavg" are paired differences from strategy fedavg' in footer
+    assert "(n = 1 to 4 per cell)" in footer
+    assert "scaffold − fedavg at sigma=1: n = 3 (left out: seed 4, only in scaffold; seed 3, only in fedavg)" in footer
+    warnings = [line for line in err.splitlines() if line.startswith("warning: --paired-against: ")]
+    assert len(warnings) == 2
+    assert warnings[0].endswith("scaffold − fedavg at sigma=0: n = 1 (left out: seed 7, only in scaffold; "
+                                "seeds 0, 1, only in fedavg)")
+
+
+def test_paired_against_in_every_format(cli, paired_runs):
+    argv = ("report", paired_runs, "--pivot", "strategy", "--paired-against", "fedavg", "--format")
+    md = md_rows(cli(*argv, "md")[1])
+    as_csv = list(csv.DictReader(io.StringIO(cli(*argv, "csv")[1])))
+    as_json = json.loads(cli(*argv, "json")[1])
+    latex = [line.rstrip(" \\").split(" & ") for line in cli(*argv, "latex")[1].splitlines() if " & " in line]
+    assert latex[0][-2:] == ["fedprox $-$ fedavg", "scaffold $-$ fedavg"]
+    for i, row in enumerate(md):
+        for j, key in enumerate(row):
+            if key in ("fedavg", "fedprox − fedavg", "scaffold − fedavg"):
+                assert row[key] == as_csv[i][key] == as_json["rows"][i][key] == latex[i + 1][j], key
+    assert as_json["paired"]["against"] == "fedavg" and as_json["paired"]["column"] == "strategy"
+    assert as_json["paired"]["n"] == {"fedprox − fedavg": [3, 4], "scaffold − fedavg": [1, 3]}
+    assert len(as_json["paired"]["dropped"]) == 2
+
+
+def test_paired_against_from_python_matches_the_cli(cli, paired_runs):
+    table = fedsim.report(paired_runs, pivot="strategy", paired_against="fedavg")
+    assert render(table, "md") == cli("report", paired_runs, "--pivot", "strategy", "--paired-against", "fedavg")[1]
+    assert table.attrs["paired"]["n"]["fedprox − fedavg"] == [3, 4]
+
+
+@pytest.mark.parametrize("pivot, against, message", [
+    ("", "fedavg", "--paired-against fedavg needs --pivot COLUMN, the column whose value fedavg is the baseline "
+                   "(e.g. --pivot strategy)"),
+    ("strategy", "nope", "--paired-against 'nope' is not a value of --pivot column 'strategy'; "
+                         "allowed: fedavg, fedprox, scaffold"),
+])
+def test_paired_against_bad_input_is_one_line_exit_2(cli, paired_runs, pivot, against, message):
+    code, out, err = cli("report", paired_runs, *(["--pivot", pivot] if pivot else []), "--paired-against", against)
+    assert (code, out, err) == (2, "", f"error: report: {message}\n")
+    with pytest.raises(FedsimError) as refused:
+        fedsim.report(paired_runs, pivot=pivot, paired_against=against)
+    assert str(refused.value) == f"report: {message}"
+
+
+def test_paired_against_refuses_runs_it_cannot_pair(cli, paired_runs):
+    write_run(paired_runs, "fedprox-again", strategy="fedprox", sigma=1.0, seed=0, final=0.1, eps=3.0, alpha=0.9)
+    code, out, err = cli("report", paired_runs, "--pivot", "strategy", "--paired-against", "fedavg")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert "seed 0 appears twice" in err and "--group-by" in err
+    code, out, err = cli("report", paired_runs, "--pivot", "strategy", "--paired-against", "fedavg",
+                         "--group-by", "data.alpha")
+    assert code == 0, err
+
+
+def test_report_help_shows_paired_against(capsys):
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    text = capsys.readouterr().out
+    assert "--paired-against VALUE" in text
+    assert "fedsim report sweeps/fedsvd --pivot strategy --paired-against fedavg-lora" in text
