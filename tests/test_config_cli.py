@@ -197,3 +197,12 @@ def test_every_shipped_config_passes_validation(path, tmp_path):
     prepared = prepare(cfg)
     if cfg.privacy.target_epsilon > 0:
         assert prepared.privacy.noise_multiplier > 0
+
+
+def test_python_dash_m_fedsim_is_the_cli():
+    """``python -m fedsim`` runs the same command line as the ``fedsim`` script."""
+    res = subprocess.run([sys.executable, "-m", "fedsim", "run", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: fedsim run")
+    bad = subprocess.run([sys.executable, "-m", "fedsim", "run", "--rounds", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "federation.rounds" in bad.stderr, bad.stderr

@@ -67,6 +67,13 @@ def _prv_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> fl
     return float(acc.get_epsilon(delta=delta))
 
 
+def clear_memos() -> None:
+    """Forget every memoized RDP curve and epsilon, so the next calls compute as a fresh
+    process would (benchmarks time runs that way; the memos themselves cannot go stale)."""
+    for memo in (rdp_curve, _rdp_epsilon, _prv_epsilon):
+        memo.cache_clear()
+
+
 def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
     """(epsilon, delta)-DP of a DP-SGD history: 0 with no steps, inf when a step had no noise."""
     if accountant not in ACCOUNTANTS:
