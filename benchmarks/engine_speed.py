@@ -29,7 +29,6 @@ machine, torch's 2-thread kernels were 3-4x slower than 1 thread on these small 
 from __future__ import annotations
 
 import argparse
-import logging
 import resource
 import statistics
 import sys
@@ -46,6 +45,7 @@ from _machine import describe  # noqa: E402
 
 import fedsim.clients.app as client_app  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
+from fedsim.logs import setup_logging  # noqa: E402
 from fedsim.models import register_model  # noqa: E402
 from fedsim.privacy.accounting import clear_memos  # noqa: E402
 from fedsim.run import run_experiment  # noqa: E402
@@ -120,8 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 3)
-    logging.getLogger("fedsim").setLevel(logging.WARNING)
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    setup_logging(False)  # the CLI's quiet console: a run's INFO lines go to its run.log only
     _timed_engine()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
