@@ -453,8 +453,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as exc:
         terminated = getattr(sys.modules.get("fedsim.run"), "Terminated", ())
-        sys.stderr.write("interrupted: finished rounds and the last checkpoint are kept in the run directory "
-                         "(continue with fedsim run --resume DIR)\n")
+        if args.command == "sweep":
+            sys.stderr.write("interrupted: finished cells are kept, and the interrupted ones keep their last "
+                             "checkpoint (run the same fedsim sweep again to continue)\n")
+        else:
+            sys.stderr.write("interrupted: finished rounds and the last checkpoint are kept in the run directory "
+                             "(continue with fedsim run --resume DIR)\n")
         return 143 if isinstance(exc, terminated) else 130
 
 

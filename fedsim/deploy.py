@@ -37,7 +37,6 @@ private key (``--auth-supernode-private-key``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
 import ipaddress
 import json
@@ -51,13 +50,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedsim.config import Config, dumps_toml
 from fedsim.errors import ClientFailure, FedsimError
 from fedsim.results import is_finished, read_summary, run_log
+from fedsim.watchdog import die_with_parent
 
 log = logging.getLogger("fedsim.deploy")
 FEDERATION = "fedsim-local"
@@ -192,28 +192,6 @@ def make_node_key(directory: str | Path, name: str) -> NodeKey:
 
 # --------------------------------------------------------------------------- processes
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A `preexec_fn` that makes the kernel send the child SIGTERM when this process dies
-    (Linux only; None elsewhere, where the watchdog alone stops the children).
-
-    The signal follows the *thread* that started the child, so start long-lived children from
-    a thread that outlives them (the CLI starts them all from its main thread)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only makes the call
-    parent = os.getpid()
-
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
-
-
 @dataclass
 class ProcessGroup:
     """Children started in their own sessions, so stopping them stops their children too.
@@ -231,7 +209,7 @@ class ProcessGroup:
         with open(self.log_dir / f"{name}.log", "wb") as logfile:
             proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
                                     env=env or child_env(), stdin=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_parent())
+                                    preexec_fn=die_with_parent())
         self.procs.append((name, proc))
         self._tell(f"+{proc.pid}")
         return proc
@@ -395,7 +373,7 @@ class LocalDeployment:
         with open(logfile, "ab") as out:
             done = subprocess.run([sys.executable, str(script), FEDERATION, *(str(k.public) for k in keys)],
                                   env=env, stdout=out, stderr=subprocess.STDOUT, timeout=60 + 10 * len(keys),
-                                  stdin=subprocess.DEVNULL, cwd=project_root(), preexec_fn=_die_with_parent())
+                                  stdin=subprocess.DEVNULL, cwd=project_root(), preexec_fn=die_with_parent())
         if done.returncode != 0:
             raise ClientFailure(f"deploy: registering SuperNode keys failed: {_last_line(_read(logfile))}; "
                                 f"see {logfile}")
@@ -483,7 +461,7 @@ class LocalDeployment:
         with open(self.log_dir / log_name, "wb") as out:
             return subprocess.run([_bin("flwr"), *args], env=env, stdout=out, stderr=subprocess.STDOUT,
                                   timeout=timeout, stdin=subprocess.DEVNULL, cwd=project_root(),
-                                  preexec_fn=_die_with_parent())
+                                  preexec_fn=die_with_parent())
 
     def submit(self, timeout: float, discovery_window: int | None = None) -> subprocess.CompletedProcess:
         """`flwr run` the experiment and stream its logs until it ends. `discovery_window` caps

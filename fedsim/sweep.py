@@ -45,6 +45,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import socket
 import time
 import tomllib
@@ -62,6 +63,7 @@ from fedsim.config import (Config, config_from_dict, config_to_dict, flatten, lo
 from fedsim.errors import ClientFailure, ConfigError, FedsimError
 from fedsim.logs import setup_logging
 from fedsim.results import CONFIG_TOML, is_finished, read_summary, write_atomic, write_json
+from fedsim.watchdog import die_with
 
 TARGET_KEY = "privacy.target_epsilon"
 MANIFEST = "sweep.json"
@@ -597,6 +599,17 @@ def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = Non
     bar = tqdm(total=len(todo), unit="cell", dynamic_ncols=True, disable=None if progress else True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     outcomes: dict[str, Outcome] = {}
+    from fedsim.run import sigterm_as_interrupt  # fedsim.run imports torch: only once cells run
+
+    with sigterm_as_interrupt():  # SIGTERM stops the sweep as Ctrl-C does, workers included
+        _run_cells(todo, jobs, threads, bar, outcomes)
+    frame = pd.DataFrame([_result_row(c, outcomes.get(c.name)) for c in cells])
+    frame.attrs["out"] = str(sweep_dir)
+    return frame
+
+
+def _run_cells(todo: list[Cell], jobs: int, threads: int, bar, outcomes: dict[str, Outcome]) -> None:
+    """Run the cells in this process (jobs = 1) or in `jobs` worker processes, filling `outcomes`."""
     if jobs == 1:
         try:
             for cell in todo:
@@ -605,9 +618,8 @@ def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = Non
         finally:  # end the bar's line, so that an error is a line of its own
             bar.close()
     else:
-        # Each worker is set up once, as quiet as the CLI (a spawned worker inherits nothing), so a
-        # warning shown "once" is shown once per worker, not once per cell.
-        with ProcessPoolExecutor(max_workers=jobs, initializer=setup_logging, initargs=(False,)) as pool:
+        pool = ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(os.getpid(),))
+        try:
             futures = {pool.submit(_attempt, cell, threads): cell for cell in todo}
             for fut in as_completed(futures):
                 cell = futures[fut]
@@ -616,10 +628,43 @@ def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = Non
                 except Exception as exc:  # noqa: BLE001 - the worker itself died (e.g. out of memory)
                     outcomes[cell.name] = Outcome(error=describe_error(exc), ran=True)
                 _tick(bar, cell.name, outcomes[cell.name])
-    bar.close()
-    frame = pd.DataFrame([_result_row(c, outcomes.get(c.name)) for c in cells])
-    frame.attrs["out"] = str(sweep_dir)
-    return frame
+        except BaseException:  # Ctrl-C, SIGTERM (fedsim.run.Terminated) or an error here: stop now
+            _stop_workers(pool)
+            raise
+        finally:
+            bar.close()
+        pool.shutdown()
+
+
+def _worker_init(parent: int) -> None:
+    """Set up a sweep worker: as quiet as the CLI, once (so a warning shown "once" is shown once
+    per worker, not per cell); Ctrl-C left to the parent, which stops the workers; SIGTERM
+    ending the worker at once (inherited, it would fail the running cell and go on to the
+    next); and, on Linux, SIGTERM when the parent dies, even by ``kill -9``."""
+    setup_logging(False)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A handler, not SIG_DFL: a run turns a default SIGTERM into an interrupt of its own
+    # (`fedsim.run.sigterm_as_interrupt`), which would end the cell and leave the worker waiting.
+    signal.signal(signal.SIGTERM, _exit_now)
+    die_with(parent)
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel the cells not started and end the running ones now: an interrupted cell keeps its
+    finished rounds and checkpoint, and the next `fedsim sweep` resumes it (its lock is stale
+    once its worker is gone, and is reclaimed). Without this, ``shutdown`` would wait for every
+    running cell, and workers outlive a parent that SIGTERM ended."""
+    workers = list(getattr(pool, "_processes", None) or {})  # the stdlib has no public handle on them
+    processes = [pool._processes[pid] for pid in workers]  # type: ignore[attr-defined]
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=10)
 
 
 def _tick(bar, name: str, outcome: Outcome) -> None:

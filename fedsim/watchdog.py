@@ -27,6 +27,34 @@ import sys
 import time
 
 GRACE_SECONDS = 5.0
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def die_with(parent: int, libc=None) -> None:
+    """Called in a child: have the kernel send it SIGTERM when its parent (pid `parent`) dies,
+    even by ``kill -9`` (Linux only; elsewhere nothing happens). The signal follows the
+    *thread* that started the child, so start long-lived children from a thread that outlives
+    them (fedsim starts them from its main thread)."""
+    if not sys.platform.startswith("linux"):
+        return
+    (libc or _libc()).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def die_with_parent():
+    """A subprocess ``preexec_fn`` doing `die_with` for this process (None off Linux). libc is
+    loaded here, before the fork: between fork and exec the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc, parent = _libc(), os.getpid()
+    return lambda: die_with(parent, libc)
 SCAN_SECONDS = 1.0
 
 

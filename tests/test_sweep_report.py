@@ -499,3 +499,48 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint(cli, tmp_path, monkeypa
     def rows(d):
         return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in csv.DictReader(open(d / "rounds.csv"))]
     assert rows(cell) == rows(tmp_path / "b" / "client.lr=0.1")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_parallel_sweep_leaves_no_worker_running(tmp_path, sig):
+    """SIGTERM to `fedsim sweep --jobs 2` ends it with 143 and its workers with it (they went on
+    to the next cell, orphaned); after a kill -9 of the parent, the kernel ends the workers."""
+    import signal
+    import time
+
+    out = tmp_path / "stopped-sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim", "sweep", "configs/quickstart.toml", "--jobs", "2",
+                             "--seeds", "0,1,2,3", "--rounds", "40", "--engine", "opacus", "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*/run.log"))) < 2:  # both workers are inside a cell
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.2)
+        assert len(_processes_mentioning(str(out))) == 3  # the sweep and its two workers
+        proc.send_signal(getattr(signal, sig))
+        rc = proc.wait(timeout=30)
+        assert rc == (143 if sig == "SIGTERM" else -9)
+        deadline = time.monotonic() + 15
+        while _processes_mentioning(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_mentioning(str(out)) == []
+        assert not list(out.glob("*/summary.json")) or all(
+            json.loads(p.read_text())["status"] != "finished" for p in out.glob("*/summary.json")
+            if p.parent.name == "seed=3")  # the cells not started were cancelled, not run
+    finally:
+        for pid in _processes_mentioning(str(out)):
+            os.kill(pid, 9)
