@@ -79,3 +79,31 @@ def test_empty_client_is_refused_with_the_knob_to_turn(tiny):
                   "federation.clients_per_round": 2})
     with pytest.raises(FedsimError, match="data.partitioner"):
         partition(cfg)
+
+
+@pytest.mark.parametrize("kind, clients", [("natural-id", 100), ("dirichlet", 40), ("iid", 40), ("shard", 20),
+                                           ("pathological", 20), ("quantity", 40)])
+def test_partition_equals_flwr_datasets_in_its_default_format(tiny, kind, clients):
+    """fedsim hands flwr-datasets an Arrow-format dataset (columns convert to numpy at once,
+    not row by row); the partitions must be the ones the default format gives."""
+    from datasets import Dataset as HFDataset
+
+    from fedsim import partition as P
+
+    extra = {"data.dataset": "synthetic", "federation.num_clients": clients} if kind == "natural-id" else \
+        {"federation.num_clients": clients}
+    cfg = tiny(**{"data.partitioner": kind, **extra})
+    data = load_dataset(cfg.data, clients, cfg.seed)
+    labels = P.partition_labels(data)
+    reference = P._make_partitioner(cfg, labels, data.groups_train)
+    arrow = P._hf_dataset(labels, data.groups_train, cfg.seed, kind in ("quantity", "iid"))
+    assert arrow.format["type"] == "arrow"
+    reference.dataset = HFDataset.from_dict(arrow.with_format(None)[:])  # the same rows, default format
+    expected = [np.asarray(reference.load_partition(i)["idx"]) for i in range(clients)]
+    got = P._load_all(_with(P._make_partitioner(cfg, labels, data.groups_train), arrow), clients)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
+def _with(partitioner, dataset):
+    partitioner.dataset = dataset
+    return partitioner
