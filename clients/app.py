@@ -222,15 +222,25 @@ log = logging.getLogger("fedsim")
 _FALLBACKS_LOGGED: set[str] = set()
 
 
+def engine_used(wanted: str, model: torch.nn.Module, rule: ClientRule, batched: bool = True) -> tuple[str, str | None]:
+    """The engine that trains this model and rule, and why it is not the vectorized one (None
+    when it is). `batched`: whether the runtime hands a round's messages over together (the
+    in-process grid); Ray and SuperNodes send one message per client, trained by Opacus."""
+    if not batched:
+        return "opacus", "the runtime delivers one client per message"
+    if wanted == "opacus":
+        return "opacus", "runtime.engine = 'opacus'"
+    reason = unsupported_reason(model, rule)
+    return ("vectorized", None) if reason is None else ("opacus", reason)
+
+
 def choose_engine(wanted: str, model: torch.nn.Module, rule: ClientRule) -> str:
     """``runtime.engine`` resolved for a model and rule: ``auto`` is vectorized unless they
     cannot be (the reason is logged once per process); an explicit ``vectorized`` that cannot
     run is a `ConfigError` (`fedsim.run.prepare` asks this before any work)."""
-    if wanted == "opacus":
-        return "opacus"
-    reason = unsupported_reason(model, rule)
-    if reason is None:
-        return "vectorized"
+    engine, reason = engine_used(wanted, model, rule)
+    if engine == "vectorized" or wanted == "opacus":
+        return engine
     if wanted == "vectorized":
         raise ConfigError(f"runtime.engine: vectorized cannot train this experiment: {reason}; "
                           f"use runtime.engine = 'auto' or 'opacus'")

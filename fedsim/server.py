@@ -36,6 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
+from fedsim.clients.app import engine_used
 from fedsim.clients.trainer import evaluate
 from fedsim import records as R
 from fedsim.algorithms import (algorithm_names, get_algorithm, load_strategy_state, resolve_device,
@@ -94,6 +95,7 @@ class RunRecorder:
     trained_this_round: int = 0
     train_losses: list[float] = field(default_factory=list)
     skipped_failures: int = 0  # client exceptions skipped under runtime.on_client_error = "skip"
+    engine: dict | None = None  # which engine trains the clients (`_engine_record`), once discovery is done
     started: float = field(default_factory=time.perf_counter)
     earlier_seconds: float = 0.0  # wall time of the sessions before a resume
     _bar: object = None
@@ -216,7 +218,7 @@ class RunRecorder:
             "best_metric": best.get("metric"), "best_round": best.get("round"),
             "final_test_loss": last.get("test_loss"),
             "sample_level": sample, "user_level": user, "label_level": label,
-            "client_failures_skipped": self.skipped_failures,
+            "client_failures_skipped": self.skipped_failures, "engine": self.engine,
             "wall_seconds": self.wall_seconds, "versions": package_versions(),
             # who writes this run, and when it last did: `fedsim.results.run_state` tells a
             # live run from one whose process is gone
@@ -490,6 +492,7 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_window
         model, evaluate_fn = evaluation_function(cfg, recorder)
         strategy = SeededRounds(build_strategy(cfg), cfg.seed, tracked, cfg.federation.clients_per_round)
         log_settings(cfg, strategy)
+        recorder.engine = _engine_record(cfg, model, grid)
         can_checkpoint = _checkpoints_possible(cfg, grid, strategy)
         arrays = R.model_to_record(model)
         first = 1
@@ -525,6 +528,15 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_window
     finally:
         recorder.close(status, error)
     checkpoint_path(recorder.out_dir).unlink(missing_ok=True)  # finished: model.safetensors is the result
+
+
+def _engine_record(cfg: Config, model: torch.nn.Module, grid: Grid) -> dict:
+    """Which engine trains this run's clients (for summary.json and run.log): ``auto`` resolved,
+    so a result says what produced it."""
+    rule = get_algorithm(cfg.strategy.name).client
+    engine, why = engine_used(cfg.runtime.engine, model, rule, getattr(grid, "train_round", None) is not None)
+    log.info("engine: %s%s", engine, f" ({why})" if why else ", a round's clients trained together")
+    return {"requested": cfg.runtime.engine, "used": engine, **({"why": why} if why else {})}
 
 
 def _train_round(strategy: Strategy, grid: TrackedGrid, recorder: RunRecorder, server_round: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -211,6 +212,12 @@ def test_auto_falls_back_to_opacus_for_dropout_and_explicit_vectorized_is_refuse
     with caplog.at_level("INFO", logger="fedsim"):
         run_experiment(lora_cfg(**kw, **{"output.dir": str(tmp_path / "a")}), progress=False)
     assert "engine: Opacus" in caplog.text and "dropout" in caplog.text
+    engine = json.loads((tmp_path / "a" / "summary.json").read_text())["engine"]  # what the result was made with
+    assert engine["requested"] == "auto" and engine["used"] == "opacus" and "dropout" in engine["why"]
+    run_experiment(lora_cfg(**{**kw, "model.lora_dropout": 0.0}, **{"output.dir": str(tmp_path / "c")}),
+                   progress=False)
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["engine"] == {"requested": "auto",
+                                                                                  "used": "vectorized"}
     with pytest.raises(FedsimError, match="runtime.engine: vectorized cannot train this experiment: module .* dropout"):
         run_experiment(lora_cfg(**kw, **{"runtime.engine": "vectorized", "output.dir": str(tmp_path / "b")}),
                        progress=False)
