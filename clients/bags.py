@@ -27,7 +27,7 @@ import torch
 
 from fedsim.algorithms import ClientRule, LocalResult, LocalTask, Tensors, seed_everything
 from fedsim.caches import Key, cached
-from fedsim.clients.vectorized import dense_chain, stacked_forward
+from fedsim.clients.vectorized import by_steps_in_chunks, dense_chain, momentum_direction, stacked_forward
 from fedsim.errors import FedsimError
 from fedsim.experiment import derive_seed
 from fedsim.privacy.bag_mechanism import make_bags, release_bag_means, release_label_proportions
@@ -185,14 +185,8 @@ def train_bags_batched(tasks: Sequence[LocalTask], chunk: int = 0) -> list[tuple
     prefix of the stack; ``chunk`` (0: all) caps the clients per stack.
     """
     plans = [_Plan.of(task) for task in tasks]
-    order = sorted(range(len(tasks)), key=lambda i: -plans[i].steps)  # stable: ties keep client order
-    size = chunk or len(tasks)
-    out: list[tuple[LocalResult, Tensors] | None] = [None] * len(tasks)
-    for start in range(0, len(order), size):
-        ids = order[start:start + size]
-        for i, done in zip(ids, _train_stack([tasks[i] for i in ids], [plans[i] for i in ids])):
-            out[i] = done
-    return out  # type: ignore[return-value]
+    return by_steps_in_chunks([plan.steps for plan in plans], chunk,
+                              lambda ids: _train_stack([tasks[i] for i in ids], [plans[i] for i in ids]))
 
 
 def _train_stack(tasks: list[LocalTask], plans: list[_Plan]) -> list[tuple[LocalResult, Tensors]]:
@@ -224,7 +218,6 @@ def _train_stack(tasks: list[LocalTask], plans: list[_Plan]) -> list[tuple[Local
 
     chain = dense_chain(model)
     params = {name: t.unsqueeze(0).expand(count, *t.shape).clone() for name, t in trainable.items()}
-    # torch.optim.SGD (dampening 0, no Nesterov): b = g at the first step, then b = mu b + g; p -= lr b
     momentum = {name: torch.zeros_like(p) for name, p in params.items()} if settings.momentum else None
     losses = torch.zeros(longest, count, dtype=torch.float64, device=device)
     for t in range(longest):
@@ -237,12 +230,9 @@ def _train_stack(tasks: list[LocalTask], plans: list[_Plan]) -> list[tuple[Local
             grads = dict(zip(leaves, torch.autograd.grad(values.sum(), list(leaves.values()))))
         values = values.detach()
         losses[t, :active] = values.double()
+        direction = momentum_direction(grads, momentum, active, settings.momentum)
         for name, p in current.items():
-            g = grads[name]
-            if momentum is not None:
-                momentum[name][:active] = settings.momentum * momentum[name][:active] + g
-                g = momentum[name][:active]
-            p.sub_(settings.lr * g)
+            p.sub_(settings.lr * direction[name])
     counts = torch.as_tensor(steps, dtype=torch.float64, device=device)
     mean_losses = (losses.sum(0) / counts.clamp_min(1)).tolist()
     final = {name: p.detach().cpu() for name, p in params.items()}

@@ -42,7 +42,7 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +154,36 @@ def dense_chain(model: nn.Module, rule: ClientRule | None = None) -> list[tuple[
     return steps if seen_linear else None
 
 
+def clip_factor(norms: torch.Tensor, max_grad_norm: float, mask: torch.Tensor) -> torch.Tensor:
+    """Opacus' per-sample clip factor min(1, C / (norm + 1e-6)), zero on padded rows."""
+    return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * mask
+
+
+def by_steps_in_chunks(steps: Sequence[int], size: int, train: Callable[[list[int]], Sequence[Any]]) -> list[Any]:
+    """``train(ids)`` over chunks of at most `size` clients (0: all at once), the clients sorted by
+    their number of steps, most first (stable: ties keep client order), so that at every step the
+    ones still training are a prefix of the chunk; the results come back in the clients' order."""
+    order = sorted(range(len(steps)), key=lambda i: -steps[i])
+    size = size or len(steps)
+    out: list[Any] = [None] * len(steps)
+    for start in range(0, len(order), size):
+        ids = order[start:start + size]
+        for i, done in zip(ids, train(ids)):
+            out[i] = done
+    return out
+
+
+def momentum_direction(grads: Tensors, momentum: Tensors | None, active: int, mu: float) -> Tensors:
+    """The step direction of torch.optim.SGD (dampening 0, no Nesterov) for the first `active`
+    clients of the stack: the buffer b = mu b + g (it starts at zero, so the first step is g),
+    updated in place and returned; without momentum (None), the gradient itself."""
+    if momentum is None:
+        return grads
+    for name, g in grads.items():
+        momentum[name][:active] = mu * momentum[name][:active] + g
+    return {name: momentum[name][:active] for name in grads}
+
+
 def _dense_forward(chain: list[tuple[str, nn.Module]], params: Tensors, x: torch.Tensor, leaf_outputs: bool = True):
     """Outputs (clients, batch, out) of the chain for stacked parameters, and for every Linear
     (its parameter-name prefix, its input a, its output z). With `leaf_outputs`, gradients are
@@ -222,8 +252,7 @@ def dense_clipped_sum(chain, params: Tensors, x: torch.Tensor, y: torch.Tensor, 
     for name, a, g in layers:
         inputs_sq = a.square().sum(-1) + (1.0 if f"{name}.bias" in params else 0.0)
         norm_sq = norm_sq + g.square().sum(-1) * inputs_sq
-    factor = (max_grad_norm / (norm_sq.sqrt() + CLIP_EPS)).clamp(max=1.0) * mask
-    return _dense_weight_grads(layers, params, factor), per_sample
+    return _dense_weight_grads(layers, params, clip_factor(norm_sq.sqrt(), max_grad_norm, mask)), per_sample
 
 
 def dense_batch_grads(chain, params: Tensors, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
@@ -255,7 +284,7 @@ class _Functional:
         grads, values = self.per_sample_grads(params, state, x, y)
         norms = torch.stack([g.reshape(*g.shape[:2], -1).norm(2, dim=-1) for g in grads.values()],
                             dim=-1).norm(2, dim=-1)
-        factor = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * mask
+        factor = clip_factor(norms, max_grad_norm, mask)
         return {name: torch.einsum("ab,ab...->a...", factor, g) for name, g in grads.items()}, values
 
     def mean_grads(self, params: Tensors, state: State, x: torch.Tensor, y: torch.Tensor,
@@ -328,16 +357,9 @@ def train_clients(model: nn.Module, rule: ClientRule, hyper: Hyper, settings: Tr
         steps = [len(b) for b in batches]
     num_params = sum(p.numel() for p in fn.trainable.values())
     size = chunk or default_chunk(num_params, settings.batch_size, device)
-    order = sorted(range(len(clients)), key=lambda i: -steps[i])  # stable: ties keep client order
-    outcomes: list[VectorOutcome | None] = [None] * len(clients)
-    for start in range(0, len(order), size):
-        ids = order[start:start + size]
-        done = _train_chunk(fn, settings, [clients[i] for i in ids], [steps[i] for i in ids],
-                            [steps_per_epoch[i] for i in ids],
-                            [batches[i] for i in ids] if batches is not None else None)
-        for i, outcome in zip(ids, done):
-            outcomes[i] = outcome
-    return outcomes  # type: ignore[return-value]
+    return by_steps_in_chunks(steps, size, lambda ids: _train_chunk(
+        fn, settings, [clients[i] for i in ids], [steps[i] for i in ids], [steps_per_epoch[i] for i in ids],
+        [batches[i] for i in ids] if batches is not None else None))
 
 
 def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorClient], steps: list[int],
@@ -414,10 +436,7 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
             grad, batch_loss = fn.mean_grads(current, sub_state, xb, yb, mask)
         loss_sum[:active] += torch.where(nonempty, batch_loss.double(), 0.0)
         loss_count[:active] += nonempty.double()
-        if momentum is not None:
-            for name in grad:
-                momentum[name][:active] = settings.momentum * momentum[name][:active] + grad[name]
-            grad = {name: momentum[name][:active] for name in grad}
+        grad = momentum_direction(grad, momentum, active, settings.momentum)
         new = {name: current[name] - settings.lr * grad[name] for name in current}
         if fn.rule.post_step is not None:
             new = fn.post_step(new, current, sub_state)
