@@ -14,7 +14,6 @@ one client), and `finish_job` (result -> reply, node state saved).
 
 from __future__ import annotations
 
-import logging
 import traceback
 from dataclasses import dataclass
 
@@ -218,10 +217,6 @@ def train(msg: Message, context: Context, config_text: str | None = None) -> Mes
     return finish_job(job, run_job(job))
 
 
-log = logging.getLogger("fedsim")
-_FALLBACKS_LOGGED: set[str] = set()
-
-
 def engine_used(wanted: str, model: torch.nn.Module, rule: ClientRule, batched: bool = True) -> tuple[str, str | None]:
     """The engine that trains this model and rule, and why it is not the vectorized one (None
     when it is). `batched`: whether the runtime hands a round's messages over together (the
@@ -236,18 +231,14 @@ def engine_used(wanted: str, model: torch.nn.Module, rule: ClientRule, batched: 
 
 def choose_engine(wanted: str, model: torch.nn.Module, rule: ClientRule) -> str:
     """``runtime.engine`` resolved for a model and rule: ``auto`` is vectorized unless they
-    cannot be (the reason is logged once per process); an explicit ``vectorized`` that cannot
-    run is a `ConfigError` (`fedsim.run.prepare` asks this before any work)."""
+    cannot be; an explicit ``vectorized`` that cannot run is a `ConfigError` (`fedsim.run.prepare`
+    asks this before any work). Each run's run.log says which engine it used and why
+    (`fedsim.server`)."""
     engine, reason = engine_used(wanted, model, rule)
-    if engine == "vectorized" or wanted == "opacus":
-        return engine
-    if wanted == "vectorized":
+    if wanted == "vectorized" and engine != "vectorized":
         raise ConfigError(f"runtime.engine: vectorized cannot train this experiment: {reason}; "
                           f"use runtime.engine = 'auto' or 'opacus'")
-    if reason not in _FALLBACKS_LOGGED:
-        _FALLBACKS_LOGGED.add(reason)
-        log.info("engine: Opacus, one client at a time (%s)", reason)
-    return "opacus"
+    return engine
 
 
 def _error_reply(msg: Message) -> Message:

@@ -535,7 +535,12 @@ def _engine_record(cfg: Config, model: torch.nn.Module, grid: Grid) -> dict:
     so a result says what produced it."""
     rule = get_algorithm(cfg.strategy.name).client
     engine, why = engine_used(cfg.runtime.engine, model, rule, getattr(grid, "train_round", None) is not None)
-    log.info("engine: %s%s", engine, f" ({why})" if why else ", a round's clients trained together")
+    if why is None:
+        log.info("engine: vectorized, a round's clients trained together")
+    elif cfg.runtime.engine == "opacus":
+        log.info("engine: opacus, as runtime.engine asks")
+    else:  # auto fell back
+        log.info("engine: Opacus, one client at a time (%s)", why)
     return {"requested": cfg.runtime.engine, "used": engine, **({"why": why} if why else {})}
 
 
