@@ -598,42 +598,41 @@ def run_sweep(config: str | Path | None, *, grid: Mapping[str, Any] | None = Non
     # a bar only on a terminal (None: tqdm's own check), never in a log file or a pipe
     bar = tqdm(total=len(todo), unit="cell", dynamic_ncols=True, disable=None if progress else True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    outcomes: dict[str, Outcome] = {}
     from fedsim.run import sigterm_as_interrupt  # fedsim.run imports torch: only once cells run
 
     with sigterm_as_interrupt():  # SIGTERM stops the sweep as Ctrl-C does, workers included
-        _run_cells(todo, jobs, threads, bar, outcomes)
+        try:
+            outcomes = _run_cells(todo, jobs, threads, bar)
+        finally:  # end the bar's line, so that an error is a line of its own
+            bar.close()
     frame = pd.DataFrame([_result_row(c, outcomes.get(c.name)) for c in cells])
     frame.attrs["out"] = str(sweep_dir)
     return frame
 
 
-def _run_cells(todo: list[Cell], jobs: int, threads: int, bar, outcomes: dict[str, Outcome]) -> None:
-    """Run the cells in this process (jobs = 1) or in `jobs` worker processes, filling `outcomes`."""
+def _run_cells(todo: list[Cell], jobs: int, threads: int, bar) -> dict[str, Outcome]:
+    """Run the cells in this process (jobs = 1) or in `jobs` worker processes; their outcomes by name."""
+    outcomes: dict[str, Outcome] = {}
     if jobs == 1:
-        try:
-            for cell in todo:
-                outcomes[cell.name] = _attempt(cell, threads)
-                _tick(bar, cell.name, outcomes[cell.name])
-        finally:  # end the bar's line, so that an error is a line of its own
-            bar.close()
-    else:
-        pool = ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(os.getpid(),))
-        try:
-            futures = {pool.submit(_attempt, cell, threads): cell for cell in todo}
-            for fut in as_completed(futures):
-                cell = futures[fut]
-                try:
-                    outcomes[cell.name] = fut.result()
-                except Exception as exc:  # noqa: BLE001 - the worker itself died (e.g. out of memory)
-                    outcomes[cell.name] = Outcome(error=describe_error(exc), ran=True)
-                _tick(bar, cell.name, outcomes[cell.name])
-        except BaseException:  # Ctrl-C, SIGTERM (fedsim.run.Terminated) or an error here: stop now
-            _stop_workers(pool)
-            raise
-        finally:
-            bar.close()
-        pool.shutdown()
+        for cell in todo:
+            outcomes[cell.name] = _attempt(cell, threads)
+            _tick(bar, cell.name, outcomes[cell.name])
+        return outcomes
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(os.getpid(),))
+    try:
+        futures = {pool.submit(_attempt, cell, threads): cell for cell in todo}
+        for fut in as_completed(futures):
+            cell = futures[fut]
+            try:
+                outcomes[cell.name] = fut.result()
+            except Exception as exc:  # noqa: BLE001 - the worker itself died (e.g. out of memory)
+                outcomes[cell.name] = Outcome(error=describe_error(exc), ran=True)
+            _tick(bar, cell.name, outcomes[cell.name])
+    except BaseException:  # Ctrl-C, SIGTERM (fedsim.run.Terminated) or an error here: stop now
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
+    return outcomes
 
 
 def _worker_init(parent: int) -> None:
@@ -658,8 +657,7 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     finished rounds and checkpoint, and the next `fedsim sweep` resumes it (its lock is stale
     once its worker is gone, and is reclaimed). Without this, ``shutdown`` would wait for every
     running cell, and workers outlive a parent that SIGTERM ended."""
-    workers = list(getattr(pool, "_processes", None) or {})  # the stdlib has no public handle on them
-    processes = [pool._processes[pid] for pid in workers]  # type: ignore[attr-defined]
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # the stdlib has no public handle
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
