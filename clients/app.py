@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim.clients.trainer import train_local
@@ -52,14 +52,16 @@ def query(msg: Message, context: Context, config_text: str | None = None) -> Mes
 
 
 def load_history(context: Context) -> History:
-    rec = context.state.get(R.ACCOUNTANT_STATE)
+    rec = R.record_of(context.state, R.ACCOUNTANT_STATE, ConfigRecord)
     if rec is None:
         return []
-    return list(zip(rec["sigma"], rec["q"], rec["steps"]))
+    values = R.plain(rec)
+    return list(zip(values["sigma"], values["q"], values["steps"]))
 
 
 def save_history(context: Context, history: History) -> None:
-    context.state[R.ACCOUNTANT_STATE] = R.trusted(ConfigRecord, {
+    # straight into the state's dict (`R.plain`): a trusted record of str keys needs no re-check
+    R.plain(context.state)[R.ACCOUNTANT_STATE] = R.trusted(ConfigRecord, {
         "sigma": [float(h[0]) for h in history], "q": [float(h[1]) for h in history],
         "steps": [int(h[2]) for h in history]})
 
@@ -102,7 +104,7 @@ def _node_inputs(cfg: Config, context: Context) -> tuple[Dataset, np.ndarray, np
 
     A run's parsed config is one object for all its rounds (`config_from_context` caches it
     by its text), so identity tells whether the node's last inputs are still this run's."""
-    spec = context.state.get(R.DATA_SPEC)
+    spec = R.record_of(context.state, R.DATA_SPEC, ConfigRecord)
     hit = _NODE_INPUTS.get(context.node_id)
     if hit is not None and hit[0] is cfg and hit[1] is spec:
         return hit[2], hit[3], hit[4]
@@ -128,8 +130,8 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
     """A train message and its node's state as a `ClientJob`. With `template`, the job shares
     the template's model instead of building its own (the vectorized engine never changes it)."""
     cfg = config_from_context(context, config_text)
-    server_cfg = msg.content.get(R.CONFIG) or ConfigRecord()
-    server_round = int(server_cfg.get(R.SERVER_ROUND, 0))
+    server_cfg = R.record_of(msg.content, R.CONFIG, ConfigRecord)
+    server_round = int(R.plain(server_cfg).get(R.SERVER_ROUND, 0)) if server_cfg is not None else 0
     pid = node_partition_id(context.node_config)
     data, x, y = _node_inputs(cfg, context)
     rule = get_algorithm(cfg.strategy.name).client
@@ -143,7 +145,7 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
             R.record_to_tensors(extra) if extra is not None else {}, select_keys(model, rule.upload))
     settings = settings_for(cfg, data.task)
     hyper = Hyper(params=cfg.strategy.params, lr=settings.lr, private=settings.noise_multiplier > 0)
-    kept = context.state.get(R.ALGORITHM_STATE)
+    kept = R.record_of(context.state, R.ALGORITHM_STATE, ArrayRecord)
     model = template.model
     start = RoundStart(hyper=hyper, global_params=template.global_params, server_arrays=template.server_arrays,
                        node_state=R.record_to_tensors(kept) if kept is not None else {})
@@ -208,7 +210,7 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
         if reply_arrays:
             content[R.ALGORITHM_ARRAYS] = R.numpy_to_record(reply_arrays)
         if node_state:
-            context.state[R.ALGORITHM_STATE] = R.numpy_to_record(node_state)
+            R.plain(context.state)[R.ALGORITHM_STATE] = R.numpy_to_record(node_state)
     return Message(content, reply_to=job.msg)
 
 

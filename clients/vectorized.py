@@ -431,22 +431,27 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
                 noise *= std
                 for (name, g), part in zip(summed.items(), noise.split(numels, dim=1)):
                     g.add_(part.reshape(active, *shapes[name]))
-            grad = {name: g / expected[:active].view(-1, *([1] * (g.dim() - 1))) for name, g in summed.items()}
+            # in place: the clipped sums are this step's own tensors (Opacus: (sum + noise) / int(q n))
+            grad = {name: g.div_(expected[:active].view(-1, *([1] * (g.dim() - 1)))) for name, g in summed.items()}
         else:
             grad, batch_loss = fn.mean_grads(current, sub_state, xb, yb, mask)
         loss_sum[:active] += torch.where(nonempty, batch_loss.double(), 0.0)
         loss_count[:active] += nonempty.double()
         grad = momentum_direction(grad, momentum, active, settings.momentum)
-        new = {name: current[name] - settings.lr * grad[name] for name in current}
-        if fn.rule.post_step is not None:
-            new = fn.post_step(new, current, sub_state)
-        for name in params:
-            params[name][:active] = new[name]
+        if fn.rule.post_step is None:  # torch.optim.SGD's p.add_(d, alpha=-lr), on the active prefix in place
+            for name in params:
+                current[name].add_(grad[name], alpha=-settings.lr)
+        else:
+            new = fn.post_step({name: torch.add(current[name], grad[name], alpha=-settings.lr) for name in current},
+                               current, sub_state)  # the same arithmetic as add_ above
+            for name in params:
+                params[name][:active] = new[name]
     sigma = settings.noise_multiplier
     outcomes = []
     mean_loss = (loss_sum / loss_count.clamp_min(1)).tolist()
     measured = (loss_count > 0).tolist()
-    final = {name: p.detach().cpu() for name, p in params.items()}  # one copy per tensor, not per client
+    # one copy per tensor, not per client, and one view per client (unbind, not k indexings)
+    final = {name: p.detach().cpu().unbind(0) for name, p in params.items()}
     for i, c in enumerate(clients):
         history = extend_history(c.history, sigma, q[i], steps[i]) if settings.noise_multiplier > 0 \
             else [tuple(h) for h in c.history]

@@ -62,7 +62,8 @@ class Checkpoint:
     config: str  # the run's config as TOML (`dumps_toml`)
     arrays: dict[str, np.ndarray]  # the global model's federated arrays, in record order
     strategy: dict[str, np.ndarray] = field(default_factory=dict)
-    nodes: dict[int, RecordDict] = field(default_factory=dict)  # node id -> its context.state records
+    # node id -> its context.state records (a RecordDict, or a plain mapping of them when saving)
+    nodes: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     recorder: dict[str, Any] = field(default_factory=dict)  # `RunRecorder.state()`
 
 
@@ -88,7 +89,7 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def _node_parts(node: int, state: RecordDict, tensors: dict[str, np.ndarray]) -> list:
+def _node_parts(node: int, state: Mapping[str, Any], tensors: dict[str, np.ndarray]) -> list:
     """One node's records as JSON entries [name, kind, payload]; arrays go into `tensors`."""
     parts = []
     for name, record in state.items():
@@ -120,8 +121,33 @@ def _node_state(node: int, parts: list, tensors: Mapping[str, np.ndarray]) -> Re
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
-    """Write `ckpt` to ``<run_dir>/checkpoint.safetensors`` atomically (temporary file + rename)."""
+NodeMemo = dict[int, tuple[list[tuple[str, Any]], list, dict[str, np.ndarray]]]
+
+
+def _node_parts_memo(node: int, state: Mapping[str, Any], tensors: dict[str, np.ndarray],
+                     memo: NodeMemo | None) -> list:
+    """`_node_parts`, reused while the node holds the very same record objects as at the last
+    checkpoint. fedsim replaces a node's records when it trains and never changes one in place,
+    so only the round's clients are encoded again (every node, every round, was O(nodes))."""
+    items = list(state.items())
+    hit = memo.get(node) if memo is not None else None
+    if hit is not None and len(hit[0]) == len(items) and \
+            all(n == m and r is s for (n, r), (m, s) in zip(hit[0], items)):
+        tensors.update(hit[2])
+        return hit[1]
+    own: dict[str, np.ndarray] = {}
+    parts = _node_parts(node, state, own)
+    tensors.update(own)
+    if memo is not None:
+        memo[node] = (items, parts, own)
+    return parts
+
+
+def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, memo: NodeMemo | None = None) -> Path:
+    """Write `ckpt` to ``<run_dir>/checkpoint.safetensors`` atomically (temporary file + rename).
+
+    `memo` (one dict per run, kept by the caller) lets a node whose records did not change
+    since the last checkpoint reuse their encoding."""
     from safetensors.numpy import save
 
     tensors: dict[str, np.ndarray] = {}
@@ -129,7 +155,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
         tensors[f"arrays/{key}"] = value
     for key, value in ckpt.strategy.items():
         tensors[f"strategy/{key}"] = value
-    nodes = {str(node): _node_parts(node, state, tensors) for node, state in sorted(ckpt.nodes.items())}
+    nodes = {str(node): _node_parts_memo(node, state, tensors, memo) for node, state in sorted(ckpt.nodes.items())}
     meta = {"version": FORMAT_VERSION, "round": ckpt.round, "config": ckpt.config,
             "order": {"arrays": list(ckpt.arrays), "strategy": list(ckpt.strategy)},
             "nodes": nodes, "recorder": ckpt.recorder}

@@ -64,13 +64,31 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         raise
 
 
-def csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+def csv_text(columns: list[str], rows: list[dict[str, Any]], memo: dict[tuple, str] | None = None) -> str:
+    """The rows as CSV with a header line, missing values empty, floats as ``repr`` (exact).
+
+    `memo` (a dict the caller keeps between calls, updated here) maps a row's values to its
+    line, so that rows unchanged since the last call are not formatted again: a run rewrites
+    rounds.csv and clients.csv every round, and most of their rows are the same as before."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    lines = [buf.getvalue()]
+    used: dict[tuple, str] = {}
     for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in columns})
-    return buf.getvalue()
+        key = tuple(row.get(k) for k in columns)
+        line = memo.get(key) if memo is not None else None
+        if line is None:
+            buf.seek(0)
+            buf.truncate()
+            writer.writerow([_fmt(v) for v in key])
+            line = buf.getvalue()
+        used[key] = line
+        lines.append(line)
+    if memo is not None:  # only this call's rows: the memo stays the size of the file
+        memo.clear()
+        memo.update(used)
+    return "".join(lines)
 
 
 def _fmt(value: Any) -> Any:

@@ -41,7 +41,7 @@ from fedsim.clients.trainer import evaluate
 from fedsim import records as R
 from fedsim.algorithms import (algorithm_names, get_algorithm, load_strategy_state, resolve_device,
                                stateful_strategy, strategy_state)
-from fedsim.checkpoint import Checkpoint, checkpoint_path, model_meta, save_checkpoint, save_model
+from fedsim.checkpoint import Checkpoint, NodeMemo, checkpoint_path, model_meta, save_checkpoint, save_model
 from fedsim.config import Config, dumps_toml
 from fedsim.datasets import load_dataset
 from fedsim.errors import ClientFailure, ConfigError
@@ -99,6 +99,7 @@ class RunRecorder:
     started: float = field(default_factory=time.perf_counter)
     earlier_seconds: float = 0.0  # wall time of the sessions before a resume
     _bar: object = None
+    _csv_memo: dict = field(default_factory=lambda: {ROUNDS_CSV: {}, CLIENTS_CSV: {}})  # `csv_text`'s line memos
 
     def __post_init__(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,12 +230,12 @@ class RunRecorder:
         return out
 
     def write(self, status: str, error: str | None = None) -> dict:
-        write_atomic(self.out_dir / ROUNDS_CSV, csv_text(ROUND_COLUMNS, self.rows))
+        write_atomic(self.out_dir / ROUNDS_CSV, csv_text(ROUND_COLUMNS, self.rows, self._csv_memo[ROUNDS_CSV]))
         client_rows = [{"partition_id": pid, "num_examples": c.num_examples,
                         "participations": c.participations,
                         "sample_epsilon": c.epsilon, "sample_rate": c.sample_rate}
                        for pid, c in sorted(self.clients.items())]
-        write_atomic(self.out_dir / CLIENTS_CSV, csv_text(CLIENT_COLUMNS, client_rows))
+        write_atomic(self.out_dir / CLIENTS_CSV, csv_text(CLIENT_COLUMNS, client_rows, self._csv_memo[CLIENTS_CSV]))
         summary = self.summary(status, error)
         write_json(self.out_dir / SUMMARY_JSON, summary)
         return summary
@@ -506,6 +507,8 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_window
             log.info("resumed after round %d of %d from %s", resume.round, cfg.federation.rounds,
                      checkpoint_path(recorder.out_dir))
         every = cfg.output.checkpoint_every
+        config_text = dumps_toml(cfg)  # the same text in every checkpoint
+        node_memo: NodeMemo = {}  # nodes that did not train since the last checkpoint are not re-encoded
         for server_round in range(first, cfg.federation.rounds + 1):
             arrays = _train_round(strategy, tracked, recorder, server_round, arrays, cfg.runtime.round_timeout)
             evaluate_fn(server_round, arrays)  # loads `arrays` into `model` and writes the round
@@ -513,9 +516,9 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_window
                 save_model(recorder.out_dir / MODEL_BEST, model, model_meta(cfg, spec, server_round))
             if can_checkpoint and every and server_round % every == 0 and server_round < cfg.federation.rounds:
                 save_checkpoint(recorder.out_dir, Checkpoint(
-                    server_round, dumps_toml(cfg), R.record_to_numpy(arrays), strategy_state(strategy),
+                    server_round, config_text, R.record_to_numpy(arrays), strategy_state(strategy),
                     {node: _kept_state(state) for node, state in grid.node_states().items()},  # type: ignore
-                    recorder.state()))
+                    recorder.state()), node_memo)
         R.load_record(model, arrays)
         save_model(recorder.out_dir / MODEL, model, model_meta(cfg, spec, cfg.federation.rounds))
         status = "finished"
@@ -571,8 +574,10 @@ def _train_round(strategy: Strategy, grid: TrackedGrid, recorder: RunRecorder, s
 _DISCOVERY_RECORDS = (R.CLIENT_STATE, R.DATA_SPEC)
 
 
-def _kept_state(state: RecordDict) -> RecordDict:
-    return RecordDict({k: v for k, v in state.items() if k not in _DISCOVERY_RECORDS})
+def _kept_state(state: RecordDict) -> dict:
+    """A node's records a checkpoint keeps, as a plain dict (read through `R.plain`: Flower's
+    Mapping view and a new RecordDict per node per round cost more than the rest of a checkpoint)."""
+    return {k: v for k, v in R.plain(state).items() if k not in _DISCOVERY_RECORDS}
 
 
 def _checkpoints_possible(cfg: Config, grid: Grid, strategy: Strategy) -> bool:

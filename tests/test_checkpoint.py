@@ -55,3 +55,30 @@ def test_config_difference_names_the_key_and_ignores_the_directory():
     assert config_difference(a, dumps_toml(load_config(None, {"output.dir": "/elsewhere/a"}))) is None
     diff = config_difference(a, dumps_toml(load_config(None, {"federation.rounds": 7})))
     assert diff == "federation.rounds (checkpoint 10, now 7)"
+
+
+def test_node_memo_reencodes_exactly_the_nodes_whose_records_were_replaced(tmp_path):
+    """A run passes one memo to every checkpoint: a node that trained since the last one holds
+    new record objects and must be encoded anew, the others may reuse their encoding. The file
+    must be byte-identical to one written without the memo, round after round."""
+    def accountant(steps: int) -> ConfigRecord:
+        return ConfigRecord({"sigma": [1.0], "q": [0.5], "steps": [steps]})
+
+    def kept(value: float):
+        return R.numpy_to_record({"c": np.full(3, value, np.float32)})
+
+    nodes = {n: {R.ACCOUNTANT_STATE: accountant(n), R.ALGORITHM_STATE: kept(n)} for n in range(4)}
+    cfg = dumps_toml(load_config(None))
+    memo: dict = {}
+    for round_, trained in [(1, [0, 1, 2, 3]), (2, [1]), (3, [3]), (4, [])]:
+        for n in trained:  # what a client does: new records, never an old one changed in place
+            nodes[n] = {R.ACCOUNTANT_STATE: accountant(10 * round_ + n), R.ALGORITHM_STATE: kept(round_ + n / 10)}
+        ckpt = Checkpoint(round_, cfg, {"w": np.zeros(2, np.float32)}, {}, dict(nodes), {})
+        with_memo = (save_checkpoint(tmp_path / "memo", ckpt, memo)).read_bytes()
+        without = (save_checkpoint(tmp_path / "plain", ckpt)).read_bytes()
+        assert with_memo == without, f"round {round_}"
+        back = load_checkpoint(tmp_path / "memo").nodes
+        for n in range(4):
+            assert dict(back[n][R.ACCOUNTANT_STATE]) == dict(nodes[n][R.ACCOUNTANT_STATE])
+            assert R.record_to_numpy(back[n][R.ALGORITHM_STATE])["c"].tolist() == \
+                R.record_to_numpy(nodes[n][R.ALGORITHM_STATE])["c"].tolist()

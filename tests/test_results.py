@@ -80,3 +80,31 @@ def test_run_state_from_status_pid_and_heartbeat(tmp_path):
     assert run_state(_summary(tmp_path / "slow", **slow)) == "running"  # 5 rounds of 1000 s not yet over
     # an older summary with no pid or heartbeat that says running: nobody is writing it
     assert run_state(_summary(tmp_path / "old", status="running")) == "dead"
+
+
+def test_csv_text_with_a_line_memo_equals_csv_dictwriter_round_after_round():
+    """rounds.csv and clients.csv are rewritten every round with a memo of formatted lines:
+    the text must be what csv.DictWriter gives for the same rows, with rows changed, added,
+    removed and repeated between calls, and the memo must not grow past the last file."""
+    import csv
+    import io
+
+    from fedsim.results import _fmt, csv_text
+
+    def reference(columns, rows):
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in columns})
+        return buf.getvalue()
+
+    columns = ["id", "value", "note"]
+    memo: dict = {}
+    rows = [{"id": i, "value": 0.1 * i, "note": None} for i in range(5)]
+    for step in range(4):
+        assert csv_text(columns, rows, memo) == reference(columns, rows)
+        assert len(memo) == len({tuple(r.get(k) for k in columns) for r in rows})
+        rows[step]["value"] = float("nan") if step % 2 else 1 / 3  # changed in place, as a client's record is
+        rows.append({"id": 10 + step, "value": float("inf"), "note": 'a "quoted", note'})
+        rows.pop(0) if step == 2 else None

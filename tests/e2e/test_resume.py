@@ -34,8 +34,8 @@ import os, sys, time
 from pathlib import Path
 import fedsim.server as server
 real = server.save_checkpoint
-def hold(run_dir, ckpt):
-    path = real(run_dir, ckpt)
+def hold(run_dir, ckpt, *memo):
+    path = real(run_dir, ckpt, *memo)
     if ckpt.round == int(os.environ["HOLD"]):
         Path(os.environ["MARK"]).write_text("held")
         time.sleep(600)
@@ -148,8 +148,8 @@ def interrupt_after(monkeypatch, round_: int) -> None:
     """Make the next run stop (KeyboardInterrupt, as Ctrl-C) right after checkpointing `round_`."""
     real = server.save_checkpoint
 
-    def stop(run_dir, ckpt):
-        real(run_dir, ckpt)
+    def stop(run_dir, ckpt, *memo):
+        real(run_dir, ckpt, *memo)
         if ckpt.round == round_:
             raise KeyboardInterrupt
 
@@ -242,7 +242,7 @@ def test_library_resume_continues_or_starts_fresh(tiny, tmp_path, monkeypatch):
 def test_checkpoint_every_n_rounds_and_never(tiny, tmp_path, monkeypatch):
     saved = []
     real = server.save_checkpoint
-    monkeypatch.setattr(server, "save_checkpoint", lambda d, c: (saved.append(c.round), real(d, c))[1])
+    monkeypatch.setattr(server, "save_checkpoint", lambda d, c, *memo: (saved.append(c.round), real(d, c, *memo))[1])
     run_experiment(tiny(**{"federation.rounds": 5, "output.checkpoint_every": 2,
                            "output.dir": str(tmp_path / "two")}), progress=False)
     assert saved == [2, 4]  # not after the last round: the finished run has model.safetensors
