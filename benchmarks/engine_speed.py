@@ -29,6 +29,7 @@ machine, torch's 2-thread kernels were 3-4x slower than 1 thread on these small 
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import statistics
 import sys
@@ -102,9 +103,14 @@ def workloads(quick: bool, tmp: Path) -> list[tuple[str, dict]]:
 def run_once(overrides: dict, engine: str, out: Path) -> tuple[float, float]:
     """One run's (end-to-end, in-engine) seconds. The accountant's memos are cleared first:
     the engines sample the same clients, so the second engine would otherwise find every
-    client's RDP curve computed by the first."""
+    client's RDP curve computed by the first. And the heap is collected first (as `timeit`
+    does by disabling the collector): the process holds about 500k objects (torch, Flower,
+    datasets), so a full collection costs about 0.25 s, and the garbage of one run (Opacus'
+    mostly) would otherwise trigger one inside the next, timing one engine's garbage against
+    the other. Collections a run's own garbage triggers still count."""
     cfg = load_config(None, {**overrides, "runtime.engine": engine, "output.dir": str(out), "name": "bench"})
     clear_memos()
+    gc.collect()
     ENGINE_SECONDS[0] = 0.0
     start = time.perf_counter()
     run_experiment(cfg, progress=False)

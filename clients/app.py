@@ -41,11 +41,12 @@ def query(msg: Message, context: Context, config_text: str | None = None) -> Mes
     """Discovery: the server asks which partition this node holds, to sample reproducibly,
     and hands over the experiment, which this node keeps for the rounds to come."""
     sent = R.plain(R.record_of(msg.content, R.CONFIG, ConfigRecord) or ConfigRecord()).get(R.RUN_CONFIG_KEY)
+    state = R.plain(context.state)  # str keys, records: Flower's per-item check cannot fail
     if sent:
-        context.state[R.CLIENT_STATE] = R.trusted(ConfigRecord, {R.RUN_CONFIG_KEY: sent})
+        state[R.CLIENT_STATE] = R.trusted(ConfigRecord, {R.RUN_CONFIG_KEY: sent})
     spec = R.record_of(msg.content, R.DATA_SPEC, ConfigRecord)
     if spec is not None:
-        context.state[R.DATA_SPEC] = spec
+        state[R.DATA_SPEC] = spec
     pid = node_partition_id(context.node_config)
     return Message(R.trusted(RecordDict, {R.METRICS: R.trusted(MetricRecord, {R.PARTITION_ID: int(pid)})}),
                    reply_to=msg)

@@ -258,13 +258,21 @@ def _scalar_schema(tp: Any, meta: dict, choices: tuple | None) -> Any:
     return Annotated[tp, Field(**constraints)] if constraints else tp
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """`typing.get_type_hints` of a config class, once: with postponed annotations it compiles
+    every field's annotation on each call, and parsing a config asks for every section's
+    hints several times (a third of a small run's fixed cost). Read-only for callers."""
+    return get_type_hints(cls)
+
+
 @functools.lru_cache(maxsize=256)
 def _schema_for(cls: type, choices: tuple) -> Any:
     """A pydantic model of `cls`'s scalar and list keys (sections are walked by `_build`).
 
     Strict: no string for a number, no float for an integer, no bool for either (an int for
     a float is fine, TOML writes 1.0 as 1 often enough). No NaN or infinity anywhere."""
-    hints = get_type_hints(cls)
+    hints = _type_hints(cls)
     specs = {}
     for f, field_choices in zip(_scalar_fields(cls), choices):
         tp = hints[f.name]
@@ -278,7 +286,7 @@ def _schema_for(cls: type, choices: tuple) -> Any:
 
 
 def _scalar_fields(cls: type) -> list[dataclasses.Field]:
-    hints = get_type_hints(cls)
+    hints = _type_hints(cls)
     return [f for f in fields(cls) if f.name != "tables" and not dataclasses.is_dataclass(hints[f.name])]
 
 
@@ -341,7 +349,7 @@ def _validate_scalars(cls: type, raw: dict, prefix: str) -> dict:
         error = exc.errors(include_url=False)[0]
         name = str(error["loc"][0])
         spec = next(f for f in scalar if f.name == name)
-        raise ConfigError(_message(prefix + name, get_type_hints(cls)[name], spec.metadata,
+        raise ConfigError(_message(prefix + name, _type_hints(cls)[name], spec.metadata,
                                    choices[scalar.index(spec)], raw.get(name), error)) from None
     return {name: getattr(checked, name) for name in raw}
 
@@ -375,7 +383,7 @@ def _refuse_renamed(raw: dict, prefix: str, known: Any) -> None:
 
 def _build(cls: type, raw: dict, prefix: str) -> Any:
     """Validate one table into `cls`: unknown and renamed keys, sections, then every value."""
-    hints = get_type_hints(cls)
+    hints = _type_hints(cls)
     known = {f.name: f for f in fields(cls) if f.name != "tables"}
     _refuse_renamed(raw, prefix, known)
     if cls is StrategyConfig:
@@ -761,7 +769,7 @@ def loads_toml(text: str) -> Config:
 
 
 def _describe(obj: Any, prefix: str, tables: bool = True) -> list[tuple[str, str, Any, str]]:
-    hints = get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     rows = []
     for f in fields(obj):
         if f.name == "tables":
