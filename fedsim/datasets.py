@@ -15,6 +15,9 @@ holders, so identical rows become identical inputs wherever they are read.
 
 from __future__ import annotations
 
+import csv
+import gzip
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass, field
@@ -521,19 +524,62 @@ def _infer_task(y: np.ndarray, requested: str) -> str:
     return "classification" if is_integral and len(np.unique(y)) <= 100 else "regression"
 
 
+def _sklearn_data_file(name: str) -> Path | None:
+    """One of the data files scikit-learn ships (``sklearn/datasets/data/``), found without
+    importing scikit-learn: its import costs about 1.2 s of every run's start, and digits and
+    breast-cancer need nothing from it but the file. None if the file is not where it has
+    been since scikit-learn 0.2x (the caller then uses scikit-learn's loader)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / name
+    return path if path.is_file() else None
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's ``load_digits()`` (data as float64 0-16, target as int), read as it reads them."""
+    path = _sklearn_data_file("digits.csv.gz")
+    if path is None:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.data, d.target
+    with gzip.open(path, mode="rt", encoding="utf-8") as fh:
+        data = np.loadtxt(fh, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int, copy=False)
+
+
+def load_breast_cancer_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's ``load_breast_cancer()`` (data float64, target int), read as it reads them."""
+    path = _sklearn_data_file("breast_cancer.csv")
+    if path is None:
+        from sklearn.datasets import load_breast_cancer
+
+        d = load_breast_cancer()
+        return d.data, d.target
+    with path.open("r", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)  # n_samples, n_features, class names
+        data, target = np.empty((int(header[0]), int(header[1]))), np.empty(int(header[0]), dtype=int)
+        for i, row in enumerate(reader):
+            data[i] = np.asarray(row[:-1], dtype=np.float64)
+            target[i] = int(row[-1])
+    return data, target
+
+
 def _builtin_rows(cfg: DataConfig, num_clients: int, seed: int) -> tuple[Rows, str, tuple[int, ...]]:
     """A built-in dataset's rows, its task and per-sample shape."""
-    from sklearn import datasets as skd
-
     groups = None
     name = cfg.dataset
     if name == "digits":
-        d = skd.load_digits()
-        x, y, task, shape = (d.data / 16.0).astype(np.float32), d.target, "classification", (1, 8, 8)
+        data, target = load_digits_arrays()
+        x, y, task, shape = (data / 16.0).astype(np.float32), target, "classification", (1, 8, 8)
     elif name == "breast-cancer":
-        d = skd.load_breast_cancer()
-        x, y, task, shape = d.data.astype(np.float32), d.target, "classification", (30,)
+        data, target = load_breast_cancer_arrays()
+        x, y, task, shape = data.astype(np.float32), target, "classification", (30,)
     elif name == "diabetes":
+        from sklearn import datasets as skd  # its features are standardized by sklearn's own `scale`
+
         d = skd.load_diabetes()
         x, y, task, shape = d.data.astype(np.float32), d.target.astype(np.float32), "regression", (10,)
     elif name == "synthetic":

@@ -195,3 +195,52 @@ def test_target_epsilon_run_reports_at_most_target(tiny):
     summary = json.loads((out / "summary.json").read_text())
     # every client trains every round here, so its participation equals the planned one
     assert 0.95 * 3.0 <= summary["sample_level"]["epsilon_max"] <= 3.0
+
+
+def test_orders_start_with_opacus_default_alphas():
+    """fedsim writes Opacus' orders out instead of importing them (Opacus' import costs seconds)."""
+    from fedsim.privacy.accounting import OPACUS_ORDERS
+
+    assert list(OPACUS_ORDERS) == list(RDPAccountant.DEFAULT_ALPHAS)
+    assert ORDERS[:len(OPACUS_ORDERS)] == OPACUS_ORDERS
+
+
+@pytest.mark.parametrize("delta", [1e-3, 1e-5, 1e-9])
+@pytest.mark.parametrize("sigma,q,steps", [(1.0, 0.01, 1000), (0.6, 0.3, 40), (4.0, 1.0, 3), (20.0, 0.5, 1)])
+def test_privacy_spent_equals_opacus_get_privacy_spent(sigma, q, steps, delta):
+    """`fedsim.privacy.rdp.privacy_spent` is Opacus' RDP-to-(eps, delta) conversion, value and
+    order, bit for bit, including where the best order is an extreme one (and both warn)."""
+    import warnings
+
+    from fedsim.privacy.rdp import privacy_spent
+
+    rdp = steps * np.asarray(opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(ORDERS)))
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        want = opacus_rdp.get_privacy_spent(orders=list(ORDERS), rdp=rdp, delta=delta)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        got = privacy_spent(ORDERS, rdp, delta)
+    assert got == (float(want[0]), float(want[1]))
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+
+
+def test_no_privacy_and_mismatched_lengths():
+    from fedsim.privacy.rdp import privacy_spent
+
+    eps, order = privacy_spent([2.0, 3.0], np.array([np.nan, np.nan]), 1e-5)
+    assert math.isinf(eps) and math.isnan(order)
+    with pytest.raises(ValueError, match="2 orders, 1 RDP values"):
+        privacy_spent([2.0, 3.0], np.array([1.0]), 1e-5)
+
+
+def test_an_rdp_epsilon_does_not_import_opacus():
+    """Importing Opacus costs 2-3 s; computing an RDP epsilon (every DP run, every client) and
+    the vectorized engine must not need it, so a run that does not train with Opacus starts fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fedsim.privacy.accounting import epsilon\nimport fedsim.clients.app\n"
+            "assert epsilon([(1.0, 0.1, 100)], 1e-5) > 0\nprint('opacus' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

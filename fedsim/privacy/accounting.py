@@ -20,17 +20,18 @@ import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 from fedsim.errors import ConfigError
-from fedsim.privacy.rdp import compute_rdp_curve
+from fedsim.privacy.rdp import compute_rdp_curve, privacy_spent
 
 History = Sequence[tuple[float, float, int]]
 # Opacus' orders, plus larger ones (as dp-accounting has): with large sigma or few steps the
 # best order lies above 63, where Opacus' list stops (it then warns and overstates epsilon).
 # Wherever the best order is <= 63, epsilon equals Opacus' get_epsilon exactly.
-ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS) + (80, 96, 128, 192, 256, 512, 1024)
+# Opacus' RDPAccountant.DEFAULT_ALPHAS, written out (a test holds them equal) so that computing an
+# epsilon does not import Opacus, whose import costs 2-3 s of every run's start.
+OPACUS_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+ORDERS: tuple[float, ...] = OPACUS_ORDERS + (80, 96, 128, 192, 256, 512, 1024)
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -56,12 +57,14 @@ def _normalize(history: Iterable[tuple[float, float, int]]) -> tuple[tuple[float
 @functools.lru_cache(maxsize=4096)
 def _rdp_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> float:
     total = sum(n * rdp_curve(s, q) for s, q, n in hist)
-    eps, _ = rdp_analysis.get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
+    eps, _ = privacy_spent(ORDERS, total, delta)
     return float(eps)
 
 
 @functools.lru_cache(maxsize=1024)
 def _prv_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    from opacus.accountants import PRVAccountant  # here: Opacus' import costs 2-3 s
+
     acc = PRVAccountant()
     acc.history = list(hist)
     return float(acc.get_epsilon(delta=delta))

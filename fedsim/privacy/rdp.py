@@ -27,10 +27,10 @@ happens for 0 < q < 1, 0 < sigma and the orders fedsim uses.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from opacus.accountants.analysis import rdp as opacus_rdp
 from scipy import special
 
 # Opacus stops a fractional order's series after the first term i with max(log_s0, log_s1) < this.
@@ -145,6 +145,8 @@ def compute_rdp_curve(q: float, sigma: float, orders: Sequence[float]) -> np.nda
     if q == 1.0:
         return alphas / (2 * sigma**2)
     if not (0 < q < 1 and 0 < sigma < math.inf and np.all(alphas > 1)):
+        from opacus.accountants.analysis import rdp as opacus_rdp  # edge cases only: Opacus' import costs 2-3 s
+
         return opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[float(a) for a in alphas])
 
     rdp = np.full(alphas.size, np.inf)  # alpha = inf stays inf
@@ -153,5 +155,31 @@ def compute_rdp_curve(q: float, sigma: float, orders: Sequence[float]) -> np.nda
     rdp[integer] = log_a_int(q, sigma, alphas[integer]) / (alphas[integer] - 1)
     rdp[fractional] = log_a_frac(q, sigma, alphas[fractional]) / (alphas[fractional] - 1)
     for k in np.flatnonzero(np.isnan(rdp)):  # a signed sum that did not come out positive
+        from opacus.accountants.analysis import rdp as opacus_rdp
+
         rdp[k] = opacus_rdp._compute_rdp(q, sigma, float(alphas[k]))
     return rdp
+
+
+def privacy_spent(orders: Sequence[float], rdp: np.ndarray, delta: float) -> tuple[float, float]:
+    """(epsilon, best order) of RDP values at `orders` for this delta: Opacus'
+    `get_privacy_spent` (Balle et al. 2020, "Hypothesis testing interpretations and Renyi
+    differential privacy", Theorem 21), the same arithmetic, with its warning when the best
+    order is the first or last one (the bound would tighten with more orders)::
+
+        eps(alpha) = rdp(alpha) - (log delta + log alpha) / (alpha - 1) + log((alpha - 1) / alpha)
+
+    Here, not imported, because importing Opacus costs 2-3 s of every run's start (it pulls in
+    torch.distributed and scipy's statistics) while this is five lines of numpy; a test holds
+    it equal to Opacus' function."""
+    alphas, values = np.atleast_1d(np.asarray(orders, dtype=float)), np.atleast_1d(rdp)
+    if alphas.shape != values.shape:
+        raise ValueError(f"privacy_spent: {alphas.size} orders, {values.size} RDP values")
+    eps = values - (np.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
+    if np.isnan(eps).all():  # no privacy at all
+        return math.inf, math.nan
+    best = int(np.nanargmin(eps))
+    if best in (0, eps.size - 1):
+        warnings.warn(f"Optimal order is the {'smallest' if best == 0 else 'largest'} alpha. Please consider "
+                      "expanding the range of alphas to get a tighter privacy bound.", stacklevel=2)
+    return float(eps[best]), float(alphas[best])
