@@ -438,12 +438,14 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
         loss_sum[:active] += torch.where(nonempty, batch_loss.double(), 0.0)
         loss_count[:active] += nonempty.double()
         grad = momentum_direction(grad, momentum, active, settings.momentum)
-        if fn.rule.post_step is None:  # torch.optim.SGD's p.add_(d, alpha=-lr), on the active prefix in place
+        # p - lr * d, the product rounded first (not add_'s fused alpha): the same bits as the
+        # engine has always given, so published tables re-run exactly
+        if fn.rule.post_step is None:  # in place, on the active prefix of the stack
             for name in params:
-                current[name].add_(grad[name], alpha=-settings.lr)
+                current[name].sub_(settings.lr * grad[name])
         else:
-            new = fn.post_step({name: torch.add(current[name], grad[name], alpha=-settings.lr) for name in current},
-                               current, sub_state)  # the same arithmetic as add_ above
+            new = fn.post_step({name: current[name] - settings.lr * grad[name] for name in current},
+                               current, sub_state)
             for name in params:
                 params[name][:active] = new[name]
     sigma = settings.noise_multiplier
