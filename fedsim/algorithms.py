@@ -21,13 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-Tensors = dict[str, torch.Tensor]  # parameter name -> tensor (one client, or stacked clients)
+if TYPE_CHECKING:  # torch is imported where tensors are made: `import fedsim` (and the CLI's
+    # --help, report, status) stays free of torch's 1.2 s import
+    import torch
+    from torch import nn
+
+Tensors = dict[str, "torch.Tensor"]  # parameter name -> tensor (one client, or stacked clients)
 State = dict[str, Any]  # a rule's per-client tensors: a nested dict of tensors (a pytree)
 
 
@@ -109,6 +112,8 @@ class LocalTask:
 
 def resolve_device(name: str) -> str:
     if name == "auto":
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 
@@ -116,6 +121,8 @@ def resolve_device(name: str) -> str:
 def seed_everything(seed: int, device: str) -> None:
     """Seed the generators local training draws from (sampling, noise, dropout).
     The CUDA generator only when training there: seeding it costs ms per call."""
+    import torch
+
     torch.default_generator.manual_seed(seed)
     if device.startswith("cuda"):
         torch.cuda.manual_seed(seed)

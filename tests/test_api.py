@@ -151,8 +151,11 @@ def test_import_is_light_and_names_are_callable_whatever_was_imported_first():
     code = """
         import sys
         import fedsim
-        heavy = [m for m in ("flwr", "pandas", "fedsim.api", "fedsim.run", "fedsim.sweep") if m in sys.modules]
+        heavy = [m for m in ("flwr", "pandas", "torch", "fedsim.api", "fedsim.run", "fedsim.sweep")
+                 if m in sys.modules]
         assert not heavy, heavy
+        import fedsim.cli                       # --help, report, status: no torch either
+        assert "torch" not in sys.modules
         import fedsim.sweep                     # the module first, as internal code does
         from fedsim.report import render        # a from-import first
         import fedsim.run as run_module
