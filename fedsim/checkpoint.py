@@ -34,7 +34,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,11 +143,13 @@ def _node_parts_memo(node: int, state: Mapping[str, Any], tensors: dict[str, np.
     return parts
 
 
-def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, memo: NodeMemo | None = None) -> Path:
+def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, memo: NodeMemo | None = None,
+                    write: Callable[[Path, bytes], None] = write_atomic) -> Path:
     """Write `ckpt` to ``<run_dir>/checkpoint.safetensors`` atomically (temporary file + rename).
 
     `memo` (one dict per run, kept by the caller) lets a node whose records did not change
-    since the last checkpoint reuse their encoding."""
+    since the last checkpoint reuse their encoding. `write` does the atomic write (a run
+    passes its `fedsim.results.BackgroundWriter`'s, which writes it after the round's results)."""
     from safetensors.numpy import save
 
     tensors: dict[str, np.ndarray] = {}
@@ -161,7 +163,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, memo: NodeMemo | None
             "nodes": nodes, "recorder": ckpt.recorder}
     tensors = {k: np.require(v, requirements='C') for k, v in tensors.items()}  # keeps 0-d arrays 0-d
     path = checkpoint_path(run_dir)
-    write_atomic(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
+    write(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
     return path
 
 

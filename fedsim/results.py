@@ -64,6 +64,44 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         raise
 
 
+class BackgroundWriter:
+    """`write_atomic` on one background thread, in the order the writes were asked for.
+
+    A run writes rounds.csv, clients.csv, summary.json and a checkpoint after every round:
+    each a write and a rename, 0.2-0.9 ms on a local disk (about 10% of a small round under
+    the vectorized engine) and far more on a network filesystem. The next round need not
+    wait for them. What a file will hold is fixed when the write is asked for (the caller
+    passes the finished text or bytes), one thread keeps them in order, and every file still
+    appears whole, by rename. The first failure (a full disk) is raised in the caller's
+    thread at the next `write` or at `flush`; `close` flushes, and Python's exit waits for
+    the thread, so an exception or Ctrl-C loses nothing that was asked for.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsim-writer")
+        self._pending: list = []  # futures of writes not yet seen done, oldest first
+
+    def write(self, path: str | Path, data: str | bytes) -> None:
+        self._collect(wait=False)
+        self._pending.append(self._pool.submit(write_atomic, path, data))
+
+    def flush(self) -> None:
+        """Wait for every write asked so far; raise the first that failed."""
+        self._collect(wait=True)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _collect(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0].done()):
+            self._pending.pop(0).result()  # re-raises the write's exception here
+
+
 def csv_text(columns: list[str], rows: list[dict[str, Any]], memo: dict[tuple, str] | None = None) -> str:
     """The rows as CSV with a header line, missing values empty, floats as ``repr`` (exact).
 
@@ -108,10 +146,14 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def json_text(data: dict) -> str:
+    """Strict JSON (non-finite floats become null), sorted keys, indented."""
+    return json.dumps(strict_json(data), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+
+
 def write_json(path: str | Path, data: dict) -> None:
-    """Strict JSON (non-finite floats become null), sorted keys, atomically."""
-    write_atomic(path, json.dumps(strict_json(data), indent=2, sort_keys=True, default=str,
-                                  allow_nan=False) + "\n")
+    """`json_text`, written atomically."""
+    write_atomic(path, json_text(data))
 
 
 def read_summary(run_dir: str | Path) -> dict | None:

@@ -50,7 +50,7 @@ from fedsim.models import build_model
 from fedsim.node_data import data_spec
 from fedsim.privacy.accounting import accountant_label, user_level_epsilon
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, MODEL, MODEL_BEST, ROUND_COLUMNS,
-                            ROUNDS_CSV, SUMMARY_JSON, csv_text, run_log, write_atomic, write_json)
+                            ROUNDS_CSV, SUMMARY_JSON, BackgroundWriter, csv_text, json_text, run_log, write_atomic)
 from fedsim.schedule import ForwardingGrid, SampledGrid, sample_round
 from fedsim.trackers import open_trackers
 
@@ -100,6 +100,8 @@ class RunRecorder:
     earlier_seconds: float = 0.0  # wall time of the sessions before a resume
     _bar: object = None
     _csv_memo: dict = field(default_factory=lambda: {ROUNDS_CSV: {}, CLIENTS_CSV: {}})  # `csv_text`'s line memos
+    # the per-round files (and the checkpoints) are written off the training thread, in order
+    writer: BackgroundWriter = field(default_factory=BackgroundWriter, repr=False)
 
     def __post_init__(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,20 +232,22 @@ class RunRecorder:
         return out
 
     def write(self, status: str, error: str | None = None) -> dict:
-        write_atomic(self.out_dir / ROUNDS_CSV, csv_text(ROUND_COLUMNS, self.rows, self._csv_memo[ROUNDS_CSV]))
+        self.writer.write(self.out_dir / ROUNDS_CSV, csv_text(ROUND_COLUMNS, self.rows, self._csv_memo[ROUNDS_CSV]))
         client_rows = [{"partition_id": pid, "num_examples": c.num_examples,
                         "participations": c.participations,
                         "sample_epsilon": c.epsilon, "sample_rate": c.sample_rate}
                        for pid, c in sorted(self.clients.items())]
-        write_atomic(self.out_dir / CLIENTS_CSV, csv_text(CLIENT_COLUMNS, client_rows, self._csv_memo[CLIENTS_CSV]))
+        self.writer.write(self.out_dir / CLIENTS_CSV,
+                          csv_text(CLIENT_COLUMNS, client_rows, self._csv_memo[CLIENTS_CSV]))
         summary = self.summary(status, error)
-        write_json(self.out_dir / SUMMARY_JSON, summary)
+        self.writer.write(self.out_dir / SUMMARY_JSON, json_text(summary))
         return summary
 
     def close(self, status: str, error: str | None = None) -> None:
         if self._bar is not None:
             self._bar.close()
         summary = self.write(status, error)
+        self.writer.close()  # every file on disk before the run is reported over
         self.trackers.on_run_end(summary)
 
 
@@ -518,7 +522,7 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_window
                 save_checkpoint(recorder.out_dir, Checkpoint(
                     server_round, config_text, R.record_to_numpy(arrays), strategy_state(strategy),
                     {node: _kept_state(state) for node, state in grid.node_states().items()},  # type: ignore
-                    recorder.state()), node_memo)
+                    recorder.state()), node_memo, recorder.writer.write)
         R.load_record(model, arrays)
         save_model(recorder.out_dir / MODEL, model, model_meta(cfg, spec, cfg.federation.rounds))
         status = "finished"

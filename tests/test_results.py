@@ -108,3 +108,29 @@ def test_csv_text_with_a_line_memo_equals_csv_dictwriter_round_after_round():
         rows[step]["value"] = float("nan") if step % 2 else 1 / 3  # changed in place, as a client's record is
         rows.append({"id": 10 + step, "value": float("inf"), "note": 'a "quoted", note'})
         rows.pop(0) if step == 2 else None
+
+
+def test_background_writer_keeps_order_and_raises_the_first_failure(tmp_path):
+    """A run's per-round files go through one writer thread: the last write asked for a path
+    is what the path holds, every file is whole, and a failed write (here: a parent that is
+    a file) is raised in the caller's thread, at the next write or at flush, never lost."""
+    from fedsim.results import BackgroundWriter
+
+    writer = BackgroundWriter()
+    for i in range(200):
+        writer.write(tmp_path / "rounds.csv", "round\n" + "".join(f"{r}\n" for r in range(i + 1)))
+        writer.write(tmp_path / f"part-{i % 7}.bin", bytes([i % 256]) * (i + 1))
+    writer.flush()
+    assert (tmp_path / "rounds.csv").read_text().splitlines()[-1] == "199"
+    for k in range(7):
+        last = max(i for i in range(200) if i % 7 == k)
+        assert (tmp_path / f"part-{k}.bin").read_bytes() == bytes([last % 256]) * (last + 1)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    (tmp_path / "not-a-dir").write_text("x")
+    writer.write(tmp_path / "not-a-dir" / "summary.json", "{}")
+    with pytest.raises(OSError):
+        writer.flush()
+    writer.write(tmp_path / "after.txt", "fine")  # the writer goes on after a reported failure
+    writer.close()
+    assert (tmp_path / "after.txt").read_text() == "fine"

@@ -481,8 +481,8 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint(cli, tmp_path, monkeypa
             "--grid", "client.lr=0.1"]
     real = server.save_checkpoint
 
-    def stop(run_dir, ckpt, *memo):
-        real(run_dir, ckpt, *memo)
+    def stop(run_dir, ckpt, *rest):
+        real(run_dir, ckpt, *rest)
         if ckpt.round == 2:
             raise KeyboardInterrupt
     monkeypatch.setattr(server, "save_checkpoint", stop)

@@ -34,9 +34,13 @@ import os, sys, time
 from pathlib import Path
 import fedsim.server as server
 real = server.save_checkpoint
-def hold(run_dir, ckpt, *memo):
-    path = real(run_dir, ckpt, *memo)
+from fedsim.checkpoint import load_checkpoint
+def hold(run_dir, ckpt, *rest):
+    path = real(run_dir, ckpt, *rest)
     if ckpt.round == int(os.environ["HOLD"]):
+        # the run's writer thread writes the checkpoint (after the round's results): wait for it
+        while (on_disk := load_checkpoint(run_dir)) is None or on_disk.round != ckpt.round:
+            time.sleep(0.01)
         Path(os.environ["MARK"]).write_text("held")
         time.sleep(600)
     return path
@@ -148,8 +152,8 @@ def interrupt_after(monkeypatch, round_: int) -> None:
     """Make the next run stop (KeyboardInterrupt, as Ctrl-C) right after checkpointing `round_`."""
     real = server.save_checkpoint
 
-    def stop(run_dir, ckpt, *memo):
-        real(run_dir, ckpt, *memo)
+    def stop(run_dir, ckpt, *rest):
+        real(run_dir, ckpt, *rest)
         if ckpt.round == round_:
             raise KeyboardInterrupt
 
@@ -242,7 +246,7 @@ def test_library_resume_continues_or_starts_fresh(tiny, tmp_path, monkeypatch):
 def test_checkpoint_every_n_rounds_and_never(tiny, tmp_path, monkeypatch):
     saved = []
     real = server.save_checkpoint
-    monkeypatch.setattr(server, "save_checkpoint", lambda d, c, *memo: (saved.append(c.round), real(d, c, *memo))[1])
+    monkeypatch.setattr(server, "save_checkpoint", lambda d, c, *rest: (saved.append(c.round), real(d, c, *rest))[1])
     run_experiment(tiny(**{"federation.rounds": 5, "output.checkpoint_every": 2,
                            "output.dir": str(tmp_path / "two")}), progress=False)
     assert saved == [2, 4]  # not after the last round: the finished run has model.safetensors
