@@ -389,8 +389,16 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
     loss_count = torch.zeros(k, device=device, dtype=torch.float64)
     perms: list[torch.Tensor | None] = [None] * k
     arange = torch.arange(n_max, device=device)
+    last_active = -1
     for t in range(max(steps)):
         active = sum(1 for s in steps if s > t)  # clients are sorted by steps: a prefix
+        if active != last_active:  # views of the stacks for this prefix, kept while it lasts
+            last_active = active
+            current = {name: p[:active] for name, p in params.items()}
+            sub_state = tree_map(lambda v: v[:active], state)
+            rate_col, offset_col = rates[:active, None], offsets[:active, None]
+            divisors = {name: expected[:active].view(-1, *([1] * (p.dim() - 1))) for name, p in params.items()}
+            loss_sums, loss_counts = loss_sum[:active], loss_count[:active]
         if batches is not None:
             local, valid = _pad([torch.as_tensor(np.asarray(batches[i][t], dtype=np.int64)) for i in range(active)],
                                 device)
@@ -398,7 +406,7 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
             draws = torch.full((active, n_max), 2.0, device=device)
             for i in range(active):  # each client's own stream: results do not depend on chunking
                 torch.rand(sizes[i], generator=gens[i], device=device, out=draws[i, :sizes[i]])
-            chosen = draws < rates[:active, None]
+            chosen = draws < rate_col
             counts = chosen.sum(1)
             width = int(counts.max())
             local = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :width]
@@ -412,15 +420,14 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
                 rows.append(perms[i][j * settings.batch_size:(j + 1) * settings.batch_size])
             local, valid = _pad(rows, device)
         mask = valid.to(torch.float32)
-        index = torch.where(valid, local + offsets[:active, None], offsets[:active, None])
+        index = torch.where(valid, local + offset_col, offset_col)
         xb, yb = data_x[index], data_y[index]
-        current = {name: p[:active] for name, p in params.items()}
-        sub_state = tree_map(lambda v: v[:active], state)
-        nonempty = mask.sum(1) > 0
+        count = mask.sum(1)
+        nonempty = count > 0
         if private:
             if xb.shape[1] > 0:
                 summed, values = fn.clipped_sum(current, sub_state, xb, yb, mask, settings.max_grad_norm)
-                batch_loss = (values * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+                batch_loss = (values * mask).sum(1) / count.clamp_min(1.0)
             else:
                 summed = {name: torch.zeros_like(p) for name, p in current.items()}
                 batch_loss = torch.zeros(active, device=device)
@@ -432,11 +439,11 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
                 for (name, g), part in zip(summed.items(), noise.split(numels, dim=1)):
                     g.add_(part.reshape(active, *shapes[name]))
             # in place: the clipped sums are this step's own tensors (Opacus: (sum + noise) / int(q n))
-            grad = {name: g.div_(expected[:active].view(-1, *([1] * (g.dim() - 1)))) for name, g in summed.items()}
+            grad = {name: g.div_(divisors[name]) for name, g in summed.items()}
         else:
             grad, batch_loss = fn.mean_grads(current, sub_state, xb, yb, mask)
-        loss_sum[:active] += torch.where(nonempty, batch_loss.double(), 0.0)
-        loss_count[:active] += nonempty.double()
+        loss_sums += torch.where(nonempty, batch_loss.double(), 0.0)  # views: the totals update in place
+        loss_counts += nonempty.double()
         grad = momentum_direction(grad, momentum, active, settings.momentum)
         # p - lr * d, the product rounded first (not add_'s fused alpha): the same bits as the
         # engine has always given, so published tables re-run exactly
