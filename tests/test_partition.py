@@ -107,3 +107,28 @@ def test_partition_equals_flwr_datasets_in_its_default_format(tiny, kind, client
 def _with(partitioner, dataset):
     partitioner.dataset = dataset
     return partitioner
+
+
+def test_partitioners_import_without_flwr_datasets_plotting_and_the_plots_still_work():
+    """fedsim defers flwr-datasets' plotting and metrics modules (seaborn, scipy.stats,
+    matplotlib: about 1.3 s of every run's start). They must not load for a partition, and
+    must work as the real modules as soon as anything uses them."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from fedsim.config import load_config
+from fedsim.datasets import load_dataset
+from fedsim.partition import partition
+cfg = load_config(None, {"data.partitioner": "dirichlet", "federation.num_clients": 10})
+assert len(partition(cfg, load_dataset(cfg.data, 10, cfg.seed)).indices) == 10
+print(sorted(m for m in ("seaborn", "scipy.stats", "matplotlib.pyplot") if m in sys.modules))
+import flwr_datasets.visualization as visualization
+from flwr_datasets.metrics import compute_counts
+from flwr_datasets.partitioner import IidPartitioner
+print(visualization.plot_label_distributions.__name__, compute_counts.__name__, type(visualization).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[]", "plot_label_distributions compute_counts module"]
