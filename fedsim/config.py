@@ -643,15 +643,21 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository's configs/, installed as fedsim/configs
+# A Flower app bundle (`flwr run .` from a checkout) copies the repository but drops the
+# fedsim/configs symlink: there the experiments are the bundle's own configs/.
+APP_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def builtin_configs() -> dict[str, Path]:
     """The example experiments shipped with fedsim, by name (``quickstart`` ->
     ``configs/quickstart.toml``). Installed, they are package data of ``fedsim.configs``; in
-    a checkout, ``fedsim/configs`` links to the repository's ``configs/``."""
-    if not SHIPPED_CONFIGS.is_dir():
+    a checkout, ``fedsim/configs`` links to the repository's ``configs/``; in a Flower app
+    bundle, which keeps no symlink, they are the bundle's ``configs/``."""
+    in_app = (APP_CONFIGS.parent / "pyproject.toml").is_file()  # a bundle or checkout, not site-packages
+    folder = next((d for d in (SHIPPED_CONFIGS, APP_CONFIGS if in_app else None) if d and d.is_dir()), None)
+    if folder is None:
         return {}
-    return {p.stem: p for p in sorted(SHIPPED_CONFIGS.glob("*.toml"))}
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
 
 
 def resolve_config_path(path: str | Path) -> Path:

@@ -206,3 +206,19 @@ def test_python_dash_m_fedsim_is_the_cli():
     assert res.stdout.startswith("usage: fedsim run")
     bad = subprocess.run([sys.executable, "-m", "fedsim", "run", "--rounds", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "federation.rounds" in bad.stderr, bad.stderr
+
+
+def test_shipped_experiments_in_a_flower_app_bundle_without_the_configs_symlink(tmp_path, monkeypatch):
+    """`flwr run .` bundles the checkout but drops the fedsim/configs symlink: the experiments
+    are then the bundle's configs/ (next to its pyproject.toml), and only there, so an
+    installed fedsim never picks up some other package's configs/ folder in site-packages."""
+    from fedsim import config as C
+
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "quickstart.toml").write_text('name = "quickstart"\n')
+    monkeypatch.setattr(C, "SHIPPED_CONFIGS", bundle / "fedsim" / "configs")  # the dropped symlink
+    monkeypatch.setattr(C, "APP_CONFIGS", bundle / "configs")
+    assert C.builtin_configs() == {}  # no pyproject.toml: not a bundle
+    (bundle / "pyproject.toml").write_text("[project]\nname = 'fedsim'\n")
+    assert C.builtin_configs() == {"quickstart": bundle / "configs" / "quickstart.toml"}
