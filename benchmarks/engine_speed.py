@@ -19,7 +19,10 @@ Workloads (DP-SGD sigma = 1, C = 1, batch 8, one local epoch, as in the issue):
   (iv)  with a GPU: pfl-research's CIFAR-10 CNN (without its dropout) on random 32x32x3 data,
         1,000 users of 50 images, 50 a round; also reports rounds per second.
 
-    python benchmarks/engine_speed.py [--quick] [--repeats 3] [--threads 1]
+    python benchmarks/engine_speed.py [--quick] [--repeats 3] [--threads 1] [--split]
+
+``--split`` adds a line per workload with each engine's own training time (the vectorized
+engine's `train_clients`, Opacus' `run_job` per client) and what the rest of each run took.
 
 Both engines run with the same torch thread count, 1 by default: on the 2-core CI-class
 machine, torch's 2-thread kernels were 3-4x slower than 1 thread on these small tensors
@@ -54,8 +57,9 @@ from fedsim.run import run_experiment  # noqa: E402
 ENGINE_SECONDS = [0.0]
 
 
-def _timed_engine():
-    real = client_app.train_clients
+def _timed(name: str) -> None:
+    """Add the time spent in ``clients.app.<name>`` to ENGINE_SECONDS."""
+    real = getattr(client_app, name)
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
@@ -63,7 +67,14 @@ def _timed_engine():
             return real(*args, **kwargs)
         finally:
             ENGINE_SECONDS[0] += time.perf_counter() - start
-    client_app.train_clients = timed
+    setattr(client_app, name, timed)
+
+
+def _timed_engine() -> None:
+    """Time each engine's own training: the vectorized engine's `train_clients` for a round,
+    and Opacus' `run_job` for one client (model, data loader, PrivacyEngine, local loop)."""
+    _timed("train_clients")
+    _timed("run_job")
 
 
 @register_model("bench-cifar-cnn")
@@ -123,6 +134,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=0, help="timed runs per engine (default 3, quick 2)")
     parser.add_argument("--only", default="", help="run only workloads whose name contains this")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both engines (default 1)")
+    parser.add_argument("--split", action="store_true",
+                        help="also print each engine's own training time (split workload=... lines)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 3)
@@ -137,11 +150,13 @@ def main() -> None:
             for engine in ("opacus", "vectorized"):
                 run_once(warm, engine, tmp / f"{name}-warm-{engine}")
             times = {"opacus": [], "vectorized": []}
+            inside_engine = {"opacus": [], "vectorized": []}
             engine_share = []
             for r in range(repeats):
                 for engine in ("opacus", "vectorized"):
                     wall, inside = run_once(overrides, engine, tmp / f"{name}-{engine}-{r}")
                     times[engine].append(wall)
+                    inside_engine[engine].append(inside)
                     if engine == "vectorized":
                         engine_share.append(wall / inside)
             o, v = statistics.median(times["opacus"]), statistics.median(times["vectorized"])
@@ -154,6 +169,11 @@ def main() -> None:
                 rounds = overrides["federation.rounds"]
                 line += f" opacus_rounds_per_s={rounds / o:.2f} vectorized_rounds_per_s={rounds / v:.2f}"
             print(line, flush=True)
+            if args.split:
+                oe, ve = statistics.median(inside_engine["opacus"]), statistics.median(inside_engine["vectorized"])
+                print(f"split workload={name} opacus_engine_s={oe:.3f} vectorized_engine_s={ve:.3f} "
+                      f"engine_speedup={oe / ve:.1f} opacus_rest_s={o - oe:.2f} vectorized_rest_s={v - ve:.2f}",
+                      flush=True)
     print(f"machine: {describe()}")
 
 
