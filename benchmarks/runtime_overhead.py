@@ -33,6 +33,7 @@ from fedsim.clients.trainer import evaluate, train_local  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
 from fedsim.datasets import load_dataset  # noqa: E402
 from fedsim.experiment import derive_seed  # noqa: E402
+from fedsim.logs import setup_logging  # noqa: E402
 from fedsim.models import build_model  # noqa: E402
 from fedsim.partition import client_data  # noqa: E402
 from fedsim.privacy.accounting import epsilon  # noqa: E402
@@ -80,9 +81,11 @@ def bare_loop(cfg) -> float:
 
 
 def timed_run(cfg, runtime: str, out: Path) -> float:
+    """One whole run in a fresh directory (a finished run's directory is refused)."""
     cfg = copy.deepcopy(cfg)
     cfg.runtime.name = runtime
-    cfg.output.dir = str(out / runtime)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.output.dir = tempfile.mkdtemp(prefix=f"{runtime}-", dir=out)
     start = time.perf_counter()
     run_experiment(cfg, progress=False)
     return time.perf_counter() - start
@@ -96,8 +99,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best of N for (a) and (b)")
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
+    setup_logging(False)  # the CLI's quiet console: a run's INFO lines go to its run.log only
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    logging.getLogger("fedsim").setLevel(logging.ERROR)
     cfg = workload(args.rounds, args.clients, args.per_round)
     print(f"machine: {describe()}")
     print(f"workload: digits, MLP(64), DP-SGD sigma=1, {args.clients} clients, {args.per_round}/round, "
