@@ -1,0 +1,41 @@
+"""The benchmark scripts still run, and print what the docs quote, in the issue's format.
+
+Timings are never asserted (they belong to benchmarks/); these run each script on its
+smallest workload and check that it finishes and that its lines have the promised shape.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+
+
+def run_script(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_engine_speed_prints_the_issue_line_and_the_split_line():
+    out = run_script("benchmarks/engine_speed.py", "--quick", "--repeats", "1", "--only", "digits-mlp-100x10",
+                     "--split")
+    lines = out.splitlines()
+    assert re.fullmatch(
+        rf"workload=digits-mlp-100x10 clients=100 per_round=10 opacus_s={NUMBER} vectorized_s={NUMBER} "
+        rf"speedup={NUMBER} e2e_over_engine={NUMBER} peak_rss_mb={NUMBER}", lines[0]), lines[0]
+    assert re.fullmatch(
+        rf"split workload=digits-mlp-100x10 opacus_engine_s={NUMBER} vectorized_engine_s={NUMBER} "
+        rf"engine_speedup={NUMBER} opacus_rest_s=-?{NUMBER} vectorized_rest_s=-?{NUMBER}", lines[1]), lines[1]
+    assert lines[2].startswith("machine: ") and len(lines) == 3
+
+
+def test_runtime_overhead_runs_into_fresh_run_directories():
+    """Its repeated runs used to reuse one directory, which fedsim refuses once a run there finished."""
+    out = run_script("benchmarks/runtime_overhead.py", "--rounds", "2", "--clients", "6", "--per-round", "2",
+                     "--repeats", "2", "--skip-ray")
+    assert re.search(rf"^b/a = {NUMBER}", out, re.M), out
