@@ -31,3 +31,14 @@ def test_python_api_page_runs(tmp_path, monkeypatch):
         if ".model" in block and not has_checkpoint:
             pytest.skip(f"blocks 1-{number - 1} ran; block {number} needs fedsim.checkpoint, not there yet")
         exec(compile(block, f"{PAGE.name}, python block {number}", "exec"), namespace)
+
+
+def test_readme_shows_what_make_demo_prints(cli, tmp_path):
+    """The README quotes the last lines `make demo` prints (`fedsim run configs/quickstart.toml`):
+    the numbers must be the ones a fresh run gives (they went stale once, when the default
+    engine changed)."""
+    quoted = re.search(r"^(accuracy: final .*)$", (ROOT / "README.md").read_text(), re.M).group(1)
+    code, out, err = cli("run", ROOT / "configs" / "quickstart.toml", "--no-progress",
+                         "--set", f"output.dir={tmp_path / 'demo'}")
+    assert code == 0, err
+    assert quoted in out.splitlines(), (quoted, out)
