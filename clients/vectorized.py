@@ -85,7 +85,8 @@ def unsupported_reason(model: nn.Module, rule: ClientRule) -> str | None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return f"module {name} is a BatchNorm (couples samples; Opacus refuses it too)"
         if type(module).__module__.startswith("transformers"):
-            return "Hugging Face models (hf-text) train with dropout; they run under Opacus"
+            return ("Hugging Face models (hf-text) build attention masks with data-dependent control flow, "
+                    "which vmap cannot run, and train with dropout; they run under Opacus")
     return None
 
 
