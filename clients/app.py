@@ -216,16 +216,20 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
 
 
 def train(msg: Message, context: Context, config_text: str | None = None) -> Message:
+    """One train message (Ray, a SuperNode): the vectorized engine with one client where it can
+    run, else Opacus. Each client draws from its own generators, seeded by (seed, round,
+    partition), so a client trains exactly as it does in an in-process round of many."""
     job = prepare_job(msg, context, config_text)
+    if choose_engine(job.cfg.runtime.engine, job.model, job.rule) == "vectorized":
+        (outcome,) = run_vectorized([job])
+        return finish_job(job, outcome.result, outcome.final)
     return finish_job(job, run_job(job))
 
 
-def engine_used(wanted: str, model: torch.nn.Module, rule: ClientRule, batched: bool = True) -> tuple[str, str | None]:
+def engine_used(wanted: str, model: torch.nn.Module, rule: ClientRule) -> tuple[str, str | None]:
     """The engine that trains this model and rule, and why it is not the vectorized one (None
-    when it is). `batched`: whether the runtime hands a round's messages over together (the
-    in-process grid); Ray and SuperNodes send one message per client, trained by Opacus."""
-    if not batched:
-        return "opacus", "the runtime delivers one client per message"
+    when it is). The same in every runtime: the in-process grid trains a round's messages
+    together, Ray and SuperNodes one message at a time."""
     if wanted == "opacus":
         return "opacus", "runtime.engine = 'opacus'"
     reason = unsupported_reason(model, rule)

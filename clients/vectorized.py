@@ -33,7 +33,11 @@ term such as FedLD) takes the **vmap path** above. Both give Opacus' numbers.
 
 Clients take different numbers of steps: they are sorted by steps, so at each step the
 active ones are a prefix of the stack. Each client draws from its own generator, seeded by
-its round seed, so results do not depend on how clients are grouped into chunks.
+its round seed, so its draws do not depend on how clients are grouped into chunks; the float
+rounding of its sums can, in the last bits: a step's batch is padded to the widest draw among
+the clients trained together, and BLAS sums a longer padded row in another order. A client
+trained alone (``runtime.engine_chunk = 1``, or one message under Ray and on a SuperNode)
+gives the same bits wherever it trains.
 """
 
 from __future__ import annotations
@@ -405,7 +409,7 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
                                 device)
         elif private:
             draws = torch.full((active, n_max), 2.0, device=device)
-            for i in range(active):  # each client's own stream: results do not depend on chunking
+            for i in range(active):  # each client's own stream: its draws do not depend on chunking
                 torch.rand(sizes[i], generator=gens[i], device=device, out=draws[i, :sizes[i]])
             chosen = draws < rate_col
             counts = chosen.sum(1)

@@ -170,9 +170,10 @@ class StrategyConfig:
 @dataclass
 class RuntimeConfig:
     name: str = param("inprocess", "simulation runtime", choices=("inprocess", "ray"))
-    engine: str = param("auto", "in-process training engine: vectorized trains a round's clients at once "
-                        "(torch.func), opacus one at a time; auto picks vectorized where the model and "
-                        "algorithm allow it", choices=("auto", "vectorized", "opacus"))
+    engine: str = param("auto", "training engine: vectorized trains a round's clients at once in process "
+                        "(torch.func; one per message under Ray and on SuperNodes), opacus one at a time; "
+                        "auto picks vectorized where the model and algorithm allow it",
+                        choices=("auto", "vectorized", "opacus"))
     engine_chunk: int = param(0, "vectorized engine: clients per batched computation (0 = from free memory)",
                               lo=0, hi=MAX_CLIENTS, why="more than federation.num_clients can be")
     device: str = param("auto", "torch device", choices=("auto", "cpu", "cuda"))
@@ -541,11 +542,9 @@ _UNUSED_RULES: tuple[tuple[tuple[str, ...], Callable[[Config], bool], str, Calla
      "some guarantee has a delta (DP-SGD, user-level DP, Gaussian label DP)", lambda c: "none is on"),
     (("runtime.num_cpus", "runtime.num_gpus"), lambda c: c.runtime.name == "ray",
      "runtime.name = 'ray'", lambda c: f"runtime.name is {c.runtime.name!r}"),
-    (("runtime.engine",), lambda c: c.runtime.name == "inprocess",
-     "runtime.name = 'inprocess' (Ray and deployments train with Opacus)",
-     lambda c: f"runtime.name is {c.runtime.name!r}"),
     (("runtime.engine_chunk",), lambda c: c.runtime.name == "inprocess" and c.runtime.engine != "opacus",
-     "the vectorized engine can run (runtime.engine auto or vectorized, in-process)",
+     "the vectorized engine trains whole rounds (runtime.engine auto or vectorized, in-process; "
+     "Ray delivers one client at a time)",
      lambda c: f"runtime.engine is {c.runtime.engine!r}, runtime.name {c.runtime.name!r}"),
 )
 

@@ -109,9 +109,6 @@ def check_engine(cfg: Config, model) -> None:
     """An explicit ``runtime.engine = "vectorized"`` that cannot run is refused before any work."""
     if cfg.runtime.engine != "vectorized":
         return
-    if cfg.runtime.name != "inprocess":
-        raise ConfigError(f"runtime.engine: vectorized trains a round's clients together in the in-process "
-                          f"runtime; runtime {cfg.runtime.name!r} runs one client per message (use auto)")
     rule = get_algorithm(cfg.strategy.name).client
     set_trainable(model, rule.trainable)
     choose_engine("vectorized", model, rule)

@@ -541,9 +541,11 @@ def _engine_record(cfg: Config, model: torch.nn.Module, grid: Grid) -> dict:
     """Which engine trains this run's clients (for summary.json and run.log): ``auto`` resolved,
     so a result says what produced it."""
     rule = get_algorithm(cfg.strategy.name).client
-    engine, why = engine_used(cfg.runtime.engine, model, rule, getattr(grid, "train_round", None) is not None)
+    engine, why = engine_used(cfg.runtime.engine, model, rule)
     if why is None:
-        log.info("engine: vectorized, a round's clients trained together")
+        together = getattr(grid, "train_round", None) is not None  # the in-process grid batches a round
+        log.info("engine: vectorized, %s", "a round's clients trained together" if together
+                 else "one client per message (this runtime delivers them one at a time)")
     elif cfg.runtime.engine == "opacus":
         log.info("engine: opacus, as runtime.engine asks")
     else:  # auto fell back

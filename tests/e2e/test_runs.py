@@ -38,12 +38,15 @@ def test_same_seed_same_rounds_and_other_seed_differs(tiny, tmp_path):
     assert _strip_wall(rounds(a)) != _strip_wall(rounds(c))
 
 
-def test_ray_and_inprocess_agree(tiny, tmp_path):
-    # Ray delivers one message at a time and trains with Opacus: compare with that engine in process
-    kw = {"privacy.noise_multiplier": 1.0, "federation.rounds": 2}
-    a = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "a"), "runtime.engine": "opacus"}),
-                       progress=False)
+@pytest.mark.parametrize("engine", ["auto", pytest.param("opacus", marks=pytest.mark.slow)])
+def test_ray_and_inprocess_agree(tiny, tmp_path, engine):
+    """Ray delivers one message at a time, the in-process grid a round at once; with either
+    engine the clients train alike (the vectorized one with one client or many)."""
+    kw = {"privacy.noise_multiplier": 1.0, "federation.rounds": 2, "runtime.engine": engine}
+    a = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "a")}), progress=False)
     b = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "b"), "runtime.name": "ray"}), progress=False)
+    used = {json.loads((run / "summary.json").read_text())["engine"]["used"] for run in (a, b)}
+    assert used == {"vectorized" if engine == "auto" else "opacus"}
     ra, rb = rounds(a), rounds(b)
     assert len(ra) == len(rb) == 2
     for x, y in zip(ra, rb):
