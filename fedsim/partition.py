@@ -150,7 +150,7 @@ def _hf_dataset(labels: np.ndarray, groups: np.ndarray | None, seed: int, shuffl
 
 
 def _load_all(part, num_clients: int) -> list[np.ndarray]:
-    """Every client's row indices (the dataset is in numpy format: see `_hf_dataset`)."""
+    """Every client's row indices (the dataset is in Arrow format: see `_hf_dataset`)."""
     return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_clients)]
 
 

@@ -492,7 +492,8 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_window
     status, error = "failed", None
     try:
         spec = data_spec(load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed))
-        tracked.discover(cfg.federation.num_clients, cfg.runtime.discovery_timeout, dumps_toml(cfg), spec,
+        config_text = dumps_toml(cfg)  # what discovery hands the nodes, and every checkpoint keeps
+        tracked.discover(cfg.federation.num_clients, cfg.runtime.discovery_timeout, config_text, spec,
                          discovery_window)
         model, evaluate_fn = evaluation_function(cfg, recorder)
         strategy = SeededRounds(build_strategy(cfg), cfg.seed, tracked, cfg.federation.clients_per_round)
@@ -511,7 +512,6 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_window
             log.info("resumed after round %d of %d from %s", resume.round, cfg.federation.rounds,
                      checkpoint_path(recorder.out_dir))
         every = cfg.output.checkpoint_every
-        config_text = dumps_toml(cfg)  # the same text in every checkpoint
         node_memo: NodeMemo = {}  # nodes that did not train since the last checkpoint are not re-encoded
         for server_round in range(first, cfg.federation.rounds + 1):
             arrays = _train_round(strategy, tracked, recorder, server_round, arrays, cfg.runtime.round_timeout)

@@ -27,6 +27,7 @@ import sys
 import time
 
 GRACE_SECONDS = 5.0
+SCAN_SECONDS = 1.0
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -55,7 +56,6 @@ def die_with_parent():
         return None
     libc, parent = _libc(), os.getpid()
     return lambda: die_with(parent, libc)
-SCAN_SECONDS = 1.0
 
 
 def process_table() -> dict[int, list[tuple[int, int]]]:
