@@ -14,6 +14,7 @@ one client), and `finish_job` (result -> reply, node state saved).
 
 from __future__ import annotations
 
+import math
 import traceback
 from dataclasses import dataclass
 
@@ -48,8 +49,7 @@ def query(msg: Message, context: Context, config_text: str | None = None) -> Mes
     if spec is not None:
         state[R.DATA_SPEC] = spec
     pid = node_partition_id(context.node_config)
-    return Message(R.trusted(RecordDict, {R.METRICS: R.trusted(MetricRecord, {R.PARTITION_ID: int(pid)})}),
-                   reply_to=msg)
+    return R.reply_to(msg, R.trusted(RecordDict, {R.METRICS: R.trusted(MetricRecord, {R.PARTITION_ID: int(pid)})}))
 
 
 def load_history(context: Context) -> History:
@@ -178,29 +178,31 @@ def run_job(job: ClientJob, batches: list[np.ndarray] | None = None) -> LocalRes
                        loss_term=loss_term, post_step=post_step, rule_state=job.state, batches=batches)
 
 
-def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tensor] | None = None) -> Message:
+def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tensor] | None = None,
+               arrays: ArrayRecord | None = None) -> Message:
     """The reply of a trained job; saves the accountant history and the rule's node state.
 
     `final` (trainable tensors after training, from the vectorized engine) is read from the
-    job's model unless given.
+    job's model unless given; `arrays`, the reply's model record, is built from them unless
+    given (`reply_arrays` builds a round's at once).
     """
     context, cfg = job.context, job.cfg
     keys = job.upload_keys
-    if final is None:
+    if arrays is None and final is None:
         arrays = R.model_to_record(job.model, keys)
-    else:
+    elif arrays is None:
         frozen = job.model.state_dict() if any(k not in final for k in keys) else {}
         arrays = R.numpy_to_record({k: (final[k] if k in final else frozen[k]).numpy() for k in keys})
     save_history(context, result.history)
     private = job.settings.noise_multiplier > 0
-    eps = epsilon(result.history, cfg.privacy.delta, cfg.privacy.accountant) if private else float("inf")
+    eps = epsilon(result.history, cfg.privacy.delta, cfg.privacy.accountant) if private else math.inf
     content = R.trusted(RecordDict, {
         R.ARRAYS: arrays,
         R.METRICS: R.trusted(MetricRecord, {
             R.NUM_EXAMPLES: int(result.num_examples), R.UNIT_WEIGHT: 1.0, R.PARTITION_ID: int(job.partition_id),
-            R.EPSILON: float(eps) if np.isfinite(eps) else -1.0,  # -1 = no DP (MetricRecord is finite-only)
+            R.EPSILON: float(eps) if math.isfinite(eps) else -1.0,  # -1 = no DP (MetricRecord is finite-only)
             # -1 = no loss measured (every Poisson batch was empty); MetricRecord takes no NaN
-            R.TRAIN_LOSS: float(result.mean_loss) if np.isfinite(result.mean_loss) else -1.0,
+            R.TRAIN_LOSS: float(result.mean_loss) if math.isfinite(result.mean_loss) else -1.0,
             R.LOCAL_STEPS: int(result.steps),
             R.SAMPLE_RATE: float(result.sample_rate)}),
     })
@@ -212,7 +214,26 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
             content[R.ALGORITHM_ARRAYS] = R.numpy_to_record(reply_arrays)
         if node_state:
             R.plain(context.state)[R.ALGORITHM_STATE] = R.numpy_to_record(node_state)
-    return Message(content, reply_to=job.msg)
+    return R.reply_to(job.msg, content)
+
+
+def reply_arrays(jobs: list[ClientJob], outcomes: list[VectorOutcome]) -> list[ArrayRecord | None]:
+    """The reply model records of jobs trained together (one template model, one rule), built a
+    tensor at a time: the clients' trained tensors stacked, then one `R.stacked_to_arrays`
+    per tensor. A tensor the engine did not train (frozen, yet uploaded) comes from the shared
+    model. None where a job's outcome lacks a trained tensor the others have: `finish_job`
+    builds that one's record itself."""
+    keys = jobs[0].upload_keys
+    trained = [k for k in keys if all(k in o.final for o in outcomes)]
+    if any(set(o.final) & set(keys) != set(trained) for o in outcomes):
+        return [None] * len(jobs)
+    columns = {k: R.stacked_to_arrays(torch.stack([o.final[k] for o in outcomes]).numpy()) for k in trained}
+    frozen = jobs[0].model.state_dict() if len(trained) < len(keys) else {}
+    for k in keys:
+        if k not in columns:
+            values = frozen[k].detach().cpu().numpy()
+            columns[k] = [R.to_array(values) for _ in jobs]
+    return [R.trusted(ArrayRecord, {k: columns[k][i] for k in keys}) for i in range(len(jobs))]
 
 
 def train(msg: Message, context: Context, config_text: str | None = None) -> Message:
@@ -285,8 +306,8 @@ def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = 
         jobs = [job for _, job in members]
         try:
             outcomes = run_vectorized(jobs)
-            for (i, job), outcome in zip(members, outcomes):
-                replies[i] = finish_job(job, outcome.result, outcome.final)
+            for (i, job), outcome, arrays in zip(members, outcomes, reply_arrays(jobs, outcomes)):
+                replies[i] = finish_job(job, outcome.result, outcome.final, arrays)
         except FedsimError:
             raise
         except Exception:  # noqa: BLE001 - the batch failed: every client in it reports the error

@@ -29,6 +29,34 @@ def test_to_array_equals_flowers_array(key: str) -> None:
     np.testing.assert_array_equal(R.from_array(flower), values)
 
 
+def test_stacked_to_arrays_equals_to_array_of_each_row() -> None:
+    stacked = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4).transpose(0, 2, 1)  # not contiguous
+    for row, fast in zip(stacked, R.stacked_to_arrays(stacked), strict=True):
+        assert fast.__dict__ == Array(np.ascontiguousarray(row)).__dict__
+
+
+def test_reply_to_builds_flowers_reply(flower) -> None:
+    """`reply_to` skips Flower's checks: its metadata must still be the one Flower derives,
+    field by field (the creation time and the TTL that follows from it within a second)."""
+    from flwr.app import Message
+
+    content = RecordDict({"metrics": MetricRecord({"n": 1})})
+    sent = Message(content, dst_node_id=17, message_type="train", group_id="3", ttl=500.0)
+    sent.metadata.__dict__.update(_message_id="abc", _src_node_id=1, _src_task_id=4, _dst_task_id=9)
+    fast, flower = R.reply_to(sent, content), Message(content, reply_to=sent)
+    assert list(fast.__dict__) == list(flower.__dict__)
+    assert fast.content is content and not fast.has_error()
+    ours, theirs = fast.metadata.__dict__, flower.metadata.__dict__
+    assert list(ours) == list(theirs)
+    for key in ours:
+        if key in ("_created_at", "_ttl"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1.0), key
+        else:
+            assert ours[key] == theirs[key], key
+    assert fast.metadata.reply_to_message_id == "abc" and fast.metadata.dst_node_id == 1
+    assert fast.metadata.created_at + fast.metadata.ttl == pytest.approx(500.0 + sent.metadata.created_at)
+
+
 def test_trusted_records_equal_checked_ones_and_survive_serialization() -> None:
     metrics = {"num-examples": 12, "epsilon": 1.25, "losses": [0.5, 0.25]}
     config = {"sigma": [1.0, 1.0], "steps": [3, 4], "name": "x"}
