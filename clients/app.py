@@ -124,6 +124,9 @@ class RoundTemplate:
     global_params: dict[str, torch.Tensor]
     server_arrays: dict[str, torch.Tensor]
     upload_keys: list[str]
+    cfg: Config | None = None  # the experiment the settings below were derived from
+    settings: TrainSettings | None = None
+    hyper: Hyper | None = None
 
 
 def prepare_job(msg: Message, context: Context, config_text: str | None = None,
@@ -144,8 +147,11 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
         template = RoundTemplate(
             model, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad},
             R.record_to_tensors(extra) if extra is not None else {}, select_keys(model, rule.upload))
-    settings = settings_for(cfg, data.task)
-    hyper = Hyper(params=cfg.strategy.params, lr=settings.lr, private=settings.noise_multiplier > 0)
+    if template.cfg is cfg:  # the round's other clients: the same experiment, the same settings
+        settings, hyper = template.settings, template.hyper
+    else:
+        settings = settings_for(cfg, data.task)
+        hyper = Hyper(params=cfg.strategy.params, lr=settings.lr, private=settings.noise_multiplier > 0)
     kept = R.record_of(context.state, R.ALGORITHM_STATE, ArrayRecord)
     model = template.model
     start = RoundStart(hyper=hyper, global_params=template.global_params, server_arrays=template.server_arrays,
@@ -296,7 +302,7 @@ def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = 
             else:
                 if key not in templates:  # the round's first job built it; the others share it
                     templates[key] = RoundTemplate(job.model, job.start.global_params, job.start.server_arrays,
-                                                   job.upload_keys)
+                                                   job.upload_keys, job.cfg, job.settings, job.start.hyper)
                 groups.setdefault(key, []).append((i, job))
         except FedsimError:
             raise

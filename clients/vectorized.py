@@ -387,13 +387,19 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
     q = [poisson_sample_rate(n, settings.batch_size) for n in sizes]
     rates = torch.tensor(q, device=device)
     expected = torch.tensor([int(n * qq) for n, qq in zip(sizes, q)], dtype=torch.float32, device=device)
-    std = settings.noise_multiplier * settings.max_grad_norm
     shapes = {name: t.shape[1:] for name, t in params.items()}
     numels = [int(np.prod(s)) for s in shapes.values()]
     loss_sum = torch.zeros(k, device=device, dtype=torch.float64)
     loss_count = torch.zeros(k, device=device, dtype=torch.float64)
     perms: list[torch.Tensor | None] = [None] * k
     arange = torch.arange(n_max, device=device)
+    std = settings.noise_multiplier * settings.max_grad_norm
+    # buffers for every step, and each client's row of them: one view per client per chunk,
+    # not per step (a Python-level view costs about as much as drawing a small client's rand)
+    draws = torch.full((k, n_max), 2.0, device=device)  # padding never drawn: never below q
+    draw_rows = [draws[i, :n] for i, n in enumerate(sizes)] if private and batches is None else []
+    noise_all = torch.empty(k, sum(numels), device=device) if private and std > 0 else None
+    noise_rows = noise_all.unbind(0) if noise_all is not None else ()
     last_active = -1
     for t in range(max(steps)):
         active = sum(1 for s in steps if s > t)  # clients are sorted by steps: a prefix
@@ -408,10 +414,9 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
             local, valid = _pad([torch.as_tensor(np.asarray(batches[i][t], dtype=np.int64)) for i in range(active)],
                                 device)
         elif private:
-            draws = torch.full((active, n_max), 2.0, device=device)
             for i in range(active):  # each client's own stream: its draws do not depend on chunking
-                torch.rand(sizes[i], generator=gens[i], device=device, out=draws[i, :sizes[i]])
-            chosen = draws < rate_col
+                torch.rand(sizes[i], generator=gens[i], device=device, out=draw_rows[i])
+            chosen = draws[:active] < rate_col
             counts = chosen.sum(1)
             width = int(counts.max())
             local = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :width]
@@ -437,9 +442,9 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
                 summed = {name: torch.zeros_like(p) for name, p in current.items()}
                 batch_loss = torch.zeros(active, device=device)
             if std > 0:
-                noise = torch.empty(active, sum(numels), device=device)
                 for i in range(active):
-                    torch.randn(sum(numels), generator=gens[i], device=device, out=noise[i])
+                    torch.randn(noise_rows[i].shape, generator=gens[i], device=device, out=noise_rows[i])
+                noise = noise_all[:active]
                 noise *= std
                 for (name, g), part in zip(summed.items(), noise.split(numels, dim=1)):
                     g.add_(part.reshape(active, *shapes[name]))
