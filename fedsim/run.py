@@ -22,6 +22,7 @@ from pathlib import Path
 from flwr.app import Context, RecordDict
 
 from fedsim.clients.app import choose_engine, make_client_app, train_round
+from fedsim.clients.vectorized import release_scratch
 from fedsim.algorithms import algorithm_names, get_algorithm
 from fedsim.checkpoint import Checkpoint, config_difference, load_checkpoint
 from fedsim.config import Config, check_before_training, dumps_toml
@@ -252,4 +253,7 @@ def run_inprocess(cfg: Config, *, progress: bool = True, resume: Checkpoint | No
     grid = InProcessGrid(make_client_app(), cfg.federation.num_clients, run_config, train_round=train_round)
     context = Context(run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=run_config)
-    return server_main(grid, context, progress=progress, resume=resume)
+    try:
+        return server_main(grid, context, progress=progress, resume=resume)
+    finally:
+        release_scratch()  # the engine's round buffers: kept between rounds, not between runs

@@ -170,6 +170,31 @@ def test_noise_std_matches_closed_form(tiny):
         assert abs(float(diff.mean())) < 4 * expected / math.sqrt(diff.numel())
 
 
+def test_round_buffers_are_reused_but_never_leak_into_results(tiny):
+    """The engine keeps its round-sized temporaries between calls (`scratch`): a later call
+    must neither change an earlier call's results nor depend on what the buffers held (here
+    zeros everywhere: a Poisson draw of 0 selects a sample, so a padding slot left unreset
+    would be drawn)."""
+    from fedsim.clients import vectorized as V
+
+    cfg = tiny(**{**BASE, "model.hidden": [16], "data.partitioner": "dirichlet", "data.alpha": 0.5})
+    first_jobs, again_jobs = _jobs(cfg, range(4), noise=1.0, dp_reference=False)
+    assert len({len(job.y) for job in first_jobs}) > 1  # clients of different sizes: padded draws
+    V.release_scratch()
+    first = run_vectorized(first_jobs)
+    kept = [{k: t.clone() for k, t in o.final.items()} for o in first]
+    assert V._SCRATCH.buffers
+    for buffer in V._SCRATCH.buffers.values():
+        buffer.zero_()
+    again = run_vectorized(again_jobs)  # the same clients and seeds as `first`
+    for outcome, copy, repeat in zip(first, kept, again, strict=True):
+        for key in copy:
+            assert torch.equal(outcome.final[key], copy[key]), key
+            assert torch.equal(repeat.final[key], copy[key]), key
+    V.release_scratch()
+    assert not hasattr(V._SCRATCH, "buffers")
+
+
 def test_history_extends_like_opacus_accountant():
     assert extend_history([], 1.0, 0.5, 3) == [(1.0, 0.5, 3)]
     assert extend_history([(1.0, 0.5, 3)], 1.0, 0.5, 2) == [(1.0, 0.5, 5)]
