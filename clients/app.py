@@ -24,7 +24,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedsim.clients.trainer import train_local
-from fedsim.clients.vectorized import VectorClient, VectorOutcome, train_clients, unsupported_reason
+from fedsim.clients.vectorized import (VectorClient, VectorOutcome, release_scratch, train_clients,
+                                       unsupported_reason)
 from fedsim import records as R
 from fedsim.algorithms import (ClientRule, Hyper, LocalResult, LocalTask, RoundStart, State, TrainSettings,
                                get_algorithm, resolve_device)
@@ -98,6 +99,7 @@ class ClientJob:
 
 
 _NODE_INPUTS: dict[int, tuple] = {}  # node id -> (config, spec, dataset, x, y) of its current run
+_SPARE_MODEL: list[tuple[Config, torch.nn.Module] | None] = [None]  # (experiment, a vectorized round's model)
 
 
 def _node_inputs(cfg: Config, context: Context) -> tuple[Dataset, np.ndarray, np.ndarray]:
@@ -140,7 +142,11 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
     data, x, y = _node_inputs(cfg, context)
     rule = get_algorithm(cfg.strategy.name).client
     if template is None:
-        model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
+        spare, _SPARE_MODEL[0] = _SPARE_MODEL[0], None
+        # last round's shared model, for the same experiment: its arrays are all replaced below,
+        # and the engine that shared it never changed the rest (building anew cost 0.4 ms a round)
+        model = spare[1] if spare is not None and spare[0] is cfg else build_model(
+            cfg.model, data, cfg.seed, cfg.output.dir)
         R.load_record(model, msg.content[R.ARRAYS])
         set_trainable(model, rule.trainable)
         extra = msg.content.get(R.ALGORITHM_ARRAYS)
@@ -275,6 +281,14 @@ def choose_engine(wanted: str, model: torch.nn.Module, rule: ClientRule) -> str:
     return engine
 
 
+def release_run() -> None:
+    """Forget what the in-process runtime kept between a run's rounds: nodes' inputs, the spare
+    model and the engine's round buffers (`vectorized.release_scratch`)."""
+    _NODE_INPUTS.clear()
+    _SPARE_MODEL[0] = None
+    release_scratch()
+
+
 def _error_reply(msg: Message) -> Message:
     return Message(Error(code=500, reason=traceback.format_exc()), reply_to=msg)
 
@@ -314,6 +328,7 @@ def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = 
             outcomes = run_vectorized(jobs)
             for (i, job), outcome, arrays in zip(members, outcomes, reply_arrays(jobs, outcomes)):
                 replies[i] = finish_job(job, outcome.result, outcome.final, arrays)
+            _SPARE_MODEL[0] = (jobs[0].cfg, jobs[0].model)  # untouched by the engine: next round's template
         except FedsimError:
             raise
         except Exception:  # noqa: BLE001 - the batch failed: every client in it reports the error

@@ -77,7 +77,7 @@ def _encode(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"bytes": base64.b64encode(value).decode()}
     if isinstance(value, list):
-        return [_encode(v) for v in value]
+        return [_encode(v) for v in value] if any(isinstance(v, bytes) for v in value) else value
     return value
 
 
@@ -98,10 +98,10 @@ def _node_parts(node: int, state: Mapping[str, Any], tensors: dict[str, np.ndarr
             for key, value in values.items():
                 tensors[f"node/{node}/{name}/{key}"] = value
             parts.append([name, "arrays", list(values)])
-        elif isinstance(record, ConfigRecord):
-            parts.append([name, "config", {k: _encode(v) for k, v in record.items()}])
+        elif isinstance(record, ConfigRecord):  # read through `R.plain`: Flower's view casts every item
+            parts.append([name, "config", {k: _encode(v) for k, v in R.plain(record).items()}])
         elif isinstance(record, MetricRecord):
-            parts.append([name, "metrics", dict(record.items())])
+            parts.append([name, "metrics", dict(R.plain(record))])
         else:  # pragma: no cover - RecordDict holds only these three
             raise TypeError(f"node {node}: record {name!r} of type {type(record).__name__} cannot be saved")
     return parts

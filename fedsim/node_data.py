@@ -131,4 +131,4 @@ def node_data(cfg: Config, node_config: Mapping, data: Dataset | None = None) ->
     if n != cfg.federation.num_clients or not 0 <= pid < n:
         raise ConfigError(f"node config: partition-id {pid} / num-partitions {n} does not match "
                           f"federation.num_clients = {cfg.federation.num_clients}")
-    return client_data(cfg, pid)
+    return client_data(cfg, pid, data)

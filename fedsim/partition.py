@@ -253,9 +253,10 @@ def _partition_cached(data_cfg: Snapshot, num_clients: int, seed: int) -> Partit
     return Partition(indices, part)
 
 
-def client_data(cfg: Config, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (x, y) training arrays of one client, with its feature skew applied."""
-    data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+def client_data(cfg: Config, partition_id: int, data: Dataset | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (x, y) training arrays of one client, with its feature skew applied. `data` is the
+    experiment's loaded dataset, if the caller holds it (else it is loaded, from the cache)."""
+    data = data if data is not None else load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     idx = partition(cfg, data).indices[partition_id]
     x, y = data.x_train[idx], data.y_train[idx]
     if cfg.data.partitioner == "feature-skew":

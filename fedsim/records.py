@@ -232,8 +232,10 @@ def _one_each(contents: list[RecordDict], record_type: type, one_reason: str, ke
         raise InconsistentMessageReplies(reason=one_reason)
     record_key, first = found[0][0]
     keys = set(plain(first))
-    if any(set(plain(plain(c).get(record_key, record_type()))) != keys for c in contents[1:]):
-        raise InconsistentMessageReplies(reason=keys_reason)
+    for content in contents[1:]:
+        record = plain(content).get(record_key)
+        if (plain(record).keys() if isinstance(record, record_type) else set()) != keys:
+            raise InconsistentMessageReplies(reason=keys_reason)
     return record_key, keys
 
 
@@ -289,7 +291,10 @@ def aggregate_train_replies(replies: list[Message], weighted_by_key: str, metric
 
 def _one(content: RecordDict, record_type: type):
     """The content's one record of this type (`check_replies` made sure there is one)."""
-    return next(v for v in plain(content).values() if isinstance(v, record_type))
+    for value in plain(content).values():
+        if isinstance(value, record_type):
+            return value
+    raise KeyError(record_type.__name__)
 
 
 def weighted_average(contents: list[RecordDict], weighted_by_key: str, metrics_fn
@@ -297,7 +302,7 @@ def weighted_average(contents: list[RecordDict], weighted_by_key: str, metrics_f
     """The weighted mean of validated contents' one ArrayRecord each (`weighted_mean`) and
     their metrics (`metrics_fn`); shared by FedAvg's and SCAFFOLD's aggregation."""
     weights = [float(plain(_one(c, MetricRecord))[weighted_by_key]) for c in contents]
-    arrays = [record_to_numpy(_one(c, ArrayRecord)) for c in contents]
+    arrays = [{k: from_array(v) for k, v in plain(_one(c, ArrayRecord)).items()} for c in contents]
     return weighted_mean(arrays, weights), metrics_fn(contents, weighted_by_key)
 
 

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
-from fedsim.clients.app import choose_engine, make_client_app, train_round
-from fedsim.clients.vectorized import release_scratch
+from fedsim.clients.app import choose_engine, make_client_app, release_run, train_round
 from fedsim.algorithms import algorithm_names, get_algorithm
 from fedsim.checkpoint import Checkpoint, config_difference, load_checkpoint
 from fedsim.config import Config, check_before_training, dumps_toml
@@ -256,4 +255,4 @@ def run_inprocess(cfg: Config, *, progress: bool = True, resume: Checkpoint | No
     try:
         return server_main(grid, context, progress=progress, resume=resume)
     finally:
-        release_scratch()  # the engine's round buffers: kept between rounds, not between runs
+        release_run()  # what the clients kept between rounds (buffers, a model), not between runs

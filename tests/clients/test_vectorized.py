@@ -195,6 +195,34 @@ def test_round_buffers_are_reused_but_never_leak_into_results(tiny):
     assert not hasattr(V._SCRATCH, "buffers")
 
 
+def test_next_round_reuses_the_shared_model_with_the_same_results(lora_cfg, tmp_path, monkeypatch):
+    """A vectorized round's shared model becomes the next round's (`clients.app._SPARE_MODEL`):
+    it must train exactly as a freshly built one (here FedSVD: the server's new A replaces the
+    old, the frozen backbone stays), and the reuse must actually happen."""
+    import fedsim.clients.app as app
+
+    def outputs(name):
+        out = run_experiment(lora_cfg(**{"federation.rounds": 3, "runtime.engine": "vectorized",
+                                         "output.dir": str(tmp_path / name)}), progress=False)
+        return [(out / f).read_bytes() for f in ("clients.csv", "model.safetensors")] + \
+            [[r[k] for k in r if k != "wall_seconds"] for r in _rows(out / "rounds.csv")]
+
+    builds = []
+    real_build = app.build_model
+    monkeypatch.setattr(app, "build_model", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    reused = outputs("reused")
+    assert len(builds) == 1  # round 1 builds; rounds 2 and 3 reuse it
+
+    real_prepare = app.prepare_job
+
+    def fresh(*args, **kwargs):
+        app._SPARE_MODEL[0] = None
+        return real_prepare(*args, **kwargs)
+    monkeypatch.setattr(app, "prepare_job", fresh)
+    assert outputs("fresh") == reused
+    assert len(builds) == 1 + 3
+
+
 def test_history_extends_like_opacus_accountant():
     assert extend_history([], 1.0, 0.5, 3) == [(1.0, 0.5, 3)]
     assert extend_history([(1.0, 0.5, 3)], 1.0, 0.5, 2) == [(1.0, 0.5, 5)]
