@@ -26,7 +26,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +139,8 @@ class RunRecorder:
         self.earlier_seconds = float(state["wall_seconds"])
         self.started = time.perf_counter()
 
-    def on_train_reply(self, metrics: MetricRecord) -> None:
+    def on_train_reply(self, metrics: Mapping[str, Any]) -> None:
+        """Count a client's reply; `metrics` is its MetricRecord's plain dict (`R.plain`)."""
         pid = int(metrics[R.PARTITION_ID])
         rec = self.clients.setdefault(pid, ClientRecord())
         rec.num_examples = int(metrics[R.NUM_EXAMPLES])
@@ -349,7 +351,7 @@ class TrackedGrid(ForwardingGrid):
             self._raise_errors(replies, f"round {self.current_round}", messages)
             for reply in replies:
                 if not reply.has_error():
-                    self.recorder.on_train_reply(reply.content[R.METRICS])
+                    self.recorder.on_train_reply(R.plain(R.plain(reply.content)[R.METRICS]))
         return replies
 
     def _raise_errors(self, replies: list[Message], where: str, sent: list[Message] = ()) -> None:
