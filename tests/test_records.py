@@ -157,3 +157,32 @@ def test_aggregation_is_bit_identical_to_flowers(clients: int) -> None:
     for key in flower:
         assert ours[key].dtype == flower[key].dtype and ours[key].shape == flower[key].shape, key
         assert ours[key].tobytes() == flower[key].tobytes(), key
+
+
+def test_load_record_does_what_load_state_dict_does() -> None:
+    """`load_record` copies in place instead of `load_state_dict`: the same tensors after, for
+    parameters, float and integer buffers and a record naming only some of them; the same
+    refusals for a tensor the model lacks and for a shape that differs."""
+    import torch
+    from torch import nn
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2, bias=False))
+
+    torch.manual_seed(0)
+    source, ours, theirs = model(), model(), model()
+    source[1].running_mean += 1.5
+    source[1].num_batches_tracked += 7
+    theirs.load_state_dict(ours.state_dict())
+    state = source.state_dict()
+    partial = {k: v for k, v in state.items() if k != "2.weight"}
+    record = R.numpy_to_record({k: v.numpy() for k, v in partial.items()})
+    R.load_record(ours, record)
+    theirs.load_state_dict(partial, strict=False)
+    for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+    assert not torch.equal(ours[2].weight, source[2].weight)  # not in the record: kept
+    with pytest.raises(KeyError, match="lacks"):
+        R.load_record(ours, R.numpy_to_record({"9.weight": np.ones(2, np.float32)}))
+    with pytest.raises(RuntimeError, match="size mismatch for 0.bias"):
+        R.load_record(ours, R.numpy_to_record({"0.bias": np.ones(4, np.float32)}))
