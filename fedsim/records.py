@@ -190,18 +190,30 @@ _NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.in
                            torch.int64, torch.uint8, torch.bool})  # a tensor numpy can view
 
 
+def _plain_loading(model: nn.Module) -> bool:
+    """Whether `load_state_dict` would only copy values into the model's tensors: no module
+    overrides `_load_from_state_dict` (BatchNorm does, for instance) or hooks into loading."""
+    return all(type(m)._load_from_state_dict is nn.Module._load_from_state_dict
+               and not m._load_state_dict_pre_hooks and not m._load_state_dict_post_hooks
+               for m in model.modules())
+
+
 def load_record(model: nn.Module, record: ArrayRecord) -> None:
     """Copy the record's tensors into the model (other tensors keep their values).
 
     What ``model.load_state_dict(state, strict=False)`` does for a record that names only the
     model's own tensors, with its shapes: each value is copied into the tensor in place (cast
-    to its dtype), here straight from the record's bytes, a quarter of the time (every round
-    loads the global model into the server's and the clients' models)."""
+    to its dtype), here straight from the record's bytes, in 40% of the time (every round
+    loads the global model into the server's and the clients' models). A model with a module
+    that loads its own way (`_plain_loading`) goes through `load_state_dict` itself."""
     targets = model.state_dict(keep_vars=False)
     values = {k: from_array(v) for k, v in plain(record).items()}
     missing = set(values) - set(targets)
     if missing:
         raise KeyError(f"record has tensors the model lacks: {sorted(missing)[:3]}")
+    if not _plain_loading(model):  # a module loads its own way: let it
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in values.items()}, strict=False)
+        return
     for key, value in values.items():
         target = targets[key]
         if tuple(target.shape) != value.shape:

@@ -162,27 +162,40 @@ def test_aggregation_is_bit_identical_to_flowers(clients: int) -> None:
 def test_load_record_does_what_load_state_dict_does() -> None:
     """`load_record` copies in place instead of `load_state_dict`: the same tensors after, for
     parameters, float and integer buffers and a record naming only some of them; the same
-    refusals for a tensor the model lacks and for a shape that differs."""
+    refusals for a tensor the model lacks and for a shape that differs; and a model with a
+    module that loads its own way (a hook, BatchNorm) still goes through `load_state_dict`."""
     import torch
     from torch import nn
 
-    def model() -> nn.Module:
-        return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2, bias=False))
+    class Shift(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("shift", torch.zeros(3))
+            self.register_buffer("count", torch.zeros((), dtype=torch.int64))
 
-    torch.manual_seed(0)
-    source, ours, theirs = model(), model(), model()
-    source[1].running_mean += 1.5
-    source[1].num_batches_tracked += 7
-    theirs.load_state_dict(ours.state_dict())
-    state = source.state_dict()
-    partial = {k: v for k, v in state.items() if k != "2.weight"}
-    record = R.numpy_to_record({k: v.numpy() for k, v in partial.items()})
-    R.load_record(ours, record)
-    theirs.load_state_dict(partial, strict=False)
-    for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
-        assert a.dtype == b.dtype and torch.equal(a, b), key
-    assert not torch.equal(ours[2].weight, source[2].weight)  # not in the record: kept
-    with pytest.raises(KeyError, match="lacks"):
-        R.load_record(ours, R.numpy_to_record({"9.weight": np.ones(2, np.float32)}))
-    with pytest.raises(RuntimeError, match="size mismatch for 0.bias"):
-        R.load_record(ours, R.numpy_to_record({"0.bias": np.ones(4, np.float32)}))
+    def model(norm: type[nn.Module] = Shift) -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 3), norm() if norm is Shift else norm(3), nn.Linear(3, 2, bias=False))
+
+    for norm in (Shift, nn.BatchNorm1d):
+        torch.manual_seed(0)
+        source, ours, theirs = model(norm), model(norm), model(norm)
+        for buffer in source[1].buffers():
+            buffer += 7
+        assert R._plain_loading(ours) == (norm is Shift)
+        theirs.load_state_dict(ours.state_dict())
+        state = source.state_dict()
+        partial = {k: v for k, v in state.items() if k != "2.weight"}
+        record = R.numpy_to_record({k: v.numpy() for k, v in partial.items()})
+        R.load_record(ours, record)
+        theirs.load_state_dict(partial, strict=False)
+        for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), key
+        assert not torch.equal(ours[2].weight, source[2].weight)  # not in the record: kept
+        with pytest.raises(KeyError, match="lacks"):
+            R.load_record(ours, R.numpy_to_record({"9.weight": np.ones(2, np.float32)}))
+        with pytest.raises(RuntimeError, match="size mismatch for 0.bias"):
+            R.load_record(ours, R.numpy_to_record({"0.bias": np.ones(4, np.float32)}))
+    hooked, calls = model(), []
+    hooked[2].register_load_state_dict_pre_hook(lambda *args: calls.append(args[2]))
+    R.load_record(hooked, R.numpy_to_record({"0.bias": np.ones(3, np.float32)}))
+    assert calls == ["2."] and torch.equal(hooked[0].bias, torch.ones(3))
