@@ -163,8 +163,9 @@ def dense_chain(model: nn.Module, rule: ClientRule | None = None) -> list[tuple[
 _SCRATCH = threading.local()
 
 
-def scratch(key: Any, shape: tuple[int, ...], device: str | torch.device) -> torch.Tensor:
-    """A float32 buffer for `key`, kept for the next round (uninitialized on first use).
+def scratch(key: Any, shape: tuple[int, ...], device: str | torch.device,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A buffer for `key`, kept for the next round (uninitialized on first use).
 
     The engine's round-sized temporaries (a round's noise, Poisson draws, lr-scaled steps:
     clients x parameters floats, megabytes at 100 clients) were fresh allocations every
@@ -174,8 +175,8 @@ def scratch(key: Any, shape: tuple[int, ...], device: str | torch.device) -> tor
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     key = (key, str(device))  # "cuda" and "cuda:0" differ as keys only: both stay valid
     found = buffers.get(key)
-    if found is None or found.shape != shape:
-        found = buffers[key] = torch.empty(shape, device=device)
+    if found is None or found.shape != shape or found.dtype != dtype:
+        found = buffers[key] = torch.empty(shape, device=device, dtype=dtype)
     return found
 
 
@@ -422,8 +423,9 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
     std = settings.noise_multiplier * settings.max_grad_norm
     # buffers for every step, and each client's row of them: one view per client per chunk,
     # not per step (a Python-level view costs about as much as drawing a small client's rand)
-    draws = scratch("draws", (k, n_max), device).fill_(2.0)  # padding never drawn: never below q
-    draw_rows = [draws[i, :n] for i, n in enumerate(sizes)] if private and batches is None else []
+    sampling = private and batches is None
+    draws = scratch("draws", (k, n_max), device).fill_(2.0) if sampling else None  # padding: never below q
+    draw_rows = [draws[i, :n] for i, n in enumerate(sizes)] if sampling else []
     noise_all = scratch("noise", (k, sum(numels)), device) if private and std > 0 else None
     noise_rows = noise_all.unbind(0) if noise_all is not None else ()
     last_active = -1
@@ -485,7 +487,7 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
         # engine has always given, so published tables re-run exactly
         if fn.rule.post_step is None:  # in place, on the active prefix of the stack
             for name in params:
-                step = scratch(("step", name), tuple(grad[name].shape), grad[name].device)
+                step = scratch(("step", name), tuple(grad[name].shape), grad[name].device, grad[name].dtype)
                 current[name].sub_(torch.mul(grad[name], settings.lr, out=step))
         else:
             new = fn.post_step({name: current[name] - settings.lr * grad[name] for name in current},
