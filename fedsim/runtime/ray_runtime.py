@@ -45,8 +45,18 @@ def run_ray(cfg: Config, *, progress: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         log.info("joining the Ray cluster at RAY_ADDRESS=%s", os.environ["RAY_ADDRESS"])
         backend_config["init_args"]["address"] = os.environ["RAY_ADDRESS"]
-    run_simulation(server_app=server, client_app=make_client_app(config_text),
-                   num_supernodes=cfg.federation.num_clients, backend_config=backend_config,
-                   verbose_logging=log.isEnabledFor(logging.DEBUG))
+    # Flower's Ray backend hands the driver's sys.path to Ray's workers by writing it into this
+    # process' PYTHONPATH, where every later subprocess of the caller (a notebook's, a sweep's)
+    # would inherit it: the workers got it through Ray's runtime_env; here it is put back
+    pythonpath = os.environ.get("PYTHONPATH")
+    try:
+        run_simulation(server_app=server, client_app=make_client_app(config_text),
+                       num_supernodes=cfg.federation.num_clients, backend_config=backend_config,
+                       verbose_logging=log.isEnabledFor(logging.DEBUG))
+    finally:
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
     if failure:
         raise failure[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 
@@ -44,7 +45,9 @@ def test_ray_and_inprocess_agree(tiny, tmp_path, engine):
     engine the clients train alike (the vectorized one with one client or many)."""
     kw = {"privacy.noise_multiplier": 1.0, "federation.rounds": 2, "runtime.engine": engine}
     a = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "a")}), progress=False)
+    pythonpath = os.environ.get("PYTHONPATH")
     b = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "b"), "runtime.name": "ray"}), progress=False)
+    assert os.environ.get("PYTHONPATH") == pythonpath  # Flower's Ray backend rewrites it: put back
     used = {json.loads((run / "summary.json").read_text())["engine"]["used"] for run in (a, b)}
     assert used == {"vectorized" if engine == "auto" else "opacus"}
     ra, rb = rounds(a), rounds(b)
