@@ -706,9 +706,29 @@ def read_experiment(path: str | Path | None, overrides: dict[str, Any] | None = 
     overrides applied, before validation. `unused_keys` reads which keys it sets."""
     raw = read_toml(path) if path is not None else {}
     raw.pop("sweep", None)  # read by `fedsim sweep`, not part of one run
+    _check_overridden(raw, overrides or {}, path)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     return raw
+
+
+def _check_overridden(raw: dict, overrides: Mapping[str, Any], path: str | Path | None) -> None:
+    """The file's values that overrides replace are still checked, each on its own: a wrong value
+    in the file (``rounds = nan``) is refused, not silently hidden by ``--rounds 1``."""
+    shadow: dict = {}
+    for key in overrides:
+        node: Any = raw
+        *sections, name = key.split(".")
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            set_dotted(shadow, key, node[name])
+    if shadow:
+        try:
+            _build(Config, shadow, "")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {path}, which the command line overrides: fix or remove it there)") \
+                from None
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None, *,

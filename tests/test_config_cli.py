@@ -50,6 +50,17 @@ def test_override_beats_file_and_ints_are_floats(tmp_path):
     assert cfg.client.lr == 1.0 and isinstance(cfg.client.lr, float) and cfg.seed == 3
 
 
+def test_a_wrong_value_in_the_file_is_refused_even_when_overridden(tmp_path):
+    """An override replaces the file's value, but does not excuse it (a fuzz case: ``rounds =
+    nan`` in the file, ``--rounds 1`` on the command line); a valid file value still yields."""
+    path = write(tmp_path, "[federation]\nrounds = nan\nnum_clients = 10\n[client]\nlr = 0.5\n")
+    with pytest.raises(ConfigError, match=r"federation\.rounds: .*nan .*command line overrides"):
+        load_config(path, {"federation.rounds": 1})
+    assert load_config(write(tmp_path, "[client]\nlr = 0.5\n"), {"client.lr": 1.0}).client.lr == 1.0
+    with pytest.raises(ConfigError, match=r"client\.lr"):  # out of range in the file
+        load_config(write(tmp_path, "[client]\nlr = -1.0\n"), {"client.lr": 0.1})
+
+
 @pytest.mark.parametrize("argv, key", [
     (["run", "--rounds", "abc"], "federation.rounds"),
     (["run", "--accountant", "gdp"], "privacy.accountant"),
