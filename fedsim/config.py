@@ -716,13 +716,10 @@ def _check_overridden(raw: dict, overrides: Mapping[str, Any], path: str | Path 
     """The file's values that overrides replace are still checked, each on its own: a wrong value
     in the file (``rounds = nan``) is refused, not silently hidden by ``--rounds 1``."""
     shadow: dict = {}
-    for key in overrides:
-        node: Any = raw
-        *sections, name = key.split(".")
-        for part in sections:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and name in node:
-            set_dotted(shadow, key, node[name])
+    for key, value in flatten(raw).items():
+        parts = key.split(".")  # the key itself or a table around it may be overridden
+        if any(".".join(parts[:i]) in overrides for i in range(1, len(parts) + 1)):
+            set_dotted(shadow, key, value)
     if shadow:
         try:
             _build(Config, shadow, "")

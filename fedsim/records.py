@@ -53,8 +53,7 @@ DISCOVERY_WINDOW_KEY = "discovery-window"
 NUMPY_STYPE = "numpy.ndarray"  # flwr's SType.NUMPY: the payload is a .npy file
 
 
-@functools.lru_cache(maxsize=4096)
-def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:  # cached by `_name_and_header`
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
@@ -333,7 +332,7 @@ def weighted_average(contents: list[RecordDict], weighted_by_key: str, metrics_f
     """The weighted mean of validated contents' one ArrayRecord each (`weighted_mean`) and
     their metrics (`metrics_fn`); shared by FedAvg's and SCAFFOLD's aggregation."""
     weights = [float(plain(_one(c, MetricRecord))[weighted_by_key]) for c in contents]
-    arrays = [{k: from_array(v) for k, v in plain(_one(c, ArrayRecord)).items()} for c in contents]
+    arrays = [record_to_numpy(_one(c, ArrayRecord)) for c in contents]
     return weighted_mean(arrays, weights), metrics_fn(contents, weighted_by_key)
 
 

@@ -27,9 +27,9 @@ import random
 import socket
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
