@@ -9,6 +9,8 @@ noisier features; the shift itself is applied in `client_data`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.machinery
 import importlib.util
 import os
@@ -151,7 +153,26 @@ def _hf_dataset(labels: np.ndarray, groups: np.ndarray | None, seed: int, shuffl
 
 def _load_all(part, num_clients: int) -> list[np.ndarray]:
     """Every client's row indices (the dataset is in Arrow format: see `_hf_dataset`)."""
-    return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_clients)]
+    with _quiet_natural_id_progress():
+        return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_clients)]
+
+
+@contextlib.contextmanager
+def _quiet_natural_id_progress():
+    """flwr-datasets' NaturalIdPartitioner wraps its pass over the rows in a tqdm bar
+    ("Generating partition_id_to_indices") written to stderr, in the middle of fedsim's own
+    console and progress bar; it is turned off while fedsim partitions."""
+    from flwr_datasets.partitioner import natural_id_partitioner as natural_id
+
+    real = getattr(natural_id, "tqdm", None)
+    if real is None:  # a later flwr-datasets without the bar
+        yield
+        return
+    natural_id.tqdm = functools.partial(real, disable=True)
+    try:
+        yield
+    finally:
+        natural_id.tqdm = real
 
 
 def fill_empty_clients(indices: list[np.ndarray]) -> list[np.ndarray]:

@@ -314,5 +314,55 @@ def test_dense_path_equals_vmap_path(tiny, monkeypatch, private):
         assert dense.result.mean_loss == pytest.approx(vmapped.result.mean_loss, rel=1e-6)
 
 
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("activation", [torch.nn.ReLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Identity])
+def test_chain_rule_by_hand_gives_autograds_bits(task, activation):
+    """`_chain_backward` against autograd on the same chain, weights and padded rows: the same
+    bits for every supported activation, a Flatten, a Linear without bias and an activation
+    after the last Linear; in-place and other activations are left to autograd."""
+    from torch import nn
+
+    from fedsim.clients.vectorized import _dense_output_grads, by_hand, dense_chain
+    from fedsim.models import loss_fn
+
+    torch.manual_seed(0)
+    out = 10 if task == "classification" else 1
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), activation(), nn.Linear(16, 8, bias=False), activation(),
+                          nn.Linear(8, out), activation())
+    chain = dense_chain(model)
+    assert by_hand(chain)
+    k, b = 5, 7
+    params = {name: t.detach().expand(k, *t.shape) + 0.1 * torch.randn(k, *t.shape)
+              for name, t in model.named_parameters()}
+    x = torch.randn(k, b, 3, 4)
+    y = torch.randint(0, 10, (k, b)) if task == "classification" else torch.randn(k, b)
+    weight = (torch.rand(k, b) > 0.3).float() / 3.0  # padded rows weigh 0
+    reference = _dense_output_grads(chain, params, x, y, weight, loss_fn(task, reduction="none"))
+    by_hand_result = _dense_output_grads(chain, params, x, y, weight, None, task)
+    assert torch.equal(reference[1], by_hand_result[1])
+    assert len(reference[0]) == len(by_hand_result[0]) == 3
+    for (name, a, g), (name2, a2, g2) in zip(reference[0], by_hand_result[0]):
+        assert name == name2 and torch.equal(a, a2) and torch.equal(g, g2), name
+    assert not by_hand(dense_chain(nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))))
+    assert not by_hand(dense_chain(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))))
+
+
+def test_drawn_indices_on_the_cpu_match_the_device_version():
+    """The numpy selection of each client's drawn samples against the torch one that runs on
+    a device: rows with no draw, one and all of them, and a chunk where nobody drew."""
+    from fedsim.clients.vectorized import drawn_indices, drawn_indices_torch
+
+    rng = torch.Generator().manual_seed(3)
+    chosen = torch.rand(6, 9, generator=rng) < 0.4
+    chosen[1] = False
+    chosen[2] = True
+    for case in (chosen, torch.zeros(3, 4, dtype=torch.bool), chosen[:1]):
+        local, valid = drawn_indices(case)
+        local_t, valid_t = drawn_indices_torch(case)
+        assert torch.equal(valid, valid_t) and torch.equal(local[valid], local_t[valid_t])
+        for row, (idx, ok) in enumerate(zip(local, valid)):
+            assert idx[ok].tolist() == case[row].nonzero().flatten().tolist()
+
+
 def test_non_private_mlp_matches_plain_torch_loop(tiny):
     _compare(tiny(**BASE), steps=4, empty_at=2, dp_reference=False)
