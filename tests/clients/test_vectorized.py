@@ -347,6 +347,56 @@ def test_chain_rule_by_hand_gives_autograds_bits(task, activation):
     assert not by_hand(dense_chain(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))))
 
 
+@pytest.mark.parametrize("case", ["fedsvd", "fedavg-lora", "head-only", "regression"])
+def test_lora_path_gives_the_vmap_paths_bits(case):
+    """`lora_grads` against ``vmap(grad)`` on the same stacked adapters, per sample (DP-SGD,
+    `_Functional.per_sample_grads`) and per client over a padded batch (no DP,
+    `_Functional.batch_grads`): B alone (FedSVD, FFA-LoRA), A and B (FedAvg-LoRA), LoRA on the
+    head only (a frozen plain Linear before it) and a regression output; the same bits."""
+    from torch import nn
+
+    from fedsim.algorithms import Hyper, get_algorithm
+    from fedsim.clients.vectorized import _Functional, clip_factor, lora_chain, lora_grads
+    from fedsim.lora import LoRALinear, add_lora, set_trainable
+    from fedsim.models import mlp
+
+    torch.manual_seed(1)
+    task = "regression" if case == "regression" else "classification"
+    net = add_lora(mlp(20, [16, 12], 1 if task == "regression" else 5), 4, 6.0,  # scale 1.5: inexact
+                   targets=["5"] if case == "head-only" else None)
+    for module in net.modules():
+        if isinstance(module, LoRALinear):  # B0 = 0 would make every upstream gradient zero
+            nn.init.normal_(module.lora_B.weight, std=0.3)
+    rule = get_algorithm("fedavg-lora" if case == "fedavg-lora" else "fedsvd").client
+    set_trainable(net, rule.trainable)
+    fn = _Functional(net, rule, Hyper(params={}, lr=0.1, private=True), task)
+    assert fn.chain is None and fn.lora_chain is not None
+    k, b = 3, 6
+    params = {name: t.expand(k, *t.shape) + 0.05 * torch.randn(k, *t.shape) for name, t in fn.trainable.items()}
+    x = torch.randn(k, b, 20)
+    y = torch.randn(k, b) if task == "regression" else torch.randint(0, 5, (k, b))
+    reference, reference_losses = fn.per_sample_grads(params, {}, x, y)
+    per_sample, _ = lora_grads(fn.lora_chain, params, fn.frozen, x, y, torch.ones(k, b), task, per_sample=True)
+    for name in reference:
+        assert torch.equal(per_sample[name], reference[name]), name
+    mask = torch.ones(k, b)
+    mask[1, 4:] = 0.0  # a padded batch
+    grads, losses = fn.clipped_sum(params, {}, x, y, mask, max_grad_norm=1e9)  # no clipping: sums
+    assert grads.keys() == reference.keys()
+    assert len(grads) == {"fedavg-lora": 6, "head-only": 1}.get(case, 3)  # A and B, the head's B, each layer's B
+    for name in grads:
+        summed = torch.einsum("ab,ab...->a...", clip_factor(torch.ones(k, b), 1e9, mask), reference[name])
+        assert torch.equal(grads[name], summed), name
+    assert torch.equal(losses, reference_losses)
+    batch_reference = fn.batch_grads(params, {}, x, y, mask)
+    batch = fn.mean_grads(params, {}, x, y, mask)
+    for name in batch_reference[0]:
+        assert torch.equal(batch[0][name], batch_reference[0][name]), name
+    assert torch.equal(batch[1], batch_reference[1])
+    net[2] = nn.ReLU(inplace=True)
+    assert lora_chain(net, rule) is None
+
+
 def test_drawn_indices_on_the_cpu_match_the_device_version():
     """The numpy selection of each client's drawn samples against the torch one that runs on
     a device: rows with no draw, one and all of them, and a chunk where nobody drew."""
