@@ -31,11 +31,13 @@ clipping", Li et al. 2022). The clipped sum is then one batched matmul per layer
 per-sample gradient is ever materialized. For ReLU, Tanh, Sigmoid and Identity activations
 the output gradients come from the chain rule applied step by step with the ATen backward
 kernels autograd itself would call (`_chain_backward`): the same bits, without building and
-walking a graph at every step. A chain of LoRA layers (lora-mlp under FedSVD, FFA-LoRA
-and FedAvg-LoRA) takes the **LoRA path** (`lora_grads`): the adapters' per-sample gradients
-are outer products too, small enough to form, computed with the very kernels ``vmap``
-uses, so the vmap path's bits at an eighth of its cost. Any other model (cnn, a rule with a
-loss term such as FedLD) takes the **vmap path** above. All give Opacus' numbers.
+walking a graph at every step. Other chains of Linear and LoRA layers (lora-mlp under
+FedSVD, FFA-LoRA and FedAvg-LoRA; an MLP under FedLD, whose margin term reads each sample's
+logits; a partly frozen MLP) take the **outer-product path** (`outer_grads`): per-sample
+gradients are formed, as outer products, with the very kernels ``vmap`` uses, so the vmap
+path's bits at a fraction of its cost (a rule's loss term is differentiated under ``vmap``
+from the model's outputs on). Any other model (cnn, user models) takes the **vmap path**
+above. All give Opacus' numbers.
 
 Clients take different numbers of steps: they are sorted by steps, so at each step the
 active ones are a prefix of the stack. Each client draws from its own generator, seeded by
@@ -387,31 +389,29 @@ def dense_batch_grads(chain, params: Tensors, x: torch.Tensor, y: torch.Tensor, 
     return _dense_weight_grads(layers, params), (per_sample * mask).sum(1) / count.squeeze(1)
 
 
-def lora_chain(model: nn.Module, rule: ClientRule | None = None) -> list[tuple[str, nn.Module]] | None:
-    """The model as (name, module) steps of the LoRA path, or None where it does not apply: an
-    ``nn.Sequential`` of LoRA layers (`fedsim.lora.LoRALinear`, no dropout), frozen Linear
-    layers, activations `_chain_backward` differentiates and a leading Flatten, no buffers, no
-    rule loss term, and only LoRA adapters trained (lora-mlp under FedSVD, FFA-LoRA or
-    FedAvg-LoRA)."""
-    if not isinstance(model, nn.Sequential) or next(model.buffers(), None) is not None or \
-            (rule is not None and rule.loss_term is not None):
+def outer_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The model as (name, module) steps of the outer-product path, or None where it does not
+    apply: an ``nn.Sequential`` of Linear layers (trained or frozen, in whole or in part), LoRA
+    layers (`fedsim.lora.LoRALinear` with a frozen base and no dropout), activations
+    `_chain_backward` differentiates and a leading Flatten, with no buffers and something
+    trained. `lora-mlp` under FedSVD, FFA-LoRA and FedAvg-LoRA, and `mlp` under FedLD."""
+    if not isinstance(model, nn.Sequential) or next(model.buffers(), None) is not None:
         return None
-    steps, trained = [], False
+    steps = []
     for name, module in model.named_children():
         if isinstance(module, LoRALinear):
             if not isinstance(module.dropout, nn.Identity) or any(p.requires_grad for p in module.base.parameters()):
                 return None
-            trained = trained or any(p.requires_grad for p in module.parameters())
-        elif isinstance(module, nn.Linear):
-            if any(p.requires_grad for p in module.parameters()):
-                return None
         elif isinstance(module, nn.Flatten):
             if steps or (module.start_dim, module.end_dim) != (1, -1):
                 return None
+        elif isinstance(module, nn.Linear):
+            if module.bias is not None and module.bias.requires_grad and not module.weight.requires_grad:
+                return None  # a trained bias on a frozen weight: left to vmap
         elif not by_hand([(name, module)]):
             return None
         steps.append((name, module))
-    return steps if trained else None
+    return steps if any(p.requires_grad for p in model.parameters()) else None
 
 
 def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -419,8 +419,11 @@ def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     client (clients, out, in): the calls ``vmap`` over clients and samples makes of it."""
     if weight.dim() == 2:
         return nn.functional.linear(h, weight, bias)
-    return torch.bmm(h, weight.transpose(1, 2)) if bias is None else \
-        torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+    if bias is None:
+        return torch.bmm(h, weight.transpose(1, 2))
+    if bias.dim() == 1:  # a frozen bias of a trained weight
+        bias = bias.expand(weight.shape[0], -1)
+    return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
 
 
 def _input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -429,43 +432,47 @@ def _input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return grad @ weight if weight.dim() == 2 else torch.bmm(grad, weight)
 
 
-def lora_grads(chain: list[tuple[str, nn.Module]], params: Tensors, frozen: Tensors, x: torch.Tensor,
-               y: torch.Tensor, weight: torch.Tensor, task: str,
-               per_sample: bool) -> tuple[Tensors, torch.Tensor] | None:
-    """Gradients of the trained LoRA adapters of a `lora_chain` and the per-sample losses
-    (clients, batch), without autograd or ``vmap``: with `per_sample`, each sample's own
-    gradients (clients, batch, ...); else each client's gradient of the sum of `weight` times
-    the losses (clients, ...).
+OutputGrads = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
 
-    A sample's gradient of B is the outer product of s g (s the LoRA scale, g the layer's
-    output gradient) and A a; of A, of B^T s g and a. Each is computed with the kernels
-    ``vmap(grad)`` uses for it, so the result is the vmap path's, bit for bit (tested), at
-    about an eighth of its cost. None where the loss shapes do not fit `_loss_and_output_grad`.
+
+def outer_grads(chain: list[tuple[str, nn.Module]], params: Tensors, frozen: Tensors, x: torch.Tensor,
+                output_grads: OutputGrads, per_sample: bool) -> tuple[Tensors, torch.Tensor] | None:
+    """Gradients of the trained tensors of an `outer_chain`, without autograd or ``vmap`` over
+    the model: with `per_sample`, each sample's own (clients, batch, ...); else each client's
+    (clients, ...). ``output_grads(out)`` gives the losses and the gradient of the model's
+    output (clients, batch, outputs), or None (then so is the result).
+
+    A sample's gradient of a Linear weight is the outer product of the layer's output gradient
+    g and its input a, of its bias g; of a LoRA layer's B, of s g (s the LoRA scale) and A a;
+    of A, of B^T s g and a. Each is computed with the kernels ``vmap(grad)`` uses for it, so
+    the result is the vmap path's, bit for bit (tested), at a fraction of its cost.
     """
     h = x.flatten(2) if x.dim() > 3 else x
-    backward = []  # ("lora", name, (input, A input, A, B, scale)), ("linear", name, weight), ("act", type, output)
+    backward = []  # ("lora", name, (input, A input, A, B, scale)), ("linear", name, input), ("act", type, output)
+
+    def tensor(name: str) -> torch.Tensor | None:
+        return params[name] if name in params else frozen.get(name)
+
     for name, module in chain:
         if isinstance(module, LoRALinear):
-            a, b = (params.get(f"{name}.{t}.weight", frozen.get(f"{name}.{t}.weight")) for t in ("lora_A", "lora_B"))
+            a, b = tensor(f"{name}.lora_A.weight"), tensor(f"{name}.lora_B.weight")
             u = _linear(h, a)
             z = _linear(h, frozen[f"{name}.base.weight"], frozen.get(f"{name}.base.bias")) + \
                 module.scaling * _linear(u, b)
             backward.append(("lora", name, (h, u, a, b, module.scaling)))
         elif isinstance(module, nn.Linear):
-            z = _linear(h, frozen[f"{name}.weight"], frozen.get(f"{name}.bias"))
-            backward.append(("linear", name, frozen[f"{name}.weight"]))
+            z = _linear(h, tensor(f"{name}.weight"), tensor(f"{name}.bias"))
+            backward.append(("linear", name, h))
         elif isinstance(module, nn.Flatten):
             continue
         else:
             z = module(h)
             backward.append(("act", type(module), z))
         h = z
-    k, batch = x.shape[:2]
-    found = _loss_and_output_grad(task, h.flatten(0, 1), y.flatten(0, 1), weight.reshape(-1))
+    found = output_grads(h)
     if found is None:
         return None
     losses, grad = found
-    grad = grad.view(h.shape)
 
     def weight_grad(output_grad: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         if per_sample:
@@ -473,12 +480,19 @@ def lora_grads(chain: list[tuple[str, nn.Module]], params: Tensors, frozen: Tens
         return torch.bmm(output_grad.transpose(1, 2), inputs)
 
     grads: Tensors = {}
-    remaining = len(params)  # adapters still to reach, walking back
+    remaining = len(params)  # trained tensors still to reach, walking back
     for kind, key, saved in reversed(backward):
         if kind == "act":
             grad = _BACKWARD_FROM_OUTPUT[key](grad, saved)
         elif kind == "linear":
-            grad = _input_grad(grad, saved)
+            if f"{key}.weight" in params:
+                grads[f"{key}.weight"] = weight_grad(grad, saved)
+                remaining -= 1
+            if f"{key}.bias" in params:
+                grads[f"{key}.bias"] = grad if per_sample else grad.sum(1)
+                remaining -= 1
+            if remaining > 0:
+                grad = _input_grad(grad, tensor(f"{key}.weight"))
         else:
             h_in, u, a, b, scale = saved
             scaled = grad * scale
@@ -495,7 +509,7 @@ def lora_grads(chain: list[tuple[str, nn.Module]], params: Tensors, frozen: Tens
                     grad = _input_grad(grad, frozen[f"{key}.base.weight"]) + _input_grad(to_u, a)
         if remaining == 0:
             break
-    return {name: grads[name] for name in params}, losses.reshape(k, batch)
+    return {name: grads[name] for name in params}, losses
 
 
 class _Functional:
@@ -506,12 +520,11 @@ class _Functional:
         self.trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
         self.frozen = {k: v.detach() for k, v in list(model.named_parameters()) + list(model.named_buffers())
                        if k not in self.trainable}
-        self.rule, self.hyper = rule, hyper
+        self.rule, self.hyper, self.task = rule, hyper, task
         self.losses = loss_fn(task, reduction="none")
-        self.chain = dense_chain(model, rule)  # None: the LoRA or the vmap path
+        self.chain = dense_chain(model, rule)  # None: the outer-product or the vmap path
         self.by_hand_task = task if by_hand(self.chain) else None  # None: autograd on the dense path
-        self.lora_chain = lora_chain(model, rule) if self.chain is None else None
-        self.task = task
+        self.outer = outer_chain(model) if self.chain is None else None
 
     def clipped_sum(self, params: Tensors, state: State, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                     max_grad_norm: float) -> tuple[Tensors, torch.Tensor]:
@@ -520,8 +533,18 @@ class _Functional:
         if self.chain is not None:
             return dense_clipped_sum(self.chain, params, x, y, mask, self.losses, max_grad_norm,
                                      self.by_hand_task)
-        found = lora_grads(self.lora_chain, params, self.frozen, x, y, torch.ones_like(mask), self.task,
-                           per_sample=True) if self.lora_chain is not None else None
+        found = None
+        if self.outer is not None:
+            if self.rule.loss_term is None:
+                def output_grads(out):
+                    found = _loss_and_output_grad(self.task, out.flatten(0, 1), y.flatten(0, 1),
+                                                  torch.ones(out.shape[0] * out.shape[1], device=out.device))
+                    return None if found is None else (found[0].view(y.shape), found[1].view(out.shape))
+            else:  # the rule's term differentiated as the vmap path does, from the outputs on
+                def output_grads(out):
+                    grads, values = self.per_sample_output_grads(out, state, y)
+                    return values, grads
+            found = outer_grads(self.outer, params, self.frozen, x, output_grads, per_sample=True)
         grads, values = found if found is not None else self.per_sample_grads(params, state, x, y)
         norms = torch.stack([g.reshape(*g.shape[:2], -1).norm(2, dim=-1) for g in grads.values()],
                             dim=-1).norm(2, dim=-1)
@@ -533,11 +556,23 @@ class _Functional:
         """Per client, the gradient of the mean loss over the batch's real rows, and that loss."""
         if self.chain is not None:
             return dense_batch_grads(self.chain, params, x, y, mask, self.losses, self.by_hand_task)
-        if self.lora_chain is not None:
-            count = mask.sum(1, keepdim=True).clamp_min(1.0)
-            found = lora_grads(self.lora_chain, params, self.frozen, x, y, mask / count, self.task, per_sample=False)
+        if self.outer is not None:
+            if self.rule.loss_term is None:
+                count = mask.sum(1, keepdim=True).clamp_min(1.0)
+
+                def output_grads(out):
+                    found = _loss_and_output_grad(self.task, out.flatten(0, 1), y.flatten(0, 1),
+                                                  (mask / count).reshape(-1))
+                    if found is None:
+                        return None
+                    return (found[0].view(y.shape) * mask).sum(1) / count.squeeze(1), found[1].view(out.shape)
+            else:
+                def output_grads(out):
+                    grads, values = self.batch_output_grads(out, state, y, mask)
+                    return values, grads
+            found = outer_grads(self.outer, params, self.frozen, x, output_grads, per_sample=False)
             if found is not None:
-                return found[0], (found[1] * mask).sum(1) / count.squeeze(1)
+                return found
         return self.batch_grads(params, state, x, y, mask)
 
     def forward(self, params: Tensors, x: torch.Tensor) -> torch.Tensor:
@@ -545,8 +580,11 @@ class _Functional:
 
     def sample_loss(self, params: Tensors, state: State, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One sample's own loss: what Opacus' per-sample gradients differentiate."""
-        out = self.forward(params, x.unsqueeze(0))
-        loss = self.losses(out, y.unsqueeze(0)).mean()
+        return self.sample_output_loss(self.forward(params, x.unsqueeze(0)), state, y.unsqueeze(0))
+
+    def sample_output_loss(self, out: torch.Tensor, state: State, y: torch.Tensor) -> torch.Tensor:
+        """`sample_loss` from the model's output for the sample (a batch of one) on."""
+        loss = self.losses(out, y).mean()
         if self.rule.loss_term is not None:
             loss = loss + self.rule.loss_term(out, None, state, self.hyper)
         return loss
@@ -554,11 +592,27 @@ class _Functional:
     def batch_loss(self, params: Tensors, state: State, x: torch.Tensor, y: torch.Tensor,
                    mask: torch.Tensor) -> torch.Tensor:
         """Mean loss over a padded batch's real rows (`mask`), plus the rule's term."""
-        out = self.forward(params, x)
+        return self.batch_output_loss(self.forward(params, x), state, y, mask)
+
+    def batch_output_loss(self, out: torch.Tensor, state: State, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`batch_loss` from the model's outputs on."""
         loss = (self.losses(out, y) * mask).sum() / mask.sum().clamp_min(1.0)
         if self.rule.loss_term is not None:
             loss = loss + self.rule.loss_term(out, mask, state, self.hyper)
         return loss
+
+    @functools.cached_property
+    def per_sample_output_grads(self):
+        """(clients, samples, outputs) -> each sample's loss gradient with respect to its own
+        output, and the loss: `sample_output_loss` under the vmap path's two ``vmap``s."""
+        def one(out: torch.Tensor, state: State, y: torch.Tensor) -> torch.Tensor:
+            return self.sample_output_loss(out.unsqueeze(0), state, y.unsqueeze(0))
+        return vmap(vmap(grad_and_value(one), in_dims=(0, None, 0)), in_dims=(0, 0, 0))
+
+    @functools.cached_property
+    def batch_output_grads(self):
+        """(clients, samples, outputs) -> each client's `batch_output_loss` gradient and value."""
+        return vmap(grad_and_value(self.batch_output_loss), in_dims=(0, 0, 0, 0))
 
     @functools.cached_property
     def per_sample_grads(self):

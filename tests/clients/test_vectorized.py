@@ -347,54 +347,93 @@ def test_chain_rule_by_hand_gives_autograds_bits(task, activation):
     assert not by_hand(dense_chain(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))))
 
 
-@pytest.mark.parametrize("case", ["fedsvd", "fedavg-lora", "head-only", "regression"])
-def test_lora_path_gives_the_vmap_paths_bits(case):
-    """`lora_grads` against ``vmap(grad)`` on the same stacked adapters, per sample (DP-SGD,
-    `_Functional.per_sample_grads`) and per client over a padded batch (no DP,
-    `_Functional.batch_grads`): B alone (FedSVD, FFA-LoRA), A and B (FedAvg-LoRA), LoRA on the
-    head only (a frozen plain Linear before it) and a regression output; the same bits."""
+OUTER_CASES = ["fedsvd", "fedavg-lora", "head-only", "regression", "fedld", "fedld-batch-mode", "frozen-bias"]
+
+
+@pytest.mark.parametrize("case", OUTER_CASES)
+def test_outer_product_path_gives_the_vmap_paths_bits(case):
+    """The outer-product path against ``vmap(grad)`` on the same stacked tensors, per sample
+    (DP-SGD: the clipped sum against `_Functional.per_sample_grads`) and per client over a
+    padded batch (no DP: `_Functional.batch_grads`): LoRA's B alone (FedSVD, FFA-LoRA), A and B
+    (FedAvg-LoRA), LoRA on the head only (a frozen plain Linear before it), a regression
+    output, an MLP under FedLD's margin term (per sample, and its batch form without DP) and
+    an MLP with a frozen bias; the same bits. The LoRA scale is 1.5, so that a multiplication
+    in another order would show."""
+    from types import SimpleNamespace
+
     from torch import nn
 
     from fedsim.algorithms import Hyper, get_algorithm
-    from fedsim.clients.vectorized import _Functional, clip_factor, lora_chain, lora_grads
+    from fedsim.clients.vectorized import _Functional, clip_factor, outer_chain
     from fedsim.lora import LoRALinear, add_lora, set_trainable
     from fedsim.models import mlp
 
     torch.manual_seed(1)
     task = "regression" if case == "regression" else "classification"
-    net = add_lora(mlp(20, [16, 12], 1 if task == "regression" else 5), 4, 6.0,  # scale 1.5: inexact
-                   targets=["5"] if case == "head-only" else None)
-    for module in net.modules():
-        if isinstance(module, LoRALinear):  # B0 = 0 would make every upstream gradient zero
-            nn.init.normal_(module.lora_B.weight, std=0.3)
-    rule = get_algorithm("fedavg-lora" if case == "fedavg-lora" else "fedsvd").client
-    set_trainable(net, rule.trainable)
-    fn = _Functional(net, rule, Hyper(params={}, lr=0.1, private=True), task)
-    assert fn.chain is None and fn.lora_chain is not None
+    net = mlp(20, [16, 12], 1 if task == "regression" else 5)
+    if case in ("fedsvd", "fedavg-lora", "head-only", "regression"):
+        net = add_lora(net, 4, 6.0, targets=["5"] if case == "head-only" else None)  # scale 1.5: inexact
+        for module in net.modules():
+            if isinstance(module, LoRALinear):  # B0 = 0 would make every upstream gradient zero
+                nn.init.normal_(module.lora_B.weight, std=0.3)
+        set_trainable(net, get_algorithm("fedavg-lora" if case == "fedavg-lora" else "fedsvd").client.trainable)
+    elif case == "frozen-bias":
+        net[3].bias.requires_grad_(False)
+    rule = get_algorithm("fedld" if case.startswith("fedld") else "fedavg").client
+    params_of_rule = SimpleNamespace(margin_lambda=0.3, margin_mode="batch" if case == "fedld-batch-mode" else "sample")
+    fn = _Functional(net, rule, Hyper(params=params_of_rule, lr=0.1, private=True), task)
+    assert fn.chain is None and fn.outer is not None
     k, b = 3, 6
     params = {name: t.expand(k, *t.shape) + 0.05 * torch.randn(k, *t.shape) for name, t in fn.trainable.items()}
     x = torch.randn(k, b, 20)
     y = torch.randn(k, b) if task == "regression" else torch.randint(0, 5, (k, b))
-    reference, reference_losses = fn.per_sample_grads(params, {}, x, y)
-    per_sample, _ = lora_grads(fn.lora_chain, params, fn.frozen, x, y, torch.ones(k, b), task, per_sample=True)
-    for name in reference:
-        assert torch.equal(per_sample[name], reference[name]), name
     mask = torch.ones(k, b)
     mask[1, 4:] = 0.0  # a padded batch
-    grads, losses = fn.clipped_sum(params, {}, x, y, mask, max_grad_norm=1e9)  # no clipping: sums
-    assert grads.keys() == reference.keys()
-    assert len(grads) == {"fedavg-lora": 6, "head-only": 1}.get(case, 3)  # A and B, the head's B, each layer's B
-    for name in grads:
-        summed = torch.einsum("ab,ab...->a...", clip_factor(torch.ones(k, b), 1e9, mask), reference[name])
-        assert torch.equal(grads[name], summed), name
-    assert torch.equal(losses, reference_losses)
+    assert len(fn.trainable) == {"fedavg-lora": 6, "head-only": 1, "fedsvd": 3, "regression": 3, "frozen-bias": 5}.get(
+        case, 6)  # A and B per layer, the head's B, each layer's B, weights and biases
+    if case != "fedld-batch-mode":  # DP-SGD uses FedLD's per-sample form only
+        reference, reference_losses = fn.per_sample_grads(params, {}, x, y)
+        grads, losses = fn.clipped_sum(params, {}, x, y, mask, max_grad_norm=1e9)  # no clipping: sums
+        for name in reference:
+            summed = torch.einsum("ab,ab...->a...", clip_factor(torch.ones(k, b), 1e9, mask), reference[name])
+            assert torch.equal(grads[name], summed), name
+        assert grads.keys() == reference.keys() and torch.equal(losses, reference_losses)
+    fn.hyper = Hyper(params=params_of_rule, lr=0.1, private=False)
     batch_reference = fn.batch_grads(params, {}, x, y, mask)
     batch = fn.mean_grads(params, {}, x, y, mask)
+    assert batch[0].keys() == batch_reference[0].keys()
     for name in batch_reference[0]:
         assert torch.equal(batch[0][name], batch_reference[0][name]), name
     assert torch.equal(batch[1], batch_reference[1])
-    net[2] = nn.ReLU(inplace=True)
-    assert lora_chain(net, rule) is None
+    if case == "fedsvd":
+        net[2] = nn.ReLU(inplace=True)
+        assert outer_chain(net) is None
+
+
+def test_outer_product_path_per_sample_gradients_are_vmaps():
+    """The per-sample gradients themselves (before the norms and the sum) for FedLD's MLP."""
+    from types import SimpleNamespace
+
+    from fedsim.algorithms import Hyper, get_algorithm
+    from fedsim.clients.vectorized import _Functional, outer_grads
+    from fedsim.models import mlp
+
+    torch.manual_seed(2)
+    fn = _Functional(mlp(20, [16], 5), get_algorithm("fedld").client,
+                     Hyper(params=SimpleNamespace(margin_lambda=0.3, margin_mode="sample"), lr=0.1, private=True),
+                     "classification")
+    k, b = 2, 5
+    params = {name: t.expand(k, *t.shape) + 0.05 * torch.randn(k, *t.shape) for name, t in fn.trainable.items()}
+    x, y = torch.randn(k, b, 20), torch.randint(0, 5, (k, b))
+    reference, _ = fn.per_sample_grads(params, {}, x, y)
+
+    def output_grads(out):
+        grads, values = fn.per_sample_output_grads(out, {}, y)
+        return values, grads
+    grads, _ = outer_grads(fn.outer, params, fn.frozen, x, output_grads, per_sample=True)
+    for name in reference:
+        assert grads[name].shape == reference[name].shape == (k, b, *fn.trainable[name].shape)
+        assert torch.equal(grads[name], reference[name]), name
 
 
 def test_drawn_indices_on_the_cpu_match_the_device_version():
