@@ -304,6 +304,7 @@ def test_dense_path_equals_vmap_path(tiny, monkeypatch, private):
     for force_vmap in (False, True):
         if force_vmap:
             monkeypatch.setattr(V, "dense_chain", lambda model, rule: None)
+            monkeypatch.setattr(V, "outer_chain", lambda model: None)
         _, jobs = _jobs(cfg, (0, 1, 2, 3), dp_reference=private)
         batches = _poisson_batches(jobs, np.random.default_rng(1), steps=4, empty_at=2)
         runs.append(run_vectorized(jobs, batches=batches))
@@ -312,6 +313,35 @@ def test_dense_path_equals_vmap_path(tiny, monkeypatch, private):
         for name in dense.final:
             torch.testing.assert_close(dense.final[name], vmapped.final[name], atol=1e-6, rtol=0)
         assert dense.result.mean_loss == pytest.approx(vmapped.result.mean_loss, rel=1e-6)
+
+
+LORA = {"model.name": "lora-mlp", "strategy.name": "fedsvd", "data.classes": [5, 6, 7, 8, 9],
+        "model.pretrain_classes": [0, 1, 2, 3, 4], "model.pretrain_epochs": 2, "model.hidden": [16],
+        "model.lora_rank": 4, "model.lora_alpha": 6.0}
+
+
+@pytest.mark.parametrize("private", [True, False])
+@pytest.mark.parametrize("setup", ["fedsvd", "fedavg-lora", "fedld"])
+def test_outer_product_path_equals_vmap_path_through_the_engine(tiny, monkeypatch, setup, private):
+    """Whole local trainings, outer-product path against vmap path, on the same clients and
+    draws with momentum, a partial batch and an empty one: the same bits."""
+    import fedsim.clients.vectorized as V
+
+    extra = {**LORA, "strategy.name": setup} if setup != "fedld" else \
+        {"strategy.name": "fedld", "strategy.fedld.margin_lambda": 2.0, "model.hidden": [16]}
+    cfg = tiny(**BASE, **extra)
+    runs = []
+    for force_vmap in (False, True):
+        if force_vmap:
+            monkeypatch.setattr(V, "outer_chain", lambda model: None)
+        _, jobs = _jobs(cfg, (0, 1, 2, 3), dp_reference=private)
+        batches = _poisson_batches(jobs, np.random.default_rng(1), steps=4, empty_at=2)
+        runs.append(run_vectorized(jobs, batches=batches))
+    for outer, vmapped in zip(*runs):
+        assert outer.final.keys() == vmapped.final.keys()
+        for name in outer.final:
+            assert torch.equal(outer.final[name], vmapped.final[name]), name
+        assert outer.result.mean_loss == vmapped.result.mean_loss
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
