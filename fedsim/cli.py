@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedsim.api import OVERRIDE_KEYS
 from fedsim.errors import ClientFailure, FedsimError
-from fedsim.logs import setup_logging
+from fedsim.logs import setup_logging, show_warnings_around_progress_bars
 
 # flag -> config key, for `run`, `partition`, `sweep` and `deploy local`: the Python API's
 # keyword overrides (fedsim.api.OVERRIDE_KEYS), dashed, so both name every key alike
@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
+    if sys.stderr.isatty():  # a terminal shows the progress bars: warnings go around them
+        show_warnings_around_progress_bars()
     try:
         return args.func(args)
     except FedsimError as exc:  # one line, whatever the message holds (a key or path with a newline)

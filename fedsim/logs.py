@@ -90,6 +90,36 @@ class ConsoleHandler(logging.StreamHandler):
     def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; stderr is read per record
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        with around_progress_bars():
+            super().emit(record)
+
+
+def around_progress_bars():
+    """A context in which a console line does not land in the middle of a run's or a sweep's
+    tqdm bar: the bars on the console are cleared first and drawn again after (tqdm's own
+    ``external_write_mode``, what ``tqdm.write`` uses)."""
+    from tqdm import tqdm
+
+    return tqdm.external_write_mode(file=sys.stderr)
+
+
+def show_warnings_around_progress_bars() -> None:
+    """Print Python warnings around the console's progress bars (`around_progress_bars`). The
+    CLI does this for its process; the Python API leaves ``warnings.showwarning`` alone, since
+    replacing it would stop a caller's ``warnings.catch_warnings(record=True)`` from recording."""
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the console: Python's, around any progress bar."""
+    stream = file if file is not None else sys.stderr
+    try:
+        with around_progress_bars():
+            stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+    except (OSError, AttributeError):  # no usable stderr (pythonw, a closed stream): as Python does
+        pass
+
 
 class ToRunLog(logging.Handler):
     """Hands a library's records to the run.log file handlers that `fedsim.results.run_log`

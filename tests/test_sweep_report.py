@@ -456,6 +456,33 @@ def test_secure_rng_warning_stays_once_when_logging_is_set_up_again(quiet_cli_wa
     assert len(quiet_cli_warnings) == 1
 
 
+def test_console_lines_and_warnings_go_around_a_progress_bar(monkeypatch):
+    """A fedsim console line and a Python warning printed while a run's bar is on the console
+    clear the bar's line first (and the bar is drawn again after), instead of landing at the
+    end of the bar's line."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from fedsim import logs
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(warnings, "formatwarning", logs._one_line_warning)
+    bar = tqdm(total=3, desc="run", unit="round", file=err)
+    bar.update(1)
+    logs.ConsoleHandler("%(message)s").emit(logging.LogRecord("fedsim", logging.WARNING, "x", 1,
+                                                              "a console line", None, None))
+    logs._show_warning("careful", UserWarning, "f.py", 1)
+    bar.close()
+    text = err.getvalue()
+    for line in ("a console line\n", "warning: careful\n"):
+        before, after = text.split(line)
+        assert before.endswith("\r") and not before.rstrip("\r ").endswith("\n"), repr(before[-40:])
+        assert after.lstrip("\r").startswith("run:"), repr(after[:40])  # the bar again
+
+
 def test_cli_run_shows_the_secure_rng_warning_once_and_no_noise(tmp_path):
     """The real thing: a DP run of 2 rounds x 2 clients (4 make_private calls, 4+ backward
     hooks firing), as a user runs it."""
