@@ -293,22 +293,29 @@ def test_dense_path_applies_to_linear_chains_only(tiny):
     assert dense_chain(mlp, fedavg) is None
 
 
+def _against_vmap_path(cfg, monkeypatch, private: bool, *paths: str) -> list:
+    """(outcome, vmap path's outcome) per client: the same clients and draws (momentum, a
+    partial batch and an empty one) trained as the engine chooses, then with the selectors of
+    `paths` (`clients.vectorized.dense_chain`, `outer_chain`) answering None."""
+    import fedsim.clients.vectorized as V
+
+    runs = []
+    for off in (False, True):
+        if off:
+            for name in paths:
+                monkeypatch.setattr(V, name, lambda *args: None)
+        _, jobs = _jobs(cfg, (0, 1, 2, 3), dp_reference=private)
+        batches = _poisson_batches(jobs, np.random.default_rng(1), steps=4, empty_at=2)
+        runs.append(run_vectorized(jobs, batches=batches))
+    return list(zip(*runs))
+
+
 @pytest.mark.parametrize("private", [True, False])
 def test_dense_path_equals_vmap_path(tiny, monkeypatch, private):
     """The dense path against the vmap path on the same clients and draws, with momentum,
     a partial batch and an empty one: two independent derivations of the same clipped sum."""
-    import fedsim.clients.vectorized as V
-
     cfg = tiny(**BASE, **{"model.hidden": [16, 8]})
-    runs = []
-    for force_vmap in (False, True):
-        if force_vmap:
-            monkeypatch.setattr(V, "dense_chain", lambda model, rule: None)
-            monkeypatch.setattr(V, "outer_chain", lambda model: None)
-        _, jobs = _jobs(cfg, (0, 1, 2, 3), dp_reference=private)
-        batches = _poisson_batches(jobs, np.random.default_rng(1), steps=4, empty_at=2)
-        runs.append(run_vectorized(jobs, batches=batches))
-    for dense, vmapped in zip(*runs):
+    for dense, vmapped in _against_vmap_path(cfg, monkeypatch, private, "dense_chain", "outer_chain"):
         assert dense.final.keys() == vmapped.final.keys()
         for name in dense.final:
             torch.testing.assert_close(dense.final[name], vmapped.final[name], atol=1e-6, rtol=0)
@@ -325,19 +332,9 @@ LORA = {"model.name": "lora-mlp", "strategy.name": "fedsvd", "data.classes": [5,
 def test_outer_product_path_equals_vmap_path_through_the_engine(tiny, monkeypatch, setup, private):
     """Whole local trainings, outer-product path against vmap path, on the same clients and
     draws with momentum, a partial batch and an empty one: the same bits."""
-    import fedsim.clients.vectorized as V
-
     extra = {**LORA, "strategy.name": setup} if setup != "fedld" else \
         {"strategy.name": "fedld", "strategy.fedld.margin_lambda": 2.0, "model.hidden": [16]}
-    cfg = tiny(**BASE, **extra)
-    runs = []
-    for force_vmap in (False, True):
-        if force_vmap:
-            monkeypatch.setattr(V, "outer_chain", lambda model: None)
-        _, jobs = _jobs(cfg, (0, 1, 2, 3), dp_reference=private)
-        batches = _poisson_batches(jobs, np.random.default_rng(1), steps=4, empty_at=2)
-        runs.append(run_vectorized(jobs, batches=batches))
-    for outer, vmapped in zip(*runs):
+    for outer, vmapped in _against_vmap_path(tiny(**BASE, **extra), monkeypatch, private, "outer_chain"):
         assert outer.final.keys() == vmapped.final.keys()
         for name in outer.final:
             assert torch.equal(outer.final[name], vmapped.final[name]), name
