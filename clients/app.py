@@ -199,12 +199,10 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
     given (`reply_arrays` builds a round's at once).
     """
     context, cfg = job.context, job.cfg
-    keys = job.upload_keys
     if arrays is None and final is None:
-        arrays = R.model_to_record(job.model, keys)
+        arrays = R.model_to_record(job.model, job.upload_keys)
     elif arrays is None:
-        frozen = job.model.state_dict() if any(k not in final for k in keys) else {}
-        arrays = R.numpy_to_record({k: (final[k] if k in final else frozen[k]).numpy() for k in keys})
+        (arrays,) = reply_arrays([job], [VectorOutcome(result, final)])
     save_history(context, result.history)
     private = job.settings.noise_multiplier > 0
     eps = epsilon(result.history, cfg.privacy.delta, cfg.privacy.accountant) if private else math.inf
@@ -221,9 +219,9 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
     if job.rule.finish is not None:
         if final is None:
             final = {k: p.detach().cpu() for k, p in job.model.named_parameters() if p.requires_grad}
-        reply_arrays, node_state = job.rule.finish(job.start, job.state, final, result.steps)
-        if reply_arrays:
-            content[R.ALGORITHM_ARRAYS] = R.numpy_to_record(reply_arrays)
+        extra_arrays, node_state = job.rule.finish(job.start, job.state, final, result.steps)
+        if extra_arrays:
+            content[R.ALGORITHM_ARRAYS] = R.numpy_to_record(extra_arrays)
         if node_state:
             R.plain(context.state)[R.ALGORITHM_STATE] = R.numpy_to_record(node_state)
     return R.reply_to(job.msg, content)
@@ -234,7 +232,7 @@ def reply_arrays(jobs: list[ClientJob], outcomes: list[VectorOutcome]) -> list[A
     tensor at a time: the clients' trained tensors stacked, then one `R.stacked_to_arrays`
     per tensor. A tensor the engine did not train (frozen, yet uploaded) comes from the shared
     model. None where a job's outcome lacks a trained tensor the others have: `finish_job`
-    builds that one's record itself."""
+    builds that one's record alone (a batch of one, the same code)."""
     keys = jobs[0].upload_keys
     trained = [k for k in keys if all(k in o.final for o in outcomes)]
     if any(set(o.final) & set(keys) != set(trained) for o in outcomes):

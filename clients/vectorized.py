@@ -267,72 +267,91 @@ _BACKWARD_FROM_OUTPUT: dict[type, Callable[[torch.Tensor, torch.Tensor], torch.T
 }
 
 
+def _activation_by_hand(module: nn.Module) -> bool:
+    """An activation with a backward in `_BACKWARD_FROM_OUTPUT` that does not work in place (it
+    would overwrite an output the backward reads)."""
+    return type(module) in _BACKWARD_FROM_OUTPUT and not getattr(module, "inplace", False)
+
+
 def by_hand(chain: list[tuple[str, nn.Module]] | None) -> bool:
-    """Whether `_chain_backward` can differentiate this dense chain: its activations have a
-    backward in `_BACKWARD_FROM_OUTPUT` and none works in place (it would overwrite an output
-    the backward reads). The others go through autograd."""
-    def supported(module: nn.Module) -> bool:
-        if isinstance(module, (nn.Linear, nn.Flatten)):
-            return True
-        return type(module) in _BACKWARD_FROM_OUTPUT and not getattr(module, "inplace", False)
-    return chain is not None and all(supported(m) for _, m in chain)
+    """Whether `_chain_backward` can differentiate this dense chain (every activation passes
+    `_activation_by_hand`); the others go through autograd."""
+    return chain is not None and all(isinstance(m, (nn.Linear, nn.Flatten)) or _activation_by_hand(m)
+                                     for _, m in chain)
 
 
 def _loss_and_output_grad(task: str, out: torch.Tensor, y: torch.Tensor,
                           weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-sample losses of flat outputs (rows, outputs) and d(sum of weight * loss)/d(out),
-    computed as `models.loss_fn`'s loss and autograd compute them: cross-entropy is
-    log_softmax then nll_loss (ignore_index -100, no class weights), squared error is
-    mse_loss on the squeezed output. None where the shapes are not those."""
-    if task == "classification" and out.dim() == 2 and y.dim() == 1 and y.dtype == torch.long:
-        log_probs = torch.log_softmax(out, 1)
-        losses, total_weight = _aten.nll_loss_forward(log_probs, y, None, 0, -100)
-        grad = _aten.nll_loss_backward(weight, log_probs, y, None, 0, -100, total_weight)
-        return losses, _aten._log_softmax_backward_data(grad, log_probs, 1, out.dtype)
-    if task == "regression" and out.dim() == 2 and out.shape[1] == 1 and y.shape == out.shape[:1]:
-        squeezed = out.squeeze(-1)
-        losses = nn.functional.mse_loss(squeezed, y, reduction="none")
-        return losses, _aten.mse_loss_backward(weight, squeezed, y, 0).unsqueeze(-1)
-    return None
+    """Per-sample losses (clients, batch) of outputs (clients, batch, outputs) and
+    d(sum of weight * loss)/d(out), computed as `models.loss_fn`'s loss and autograd compute
+    them: cross-entropy is log_softmax then nll_loss (ignore_index -100, no class weights),
+    squared error is mse_loss on the squeezed output. None where the shapes are not those."""
+    flat_out, flat_y, flat_weight = out.flatten(0, 1), y.flatten(0, 1), weight.reshape(-1)
+    if task == "classification" and flat_out.dim() == 2 and flat_y.dim() == 1 and y.dtype == torch.long:
+        log_probs = torch.log_softmax(flat_out, 1)
+        losses, total_weight = _aten.nll_loss_forward(log_probs, flat_y, None, 0, -100)
+        grad = _aten.nll_loss_backward(flat_weight, log_probs, flat_y, None, 0, -100, total_weight)
+        grad = _aten._log_softmax_backward_data(grad, log_probs, 1, out.dtype)
+    elif task == "regression" and flat_out.dim() == 2 and flat_out.shape[1] == 1 and flat_y.shape == flat_out.shape[:1]:
+        squeezed = flat_out.squeeze(-1)
+        losses = nn.functional.mse_loss(squeezed, flat_y, reduction="none")
+        grad = _aten.mse_loss_backward(flat_weight, squeezed, flat_y, 0).unsqueeze(-1)
+    else:
+        return None
+    return losses.view(y.shape[:2]), grad.view(out.shape)
+
+
+def _forward_recording(chain: list[tuple[str, nn.Module]], tensor: Callable[[str], torch.Tensor | None],
+                       x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, Any, Any]]]:
+    """The chain's outputs for inputs (clients, batch, ...), each tensor by name from
+    `tensor` (stacked per client or shared), and, in order, what a hand-applied backward reads:
+    ("linear", name, (input, weight)), ("lora", name, (input, A input, A, B, scale)) or
+    ("act", module type, output)."""
+    h = x.flatten(2) if x.dim() > 3 else x
+    recorded = []
+    for name, module in chain:
+        if isinstance(module, LoRALinear):
+            a, b = tensor(f"{name}.lora_A.weight"), tensor(f"{name}.lora_B.weight")
+            u = _linear(h, a)
+            z = _linear(h, tensor(f"{name}.base.weight"), tensor(f"{name}.base.bias")) + \
+                module.scaling * _linear(u, b)
+            recorded.append(("lora", name, (h, u, a, b, module.scaling)))
+        elif isinstance(module, nn.Linear):
+            weight = tensor(f"{name}.weight")
+            z = _linear(h, weight, tensor(f"{name}.bias"))
+            recorded.append(("linear", name, (h, weight)))
+        elif isinstance(module, nn.Flatten):
+            continue
+        else:
+            z = module(h)
+            recorded.append(("act", type(module), z))
+        h = z
+    return h, recorded
 
 
 def _chain_backward(chain: list[tuple[str, nn.Module]], params: Tensors, x: torch.Tensor, y: torch.Tensor,
                     weight: torch.Tensor, task: str):
     """`_dense_output_grads` without autograd: the forward keeps each Linear's input and each
-    activation's output, and the backward applies the chain rule with the kernels autograd
-    would use (a batched Linear's input gradient is ``grad.bmm(weight)``, as baddbmm's
-    derivative gives it). Bit for bit autograd's result (tested), at about 40% of its cost
-    for MLP(64): no graph is built or walked. None where the loss shapes do not fit."""
-    h = x.flatten(2) if x.dim() > 3 else x
-    linears, backward = [], []  # backward: ("linear", name, weight) or ("act", module type, output)
-    for name, module in chain:
-        if isinstance(module, nn.Linear):
-            w, bias = params[f"{name}.weight"], params.get(f"{name}.bias")
-            z = torch.bmm(h, w.transpose(1, 2)) if bias is None else \
-                torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2))
-            linears.append((name, h))
-            backward.append(("linear", name, w))
-            h = z
-        elif not isinstance(module, nn.Flatten):
-            h = module(h)
-            backward.append(("act", type(module), h))
-    k, b = x.shape[:2]
-    found = _loss_and_output_grad(task, h.flatten(0, 1), y.flatten(0, 1), weight.reshape(-1))
+    activation's output (`_forward_recording`), and the backward applies the chain rule with
+    the kernels autograd would use (a batched Linear's input gradient is ``grad.bmm(weight)``,
+    as baddbmm's derivative gives it). Bit for bit autograd's result (tested), at about 40% of
+    its cost for MLP(64): no graph is built or walked. None where the loss shapes do not fit."""
+    out, recorded = _forward_recording(chain, params.get, x)
+    found = _loss_and_output_grad(task, out, y, weight)
     if found is None:
         return None
     losses, grad = found
-    grad = grad.view(h.shape)
-    output_grads: dict[str, torch.Tensor] = {}
-    first = linears[0][0]
-    for kind, key, saved in reversed(backward):
-        if kind == "linear":
-            output_grads[key] = grad
-            if key == first:  # nothing before the first Linear is trained
-                break
-            grad = grad.bmm(saved)
-        else:
+    linears = sum(1 for kind, _, _ in recorded if kind == "linear")
+    layers = []  # (name, input, output gradient), last layer first
+    for kind, key, saved in reversed(recorded):
+        if kind == "act":
             grad = _BACKWARD_FROM_OUTPUT[key](grad, saved)
-    return [(name, a, output_grads[name]) for name, a in linears], losses.reshape(k, b)
+            continue
+        layers.append((key, saved[0], grad))
+        if len(layers) == linears:  # nothing before the first Linear is trained
+            break
+        grad = _input_grad(grad, saved[1])
+    return layers[::-1], losses
 
 
 def _dense_output_grads(chain, params: Tensors, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
@@ -408,7 +427,7 @@ def outer_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
         elif isinstance(module, nn.Linear):
             if module.bias is not None and module.bias.requires_grad and not module.weight.requires_grad:
                 return None  # a trained bias on a frozen weight: left to vmap
-        elif not by_hand([(name, module)]):
+        elif not _activation_by_hand(module):
             return None
         steps.append((name, module))
     return steps if any(p.requires_grad for p in model.parameters()) else None
@@ -447,29 +466,11 @@ def outer_grads(chain: list[tuple[str, nn.Module]], params: Tensors, frozen: Ten
     of A, of B^T s g and a. Each is computed with the kernels ``vmap(grad)`` uses for it, so
     the result is the vmap path's, bit for bit (tested), at a fraction of its cost.
     """
-    h = x.flatten(2) if x.dim() > 3 else x
-    backward = []  # ("lora", name, (input, A input, A, B, scale)), ("linear", name, input), ("act", type, output)
-
     def tensor(name: str) -> torch.Tensor | None:
         return params[name] if name in params else frozen.get(name)
 
-    for name, module in chain:
-        if isinstance(module, LoRALinear):
-            a, b = tensor(f"{name}.lora_A.weight"), tensor(f"{name}.lora_B.weight")
-            u = _linear(h, a)
-            z = _linear(h, frozen[f"{name}.base.weight"], frozen.get(f"{name}.base.bias")) + \
-                module.scaling * _linear(u, b)
-            backward.append(("lora", name, (h, u, a, b, module.scaling)))
-        elif isinstance(module, nn.Linear):
-            z = _linear(h, tensor(f"{name}.weight"), tensor(f"{name}.bias"))
-            backward.append(("linear", name, h))
-        elif isinstance(module, nn.Flatten):
-            continue
-        else:
-            z = module(h)
-            backward.append(("act", type(module), z))
-        h = z
-    found = output_grads(h)
+    out, recorded = _forward_recording(chain, tensor, x)
+    found = output_grads(out)
     if found is None:
         return None
     losses, grad = found
@@ -481,18 +482,19 @@ def outer_grads(chain: list[tuple[str, nn.Module]], params: Tensors, frozen: Ten
 
     grads: Tensors = {}
     remaining = len(params)  # trained tensors still to reach, walking back
-    for kind, key, saved in reversed(backward):
+    for kind, key, saved in reversed(recorded):
         if kind == "act":
             grad = _BACKWARD_FROM_OUTPUT[key](grad, saved)
         elif kind == "linear":
+            h_in, weight = saved
             if f"{key}.weight" in params:
-                grads[f"{key}.weight"] = weight_grad(grad, saved)
+                grads[f"{key}.weight"] = weight_grad(grad, h_in)
                 remaining -= 1
             if f"{key}.bias" in params:
                 grads[f"{key}.bias"] = grad if per_sample else grad.sum(1)
                 remaining -= 1
             if remaining > 0:
-                grad = _input_grad(grad, tensor(f"{key}.weight"))
+                grad = _input_grad(grad, weight)
         else:
             h_in, u, a, b, scale = saved
             scaled = grad * scale
@@ -506,7 +508,7 @@ def outer_grads(chain: list[tuple[str, nn.Module]], params: Tensors, frozen: Ten
                     grads[a_name] = weight_grad(to_u, h_in)
                     remaining -= 1
                 if remaining > 0:
-                    grad = _input_grad(grad, frozen[f"{key}.base.weight"]) + _input_grad(to_u, a)
+                    grad = _input_grad(grad, tensor(f"{key}.base.weight")) + _input_grad(to_u, a)
         if remaining == 0:
             break
     return {name: grads[name] for name in params}, losses
@@ -537,9 +539,7 @@ class _Functional:
         if self.outer is not None:
             if self.rule.loss_term is None:
                 def output_grads(out):
-                    found = _loss_and_output_grad(self.task, out.flatten(0, 1), y.flatten(0, 1),
-                                                  torch.ones(out.shape[0] * out.shape[1], device=out.device))
-                    return None if found is None else (found[0].view(y.shape), found[1].view(out.shape))
+                    return _loss_and_output_grad(self.task, out, y, torch.ones_like(mask))
             else:  # the rule's term differentiated as the vmap path does, from the outputs on
                 def output_grads(out):
                     grads, values = self.per_sample_output_grads(out, state, y)
@@ -561,11 +561,10 @@ class _Functional:
                 count = mask.sum(1, keepdim=True).clamp_min(1.0)
 
                 def output_grads(out):
-                    found = _loss_and_output_grad(self.task, out.flatten(0, 1), y.flatten(0, 1),
-                                                  (mask / count).reshape(-1))
+                    found = _loss_and_output_grad(self.task, out, y, mask / count)
                     if found is None:
                         return None
-                    return (found[0].view(y.shape) * mask).sum(1) / count.squeeze(1), found[1].view(out.shape)
+                    return (found[0] * mask).sum(1) / count.squeeze(1), found[1]
             else:
                 def output_grads(out):
                     grads, values = self.batch_output_grads(out, state, y, mask)
