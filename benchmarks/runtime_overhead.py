@@ -70,7 +70,7 @@ def bare_loop(cfg) -> float:
                               seed=derive_seed(cfg.seed, rnd, pid, "train"))
             histories[pid] = res.history
             epsilon(res.history, cfg.privacy.delta)
-            updates.append({k: v.detach().numpy() for k, v in local.state_dict().items()})
+            updates.append({k: v.detach().cpu().numpy() for k, v in local.state_dict().items()})
             weights.append(res.num_examples)
         w = np.asarray(weights, dtype=float) / sum(weights)
         global_state = {k: sum(wi * u[k] for wi, u in zip(w, updates)) for k in global_state}

@@ -151,7 +151,8 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
         set_trainable(model, rule.trainable)
         extra = msg.content.get(R.ALGORITHM_ARRAYS)
         template = RoundTemplate(
-            model, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad},
+            # on the CPU, as RoundStart promises: last round's model may sit on the training device
+            model, {k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters() if p.requires_grad},
             R.record_to_tensors(extra) if extra is not None else {}, select_keys(model, rule.upload))
     if template.cfg is cfg:  # the round's other clients: the same experiment, the same settings
         settings, hyper = template.settings, template.hyper
@@ -237,7 +238,8 @@ def reply_arrays(jobs: list[ClientJob], outcomes: list[VectorOutcome]) -> list[A
     trained = [k for k in keys if all(k in o.final for o in outcomes)]
     if any(set(o.final) & set(keys) != set(trained) for o in outcomes):
         return [None] * len(jobs)
-    columns = {k: R.stacked_to_arrays(torch.stack([o.final[k] for o in outcomes]).numpy()) for k in trained}
+    # each client's row as it came (a view of its chunk's stack): no re-stacking before the copy into bytes
+    columns = {k: R.stacked_to_arrays([o.final[k].numpy() for o in outcomes]) for k in trained}
     frozen = jobs[0].model.state_dict() if len(trained) < len(keys) else {}
     for k in keys:
         if k not in columns:

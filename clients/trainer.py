@@ -151,9 +151,10 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, task: str, device: str = "cpu",
-             batch_size: int = 2048) -> dict[str, float]:
-    """Loss and accuracy (classification) or MSE (regression) on (x, y)."""
+def evaluate(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, task: str,
+             device: str = "cpu", batch_size: int = 2048) -> dict[str, float]:
+    """Loss and accuracy (classification) or MSE (regression) on (x, y): arrays, or tensors
+    already on `device` (the server's held-out split, copied to a GPU once per run)."""
     model.to(device).eval()
     criterion = loss_fn(task)
     total_loss, correct = 0.0, 0

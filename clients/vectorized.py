@@ -768,7 +768,7 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
     mean_loss = (loss_sum / loss_count.clamp_min(1)).tolist()
     measured = (loss_count > 0).tolist()
     # one copy per tensor, not per client, and one view per client (unbind, not k indexings)
-    final = {name: p.detach().cpu().unbind(0) for name, p in params.items()}
+    final = {name: to_host(p.detach()).unbind(0) for name, p in params.items()}
     for i, c in enumerate(clients):
         history = extend_history(c.history, sigma, q[i], steps[i]) if settings.noise_multiplier > 0 \
             else [tuple(h) for h in c.history]
@@ -776,6 +776,17 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
         result = LocalResult(sizes[i], steps[i], mean_loss[i] if measured[i] else float("nan"), history, rate)
         outcomes.append(VectorOutcome(result, {name: p[i] for name, p in final.items()}))
     return outcomes
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in host memory (itself if it is there). From a GPU, through page-locked memory
+    (torch's caching host allocator, so a round reuses the last round's blocks): copying a
+    round's trained tensors into ordinary pageable memory ran at 3.3 GB/s on an H100, 100 ms
+    of a 170 ms round of 50 clients of a 1.6M-parameter CNN."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor)
 
 
 def drawn_indices(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

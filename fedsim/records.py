@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -109,7 +110,7 @@ def to_array(values: np.ndarray) -> Array:
     if not values.flags.c_contiguous:
         values = np.require(values, requirements="C")
     dtype, header = _name_and_header(values.dtype, values.shape)
-    return _array(dtype, values.shape, header, values.tobytes())
+    return _array(dtype, values.shape, header, values)
 
 
 _NAMES_AND_HEADERS: dict[tuple[np.dtype, tuple[int, ...]], tuple[str, bytes]] = {}
@@ -124,19 +125,25 @@ def _name_and_header(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[str, byte
     return found
 
 
-def _array(dtype: str, shape: tuple[int, ...], header: bytes, payload: bytes) -> Array:
+def _array(dtype: str, shape: tuple[int, ...], header: bytes, values: np.ndarray) -> Array:
+    """An Array of C-contiguous `values`: header and values joined into its bytes in one copy
+    (``header + values.tobytes()`` made two; a round of a 1.6M-parameter CNN's 50 replies
+    moves 330 MB through here)."""
     array = Array.__new__(Array)
-    array.__dict__.update(dtype=dtype, shape=shape, stype=NUMPY_STYPE, data=header + payload, _is_dirty=True)
+    array.__dict__.update(dtype=dtype, shape=shape, stype=NUMPY_STYPE, data=b"".join((header, values)),
+                          _is_dirty=True)
     return array
 
 
-def stacked_to_arrays(stacked: np.ndarray) -> list[Array]:
-    """`to_array` of each row of a stack (one client's tensor per row), with the dtype name and
-    header looked up once for all rows: the vectorized engine's replies, a round at a time."""
-    stacked = np.require(stacked, requirements="C")
-    shape = stacked.shape[1:]
-    dtype, header = _name_and_header(stacked.dtype, shape)
-    return [_array(dtype, shape, header, row.tobytes()) for row in stacked]
+def stacked_to_arrays(rows: np.ndarray | Sequence[np.ndarray]) -> list[Array]:
+    """`to_array` of each row (one client's tensor per row: a stack, or a list of arrays of one
+    shape and dtype), with the dtype name and header looked up once for all rows: the
+    vectorized engine's replies, a round at a time."""
+    rows = [np.require(row, requirements="C") for row in rows]
+    if not rows:
+        return []
+    dtype, header = _name_and_header(rows[0].dtype, rows[0].shape)
+    return [_array(dtype, rows[0].shape, header, row) for row in rows]
 
 
 def from_array(array: Array) -> np.ndarray:
@@ -381,7 +388,37 @@ def weighted_mean(arrays: list[dict[str, np.ndarray]], weights: list[float]) -> 
                 acc += values[key] * factor
             out[key] = acc
             continue
+        if first.size >= _RUNNING_SUM_FROM:  # large: a running sum, in the order the stack sums
+            out[key] = _running_weighted_sum([values[key] for values in arrays], factors)
+            continue
         stacked = np.stack([values[key] for values in arrays])
         scale = np.asarray(factors, dtype=stacked.dtype).reshape(-1, *([1] * first.ndim))
         out[key] = np.multiply(stacked, scale, out=stacked).sum(axis=0)
     return out
+
+
+# From this many values per tensor on, `weighted_mean` sums client by client into one buffer:
+# stacking 50 replies of a 1.6M-value tensor wrote 330 MB of fresh pages a round (0.1 s); a
+# tensor the size of an MLP layer stacks faster than a Python loop over clients runs.
+_RUNNING_SUM_FROM = 1 << 16
+_BLOCK = 1 << 15  # values per block of `_running_weighted_sum`: the sum and a product, 256 KB in cache
+
+
+def _running_weighted_sum(arrays: list[np.ndarray], factors: list[float]) -> np.ndarray:
+    """sum_i factors[i] * arrays[i], each product rounded in the arrays' dtype and added in
+    client order (the stack's sum, bit for bit), a block of values at a time: each block's
+    running sum stays in cache while every client's block is added, so memory sees each
+    reply once (client by client over whole tensors, it saw the sum and a product 50 times)."""
+    first = arrays[0]
+    scalars = [first.dtype.type(f) for f in factors]
+    flat = [a.reshape(-1) for a in arrays]
+    acc = np.empty(first.size, dtype=first.dtype)
+    product = np.empty(min(_BLOCK, first.size), dtype=first.dtype)
+    for start in range(0, first.size, _BLOCK):
+        block = slice(start, start + _BLOCK)
+        part = acc[block]
+        np.multiply(flat[0][block], scalars[0], out=part)
+        scratch = product[:len(part)]
+        for values, factor in zip(flat[1:], scalars[1:]):
+            part += np.multiply(values[block], factor, out=scratch)
+    return acc.reshape(first.shape)

@@ -380,10 +380,15 @@ def evaluation_function(cfg: Config, recorder: RunRecorder):
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
     device = resolve_device(cfg.runtime.device)
+    x_test, y_test = data.x_test, data.y_test
+    if device != "cpu":  # on the device once per run, not copied there every round
+        x_test = torch.as_tensor(x_test, dtype=torch.float32, device=device)
+        y_test = torch.as_tensor(y_test, device=device,
+                                 dtype=torch.long if data.task == "classification" else torch.float32)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         R.load_record(model, arrays)
-        result = evaluate(model, data.x_test, data.y_test, data.task, device)
+        result = evaluate(model, x_test, y_test, data.task, device)
         if server_round > 0:
             recorder.on_round_end(server_round, result)
         return MetricRecord(result)

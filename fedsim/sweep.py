@@ -44,9 +44,11 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 import tomllib
 import traceback
@@ -618,7 +620,8 @@ def _run_cells(todo: list[Cell], jobs: int, threads: int, bar) -> dict[str, Outc
             outcomes[cell.name] = _attempt(cell, threads)
             _tick(bar, cell.name, outcomes[cell.name])
         return outcomes
-    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=_pool_context(), initializer=_worker_init,
+                               initargs=(os.getpid(),))
     try:
         futures = {pool.submit(_attempt, cell, threads): cell for cell in todo}
         for fut in as_completed(futures):
@@ -633,6 +636,16 @@ def _run_cells(todo: list[Cell], jobs: int, threads: int, bar) -> dict[str, Outc
         raise
     pool.shutdown()
     return outcomes
+
+
+def _pool_context() -> multiprocessing.context.BaseContext | None:
+    """The platform's default start (fork on Linux: cheap, the modules come loaded), unless this
+    process has initialized CUDA (a run of the Python API on a GPU before the sweep): a forked
+    child cannot use it ("Cannot re-initialize CUDA in forked subprocess"), so then spawn."""
+    torch = sys.modules.get("torch")  # not imported for this: a sweep on the CPU never needs it here
+    if torch is not None and torch.cuda.is_initialized():
+        return multiprocessing.get_context("spawn")
+    return None
 
 
 def _worker_init(parent: int) -> None:

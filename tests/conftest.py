@@ -27,6 +27,34 @@ def tiny_config(tmp_path, **overrides) -> Config:
     return load_config(None, base)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def full_float32_on_cuda():
+    """On a machine with a GPU the suite trains there (``runtime.device = "auto"``). cuDNN's
+    convolutions default to TF32, whose 10-bit mantissa alone moves a CNN's update by about
+    1e-4, more than the engine equivalence tests allow: full float32 for the session."""
+    import torch
+
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def assert_same_bits_on_cpu(got, expected, name: str = "") -> None:
+    """Equal bits on the CPU, where the engine's paths are built to give them. On a GPU the
+    same operations may take other cuBLAS/cuDNN kernels (chosen by shape), which round
+    differently: there the two must agree to float32 rounding."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=name or None)
+    else:
+        assert torch.equal(got, expected), name
+
+
 @pytest.fixture
 def tiny(tmp_path):
     return lambda **kw: tiny_config(tmp_path, **kw)

@@ -138,9 +138,10 @@ def test_record_of_returns_what_flowers_typed_views_return() -> None:
 
 @pytest.mark.parametrize("clients", [1, 2, 7, 100])
 def test_aggregation_is_bit_identical_to_flowers(clients: int) -> None:
-    """`aggregate_train_replies` stacks each key's arrays instead of Flower's running sum: its
-    result must still be Flower's `aggregate_arrayrecords`, byte for byte, for float32, float64,
-    integer and 0-d arrays and uneven weights (a summation in another order fails this)."""
+    """`aggregate_train_replies` stacks each key's arrays (or, for a large one, sums them into one
+    buffer) instead of Flower's running sum of records: its result must still be Flower's
+    `aggregate_arrayrecords`, byte for byte, for float32, float64, integer, 0-d and large arrays
+    and uneven weights (a summation in another order fails this)."""
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     rng = np.random.default_rng(clients)
@@ -148,7 +149,8 @@ def test_aggregation_is_bit_identical_to_flowers(clients: int) -> None:
     for _ in range(clients):
         arrays = {"w": rng.normal(size=(5, 3)).astype(np.float32) * 10.0 ** rng.integers(-3, 4),
                   "b": rng.normal(size=4), "steps": np.array(rng.integers(1, 9), np.int64),
-                  "scale": np.array(rng.normal(), np.float32), "empty": np.zeros((0, 2), np.float32)}
+                  "scale": np.array(rng.normal(), np.float32), "empty": np.zeros((0, 2), np.float32),
+                  "large": rng.normal(size=(R._RUNNING_SUM_FROM // 128 + 1, 128)).astype(np.float32)}
         contents.append(RecordDict({R.ARRAYS: R.numpy_to_record(arrays),
                                     R.METRICS: MetricRecord({R.NUM_EXAMPLES: int(rng.integers(1, 50))})}))
     ours = R.record_to_numpy(R.numpy_to_record(R.weighted_average(contents, R.NUM_EXAMPLES, lambda *a: None)[0]))

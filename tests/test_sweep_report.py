@@ -172,6 +172,24 @@ def test_a_failed_cell_is_reported_alike_with_one_and_two_jobs(cli, tmp_path):
     assert list(cells["status"]) == ["failed", "finished"] and list(cells["ran"]) == [True, False]
 
 
+def test_workers_spawn_once_this_process_has_used_cuda(tmp_path, monkeypatch):
+    """A forked child cannot use CUDA once its parent has (a GPU run of the Python API before
+    the sweep): then the workers spawn, and give what one process gives."""
+    import torch
+
+    import fedsim.sweep as sweep_module
+
+    tiny = {**TINY, "federation.rounds": 1}
+    alone = run_sweep(None, seeds=[0, 1], overrides=tiny, out=tmp_path / "one", progress=False)
+    if not torch.cuda.is_initialized():
+        assert sweep_module._pool_context() is None  # fork, the platform's default
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert sweep_module._pool_context().get_start_method() == "spawn"
+    spawned = run_sweep(None, seeds=[0, 1], overrides=tiny, out=tmp_path / "two", jobs=2, progress=False)
+    assert list(spawned["status"]) == ["finished", "finished"]
+    assert list(spawned["final_metric"]) == list(alone["final_metric"])
+
+
 def test_a_cell_claimed_by_a_live_process_is_left_to_it(tmp_path):
     """Two sweeps on one directory: a cell whose lock a live process holds is not computed
     twice; once that process is gone, its stale lock is reclaimed."""

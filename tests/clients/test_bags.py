@@ -5,6 +5,7 @@ and its batched loop (the vectorized engine) against `train_bags` client by clie
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ from fedsim.clients.bags import (RULE, client_bags, interpolated_loss, proportio
                                  train_bags_batched)
 from fedsim.clients.vectorized import unsupported_reason
 from fedsim.algorithms import ClientRule, Hyper, LocalTask, TrainSettings
+from tests.conftest import assert_same_bits_on_cpu
 from fedsim.config import load_config
 from fedsim.errors import ConfigError
 from fedsim.run import run_experiment
@@ -151,14 +153,14 @@ def test_batched_loop_equals_train_bags_client_by_client(tiny, case, momentum, l
     start = {k: p.detach().clone() for k, p in jobs[0].model.named_parameters()}
     outcomes = run_vectorized(jobs)
     for k, p in jobs[0].model.named_parameters():  # the shared model is read-only
-        assert torch.equal(p, start[k])
+        assert torch.equal(p.cpu(), start[k])
     per_batch = cfg.client.batch_size // cfg.strategy.params.bag_size
     bags = [len(job.y) // cfg.strategy.params.bag_size for job in jobs]
     assert sum(m % per_batch != 0 for m in bags) >= 3  # partial minibatches
     assert len({o.result.steps for o in outcomes}) >= 4  # clients finish at different steps
     for job, outcome in zip(reference_jobs, outcomes):
         result = run_job(job)  # train_bags, the Opacus engine's path
-        reference = {k: p.detach() for k, p in job.model.named_parameters() if p.requires_grad}
+        reference = {k: p.detach().cpu() for k, p in job.model.named_parameters() if p.requires_grad}
         assert set(outcome.final) == set(reference)
         for name, value in reference.items():
             assert not torch.allclose(value, start[name], atol=1e-3)  # it trained
@@ -178,7 +180,7 @@ def test_batched_loop_trains_only_the_trainable_tensors(tiny):
     outcomes = train_bags_batched([local_task(job) for job in jobs])
     for job, (result, final) in zip(reference_jobs, outcomes):
         train_bags(local_task(job))
-        reference = {k: p.detach() for k, p in job.model.named_parameters() if p.requires_grad}
+        reference = {k: p.detach().cpu() for k, p in job.model.named_parameters() if p.requires_grad}
         assert frozen not in final and set(final) == set(reference)
         for name, value in reference.items():
             torch.testing.assert_close(final[name], value, atol=1e-5, rtol=0)
@@ -190,7 +192,7 @@ def test_local_steps_override_epochs_in_both_loops(tiny):
     for job, outcome in zip(reference_jobs, run_vectorized(jobs)):
         assert run_job(job).steps == outcome.result.steps == 7
         for name, value in job.model.state_dict().items():
-            torch.testing.assert_close(outcome.final[name], value, atol=1e-5, rtol=0)
+            torch.testing.assert_close(outcome.final[name], value.cpu(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("case", [REGRESSION, CLASSIFICATION], ids=["diabetes-linear", "digits-mlp"])
@@ -201,9 +203,13 @@ def test_batched_loop_does_not_depend_on_chunks(tiny, case):
         outcomes[chunk] = run_vectorized(_jobs(cfg, range(6), dp_reference=False)[1])
     for chunk in (1, 4):
         for whole, part in zip(outcomes[0], outcomes[chunk]):
-            assert whole.result == part.result
+            if torch.cuda.is_available():  # cuBLAS picks kernels by batch shape: the loss to rounding
+                assert dataclasses.replace(part.result, mean_loss=whole.result.mean_loss) == whole.result
+                assert part.result.mean_loss == pytest.approx(whole.result.mean_loss, rel=1e-6)
+            else:
+                assert whole.result == part.result
             for name, value in whole.final.items():
-                assert torch.equal(part.final[name], value)
+                assert_same_bits_on_cpu(part.final[name], value, name)
 
 
 def test_engine_choice_for_a_rule_with_its_own_loop(tiny):

@@ -27,6 +27,9 @@ from fedsim.models import build_model
 from fedsim.privacy.accounting import poisson_sample_rate
 from fedsim.run import run_experiment
 from fedsim.runtime.inprocess import assign_message_id
+from tests.conftest import assert_same_bits_on_cpu
+
+ON_CUDA = torch.cuda.is_available()  # where runtime.device = "auto" trains
 
 
 def _jobs(cfg, partitions, *, server_arrays=None, node_state=None, noise=0.0, dp_reference=True):
@@ -337,8 +340,9 @@ def test_outer_product_path_equals_vmap_path_through_the_engine(tiny, monkeypatc
     for outer, vmapped in _against_vmap_path(tiny(**BASE, **extra), monkeypatch, private, "outer_chain"):
         assert outer.final.keys() == vmapped.final.keys()
         for name in outer.final:
-            assert torch.equal(outer.final[name], vmapped.final[name]), name
-        assert outer.result.mean_loss == vmapped.result.mean_loss
+            assert_same_bits_on_cpu(outer.final[name], vmapped.final[name], name)
+        loss = vmapped.result.mean_loss
+        assert outer.result.mean_loss == (pytest.approx(loss, rel=1e-6) if ON_CUDA else loss)
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])

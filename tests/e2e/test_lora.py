@@ -4,6 +4,7 @@ LoRA on a user's own model."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from fedsim import records as R
 from fedsim.datasets import load_dataset
@@ -19,9 +20,10 @@ def test_a_is_never_changed_by_a_client_in_a_run(lora_cfg, monkeypatch):
     real = app.train_local
 
     def spy(model, *args, **kwargs):
-        before = {n: layer.lora_A.weight.detach().clone() for n, layer in lora_layers(model).items()}
+        before = {n: layer.lora_A.weight.detach().to("cpu", copy=True) for n, layer in lora_layers(model).items()}
         result = real(model, *args, **kwargs)
-        seen.append(all(bool((layer.lora_A.weight == before[n]).all()) for n, layer in lora_layers(model).items()))
+        after = {n: layer.lora_A.weight.detach().cpu() for n, layer in lora_layers(model).items()}
+        seen.append(all(torch.equal(after[n], before[n]) for n in before))
         return result
 
     monkeypatch.setattr(app, "train_local", spy)
@@ -131,9 +133,9 @@ def test_any_registered_torch_model_can_be_fine_tuned_with_lora(tiny, monkeypatc
     changed, real = [], app.train_local
 
     def spy(model, *args, **kwargs):  # which tensors did each client's training change?
-        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        before = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         result = real(model, *args, **kwargs)
-        changed.append(sorted(k for k, v in model.state_dict().items() if not (v == before[k]).all()))
+        changed.append(sorted(k for k, v in model.state_dict().items() if not torch.equal(v.cpu(), before[k])))
         return result
 
     monkeypatch.setattr(app, "train_local", spy)
