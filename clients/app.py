@@ -34,7 +34,7 @@ from fedsim.datasets import Dataset
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.experiment import config_from_context, derive_seed
 from fedsim.lora import select_keys, set_trainable
-from fedsim.models import build_model
+from fedsim.models import as_tensors, build_model
 from fedsim.node_data import node_data, node_dataset, node_partition_id
 from fedsim.privacy.accounting import History, epsilon
 
@@ -352,9 +352,7 @@ def _on_device(job: ClientJob) -> tuple:
         _DEVICE_RUN[0] = job.cfg.output.dir
     key = (job.partition_id, device)
     if key not in _DEVICE_DATA:
-        label = torch.long if job.settings.task == "classification" else torch.float32
-        _DEVICE_DATA[key] = (torch.as_tensor(job.x, dtype=torch.float32).to(device),
-                             torch.as_tensor(job.y, dtype=label).to(device))
+        _DEVICE_DATA[key] = as_tensors(job.x, job.y, job.settings.task, device)
     return _DEVICE_DATA[key]
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedsim.algorithms import LocalResult, Tensors, TrainSettings, seed_everything, tree_map
-from fedsim.models import loss_fn
+from fedsim.models import as_tensors, loss_fn
 from fedsim.privacy.accounting import History, poisson_sample_rate
 
 log = logging.getLogger("fedsim")
@@ -82,9 +82,7 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     model.to(device).train()
     rule_state = tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, rule_state)
     n = len(y)
-    dataset = TensorDataset(torch.as_tensor(x, dtype=torch.float32),
-                            torch.as_tensor(y, dtype=torch.long if settings.task == "classification"
-                                            else torch.float32))
+    dataset = TensorDataset(*as_tensors(x, y, settings.task))
     steps_per_epoch = math.ceil(n / settings.batch_size)
     if batches is None:
         loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True)
@@ -159,9 +157,7 @@ def evaluate(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | tor
     criterion = loss_fn(task)
     total_loss, correct = 0.0, 0
     for start in range(0, len(y), batch_size):
-        xb = torch.as_tensor(x[start:start + batch_size], dtype=torch.float32, device=device)
-        yb = torch.as_tensor(y[start:start + batch_size], device=device,
-                             dtype=torch.long if task == "classification" else torch.float32)
+        xb, yb = as_tensors(x[start:start + batch_size], y[start:start + batch_size], task, device)
         out = model(xb)
         total_loss += float(criterion(out, yb)) * len(yb)
         if task == "classification":

@@ -66,7 +66,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedsim.algorithms import ClientRule, Hyper, LocalResult, State, Tensors, TrainSettings, tree_map
 from fedsim.lora import LoRALinear
-from fedsim.models import loss_fn
+from fedsim.models import as_tensors, loss_fn
 from fedsim.privacy.accounting import History, poisson_sample_rate
 
 CLIP_EPS = 1e-6  # Opacus' per_sample_clip_factor = C / (norm + 1e-6)
@@ -670,12 +670,11 @@ def _train_chunk(fn: _Functional, settings: TrainSettings, clients: list[VectorC
     params = {name: t.unsqueeze(0).expand(k, *t.shape).clone() for name, t in fn.trainable.items()}
     momentum = {name: torch.zeros_like(t) for name, t in params.items()} if settings.momentum else None
     state = _stack_trees([c.state for c in clients], device) if clients[0].state else {}
-    label_dtype = torch.long if settings.task == "classification" else torch.float32
     if isinstance(clients[0].x, torch.Tensor):  # already on the device (copied once per run)
         data_x, data_y = torch.cat([c.x for c in clients]), torch.cat([c.y for c in clients])
     else:
-        data_x = torch.as_tensor(np.concatenate([c.x for c in clients]), dtype=torch.float32).to(device)
-        data_y = torch.as_tensor(np.concatenate([c.y for c in clients]), dtype=label_dtype).to(device)
+        data_x, data_y = as_tensors(np.concatenate([c.x for c in clients]), np.concatenate([c.y for c in clients]),
+                                    settings.task, device)
     offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), device=device)
     gens = [torch.Generator(device=device).manual_seed(c.seed) for c in clients]
     q = [poisson_sample_rate(n, settings.batch_size) for n in sizes]

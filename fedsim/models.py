@@ -140,6 +140,13 @@ def _cnn(cfg: ModelConfig, data: Dataset, cache_dir: str = "") -> nn.Module:
     )
 
 
+def as_tensors(x, y, task: str, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs as float32 and labels as `loss_fn(task)` takes them (class indices as int64,
+    regression targets as float32), on `device`; tensors already so are not copied."""
+    labels = torch.long if task == "classification" else torch.float32
+    return torch.as_tensor(x, dtype=torch.float32, device=device), torch.as_tensor(y, dtype=labels, device=device)
+
+
 def loss_fn(task: str, reduction: str = "mean") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Cross-entropy for classification, squared error for regression; ``reduction="none"``
     gives one loss per sample (the vectorized engine masks padded rows with it)."""

@@ -47,7 +47,7 @@ from fedsim.config import Config, dumps_toml
 from fedsim.datasets import load_dataset
 from fedsim.errors import ClientFailure, ConfigError
 from fedsim.experiment import config_from_context, derive_seed
-from fedsim.models import build_model
+from fedsim.models import as_tensors, build_model
 from fedsim.node_data import data_spec
 from fedsim.privacy.accounting import accountant_label, user_level_epsilon
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, MODEL, MODEL_BEST, ROUND_COLUMNS,
@@ -382,9 +382,7 @@ def evaluation_function(cfg: Config, recorder: RunRecorder):
     device = resolve_device(cfg.runtime.device)
     x_test, y_test = data.x_test, data.y_test
     if device != "cpu":  # on the device once per run, not copied there every round
-        x_test = torch.as_tensor(x_test, dtype=torch.float32, device=device)
-        y_test = torch.as_tensor(y_test, device=device,
-                                 dtype=torch.long if data.task == "classification" else torch.float32)
+        x_test, y_test = as_tensors(x_test, y_test, data.task, device)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         R.load_record(model, arrays)

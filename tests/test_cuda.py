@@ -37,7 +37,7 @@ SETUPS = {
 def test_cuda_trains_the_same_clients_as_the_cpu(tiny, setup, private):
     """sigma = 0 (the noise streams of the two devices' generators differ by design), momentum,
     a partial batch and an empty one, the same index arrays on both devices."""
-    outcomes, start = {}, {}
+    outcomes = {}
     for device in ("cpu", "cuda"):
         cfg = tiny(**BASE, **SETUPS[setup], **{"runtime.device": device})
         _, jobs = _jobs(cfg, (0, 1, 2, 3), dp_reference=private)
