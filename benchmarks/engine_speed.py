@@ -19,10 +19,29 @@ Workloads (DP-SGD sigma = 1, C = 1, batch 8, one local epoch, as in the issue):
   (iv)  with a GPU: pfl-research's CIFAR-10 CNN (without its dropout) on random 32x32x3 data,
         1,000 users of 50 images, 50 a round; also reports rounds per second.
 
-    python benchmarks/engine_speed.py [--quick] [--repeats 3] [--threads 1] [--split]
+    python benchmarks/engine_speed.py [--quick] [--repeats 3] [--threads 1] [--split] [--floor]
 
 ``--split`` adds a line per workload with each engine's own training time (the vectorized
 engine's `train_clients`, Opacus' `run_job` per client) and what the rest of each run took.
+
+``--floor`` adds a line per workload with the least time any run of it can take while every
+client gets an ordinary Flower reply, as the runtime's contract with strategies requires:
+
+    floor workload=NAME message_floor_ms=... targets_leave_ms=... longest_client_s=... best_speedup=... best_e2e_over_engine=... critical_speedup=...
+
+``message_floor_ms`` is one round's Flower messages and nothing else (`message_floor`): the
+round's train messages as Flower's FedAvg builds them, each client's reply built from the
+trained stack with fedsim's cheapest helpers (the runtime's own), and FedAvg's aggregation.
+No accounting, node state, evaluation, files or set-up. ``targets_leave_ms`` is the most a
+round may spend outside the engine's training if a run is to meet both targets at 100 a
+round, whatever the engine's speed: with Opacus' time O, training time E and the rest X,
+O / (E + X) >= 25 and (E + X) / E <= 1.5 give X <= O / 75, spread over the rounds (a floor
+above it means no engine can meet both). ``best_speedup`` and
+``best_e2e_over_engine`` put that floor beside this run's vectorized training time: what a run
+would give if it did nothing but train and exchange messages. ``longest_client_s`` trains
+each round's largest client alone (an extra run, untimed otherwise): its sequential DP-SGD
+steps bound any batching of the round, and ``critical_speedup`` is Opacus' time over that
+plus the floor, as if every other client trained for free.
 
 Both engines run with the same torch thread count, 1 by default: on the 2-core CI-class
 machine, torch's 2-thread kernels were 3-4x slower than 1 thread on these small tensors
@@ -50,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe  # noqa: E402
 
 import fedsim.clients.app as client_app  # noqa: E402
+from fedsim import records as R  # noqa: E402
 from fedsim.config import load_config  # noqa: E402
 from fedsim.logs import ConsoleHandler, setup_logging  # noqa: E402
 from fedsim.models import register_model  # noqa: E402
@@ -57,6 +77,7 @@ from fedsim.privacy.accounting import clear_memos  # noqa: E402
 from fedsim.run import run_experiment  # noqa: E402
 
 ENGINE_SECONDS = [0.0]
+TARGET_SPEEDUP, TARGET_E2E_OVER_ENGINE = 25.0, 1.5  # the targets at 100 clients a round, on the 2-core CPU
 
 
 def _timed(name: str) -> None:
@@ -130,6 +151,69 @@ def run_once(overrides: dict, engine: str, out: Path) -> tuple[float, float]:
     return time.perf_counter() - start, ENGINE_SECONDS[0]
 
 
+def message_floor(per_round: int, shapes: dict[str, tuple[int, ...]], repeats: int = 200) -> float:
+    """Median seconds of one round's Flower messages alone, at `per_round` clients of a model
+    with these tensor shapes: the train messages (one `Message` per node over one shared
+    content, as Flower's `FedAvg.configure_train` builds them), every reply as the in-process
+    runtime builds it from the engine's stack (`R.stacked_to_arrays` per tensor, trusted
+    records of the reply's 7 metrics, `R.reply_to`), and FedAvg's aggregation
+    (`R.aggregate_train_replies`). A run does all of this and more, so it is a floor."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsim.runtime.inprocess import assign_message_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # as the grid sets them
+    rng = np.random.default_rng(0)
+    sent = R.numpy_to_record({k: rng.random(s, dtype=np.float32) for k, s in shapes.items()})
+    trained = {k: rng.random((per_round, *s), dtype=np.float32) for k, s in shapes.items()}
+
+    def one_round() -> float:
+        start = time.perf_counter()
+        content = RecordDict({R.ARRAYS: sent, R.CONFIG: ConfigRecord({R.SERVER_ROUND: 1})})
+        messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=1000 + i)
+                    for i in range(per_round)]
+        for i, msg in enumerate(messages):
+            assign_message_id(msg, f"{i:032x}")
+        columns = {k: R.stacked_to_arrays(list(stack)) for k, stack in trained.items()}
+        replies = [R.reply_to(msg, R.trusted(RecordDict, {
+            R.ARRAYS: R.trusted(ArrayRecord, {k: columns[k][i] for k in shapes}),
+            R.METRICS: R.trusted(MetricRecord, {
+                R.NUM_EXAMPLES: 8, R.UNIT_WEIGHT: 1.0, R.PARTITION_ID: i, R.EPSILON: 1.0, R.TRAIN_LOSS: 1.0,
+                R.LOCAL_STEPS: 1, R.SAMPLE_RATE: 1.0})})) for i, msg in enumerate(messages)]
+        R.aggregate_train_replies(replies, R.NUM_EXAMPLES, R.aggregate_metrics)
+        return time.perf_counter() - start
+
+    for _ in range(repeats // 10):
+        one_round()
+    return statistics.median(one_round() for _ in range(repeats))
+
+
+def longest_client_seconds(overrides: dict, out: Path) -> float:
+    """One more vectorized run in which each round's largest client is also trained alone,
+    again (the same job, the same draws): the sum of those times."""
+    real, alone = client_app.run_vectorized, [0.0]
+
+    def with_longest_alone(jobs, batches=None):
+        outcomes = real(jobs, batches)
+        longest = max(jobs, key=lambda job: len(job.y))
+        start = time.perf_counter()
+        real([longest])
+        alone[0] += time.perf_counter() - start
+        return outcomes
+    client_app.run_vectorized = with_longest_alone
+    try:
+        run_once(overrides, "vectorized", out)
+    finally:
+        client_app.run_vectorized = real
+    return alone[0]
+
+
+def model_shapes(run_dir: Path) -> dict[str, tuple[int, ...]]:
+    """The federated tensors' shapes of a finished run's model."""
+    from safetensors.numpy import load_file
+    return {k: v.shape for k, v in load_file(run_dir / "model.safetensors").items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats (under 10 min on 2 cores)")
@@ -138,6 +222,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both engines (default 1)")
     parser.add_argument("--split", action="store_true",
                         help="also print each engine's own training time (split workload=... lines)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also print the least time the Flower messages allow (floor workload=... lines)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 3)
@@ -183,6 +269,18 @@ def main() -> None:
                 print(f"split workload={name} opacus_engine_s={oe:.3f} vectorized_engine_s={ve:.3f} "
                       f"engine_speedup={oe / ve:.1f} opacus_rest_s={o - oe:.2f} vectorized_rest_s={v - ve:.2f}",
                       flush=True)
+            if args.floor:
+                ve = statistics.median(inside_engine["vectorized"])
+                rounds = overrides["federation.rounds"]
+                floor = message_floor(overrides["federation.clients_per_round"],
+                                      model_shapes(tmp / f"{name}-vectorized-0"))
+                longest = longest_client_seconds(overrides, tmp / f"{name}-longest")
+                leave = o * (1 - 1 / TARGET_E2E_OVER_ENGINE) / TARGET_SPEEDUP / rounds
+                print(f"floor workload={name} message_floor_ms={floor * 1000:.2f} targets_leave_ms={leave * 1000:.2f} "
+                      f"longest_client_s={longest:.3f} "
+                      f"best_speedup={o / (ve + rounds * floor):.1f} "
+                      f"best_e2e_over_engine={(ve + rounds * floor) / ve:.2f} "
+                      f"critical_speedup={o / (longest + rounds * floor):.1f}", flush=True)
     print(f"machine: {describe()}")
 
 

@@ -21,9 +21,9 @@ def run_script(*args: str) -> str:
     return done.stdout
 
 
-def test_engine_speed_prints_the_issue_line_and_the_split_line():
+def test_engine_speed_prints_the_issue_line_the_split_line_and_the_floor_line():
     out = run_script("benchmarks/engine_speed.py", "--quick", "--repeats", "1", "--only", "digits-mlp-100x10",
-                     "--split")
+                     "--split", "--floor")
     lines = out.splitlines()
     assert re.fullmatch(
         rf"workload=digits-mlp-100x10 clients=100 per_round=10 opacus_s={NUMBER} vectorized_s={NUMBER} "
@@ -31,7 +31,13 @@ def test_engine_speed_prints_the_issue_line_and_the_split_line():
     assert re.fullmatch(
         rf"split workload=digits-mlp-100x10 opacus_engine_s={NUMBER} vectorized_engine_s={NUMBER} "
         rf"engine_speedup={NUMBER} opacus_rest_s=-?{NUMBER} vectorized_rest_s=-?{NUMBER}", lines[1]), lines[1]
-    assert lines[2].startswith("machine: ") and len(lines) == 3
+    floor = re.fullmatch(
+        rf"floor workload=digits-mlp-100x10 message_floor_ms=({NUMBER}) targets_leave_ms={NUMBER} longest_client_s=({NUMBER}) "
+        rf"best_speedup={NUMBER} best_e2e_over_engine=({NUMBER}) critical_speedup={NUMBER}", lines[2])
+    assert floor, lines[2]
+    # a round's messages take time, the longest client trains, and the floor only adds to training
+    assert float(floor[1]) > 0 and float(floor[2]) > 0 and float(floor[3]) > 1
+    assert lines[3].startswith("machine: ") and len(lines) == 4
 
 
 def test_runtime_overhead_runs_into_fresh_run_directories():
