@@ -27,7 +27,8 @@ engine's `train_clients`, Opacus' `run_job` per client) and what the rest of eac
 ``--floor`` adds a line per workload with the least time any run of it can take while every
 client gets an ordinary Flower reply, as the runtime's contract with strategies requires:
 
-    floor workload=NAME message_floor_ms=... targets_leave_ms=... longest_client_s=... best_speedup=... best_e2e_over_engine=... critical_speedup=...
+    floor workload=NAME message_floor_ms=... targets_leave_ms=... longest_client_s=...
+          best_speedup=... best_e2e_over_engine=... critical_speedup=...   (one line)
 
 ``message_floor_ms`` is one round's Flower messages and nothing else (`message_floor`): the
 round's train messages as Flower's FedAvg builds them, each client's reply built from the
