@@ -33,13 +33,14 @@ client gets an ordinary Flower reply, as the runtime's contract with strategies 
 ``message_floor_ms`` is one round's Flower messages and nothing else (`message_floor`): the
 round's train messages as Flower's FedAvg builds them, each client's reply built from the
 trained stack with fedsim's cheapest helpers (the runtime's own), and FedAvg's aggregation.
-No accounting, node state, evaluation, files or set-up. ``targets_leave_ms`` is the most a
-round may spend outside the engine's training if a run is to meet both targets at 100 a
-round, whatever the engine's speed: with Opacus' time O, training time E and the rest X,
-O / (E + X) >= 25 and (E + X) / E <= 1.5 give X <= O / 75, spread over the rounds (a floor
-above it means no engine can meet both). ``best_speedup`` and
-``best_e2e_over_engine`` put that floor beside this run's vectorized training time: what a run
-would give if it did nothing but train and exchange messages. ``longest_client_s`` trains
+No accounting, node state, evaluation, files or set-up. It is measured after each pair of
+timed runs (the median of those), so that the host's drift in speed moves it and them alike.
+``targets_leave_ms`` is the most a round may spend outside the engine's training if a run is
+to meet both targets at 100 a round, whatever the engine's speed: with Opacus' time O,
+training time E and the rest X, O / (E + X) >= 25 and (E + X) / E <= 1.5 give X <= O / 75,
+spread over the rounds (a floor above it means no engine can meet both). ``best_speedup``
+and ``best_e2e_over_engine`` put that floor beside this run's vectorized training time: what
+a run would give if it did nothing but train and exchange messages. ``longest_client_s`` trains
 each round's largest client alone (an extra run, untimed otherwise): its sequential DP-SGD
 steps bound any batching of the round, and ``critical_speedup`` is Opacus' time over that
 plus the floor, as if every other client trained for free.
@@ -152,7 +153,7 @@ def run_once(overrides: dict, engine: str, out: Path) -> tuple[float, float]:
     return time.perf_counter() - start, ENGINE_SECONDS[0]
 
 
-def message_floor(per_round: int, shapes: dict[str, tuple[int, ...]], repeats: int = 200) -> float:
+def message_floor(per_round: int, shapes: dict[str, tuple[int, ...]], repeats: int = 100) -> float:
     """Median seconds of one round's Flower messages alone, at `per_round` clients of a model
     with these tensor shapes: the train messages (one `Message` per node over one shared
     content, as Flower's `FedAvg.configure_train` builds them), every reply as the in-process
@@ -248,6 +249,7 @@ def main() -> None:
             times = {"opacus": [], "vectorized": []}
             inside_engine = {"opacus": [], "vectorized": []}
             engine_share = []
+            floors = []
             for r in range(repeats):
                 for engine in ("opacus", "vectorized"):
                     wall, inside = run_once(overrides, engine, tmp / f"{name}-{engine}-{r}")
@@ -255,6 +257,9 @@ def main() -> None:
                     inside_engine[engine].append(inside)
                     if engine == "vectorized":
                         engine_share.append(wall / inside)
+                if args.floor:  # beside each pair of runs, so that a host's drift moves both alike
+                    floors.append(message_floor(overrides["federation.clients_per_round"],
+                                                model_shapes(tmp / f"{name}-vectorized-0")))
             o, v = statistics.median(times["opacus"]), statistics.median(times["vectorized"])
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             line = (f"workload={name} clients={overrides['federation.num_clients']} "
@@ -273,8 +278,7 @@ def main() -> None:
             if args.floor:
                 ve = statistics.median(inside_engine["vectorized"])
                 rounds = overrides["federation.rounds"]
-                floor = message_floor(overrides["federation.clients_per_round"],
-                                      model_shapes(tmp / f"{name}-vectorized-0"))
+                floor = statistics.median(floors)
                 longest = longest_client_seconds(overrides, tmp / f"{name}-longest")
                 leave = o * (1 - 1 / TARGET_E2E_OVER_ENGINE) / TARGET_SPEEDUP / rounds
                 print(f"floor workload={name} message_floor_ms={floor * 1000:.2f} targets_leave_ms={leave * 1000:.2f} "

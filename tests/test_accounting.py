@@ -121,18 +121,18 @@ def test_cached_rdp_curve_is_read_only():
 
 @pytest.mark.parametrize("sigma, q", [(0.5, 0.5), (1.0, 1 / 6), (3.0, 0.01), (1.0, 1e-4)])
 def test_rdp_curve_is_the_same_bits_order_by_order_and_with_its_q_free_parts_cached(sigma, q):
-    """The binomial coefficients of each order's series are computed once per process for all
-    orders (`rdp._binomial_block`, `rdp._integer_terms`) and sliced to the orders a block still
-    needs: a curve must not depend on that, nor on which other orders it is computed with."""
+    """The binomial coefficients of each order's series are computed once per process
+    (`rdp._binomial_rows`, `rdp._integer_terms`) and stacked for the orders a block still needs:
+    a curve must not depend on that, nor on which other orders it is computed with."""
     from fedsim.privacy import rdp
-    rdp._binomial_block.cache_clear()
+    rdp._binomial_rows.cache_clear()
     rdp._integer_terms.cache_clear()
     cold = compute_rdp_curve(q, sigma, ORDERS)
-    assert rdp._binomial_block.cache_info().currsize > 0 and rdp._integer_terms.cache_info().currsize == 1
+    assert rdp._binomial_rows.cache_info().currsize > 0 and rdp._integer_terms.cache_info().currsize == 1
     warm = compute_rdp_curve(q, sigma, ORDERS)
     order_by_order = np.array([compute_rdp_curve(q, sigma, [alpha])[0] for alpha in ORDERS])
     assert cold.tobytes() == warm.tobytes() == order_by_order.tobytes()
-    log_coef, sign = rdp._binomial_block((1.5, 2.5), 0, 4)
+    log_coef, sign = rdp._binomial_rows((1.5, 2.5), 0, 4)
     with pytest.raises(ValueError):
         log_coef[0, 0] = 0.0
     # C(1.5, i) for i = 0..3: 1, 1.5, 0.375, -0.0625

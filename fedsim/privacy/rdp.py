@@ -111,17 +111,28 @@ def log_binomial(alpha: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.log(np.abs(coef)), np.where(coef > 0, 1.0, -1.0)
 
 
-@functools.lru_cache(maxsize=1024)
-def _binomial_block(alphas: tuple[float, ...], start: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """`log_binomial` of every order in `alphas` and every i in [start, start + size), kept for
-    the process (read-only). `special.binom` was half the cost of an RDP curve, and a run asks
-    for one curve per client sampling rate (1,000 heterogeneous clients: about 50), target-epsilon
+@functools.lru_cache(maxsize=8192)
+def _binomial_rows(alphas: tuple[float, ...], start: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`log_binomial` of these orders (rows) for every i in [start, start + size), kept for the
+    process (read-only). `special.binom` was half the cost of an RDP curve, and a run asks for
+    one curve per client sampling rate (1,000 heterogeneous clients: about 50), target-epsilon
     calibration for one per candidate sigma, all over the same orders and blocks of i."""
-    i = np.arange(start, start + size, dtype=float)
-    log_coef, sign = log_binomial(np.asarray(alphas, dtype=float)[:, None], i[None, :])
+    log_coef, sign = log_binomial(np.asarray(alphas, dtype=float)[:, None],
+                                  np.arange(start, start + size, dtype=float)[None, :])
     log_coef.setflags(write=False)
     sign.setflags(write=False)
     return log_coef, sign
+
+
+def _binomial_block(alphas: np.ndarray, start: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`log_binomial` of the orders still summing (rows) for every i in [start, start + size).
+    A curve's first block holds every order, so it is kept as one; the later, longer blocks
+    serve the few orders whose series has not stopped, and which those are depends on q and
+    sigma, so they are kept an order at a time and stacked."""
+    if start == 0:
+        return _binomial_rows(tuple(alphas.tolist()), start, size)
+    rows = [_binomial_rows((alpha,), start, size) for alpha in alphas.tolist()]
+    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
 
 
 def log_a_frac_terms(q: float, sigma: float, alpha: np.ndarray, i: np.ndarray,
@@ -161,9 +172,8 @@ def log_a_frac(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     start, size = 0, FIRST_CHUNK
     while pending.size:
         i = np.arange(start, start + size, dtype=float)
-        log_coef, signs = _binomial_block(tuple(alphas.tolist()), start, size)
         log_s0, log_s1, sign = log_a_frac_terms(q, sigma, alphas[pending, None], i[None, :],
-                                                (log_coef[pending], signs[pending]))
+                                                _binomial_block(alphas[pending], start, size))
         below = np.maximum(log_s0, log_s1) < SERIES_STOP
         stopped = below.any(axis=1)
         last = np.where(stopped, below.argmax(axis=1), size - 1)  # the stopping term is included
