@@ -249,7 +249,7 @@ def main() -> None:
             times = {"opacus": [], "vectorized": []}
             inside_engine = {"opacus": [], "vectorized": []}
             engine_share = []
-            floors = []
+            floors, shapes = [], {}
             for r in range(repeats):
                 for engine in ("opacus", "vectorized"):
                     wall, inside = run_once(overrides, engine, tmp / f"{name}-{engine}-{r}")
@@ -258,8 +258,8 @@ def main() -> None:
                     if engine == "vectorized":
                         engine_share.append(wall / inside)
                 if args.floor:  # beside each pair of runs, so that a host's drift moves both alike
-                    floors.append(message_floor(overrides["federation.clients_per_round"],
-                                                model_shapes(tmp / f"{name}-vectorized-0")))
+                    shapes = shapes or model_shapes(tmp / f"{name}-vectorized-0")
+                    floors.append(message_floor(overrides["federation.clients_per_round"], shapes))
             o, v = statistics.median(times["opacus"]), statistics.median(times["vectorized"])
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             line = (f"workload={name} clients={overrides['federation.num_clients']} "

@@ -63,14 +63,10 @@ def merge_scaled(m1: np.ndarray, s1: np.ndarray, m2: np.ndarray, s2: np.ndarray
     return m, s1 * w1 + s2 * w2
 
 
-def log_a_int_terms(q: float, sigma: float, alpha: np.ndarray, i: np.ndarray,
-                    log_binom: np.ndarray | None = None) -> np.ndarray:
-    """The log of term i of A_alpha for integer alpha (Opacus' `_compute_log_a_for_int_alpha`).
-    `log_binom` is log C(alpha, i) when the caller has it already."""
-    with np.errstate(divide="ignore"):  # C(alpha, i) = 0 for i > alpha: -inf, no term
-        if log_binom is None:
-            log_binom = np.log(special.binom(alpha, i))
-        log_coef = log_binom + i * math.log(q) + (alpha - i) * math.log(1 - q)
+def log_a_int_terms(q: float, sigma: float, alpha: np.ndarray, i: np.ndarray, log_binom: np.ndarray) -> np.ndarray:
+    """The log of term i of A_alpha for integer alpha (Opacus' `_compute_log_a_for_int_alpha`),
+    from log C(alpha, i), the part free of q and sigma (`_integer_terms`)."""
+    log_coef = log_binom + i * math.log(q) + (alpha - i) * math.log(1 - q)
     return log_coef + (i * i - i) / (2 * (sigma**2))
 
 
@@ -85,7 +81,7 @@ def _integer_terms(alphas: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, n
     row = np.repeat(np.arange(values.size), counts)
     i = (np.arange(counts.sum()) - starts[row]).astype(float)
     alpha = values[row]
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore"):  # C(alpha, i) = 0 would be -inf: no term (i <= alpha here)
         log_binom = np.log(special.binom(alpha, i))
     for array in (starts, row, alpha, i, log_binom):
         array.setflags(write=False)
@@ -136,13 +132,12 @@ def _binomial_block(alphas: np.ndarray, start: int, size: int) -> tuple[np.ndarr
 
 
 def log_a_frac_terms(q: float, sigma: float, alpha: np.ndarray, i: np.ndarray,
-                     binomial: tuple[np.ndarray, np.ndarray] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     binomial: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Terms i of the two series of A_alpha for fractional alpha (Opacus'
-    `_compute_log_a_for_frac_alpha`): (log_s0, log_s1, sign), sign = +1 where C(alpha, i) > 0
-    (Opacus adds the terms) and -1 otherwise (Opacus subtracts them). `binomial` is
-    `log_binomial(alpha, i)` when the caller has it already."""
-    log_coef, sign = binomial if binomial is not None else log_binomial(alpha, i)
+    `_compute_log_a_for_frac_alpha`), from `binomial` = `log_binomial(alpha, i)`, the part free
+    of q and sigma (`_binomial_block`): (log_s0, log_s1, sign), sign = +1 where C(alpha, i) > 0
+    (Opacus adds the terms) and -1 otherwise (Opacus subtracts them)."""
+    log_coef, sign = binomial
     j = alpha - i
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
 
