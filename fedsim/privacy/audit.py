@@ -23,6 +23,15 @@ confidence 1 - beta on its own:
   rejected mu is converted to epsilon at delta. The test is the paper's bound on correct
   guesses with abstention (the recursion its authors' code calls ``rh_with_cap`` /
   ``audit_rh_with_cap``), with alphabet size k = 2 (membership).
+* ``gaussian`` (opt-in, not a worst-case guarantee): the scores themselves, not thresholded
+  guesses, modelled as two Gaussians of equal variance, "in" shifted by mu standard
+  deviations, as Agrawal et al., "Let's Ask Gauss: Improved One-Run Privacy Auditing" (2026,
+  arXiv:2606.12733) argue white-box DP-SGD canary scores are (a normalised sum over steps).
+  Their exact confidence procedure was not available to us; this is our construction: an
+  exact lower confidence bound on mu under that model (a noncentral-t pivot), converted to
+  epsilon at delta by the Gaussian hockey-stick divergence (`gdp_epsilon`). It holds only as
+  far as the scores are independent, Gaussian and of equal variance (`score_sd_ratio`
+  reports the last).
 
 A lower bound from several analyses, or several numbers of guesses, is only valid at
 1 - beta if the choice is paid for: `audit_bounds` splits beta over the candidate guess
@@ -38,7 +47,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import optimize, special, stats
 
-ANALYSES = ("steinke", "fdp")
+ANALYSES = ("steinke", "fdp")  # what audit_bounds computes unless told otherwise
+ALL_ANALYSES = ("steinke", "fdp", "gaussian")
 
 # Bisection stops when the epsilon (or mu) interval is this narrow; the lower end is
 # returned, so the reported bound errs on the safe side by at most this much.
@@ -223,6 +233,66 @@ def fdp_epsilon_lower(m: int, r: int, v: int, *, delta: float, beta: float) -> f
 
 
 # --------------------------------------------------------------------------------------------
+# Gaussian model of the scores (after Agrawal et al. 2026; the confidence bound is ours)
+# --------------------------------------------------------------------------------------------
+
+def gaussian_pair_statistic(scores: np.ndarray, included: np.ndarray) -> tuple[float, int, float]:
+    """(t, degrees of freedom, scale) of the two-sample t statistic of "in" minus "out" scores.
+
+    With scores N(mu_in, s^2) and N(mu_out, s^2), t follows a noncentral t distribution with
+    df = n_in + n_out - 2 and noncentrality mu / scale, where mu = (mu_in - mu_out) / s is
+    the standardised shift and scale = sqrt(1/n_in + 1/n_out).
+    """
+    scores = np.asarray(scores, dtype=float).ravel()
+    included = np.asarray(included, dtype=bool).ravel()
+    inside, outside = scores[included], scores[~included]
+    n_in, n_out = inside.size, outside.size
+    if n_in < 2 or n_out < 2:
+        raise ValueError(f"included: the Gaussian analysis needs at least 2 canaries in and 2 out "
+                         f"(got {n_in} in, {n_out} out)")
+    df = n_in + n_out - 2
+    pooled = math.sqrt((((inside - inside.mean()) ** 2).sum() + ((outside - outside.mean()) ** 2).sum()) / df)
+    scale = math.sqrt(1 / n_in + 1 / n_out)
+    shift = float(inside.mean() - outside.mean())
+    if pooled == 0:
+        return (math.copysign(math.inf, shift) if shift else 0.0), df, scale
+    return shift / (pooled * scale), df, scale
+
+
+def gaussian_pair_mu_lower(scores: np.ndarray, included: np.ndarray, *, beta: float) -> float:
+    """Lower confidence bound (level 1 - beta) on the standardised shift mu between "in" and "out"
+    scores, under the equal-variance Gaussian model: the smallest noncentrality whose upper tail
+    at the observed t is still beta (0 if a zero shift is not rejected)."""
+    _check_level("beta", beta)
+    t, df, scale = gaussian_pair_statistic(scores, included)
+    if math.isinf(t):  # constant scores within each group: the model sees a perfect separation
+        return math.inf if t > 0 else 0.0
+    if not stats.nct.sf(t, df, 0.0) < beta:
+        return 0.0
+    # P[T >= t | nc] grows with nc and is about 1/2 at nc = t, so [0, t] brackets the root
+    nc = optimize.brentq(lambda nc: stats.nct.sf(t, df, nc) - beta, 0.0, t, xtol=1e-10)
+    return float(nc * scale)
+
+
+def gaussian_pair_epsilon_lower(scores: np.ndarray, included: np.ndarray, *, delta: float,
+                                beta: float) -> float:
+    """`gaussian_pair_mu_lower` read as epsilon at delta: the hockey-stick divergence between
+    N(mu, 1) and N(0, 1) is the mu-GDP curve (`gdp_epsilon`)."""
+    _check_level("delta", delta)
+    mu = gaussian_pair_mu_lower(scores, included, beta=beta)
+    return math.inf if math.isinf(mu) else gdp_epsilon(mu, delta)
+
+
+def score_sd_ratio(scores: np.ndarray, included: np.ndarray) -> float:
+    """Standard deviation of the "in" scores over that of the "out" scores: 1 when the Gaussian
+    analysis' equal-variance model fits (subsampling noise typically makes it exceed 1)."""
+    scores = np.asarray(scores, dtype=float).ravel()
+    included = np.asarray(included, dtype=bool).ravel()
+    out_sd = float(np.std(scores[~included], ddof=1))
+    return float(np.std(scores[included], ddof=1)) / out_sd if out_sd > 0 else math.inf
+
+
+# --------------------------------------------------------------------------------------------
 # From scores to guesses
 # --------------------------------------------------------------------------------------------
 
@@ -287,7 +357,8 @@ def guess_candidates(guesses: int | tuple[int, int] | Sequence[int | tuple[int, 
 
 
 def audit_bounds(scores: np.ndarray, included: np.ndarray, *, delta: float, beta: float,
-                 guesses: int | tuple[int, int] | Sequence[int | tuple[int, int]]) -> dict:
+                 guesses: int | tuple[int, int] | Sequence[int | tuple[int, int]],
+                 analyses: Sequence[str] = ANALYSES) -> dict:
     """Every analysis' lower bound on epsilon at delta, confidence 1 - beta, from one run's canary scores.
 
     `scores`: one number per canary, higher meaning "more likely trained on" (e.g. minus the
@@ -298,10 +369,13 @@ def audit_bounds(scores: np.ndarray, included: np.ndarray, *, delta: float, beta
     holds with probability 1 - beta (Bonferroni; the paper's alternative, fixing the guesses
     in advance, is the one-candidate case).
 
+    `analyses`: which of ALL_ANALYSES to run; "gaussian" uses every score and no guesses
+    (its guesses and correct counts are reported as None), and only holds under its model.
+
     Returns a JSON-ready dict: ``epsilon_lower``, ``guesses``, ``correct``, ``guesses_in`` and
-    ``guesses_out`` (each a dict keyed by analysis name: "steinke", "fdp"), ``gdp_mu_lower``
-    (the f-DP audit's mu), ``canaries``, ``delta``, ``beta`` and ``candidates`` (how many
-    guess counts were searched).
+    ``guesses_out`` (each a dict keyed by analysis name), ``gdp_mu_lower`` (the f-DP audit's
+    mu), ``canaries``, ``delta``, ``beta``, ``candidates`` (how many guess counts were
+    searched) and, with "gaussian", ``gaussian_mu_lower`` and ``score_sd_ratio``.
     """
     scores = np.asarray(scores, dtype=float).ravel()
     included = np.asarray(included, dtype=bool).ravel()
@@ -312,28 +386,40 @@ def audit_bounds(scores: np.ndarray, included: np.ndarray, *, delta: float, beta
         raise ValueError("scores: no canaries")
     _check_level("delta", delta)
     _check_level("beta", beta)
+    unknown = [name for name in analyses if name not in ALL_ANALYSES]
+    if unknown or not analyses:
+        raise ValueError(f"analyses: must be a non-empty subset of {', '.join(ALL_ANALYSES)} (got {list(analyses)})")
+    analyses = tuple(dict.fromkeys(analyses))
     candidates = guess_candidates(guesses, m)
     level = beta / len(candidates)
 
     best: dict[str, dict] = {}
-    for k_in, k_out in candidates:
+    guessing = [name for name in analyses if name != "gaussian"]
+    for k_in, k_out in candidates if guessing else []:
         r, v = count_correct(membership_guesses(scores, k_in=k_in, k_out=k_out), included)
-        mu = fdp_mu_lower(m, r, v, beta=level)
-        found = {"steinke": steinke_epsilon_lower(m, r, v, delta=delta, beta=level),
-                 "fdp": gdp_epsilon(mu, delta)}
-        for name, eps in found.items():
+        found = {}
+        if "steinke" in guessing:
+            found["steinke"] = (steinke_epsilon_lower(m, r, v, delta=delta, beta=level), None)
+        if "fdp" in guessing:
+            mu = fdp_mu_lower(m, r, v, beta=level)
+            found["fdp"] = (gdp_epsilon(mu, delta), mu)
+        for name, (eps, mu) in found.items():
             if name not in best or eps > best[name]["epsilon"]:
-                best[name] = {"epsilon": eps, "r": r, "v": v, "k_in": k_in, "k_out": k_out,
-                              "mu": mu if name == "fdp" else None}
-    return {
-        "canaries": m,
-        "delta": delta,
-        "beta": beta,
-        "candidates": len(candidates),
-        "epsilon_lower": {name: best[name]["epsilon"] for name in ANALYSES},
-        "guesses": {name: best[name]["r"] for name in ANALYSES},
-        "correct": {name: best[name]["v"] for name in ANALYSES},
-        "guesses_in": {name: best[name]["k_in"] for name in ANALYSES},
-        "guesses_out": {name: best[name]["k_out"] for name in ANALYSES},
-        "gdp_mu_lower": best["fdp"]["mu"],
-    }
+                best[name] = {"epsilon": eps, "r": r, "v": v, "k_in": k_in, "k_out": k_out, "mu": mu}
+    out = {"canaries": m, "delta": delta, "beta": beta, "candidates": len(candidates)}
+    if "gaussian" in analyses:
+        mu = gaussian_pair_mu_lower(scores, included, beta=beta)
+        best["gaussian"] = {"epsilon": math.inf if math.isinf(mu) else gdp_epsilon(mu, delta),
+                            "r": None, "v": None, "k_in": None, "k_out": None, "mu": mu}
+        out["gaussian_mu_lower"] = mu
+        out["score_sd_ratio"] = score_sd_ratio(scores, included)
+    out.update({
+        "epsilon_lower": {name: best[name]["epsilon"] for name in analyses},
+        "guesses": {name: best[name]["r"] for name in analyses},
+        "correct": {name: best[name]["v"] for name in analyses},
+        "guesses_in": {name: best[name]["k_in"] for name in analyses},
+        "guesses_out": {name: best[name]["k_out"] for name in analyses},
+    })
+    if "fdp" in analyses:
+        out["gdp_mu_lower"] = best["fdp"]["mu"]
+    return out

@@ -271,3 +271,66 @@ def test_audit_bounds_refuses_bad_input():
         audit.audit_bounds(np.zeros(4), np.zeros(4, dtype=bool), delta=1e-5, beta=1.5, guesses=2)
     with pytest.raises(ValueError, match="delta"):
         audit.audit_bounds(np.zeros(4), np.zeros(4, dtype=bool), delta=0.0, beta=BETA, guesses=2)
+
+
+# ------------------------------------------------------------------ the Gaussian model of the scores
+
+def test_gaussian_pair_is_sound_under_its_model():
+    """Scores N(mu * included, 1): the lower confidence bound exceeds the true mu in at most
+    about beta of the runs (checked through the pivot, vectorised), and is tight."""
+    mu, m, runs = 0.5, 400, 2000
+    rng = np.random.default_rng(11)
+    included = rng.random((runs, m)) < 0.5
+    scores = rng.normal(size=(runs, m)) * 3.0 + 7.0 + 3.0 * mu * included  # any location and scale
+    t, df, scale = np.array([audit.gaussian_pair_statistic(s, i) for s, i in zip(scores, included)]).T
+    rejects_truth = stats.nct.sf(t, df, mu / scale) < BETA
+    assert np.mean(rejects_truth) <= BETA + 3 * math.sqrt(BETA * (1 - BETA) / runs)
+    assert np.mean(rejects_truth) >= BETA - 3 * math.sqrt(BETA * (1 - BETA) / runs)  # exact, not loose
+    for s, i in list(zip(scores, included))[:5]:
+        lower = audit.gaussian_pair_mu_lower(s, i, beta=BETA)
+        t1, df1, scale1 = audit.gaussian_pair_statistic(s, i)
+        assert stats.nct.sf(t1, df1, lower / scale1) == pytest.approx(BETA, rel=1e-6)
+
+
+def test_gaussian_pair_matches_the_normal_approximation_on_many_canaries():
+    # for large samples the noncentral-t bound is d - z_{1-beta} * se(d), with
+    # se(d)^2 = 1/n_in + 1/n_out + d^2 / (2 (n_in + n_out)) (Hedges & Olkin 1985)
+    rng = np.random.default_rng(12)
+    included = rng.random(20000) < 0.5
+    scores = rng.normal(size=20000) + 1.0 * included
+    n_in, n_out = included.sum(), (~included).sum()
+    t, _, scale = audit.gaussian_pair_statistic(scores, included)
+    d = t * scale
+    se = math.sqrt(1 / n_in + 1 / n_out + d * d / (2 * (n_in + n_out)))
+    expected = d - stats.norm.ppf(1 - BETA) * se
+    assert audit.gaussian_pair_mu_lower(scores, included, beta=BETA) == pytest.approx(expected, rel=2e-3)
+
+
+def test_gaussian_pair_edges():
+    rng = np.random.default_rng(13)
+    included = rng.random(200) < 0.5
+    # a shift the wrong way, and a perfect separation with no spread
+    assert audit.gaussian_pair_mu_lower(-1.0 * included, included, beta=BETA) == 0.0
+    assert audit.gaussian_pair_mu_lower(1.0 * included, included, beta=BETA) == math.inf
+    assert audit.gaussian_pair_epsilon_lower(1.0 * included, included, delta=1e-5, beta=BETA) == math.inf
+    with pytest.raises(ValueError, match="at least 2 canaries in and 2 out"):
+        audit.gaussian_pair_mu_lower(np.zeros(5), np.array([1, 0, 0, 0, 0], dtype=bool), beta=BETA)
+
+
+def test_audit_bounds_with_every_analysis():
+    rng = np.random.default_rng(14)
+    included = rng.random(1000) < 0.5
+    scores = rng.normal(size=1000) + audit.gdp_mu(4.0, 1e-5) * included
+    out = audit.audit_bounds(scores, included, delta=1e-5, beta=BETA, guesses=[100, 200],
+                             analyses=audit.ALL_ANALYSES)
+    assert set(out["epsilon_lower"]) == {"steinke", "fdp", "gaussian"}
+    assert out["guesses"]["gaussian"] is None and out["correct"]["gaussian"] is None
+    assert out["epsilon_lower"]["gaussian"] == audit.gaussian_pair_epsilon_lower(scores, included, delta=1e-5,
+                                                                                 beta=BETA)
+    assert out["score_sd_ratio"] == pytest.approx(1.0, abs=0.25)  # the model fits: equal spreads
+    # on scores that fit its model, using every score beats thresholded guesses
+    assert out["epsilon_lower"]["steinke"] < out["epsilon_lower"]["fdp"] < out["epsilon_lower"]["gaussian"] < 4.0
+    only = audit.audit_bounds(scores, included, delta=1e-5, beta=BETA, guesses=100, analyses=["gaussian"])
+    assert set(only["epsilon_lower"]) == {"gaussian"} and "gdp_mu_lower" not in only
+    with pytest.raises(ValueError, match="analyses"):
+        audit.audit_bounds(scores, included, delta=1e-5, beta=BETA, guesses=100, analyses=["lira"])
