@@ -245,6 +245,10 @@ def gaussian_pair_statistic(scores: np.ndarray, included: np.ndarray) -> tuple[f
     """
     scores = np.asarray(scores, dtype=float).ravel()
     included = np.asarray(included, dtype=bool).ravel()
+    if scores.shape != included.shape:
+        raise ValueError(f"scores and included: lengths differ ({scores.size} vs {included.size})")
+    if np.isnan(scores).any():
+        raise ValueError("scores: contain NaN")
     inside, outside = scores[included], scores[~included]
     n_in, n_out = inside.size, outside.size
     if n_in < 2 or n_out < 2:
@@ -261,8 +265,9 @@ def gaussian_pair_statistic(scores: np.ndarray, included: np.ndarray) -> tuple[f
 
 def gaussian_pair_mu_lower(scores: np.ndarray, included: np.ndarray, *, beta: float) -> float:
     """Lower confidence bound (level 1 - beta) on the standardised shift mu between "in" and "out"
-    scores, under the equal-variance Gaussian model: the smallest noncentrality whose upper tail
-    at the observed t is still beta (0 if a zero shift is not rejected)."""
+    scores, under the equal-variance Gaussian model: the shift at which the observed t sits at
+    the upper beta tail of its noncentral t, so that every smaller shift is rejected (0 if a
+    zero shift is not)."""
     _check_level("beta", beta)
     t, df, scale = gaussian_pair_statistic(scores, included)
     if math.isinf(t):  # constant scores within each group: the model sees a perfect separation

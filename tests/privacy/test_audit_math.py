@@ -118,6 +118,14 @@ def test_fdp_test_is_the_papers_recursion(m, r, v, mu):
     assert audit.fdp_rejects_gdp(m, r, v, mu, beta=BETA) == fdp_rejects_literal(m, r, v, mu, BETA)
 
 
+def test_fdp_rejection_is_monotone_in_mu():
+    # fdp_mu_lower bisects, which is right only if a larger mu (a weaker claim) is never easier to reject
+    for r, v in [(200, 150), (200, 199), (1000, 600), (50, 50)]:
+        decisions = [audit.fdp_rejects_gdp(1000, r, v, mu, beta=BETA) for mu in np.linspace(0, 4, 81)]
+        flips = sum(a != b for a, b in zip(decisions, decisions[1:]))
+        assert decisions[0] and flips == 1 and not decisions[-1], (r, v, decisions)
+
+
 def test_fdp_mu_lower_sits_on_the_rejection_boundary():
     mu = audit.fdp_mu_lower(1000, 200, 185, beta=BETA)
     assert mu > 0
@@ -313,6 +321,9 @@ def test_gaussian_pair_edges():
     assert audit.gaussian_pair_mu_lower(-1.0 * included, included, beta=BETA) == 0.0
     assert audit.gaussian_pair_mu_lower(1.0 * included, included, beta=BETA) == math.inf
     assert audit.gaussian_pair_epsilon_lower(1.0 * included, included, delta=1e-5, beta=BETA) == math.inf
+    with pytest.raises(ValueError, match="NaN"):
+        audit.gaussian_pair_mu_lower(np.array([0.0, 1.0, np.nan, 2.0, 3.0]), np.array([1, 1, 0, 0, 0], dtype=bool),
+                                     beta=BETA)
     with pytest.raises(ValueError, match="at least 2 canaries in and 2 out"):
         audit.gaussian_pair_mu_lower(np.zeros(5), np.array([1, 0, 0, 0, 0], dtype=bool), beta=BETA)
 
