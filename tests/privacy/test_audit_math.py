@@ -72,6 +72,16 @@ def test_steinke_p_value_matches_the_papers_loop(m, r, v, eps, delta):
         steinke_p_value_literal(m, r, v, eps, delta), rel=1e-9, abs=1e-15)
 
 
+@pytest.mark.parametrize("m,r,v,beta,published", [(500, 100, 100, 0.05, 3.4791953936219215),
+                                                  (500, 100, 100, 0.01, 3.023197554051876),
+                                                  (500, 35, 23, 0.05, 0.014548719860613346),
+                                                  (500, 100, 60, 0.05, 0.05073561053723097)])
+def test_steinke_matches_values_published_by_an_independent_implementation(m, r, v, beta, published):
+    # audit_results.json of the codedp-cpt-models on Hugging Face (delta = 1e-5), computed by
+    # another implementation of the paper's appendix algorithm; agreement to the bisection's tolerance
+    assert audit.steinke_epsilon_lower(m, r, v, delta=1e-5, beta=beta) == pytest.approx(published, abs=2e-6)
+
+
 def test_steinke_delta_makes_the_bound_weaker():
     no_delta = audit.steinke_epsilon_lower(1000, 300, 280, delta=0.0, beta=BETA)
     small = audit.steinke_epsilon_lower(1000, 300, 280, delta=1e-5, beta=BETA)
