@@ -79,7 +79,7 @@ def test_steinke_p_value_matches_the_papers_loop(m, r, v, eps, delta):
 def test_steinke_matches_values_published_by_an_independent_implementation(m, r, v, beta, published):
     # audit_results.json of the codedp-cpt-models on Hugging Face (delta = 1e-5), computed by
     # another implementation of the paper's appendix algorithm; agreement to the bisection's tolerance
-    assert audit.steinke_epsilon_lower(m, r, v, delta=1e-5, beta=beta) == pytest.approx(published, abs=2e-6)
+    assert audit.steinke_epsilon_lower(m, r, v, delta=1e-5, beta=beta) == pytest.approx(published, abs=5e-6)
 
 
 def test_steinke_delta_makes_the_bound_weaker():
