@@ -27,8 +27,8 @@ from fedsim.clients.trainer import train_local
 from fedsim.clients.vectorized import (VectorClient, VectorOutcome, release_scratch, train_clients,
                                        unsupported_reason)
 from fedsim import records as R
-from fedsim.algorithms import (ClientRule, Hyper, LocalResult, LocalTask, RoundStart, State, TrainSettings,
-                               get_algorithm, resolve_device)
+from fedsim.algorithms import (ClientRule, Hyper, LocalResult, LocalTask, RoundStart, State, Tensors,
+                               TrainSettings, get_algorithm, resolve_device)
 from fedsim.config import Config
 from fedsim.datasets import Dataset
 from fedsim.errors import ConfigError, FedsimError
@@ -220,12 +220,23 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
     if job.rule.finish is not None:
         if final is None:
             final = {k: p.detach().cpu() for k, p in job.model.named_parameters() if p.requires_grad}
-        extra_arrays, node_state = job.rule.finish(job.start, job.state, final, result.steps)
+        extra_arrays, node_state = job.rule.finish(job.start, job.state, final, result.steps, job.start.hyper)
         if extra_arrays:
-            content[R.ALGORITHM_ARRAYS] = R.numpy_to_record(extra_arrays)
-        if node_state:
-            R.plain(context.state)[R.ALGORITHM_STATE] = R.numpy_to_record(node_state)
+            content[R.ALGORITHM_ARRAYS] = tensors_to_record(extra_arrays, "reply arrays")
+        if node_state:  # {} keeps the node's previous state (`ClientRule.finish`)
+            R.plain(context.state)[R.ALGORITHM_STATE] = tensors_to_record(node_state, "node state")
     return R.reply_to(job.msg, content)
+
+
+def tensors_to_record(tensors: Tensors, what: str) -> ArrayRecord:
+    """What a rule's `finish` returned (flat dicts of tensors) as the ArrayRecord a reply or the
+    node's Flower state holds; `RoundStart` hands node state back as tensors (`prepare_job`)."""
+    arrays = {}
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"ClientRule.finish: {what}[{name!r}] must be a torch.Tensor (got {type(value).__name__})")
+        arrays[name] = value.detach().cpu().numpy()
+    return R.numpy_to_record(arrays)
 
 
 def reply_arrays(jobs: list[ClientJob], outcomes: list[VectorOutcome]) -> list[ArrayRecord | None]:
