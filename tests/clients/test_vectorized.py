@@ -199,7 +199,7 @@ def test_round_buffers_are_reused_but_never_leak_into_results(tiny):
 
 
 def test_next_round_reuses_the_shared_model_with_the_same_results(lora_cfg, tmp_path, monkeypatch):
-    """A vectorized round's shared model becomes the next round's (`clients.app._SPARE_MODEL`):
+    """A vectorized round's shared model becomes the next round's (`clients.app.spare_models`):
     it must train exactly as a freshly built one (here FedSVD: the server's new A replaces the
     old, the frozen backbone stays), and the reuse must actually happen."""
     import fedsim.clients.app as app
@@ -219,7 +219,7 @@ def test_next_round_reuses_the_shared_model_with_the_same_results(lora_cfg, tmp_
     real_prepare = app.prepare_job
 
     def fresh(*args, **kwargs):
-        app._SPARE_MODEL[0] = None
+        app.spare_models.cache_clear()
         return real_prepare(*args, **kwargs)
     monkeypatch.setattr(app, "prepare_job", fresh)
     assert outputs("fresh") == reused
