@@ -59,10 +59,12 @@ from fedsim.clients.vectorized_grads import CLIP_EPS, clip_factor, dense_chain, 
 from fedsim.models import as_tensors
 from fedsim.privacy.accounting import History, poisson_sample_rate
 
-# what other modules import from the engine's entry module
-__all__ = ["CLIP_EPS", "VectorClient", "VectorOutcome", "by_steps_in_chunks", "clip_factor", "default_chunk",
-           "dense_chain", "draw_batch", "drawn_indices", "extend_history", "momentum_direction", "outer_chain",
-           "release_scratch", "scratch", "stacked_forward", "train_clients", "unsupported_reason"]
+# the engine's entry points, and the path selectors and helpers other modules reuse
+# (learning from bags' batched loop), importable from here wherever they are defined
+__all__ = ["CLIP_EPS", "BatchDraws", "VectorClient", "VectorOutcome", "batch_draws", "by_steps_in_chunks",
+           "clip_factor", "default_chunk", "dense_chain", "draw_batch", "drawn_indices", "drawn_indices_torch",
+           "extend_history", "momentum_direction", "outer_chain", "release_scratch", "scratch", "stacked_forward",
+           "to_host", "train_clients", "unsupported_reason"]
 
 
 @dataclass
@@ -133,7 +135,6 @@ def default_chunk(num_params: int, batch_size: int, device: str) -> int:
     return max(1, int(budget // per_client))
 
 
-
 _SCRATCH = threading.local()
 
 
@@ -142,10 +143,10 @@ def scratch(key: Any, shape: tuple[int, ...], device: str | torch.device,
     """A buffer for `key`, kept for the next round (uninitialized on first use).
 
     The engine's round-sized temporaries (a round's noise, Poisson draws, lr-scaled steps:
-    clients x parameters floats, megabytes at 100 clients) were fresh allocations every
-    round; the allocator handed most back to the system and the first touch of each page
-    faulted again, about a sixth of the engine's time in a run. Only the engine's own
-    temporaries live here, never what it returns. One set per thread."""
+    clients x parameters floats, megabytes at 100 clients) would otherwise be fresh
+    allocations every round, which the allocator hands back to the system, so the first touch
+    of each page faults again: about a sixth of the engine's time in a run. Only the engine's
+    own temporaries live here, never what it returns. One set per thread."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     key = (key, str(device))  # "cuda" and "cuda:0" differ as keys only: both stay valid
     found = buffers.get(key)
@@ -157,7 +158,6 @@ def scratch(key: Any, shape: tuple[int, ...], device: str | torch.device,
 def release_scratch() -> None:
     """Drop this thread's `scratch` buffers (a finished run's: on a GPU, hundreds of MB)."""
     _SCRATCH.__dict__.pop("buffers", None)
-
 
 
 def by_steps_in_chunks(steps: Sequence[int], size: int, train: Callable[[list[int]], Sequence[Any]]) -> list[Any]:

@@ -19,10 +19,10 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedsim.algorithms import ClientRule, Hyper, State, Tensors
-from fedsim.clients.vectorized_grads import (_dense_forward, _loss_and_output_grad, by_hand, clip_factor,
-                                             dense_batch_grads, dense_chain, dense_clipped_sum, outer_chain,
-                                             outer_grads)
+from fedsim.clients.vectorized_grads import (by_hand, clip_factor, dense_batch_grads, dense_chain, dense_clipped_sum,
+                                             dense_forward, loss_and_output_grad, outer_chain, outer_grads)
 from fedsim.models import loss_fn
+
 
 def stacked_forward(model: nn.Module, chain: list[tuple[str, nn.Module]] | None, params: Tensors,
                     frozen: Tensors, x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def stacked_forward(model: nn.Module, chain: list[tuple[str, nn.Module]] | None,
     of ``functional_call``. Ordinary autograd differentiates it in `params`, which gives every
     client's gradient of its own loss at once (for losses that are not per-sample, like bags')."""
     if chain is not None:
-        return _dense_forward(chain, params, x, leaf_outputs=False)[0]
+        return dense_forward(chain, params, x, leaf_outputs=False)[0]
     return vmap(lambda p, xb: functional_call(model, {**p, **frozen}, (xb,)))(params, x)
 
 
@@ -60,7 +60,7 @@ class Functional:
         if self.outer is not None:
             if self.rule.loss_term is None:
                 def output_grads(out):
-                    return _loss_and_output_grad(self.task, out, y, torch.ones_like(mask))
+                    return loss_and_output_grad(self.task, out, y, torch.ones_like(mask))
             else:  # the rule's term differentiated as the vmap path does, from the outputs on
                 def output_grads(out):
                     grads, values = self.per_sample_output_grads(out, state, y)
@@ -82,7 +82,7 @@ class Functional:
                 count = mask.sum(1, keepdim=True).clamp_min(1.0)
 
                 def output_grads(out):
-                    found = _loss_and_output_grad(self.task, out, y, mask / count)
+                    found = loss_and_output_grad(self.task, out, y, mask / count)
                     if found is None:
                         return None
                     return (found[0] * mask).sum(1) / count.squeeze(1), found[1]

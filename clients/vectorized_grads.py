@@ -42,7 +42,6 @@ def clip_factor(norms: torch.Tensor, max_grad_norm: float, mask: torch.Tensor) -
     return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * mask
 
 
-
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Identity)
 
 
@@ -72,7 +71,7 @@ def dense_chain(model: nn.Module, rule: ClientRule | None = None) -> list[tuple[
     return steps if seen_linear else None
 
 
-def _dense_forward(chain: list[tuple[str, nn.Module]], params: Tensors, x: torch.Tensor, leaf_outputs: bool = True):
+def dense_forward(chain: list[tuple[str, nn.Module]], params: Tensors, x: torch.Tensor, leaf_outputs: bool = True):
     """Outputs (clients, batch, out) of the chain for stacked parameters, and for every Linear
     (its parameter-name prefix, its input a, its output z). With `leaf_outputs`, gradients are
     taken with respect to the outputs z: the first is made a leaf that requires grad, the
@@ -91,7 +90,6 @@ def _dense_forward(chain: list[tuple[str, nn.Module]], params: Tensors, x: torch
         elif not isinstance(module, nn.Flatten):
             h = module(h)
     return h, linears
-
 
 
 # The backward of each activation the chain rule is applied to by hand, from the activation's
@@ -118,7 +116,7 @@ def by_hand(chain: list[tuple[str, nn.Module]] | None) -> bool:
                                      for _, m in chain)
 
 
-def _loss_and_output_grad(task: str, out: torch.Tensor, y: torch.Tensor,
+def loss_and_output_grad(task: str, out: torch.Tensor, y: torch.Tensor,
                           weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-sample losses (clients, batch) of outputs (clients, batch, outputs) and
     d(sum of weight * loss)/d(out), computed as `models.loss_fn`'s loss and autograd compute
@@ -175,7 +173,7 @@ def _chain_backward(chain: list[tuple[str, nn.Module]], params: Tensors, x: torc
     as baddbmm's derivative gives it). Bit for bit autograd's result (tested), at about 40% of
     its cost for MLP(64): no graph is built or walked. None where the loss shapes do not fit."""
     out, recorded = _forward_recording(chain, params.get, x)
-    found = _loss_and_output_grad(task, out, y, weight)
+    found = loss_and_output_grad(task, out, y, weight)
     if found is None:
         return None
     losses, grad = found
@@ -204,7 +202,7 @@ def _dense_output_grads(chain, params: Tensors, x: torch.Tensor, y: torch.Tensor
         if found is not None:
             return found
     with torch.enable_grad():
-        out, linears = _dense_forward(chain, params, x)
+        out, linears = dense_forward(chain, params, x)
         k, b = x.shape[:2]
         per_sample = losses(out.flatten(0, 1), y.flatten(0, 1)).reshape(k, b)
         outputs = [z for _, _, z in linears]
