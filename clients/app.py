@@ -273,10 +273,10 @@ def reply_arrays(jobs: list[ClientJob], outcomes: list[VectorOutcome]) -> list[A
         return [None] * len(jobs)
     # each client's row as it came (a view of its chunk's stack): no re-stacking before the copy into bytes
     columns = {k: R.stacked_to_arrays([o.final[k].numpy() for o in outcomes]) for k in trained}
-    frozen = jobs[0].model.state_dict() if len(trained) < len(keys) else {}
+    untrained = jobs[0].model.state_dict() if len(trained) < len(keys) else {}
     for k in keys:
         if k not in columns:
-            values = frozen[k].detach().cpu().numpy()
+            values = untrained[k].detach().cpu().numpy()
             columns[k] = [R.to_array(values) for _ in jobs]
     return [R.trusted(ArrayRecord, {k: columns[k][i] for k in keys}) for i in range(len(jobs))]
 

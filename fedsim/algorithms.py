@@ -52,9 +52,9 @@ TRAINABLE_GROUPS = ("all", "lora", "lora-b")
 class Hyper(Generic[P]):
     """The scalars every client of a round shares: the algorithm's params and the local settings.
 
-    Generic in the params type, so a rule can say what it reads: ``Hyper[FedProxParams]``, or,
-    since a client half may not import its server half, a `typing.Protocol` of the fields it
-    reads (`fedsim.clients.fedprox`).
+    Generic in the params type, so a rule's hooks can say what they read. A client half never
+    imports its server half's params class, so it names the fields it reads in a
+    `typing.Protocol` (`fedsim.clients.fedprox`: ``Hyper[ProxParams]``, with ``mu: float``).
     """
 
     params: P  # the algorithm's params dataclass (its [strategy.<name>] table)
