@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import traceback
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +28,13 @@ from fedsim.clients.trainer import train_local
 from fedsim.clients.vectorized import (VectorClient, VectorOutcome, release_scratch, train_clients,
                                        unsupported_reason)
 from fedsim import records as R
-from fedsim.algorithms import (ClientRule, Hyper, LocalResult, LocalTask, RoundStart, State, TrainSettings,
-                               get_algorithm, resolve_device)
+from fedsim.caches import Key, cached, frozen
+from fedsim.algorithms import (ClientRule, Hyper, LocalResult, LocalTask, RoundStart, State, Tensors,
+                               TrainSettings, get_algorithm, resolve_device)
 from fedsim.config import Config
 from fedsim.datasets import Dataset
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.experiment import config_from_context, derive_seed
+from fedsim.experiment import config_from_context, derive_seed, experiment_text
 from fedsim.lora import select_keys, set_trainable
 from fedsim.models import as_tensors, build_model
 from fedsim.node_data import node_data, node_dataset, node_partition_id
@@ -96,25 +98,47 @@ class ClientJob:
     start: RoundStart
     state: State
     upload_keys: list[str]  # the state-dict keys of the reply's arrays (the rule's `upload` group)
+    node_key: Hashable = None  # what this node's inputs are cached under (`node_inputs`)
 
 
-_NODE_INPUTS: dict[int, tuple] = {}  # node id -> (config, spec, dataset, x, y) of its current run
-_SPARE_MODEL: list[tuple[Config, torch.nn.Module] | None] = [None]  # (experiment, a vectorized round's model)
+# The client side's caches, in `fedsim.caches` (one mechanism, `clear_all`), keyed on the
+# experiment's TOML text (the whole experiment, calibrated sigma included) and the node's own
+# config: a new experiment, or the same node config under another, never reads stale inputs.
+# `release_run` empties them when a run ends (a run's client data, on a GPU too).
+
+def node_key(text: str, node_config: Mapping, spec: ConfigRecord | None) -> Hashable:
+    """What a node's inputs are determined by: the experiment, its node config (partition or
+    data file) and, for a data holder, the data spec the server sent."""
+    return text, frozen(dict(node_config)), frozen(R.plain(spec)) if spec is not None else None
 
 
-def _node_inputs(cfg: Config, context: Context) -> tuple[Dataset, np.ndarray, np.ndarray]:
-    """This node's dataset view and local (x, y), loaded once per run.
-
-    A run's parsed config is one object for all its rounds (`config_from_context` caches it
-    by its text), so identity tells whether the node's last inputs are still this run's."""
+def node_inputs(cfg: Config, context: Context, text: str) -> tuple[Hashable, Dataset, np.ndarray, np.ndarray]:
+    """This node's key (`node_key`), dataset view and local (x, y), computed once per experiment."""
     spec = R.record_of(context.state, R.DATA_SPEC, ConfigRecord)
-    hit = _NODE_INPUTS.get(context.node_id)
-    if hit is not None and hit[0] is cfg and hit[1] is spec:
-        return hit[2], hit[3], hit[4]
-    data = node_dataset(cfg, context.node_config, spec)
-    x, y = node_data(cfg, context.node_config, data)
-    _NODE_INPUTS[context.node_id] = (cfg, spec, data, x, y)
-    return data, x, y
+    key = node_key(text, context.node_config, spec)
+    return (key, *_node_inputs(Key(key, payload=(cfg, context.node_config, spec))))
+
+
+@cached(maxsize=4096)  # one per node: the in-process runtime holds a whole federation in one process
+def _node_inputs(key: Key) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    cfg, node_config, spec = key.payload
+    data = node_dataset(cfg, node_config, spec)
+    return (data, *node_data(cfg, node_config, data))
+
+
+@cached(maxsize=4)
+def spare_models(text: str) -> list[torch.nn.Module]:
+    """A pool of at most one model per experiment: the last vectorized round's shared model,
+    which the engine never changed and the next round takes instead of building one (all its
+    arrays are replaced from the message; building anew cost 0.4 ms a round). A list, not
+    the model, because a job takes it (Opacus trains in place) and the round gives it back."""
+    return []
+
+
+@cached(maxsize=4096)  # one per node and device, as `_node_inputs`
+def _device_inputs(key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, task = key.payload
+    return as_tensors(x, y, task, key.value[1])
 
 
 @dataclass
@@ -135,18 +159,16 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
                 template: RoundTemplate | None = None) -> ClientJob:
     """A train message and its node's state as a `ClientJob`. With `template`, the job shares
     the template's model instead of building its own (the vectorized engine never changes it)."""
+    text = experiment_text(context, config_text)
     cfg = config_from_context(context, config_text)
     server_cfg = R.record_of(msg.content, R.CONFIG, ConfigRecord)
     server_round = int(R.plain(server_cfg).get(R.SERVER_ROUND, 0)) if server_cfg is not None else 0
     pid = node_partition_id(context.node_config)
-    data, x, y = _node_inputs(cfg, context)
+    key, data, x, y = node_inputs(cfg, context, text)
     rule = get_algorithm(cfg.strategy.name).client
     if template is None:
-        spare, _SPARE_MODEL[0] = _SPARE_MODEL[0], None
-        # last round's shared model, for the same experiment: its arrays are all replaced below,
-        # and the engine that shared it never changed the rest (building anew cost 0.4 ms a round)
-        model = spare[1] if spare is not None and spare[0] is cfg else build_model(
-            cfg.model, data, cfg.seed, cfg.output.dir)
+        pool = spare_models(text)
+        model = pool.pop() if pool else build_model(cfg.model, data, cfg.seed, cfg.output.dir)
         R.load_record(model, msg.content[R.ARRAYS])
         set_trainable(model, rule.trainable)
         extra = msg.content.get(R.ALGORITHM_ARRAYS)
@@ -166,7 +188,7 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
     state = rule.setup(start) if rule.setup is not None else {}
     return ClientJob(msg, context, cfg, pid, server_round, data, x, y, model, rule, settings,
                      derive_seed(cfg.seed, server_round, pid, "train"), load_history(context), start, state,
-                     template.upload_keys)
+                     template.upload_keys, key)
 
 
 def local_task(job: ClientJob) -> LocalTask:
@@ -220,12 +242,23 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
     if job.rule.finish is not None:
         if final is None:
             final = {k: p.detach().cpu() for k, p in job.model.named_parameters() if p.requires_grad}
-        extra_arrays, node_state = job.rule.finish(job.start, job.state, final, result.steps)
+        extra_arrays, node_state = job.rule.finish(job.start, job.state, final, result.steps, job.start.hyper)
         if extra_arrays:
-            content[R.ALGORITHM_ARRAYS] = R.numpy_to_record(extra_arrays)
-        if node_state:
-            R.plain(context.state)[R.ALGORITHM_STATE] = R.numpy_to_record(node_state)
+            content[R.ALGORITHM_ARRAYS] = tensors_to_record(extra_arrays, "reply arrays")
+        if node_state:  # {} keeps the node's previous state (`ClientRule.finish`)
+            R.plain(context.state)[R.ALGORITHM_STATE] = tensors_to_record(node_state, "node state")
     return R.reply_to(job.msg, content)
+
+
+def tensors_to_record(tensors: Tensors, what: str) -> ArrayRecord:
+    """What a rule's `finish` returned (flat dicts of tensors) as the ArrayRecord a reply or the
+    node's Flower state holds; `RoundStart` hands node state back as tensors (`prepare_job`)."""
+    arrays = {}
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"ClientRule.finish: {what}[{name!r}] must be a torch.Tensor (got {type(value).__name__})")
+        arrays[name] = value.detach().cpu().numpy()
+    return R.numpy_to_record(arrays)
 
 
 def reply_arrays(jobs: list[ClientJob], outcomes: list[VectorOutcome]) -> list[ArrayRecord | None]:
@@ -240,10 +273,10 @@ def reply_arrays(jobs: list[ClientJob], outcomes: list[VectorOutcome]) -> list[A
         return [None] * len(jobs)
     # each client's row as it came (a view of its chunk's stack): no re-stacking before the copy into bytes
     columns = {k: R.stacked_to_arrays([o.final[k].numpy() for o in outcomes]) for k in trained}
-    frozen = jobs[0].model.state_dict() if len(trained) < len(keys) else {}
+    untrained = jobs[0].model.state_dict() if len(trained) < len(keys) else {}
     for k in keys:
         if k not in columns:
-            values = frozen[k].detach().cpu().numpy()
+            values = untrained[k].detach().cpu().numpy()
             columns[k] = [R.to_array(values) for _ in jobs]
     return [R.trusted(ArrayRecord, {k: columns[k][i] for k in keys}) for i in range(len(jobs))]
 
@@ -282,10 +315,11 @@ def choose_engine(wanted: str, model: torch.nn.Module, rule: ClientRule) -> str:
 
 
 def release_run() -> None:
-    """Forget what the in-process runtime kept between a run's rounds: nodes' inputs, the spare
-    model and the engine's round buffers (`vectorized.release_scratch`)."""
-    _NODE_INPUTS.clear()
-    _SPARE_MODEL[0] = None
+    """Forget what the in-process runtime kept between a run's rounds: nodes' inputs (on the
+    host and the device), the spare model and the engine's round buffers
+    (`vectorized.release_scratch`)."""
+    for cache in (_node_inputs, spare_models, _device_inputs):
+        cache.cache_clear()
     release_scratch()
 
 
@@ -328,7 +362,8 @@ def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = 
             outcomes = run_vectorized(jobs)
             for (i, job), outcome, arrays in zip(members, outcomes, reply_arrays(jobs, outcomes)):
                 replies[i] = finish_job(job, outcome.result, outcome.final, arrays)
-            _SPARE_MODEL[0] = (jobs[0].cfg, jobs[0].model)  # untouched by the engine: next round's template
+            # the engine never changes the shared model: the next round's template
+            spare_models(experiment_text(jobs[0].context, config_text))[:] = [jobs[0].model]
         except FedsimError:
             raise
         except Exception:  # noqa: BLE001 - the batch failed: every client in it reports the error
@@ -337,23 +372,13 @@ def train_round(pairs: list[tuple[Message, Context]], config_text: str | None = 
     return replies  # type: ignore[return-value]
 
 
-_DEVICE_DATA: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-_DEVICE_RUN: list[str] = [""]
-
-
 def _on_device(job: ClientJob) -> tuple:
     """A client's data on the accelerator, copied there once per run (pfl-research's trick: the
     host-to-device copies, not the training, would otherwise bound a round on a GPU)."""
     device = job.settings.device
     if not device.startswith("cuda") or job.partition_id < 0:
         return job.x, job.y
-    if _DEVICE_RUN[0] != job.cfg.output.dir:  # a new run: drop the last run's tensors
-        _DEVICE_DATA.clear()
-        _DEVICE_RUN[0] = job.cfg.output.dir
-    key = (job.partition_id, device)
-    if key not in _DEVICE_DATA:
-        _DEVICE_DATA[key] = as_tensors(job.x, job.y, job.settings.task, device)
-    return _DEVICE_DATA[key]
+    return _device_inputs(Key((job.node_key, device), payload=(job.x, job.y, job.settings.task)))
 
 
 def run_vectorized(jobs: list[ClientJob], batches=None) -> list[VectorOutcome]:

@@ -9,9 +9,18 @@ own loss, and the batch form couples them. On a batch of one the two forms agree
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from fedsim.algorithms import ClientRule, Hyper, State
+
+
+class MarginParams(Protocol):
+    """What this half reads of `fedsim.strategies.fedld.FedLDParams` (the halves never import each other)."""
+
+    margin_lambda: float
+    margin_mode: str
 
 
 def margin_term(logits: torch.Tensor, mask: torch.Tensor | None, lam: float, mode: str) -> torch.Tensor:
@@ -27,7 +36,8 @@ def margin_term(logits: torch.Tensor, mask: torch.Tensor | None, lam: float, mod
     return lam * (torch.log1p(squares) * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def loss_term(logits: torch.Tensor, mask: torch.Tensor | None, state: State, hyper: Hyper) -> torch.Tensor:
+def loss_term(logits: torch.Tensor, mask: torch.Tensor | None, state: State,
+              hyper: Hyper[MarginParams]) -> torch.Tensor:
     p = hyper.params
     return margin_term(logits, mask, p.margin_lambda, "sample" if hyper.private else p.margin_mode)
 

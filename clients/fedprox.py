@@ -9,14 +9,22 @@ momentum 0).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from fedsim.algorithms import ClientRule, Hyper, RoundStart, State, Tensors
+
+
+class ProxParams(Protocol):
+    """What this half reads of `fedsim.strategies.fedprox.FedProxParams` (the halves never import each other)."""
+
+    mu: float
 
 
 def setup(start: RoundStart) -> State:
     return {"anchor": start.global_params}
 
 
-def post_step(new: Tensors, old: Tensors, state: State, hyper: Hyper) -> Tensors:
+def post_step(new: Tensors, old: Tensors, state: State, hyper: Hyper[ProxParams]) -> Tensors:
     pull = hyper.lr * hyper.params.mu
     return {k: new[k] - pull * (old[k] - state["anchor"][k]) for k in new}
 

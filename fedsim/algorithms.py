@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
@@ -32,6 +32,11 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: `import fedsim` (
 
 Tensors = dict[str, "torch.Tensor"]  # parameter name -> tensor (one client, or stacked clients)
 State = dict[str, Any]  # a rule's per-client tensors: a nested dict of tensors (a pytree)
+# What a node keeps from one of its rounds to its next (SCAFFOLD's c_i): a flat dict of CPU
+# tensors, the same type into a rule (`RoundStart.node_state`) and out of it (`finish`).
+# The ClientApp stores it in the node's Flower state as an ArrayRecord (and checkpoints it).
+NodeState = dict[str, "torch.Tensor"]
+P = TypeVar("P")  # an algorithm's params dataclass (its [strategy.<name>] table)
 
 
 def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
@@ -44,10 +49,15 @@ TRAINABLE_GROUPS = ("all", "lora", "lora-b")
 
 
 @dataclass(frozen=True)
-class Hyper:
-    """The scalars every client of a round shares: the algorithm's params and the local settings."""
+class Hyper(Generic[P]):
+    """The scalars every client of a round shares: the algorithm's params and the local settings.
 
-    params: Any  # the algorithm's params dataclass (its [strategy.<name>] table)
+    Generic in the params type, so a rule's hooks can say what they read. A client half never
+    imports its server half's params class, so it names the fields it reads in a
+    `typing.Protocol` (`fedsim.clients.fedprox`: ``Hyper[ProxParams]``, with ``mu: float``).
+    """
+
+    params: P  # the algorithm's params dataclass (its [strategy.<name>] table)
     lr: float
     private: bool  # DP-SGD is on (sigma > 0)
 
@@ -58,13 +68,14 @@ class RoundStart:
 
     ``global_params``: the trainable tensors as the server sent them (the round's start point);
     ``server_arrays``: extra arrays the strategy sent beside the model (SCAFFOLD's c);
-    ``node_state``: what this node kept after its last round (SCAFFOLD's c_i), empty at first.
+    ``node_state``: what this node kept after its last round (SCAFFOLD's c_i): the
+    `NodeState` its rule's `finish` returned last time it trained, ``{}`` before that.
     """
 
-    hyper: Hyper
+    hyper: Hyper[Any]
     global_params: Tensors
     server_arrays: Tensors
-    node_state: Tensors
+    node_state: NodeState
 
 
 @dataclass
@@ -102,7 +113,7 @@ class LocalTask:
     x: np.ndarray
     y: np.ndarray
     settings: TrainSettings
-    hyper: Hyper
+    hyper: Hyper[Any]
     partition_id: int
     seed: int  # this round's seed for this client
     experiment_seed: int
@@ -151,8 +162,13 @@ class ClientRule:
         A data-independent correction after each optimizer step, from the parameters after
         (``new``) and before (``old``) the step (FedProx's pull, SCAFFOLD's drift). Applied
         after the noisy step, it is post-processing and costs no privacy.
-    finish(start, state, final, steps) -> (reply arrays, node state)
-        Extra numpy arrays for the reply (SCAFFOLD's delta c_i) and for the node's state.
+    finish(start, state, final, steps, hyper) -> (reply arrays, node state)
+        After training, from the round's start, the rule's ``state``, the trained tensors
+        ``final`` (CPU) and the number of optimizer steps taken: the extra arrays to send the
+        server beside the model (SCAFFOLD's delta c_i; ``{}``: none) and the `NodeState` to
+        keep for this node's next round (SCAFFOLD's c_i+), both as flat dicts of CPU tensors.
+        A node state of ``{}`` keeps the node's previous state as it was (there is no way to
+        clear it; return zeros instead); a non-empty one replaces it as a whole.
     local_train(task) -> LocalResult
         Replaces the DP-SGD loop altogether (learning from bags). The Opacus engine runs it
         one client at a time, training ``task.model`` in place.
@@ -169,9 +185,9 @@ class ClientRule:
     trainable: str = "all"
     upload: str = "all"
     setup: Callable[[RoundStart], State] | None = None
-    loss_term: Callable[[torch.Tensor, torch.Tensor | None, State, Hyper], torch.Tensor] | None = None
-    post_step: Callable[[Tensors, Tensors, State, Hyper], Tensors] | None = None
-    finish: Callable[[RoundStart, State, Tensors, int], tuple[dict, dict]] | None = None
+    loss_term: Callable[[torch.Tensor, torch.Tensor | None, State, Hyper[Any]], torch.Tensor] | None = None
+    post_step: Callable[[Tensors, Tensors, State, Hyper[Any]], Tensors] | None = None
+    finish: Callable[[RoundStart, State, Tensors, int, Hyper[Any]], tuple[Tensors, NodeState]] | None = None
     local_train: Callable[[LocalTask], LocalResult] | None = None
     local_train_batched: Callable[[list[LocalTask], int], list[tuple[LocalResult, Tensors]]] | None = None
 

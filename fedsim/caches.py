@@ -15,6 +15,9 @@ cache                                       maxsize  key
 `fedsim.text` tokenizers                          4  model directory
 `fedsim.experiment` parsed configs               16  the experiment TOML
 `clients.bags` bag releases                    4096  seed, client, bag params, labels' digest
+`clients.app` a node's dataset view, (x, y)    4096  experiment TOML, node config, data spec
+`clients.app` a node's (x, y) on the GPU       4096  the same, and the device
+`clients.app` spare round model (a pool)          4  experiment TOML
 ==========================================  =======  ==========================================
 
 Config sections are mutable dataclasses (a run fills in its directory and calibrated sigma),
@@ -24,6 +27,10 @@ Mutating a config after a call therefore never returns stale data: the next call
 new snapshot, which is a different key. Inputs that a computation needs but that must not
 split the cache (the loaded dataset a model is built for, the run directory a backbone is
 saved in) ride along in a `Key`'s ``payload``, which equality and hashing ignore.
+
+The ClientApp's caches (`clients.app`) hold a run's client data, so the in-process runtime
+empties them when a run ends (`clients.app.release_run`); a new run with the same
+experiment TOML would find the same entries, by construction.
 
 `clear_all` empties every cache (tests, or a long-lived process that changed files on disk:
 a user file's contents are not part of the dataset key, only its path). Memos of pure

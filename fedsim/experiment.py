@@ -203,7 +203,12 @@ def _parse(text: str) -> Config:
 
 
 def config_from_context(context: Context, fallback: str | None = None) -> Config:
-    """The experiment of this run, from the first place that has it:
+    """The experiment of this run, parsed from `experiment_text` (once per text)."""
+    return _parse(experiment_text(context, fallback))
+
+
+def experiment_text(context: Context, fallback: str | None = None) -> str:
+    """The experiment's TOML, from the first place that has it:
 
     1. the node's state, where a ClientApp keeps the TOML the server sent at discovery: the
        server's resolved experiment wins over anything in the run config, so a SuperNode
@@ -211,6 +216,8 @@ def config_from_context(context: Context, fallback: str | None = None) -> Config
     2. ``run_config["fedsim-config"]``: the TOML itself (the server side of fedsim's runtimes,
        and of `flwr run` once `fedsim.serverapp` has resolved the experiment);
     3. `fallback`: Flower's `run_simulation` delivers no run config (its Context is read-only).
+
+    The text is the whole experiment, so the client caches key on it (`fedsim.clients.app`).
     """
     stored = plain(context.state).get(CLIENT_STATE)  # read per client-round: no record views rebuilt
     if not isinstance(stored, ConfigRecord):
@@ -219,7 +226,7 @@ def config_from_context(context: Context, fallback: str | None = None) -> Config
         or context.run_config.get(RUN_CONFIG_KEY) or fallback
     if not isinstance(text, str) or not text:
         raise ConfigError(f"run config: key {RUN_CONFIG_KEY!r} with the experiment TOML is missing")
-    return _parse(text)
+    return text
 
 
 def run_config_for(cfg: Config) -> dict[str, str]:

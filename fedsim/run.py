@@ -25,7 +25,7 @@ from fedsim.clients.app import choose_engine, make_client_app, release_run, trai
 from fedsim.algorithms import algorithm_names, get_algorithm
 from fedsim.checkpoint import Checkpoint, config_difference, load_checkpoint
 from fedsim.config import Config, check_before_training, dumps_toml
-from fedsim.datasets import load_dataset
+from fedsim.datasets import Dataset, load_dataset
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.experiment import run_config_for
 from fedsim.lora import set_trainable
@@ -44,8 +44,9 @@ def default_out_dir(cfg: Config) -> str:
     return str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def client_sizes(cfg: Config) -> list[int]:
-    return [len(idx) for idx in partition(cfg).indices]
+def client_sizes(cfg: Config, data: Dataset | None = None) -> list[int]:
+    """Each client's number of training rows (`data`: the experiment's dataset, if loaded)."""
+    return [len(idx) for idx in partition(cfg, data).indices]
 
 
 def sample_level_plans(cfg: Config, sizes: list[int]) -> list[tuple[float, int]]:
@@ -89,15 +90,15 @@ def is_lora_model(cfg: Config) -> bool:
     return cfg.model.name.startswith("lora-") or cfg.model.name == "hf-text"
 
 
-def check_compatibility(cfg: Config, sizes: list[int]) -> None:
+def check_compatibility(cfg: Config, sizes: list[int], data: Dataset) -> None:
     """Cross-cutting rules between algorithm, model, data and privacy settings: the generic
-    ones here, each algorithm's own in its `Algorithm.check` (e.g. bags refuses DP-SGD)."""
+    ones here, each algorithm's own in its `Algorithm.check` (e.g. bags refuses DP-SGD).
+    `data` is the experiment's loaded dataset."""
     algorithm = get_algorithm(cfg.strategy.name)
     if is_lora_model(cfg) and algorithm.client.trainable == "all":
         lora = [n for n in algorithm_names() if get_algorithm(n).client.trainable != "all"]
         raise ConfigError(f"strategy.name: model {cfg.model.name!r} trains LoRA adapters; use one of "
                           f"{', '.join(lora)} (got {cfg.strategy.name!r})")
-    data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     if (cfg.model.name == "hf-text") != bool(data.tokenizer):
         raise ConfigError("model.name: hf-text reads tokenized text (data.dataset = 'text-topics', or a file "
                           "with data.text_column), and text data needs model hf-text "
@@ -129,14 +130,15 @@ def warn_small_clients(cfg: Config, sizes: list[int]) -> list[str]:
 
 
 def prepare(cfg: Config) -> Config:
-    """Validate everything that needs data, resolve defaults and calibrate; returns a copy."""
+    """Validate everything that needs data, resolve defaults and calibrate; returns a copy.
+    The dataset is loaded once here and handed to each step that reads it."""
     cfg = copy.deepcopy(cfg)
     if not cfg.output.dir:
         cfg.output.dir = default_out_dir(cfg)
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
-    sizes = client_sizes(cfg)
+    sizes = client_sizes(cfg, data)
     check_before_training(cfg, sizes)  # delta < 1/n, the device
-    check_compatibility(cfg, sizes)
+    check_compatibility(cfg, sizes, data)
     model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
     check_engine(cfg, model)
     build_strategy(cfg)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedsim.clients import app  # noqa: F401 - registers the ClientApp's caches for cache_infos
 from fedsim.clients.bags import client_bags
 from fedsim import caches, models
 from fedsim.algorithms import Hyper, LocalTask, TrainSettings
@@ -147,8 +148,69 @@ def test_clear_all_empties_every_cache(tiny):
     infos = caches.cache_infos()
     assert {"fedsim.datasets._load_cached", "fedsim.partition._partition_cached", "fedsim.models._slow_template",
             "fedsim.lora_models._backbone", "fedsim.text._tokenizer", "fedsim.experiment._parse",
-            "fedsim.clients.bags._release"} <= set(infos)
+            "fedsim.clients.bags._release", "fedsim.clients.app._node_inputs", "fedsim.clients.app.spare_models",
+            "fedsim.clients.app._device_inputs"} <= set(infos)
     assert infos["fedsim.partition._partition_cached"].currsize == 1
     assert infos["fedsim.experiment._parse"].currsize == 1
     clear_all()
     assert all(info.currsize == 0 for info in caches.cache_infos().values())
+
+
+def _node_jobs(cfg, pid=0):
+    """This node's job, prepared twice (fresh Contexts, the experiment's text made anew)."""
+    from tests.clients.test_vectorized import _jobs
+
+    first, second = _jobs(cfg, [pid], dp_reference=False)
+    return first[0], second[0]
+
+
+def test_node_inputs_hit_on_the_same_experiment_and_miss_on_a_changed_one(tiny):
+    """Keyed on content (the experiment's TOML, the node config), not on the output folder or
+    on object identity: two experiments in the same folder get each its own data."""
+    from fedsim.partition import client_data
+
+    first, again = _node_jobs(tiny(**{"data.partitioner": "dirichlet", "data.alpha": 0.5}))
+    info = app._node_inputs.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    assert again.cfg is first.cfg and again.x is first.x and again.node_key == first.node_key
+
+    changed, _ = _node_jobs(tiny(**{"data.partitioner": "dirichlet", "data.alpha": 5.0}))
+    assert changed.cfg.output.dir == first.cfg.output.dir
+    assert changed.node_key != first.node_key and app._node_inputs.cache_info().misses == 2
+    x, y = client_data(changed.cfg, 0)
+    np.testing.assert_array_equal(changed.x, x)
+    np.testing.assert_array_equal(changed.y, y)
+    assert len(changed.y) != len(first.y)  # the Dirichlet split did change
+
+    other_node, _ = _node_jobs(tiny(**{"data.partitioner": "dirichlet", "data.alpha": 0.5}), pid=1)
+    assert other_node.node_key != first.node_key
+    np.testing.assert_array_equal(other_node.x, client_data(first.cfg, 1)[0])
+
+
+def test_spare_model_and_device_inputs_are_kept_per_key_and_released_with_the_run():
+    model = torch.nn.Linear(2, 2)
+    app.spare_models("experiment A")[:] = [model]
+    assert app.spare_models("experiment B") == []
+    assert app.spare_models("experiment A") == [model]
+
+    x, y = np.arange(6, dtype=np.float32).reshape(3, 2), np.array([0, 1, 1])
+    on_device = app._device_inputs(Key(("node 0", "cpu"), payload=(x, y, "classification")))
+    assert app._device_inputs(Key(("node 0", "cpu"), payload=(None, None, None))) is on_device
+    assert torch.equal(on_device[0], torch.from_numpy(x)) and on_device[1].dtype == torch.long
+    other = app._device_inputs(Key(("node 1", "cpu"), payload=(2 * x, y, "classification")))
+    assert torch.equal(other[0], torch.from_numpy(2 * x))
+
+    app.release_run()
+    assert all(f.cache_info().currsize == 0 for f in (app._node_inputs, app.spare_models, app._device_inputs))
+
+
+def test_prepare_loads_the_dataset_once_and_hands_it_on(tiny, monkeypatch):
+    import fedsim.run as run
+
+    loaded, checked = [], []
+    real_load, real_check = run.load_dataset, run.check_compatibility
+    monkeypatch.setattr(run, "load_dataset", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(run, "check_compatibility", lambda cfg, sizes, data: checked.append(data)
+                        or real_check(cfg, sizes, data))
+    run.prepare(tiny())
+    assert len(loaded) == 1 and checked == loaded

@@ -30,7 +30,8 @@ def test_option_two_by_hand():
                               steps=2, lr=0.25)
     np.testing.assert_allclose(new_c["w"], [1.2, 2.6], rtol=1e-12)
     np.testing.assert_allclose(delta["w"], [0.9, 2.2], rtol=1e-12)
-    assert isinstance(delta["w"], np.ndarray) and isinstance(new_c["w"], np.ndarray)
+    # the node state goes out as it comes in (`RoundStart.node_state`): tensors
+    assert isinstance(delta["w"], torch.Tensor) and isinstance(new_c["w"], torch.Tensor)
 
 
 def test_setup_and_post_step_by_hand():
@@ -90,7 +91,7 @@ def test_k_local_steps_and_option_two_match_a_literal_numpy_loop():
                            {k: 0 * v for k, v in c.items()}, {k: 0 * v for k, v in c.items()}, lr, steps)
     assert np.abs(plain["weight"] - expected["weight"]).max() > 0.05
 
-    delta, new_c = RULE.finish(start, state, final, result.steps)
+    delta, new_c = RULE.finish(start, state, final, result.steps, hyper)
     for k in expected:
         hand_new = c_i[k] - c[k] + (x0[k] - expected[k]) / (steps * lr)
         np.testing.assert_allclose(new_c[k], hand_new, rtol=1e-4, atol=1e-5)

@@ -199,7 +199,7 @@ def test_round_buffers_are_reused_but_never_leak_into_results(tiny):
 
 
 def test_next_round_reuses_the_shared_model_with_the_same_results(lora_cfg, tmp_path, monkeypatch):
-    """A vectorized round's shared model becomes the next round's (`clients.app._SPARE_MODEL`):
+    """A vectorized round's shared model becomes the next round's (`clients.app.spare_models`):
     it must train exactly as a freshly built one (here FedSVD: the server's new A replaces the
     old, the frozen backbone stays), and the reuse must actually happen."""
     import fedsim.clients.app as app
@@ -219,7 +219,7 @@ def test_next_round_reuses_the_shared_model_with_the_same_results(lora_cfg, tmp_
     real_prepare = app.prepare_job
 
     def fresh(*args, **kwargs):
-        app._SPARE_MODEL[0] = None
+        app.spare_models.cache_clear()
         return real_prepare(*args, **kwargs)
     monkeypatch.setattr(app, "prepare_job", fresh)
     assert outputs("fresh") == reused
@@ -299,8 +299,8 @@ def test_dense_path_applies_to_linear_chains_only(tiny):
 def _against_vmap_path(cfg, monkeypatch, private: bool, *paths: str) -> list:
     """(outcome, vmap path's outcome) per client: the same clients and draws (momentum, a
     partial batch and an empty one) trained as the engine chooses, then with the selectors of
-    `paths` (`clients.vectorized.dense_chain`, `outer_chain`) answering None."""
-    import fedsim.clients.vectorized as V
+    `paths` (`clients.vectorized_functional.dense_chain`, `outer_chain`) answering None."""
+    import fedsim.clients.vectorized_functional as V
 
     runs = []
     for off in (False, True):
@@ -353,7 +353,7 @@ def test_chain_rule_by_hand_gives_autograds_bits(task, activation):
     after the last Linear; in-place and other activations are left to autograd."""
     from torch import nn
 
-    from fedsim.clients.vectorized import _dense_output_grads, by_hand, dense_chain
+    from fedsim.clients.vectorized_grads import _dense_output_grads, by_hand, dense_chain
     from fedsim.models import loss_fn
 
     torch.manual_seed(0)
@@ -384,8 +384,8 @@ OUTER_CASES = ["fedsvd", "fedavg-lora", "head-only", "regression", "fedld", "fed
 @pytest.mark.parametrize("case", OUTER_CASES)
 def test_outer_product_path_gives_the_vmap_paths_bits(case):
     """The outer-product path against ``vmap(grad)`` on the same stacked tensors, per sample
-    (DP-SGD: the clipped sum against `_Functional.per_sample_grads`) and per client over a
-    padded batch (no DP: `_Functional.batch_grads`): LoRA's B alone (FedSVD, FFA-LoRA), A and B
+    (DP-SGD: the clipped sum against `Functional.per_sample_grads`) and per client over a
+    padded batch (no DP: `Functional.batch_grads`): LoRA's B alone (FedSVD, FFA-LoRA), A and B
     (FedAvg-LoRA), LoRA on the head only (a frozen plain Linear before it), a regression
     output, an MLP under FedLD's margin term (per sample, and its batch form without DP) and
     an MLP with a frozen bias; the same bits. The LoRA scale is 1.5, so that a multiplication
@@ -395,7 +395,8 @@ def test_outer_product_path_gives_the_vmap_paths_bits(case):
     from torch import nn
 
     from fedsim.algorithms import Hyper, get_algorithm
-    from fedsim.clients.vectorized import _Functional, clip_factor, outer_chain
+    from fedsim.clients.vectorized_functional import Functional
+    from fedsim.clients.vectorized_grads import clip_factor, outer_chain
     from fedsim.lora import LoRALinear, add_lora, set_trainable
     from fedsim.models import mlp
 
@@ -412,7 +413,7 @@ def test_outer_product_path_gives_the_vmap_paths_bits(case):
         net[3].bias.requires_grad_(False)
     rule = get_algorithm("fedld" if case.startswith("fedld") else "fedavg").client
     params_of_rule = SimpleNamespace(margin_lambda=0.3, margin_mode="batch" if case == "fedld-batch-mode" else "sample")
-    fn = _Functional(net, rule, Hyper(params=params_of_rule, lr=0.1, private=True), task)
+    fn = Functional(net, rule, Hyper(params=params_of_rule, lr=0.1, private=True), task)
     assert fn.chain is None and fn.outer is not None
     k, b = 3, 6
     params = {name: t.expand(k, *t.shape) + 0.05 * torch.randn(k, *t.shape) for name, t in fn.trainable.items()}
@@ -446,11 +447,12 @@ def test_outer_product_path_per_sample_gradients_are_vmaps():
     from types import SimpleNamespace
 
     from fedsim.algorithms import Hyper, get_algorithm
-    from fedsim.clients.vectorized import _Functional, outer_grads
+    from fedsim.clients.vectorized_functional import Functional
+    from fedsim.clients.vectorized_grads import outer_grads
     from fedsim.models import mlp
 
     torch.manual_seed(2)
-    fn = _Functional(mlp(20, [16], 5), get_algorithm("fedld").client,
+    fn = Functional(mlp(20, [16], 5), get_algorithm("fedld").client,
                      Hyper(params=SimpleNamespace(margin_lambda=0.3, margin_mode="sample"), lr=0.1, private=True),
                      "classification")
     k, b = 2, 5
