@@ -10,13 +10,15 @@ from __future__ import annotations
 from fedsim.clients import bags as c_bags
 from fedsim.clients import fedavg as c_fedavg
 from fedsim.clients import fedavg_lora as c_fedavg_lora
+from fedsim.clients import feddyn as c_feddyn
 from fedsim.clients import fedld as c_fedld
 from fedsim.clients import fedprox as c_fedprox
 from fedsim.clients import ffa_lora as c_ffa_lora
 from fedsim.clients import scaffold as c_scaffold
 from fedsim import lora_models  # noqa: F401 - registers the lora-mlp and hf-text models
 from fedsim.algorithms import Algorithm, register_algorithm
-from fedsim.strategies import bags, fedadam, fedavg, fedavg_lora, fedld, fedprox, fedsvd, ffa_lora, scaffold
+from fedsim.strategies import (bags, fedadam, fedavg, fedavg_lora, fedavgm, feddyn, fedld, fedprox, fedsvd, ffa_lora,
+                               scaffold)
 
 BUILTIN = [
     Algorithm("fedavg", fedavg.FedAvgParams, fedavg.build, c_fedavg.RULE, central_dp=True,
@@ -27,6 +29,10 @@ BUILTIN = [
               summary="FedAdam: server-side Adam on the averaged update"),
     Algorithm("scaffold", scaffold.ScaffoldParams, scaffold.build, c_scaffold.RULE,
               summary="SCAFFOLD: control variates against client drift"),
+    Algorithm("feddyn", feddyn.FedDynParams, feddyn.build, c_feddyn.RULE,
+              summary="FedDyn: dynamic regularization, h on the server and g_i on each client"),
+    Algorithm("fedavgm", fedavgm.FedAvgMParams, fedavgm.build, c_fedavg.RULE,
+              summary="FedAvgM: FedAvg with server momentum"),
     Algorithm("fedld", fedld.FedLDParams, fedld.build, c_fedld.RULE, check=fedld.check,
               summary="FedLD: margin control and principal-gradient aggregation"),
     Algorithm("fedsvd", fedsvd.FedSVDParams, fedsvd.build, c_ffa_lora.RULE, check=fedsvd.check,
