@@ -125,10 +125,10 @@ def check_arrays(current: Arrays, arrays: Arrays, *, subset: bool = False) -> No
     """Flower FedOpt's guard: the aggregated arrays have the round's keys (or some of them, for
     a strategy whose clients upload part of the model) and each the same shape, so that
     ``aggregate - current`` never broadcasts."""
-    if subset and not set(arrays) <= set(current) or not subset and set(arrays) != set(current):
-        raise AggregationError(
-            reason=f"the aggregated arrays' keys do not match the round's (extra {sorted(set(arrays) - set(current))[:3]}, "
-                   f"missing {sorted(set(current) - set(arrays))[:3] if not subset else []})")
+    extra, missing = sorted(set(arrays) - set(current)), sorted(set(current) - set(arrays))
+    if extra or (missing and not subset):
+        raise AggregationError(reason=f"the aggregated arrays' keys do not match the round's (extra {extra[:3]}, "
+                                      f"missing {missing[:3]})")
     for key, value in arrays.items():
         if value.shape != current[key].shape:
             raise AggregationError(reason=f"aggregated array {key!r} has shape {value.shape}, "
