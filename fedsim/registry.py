@@ -17,8 +17,17 @@ from fedsim.clients import ffa_lora as c_ffa_lora
 from fedsim.clients import scaffold as c_scaffold
 from fedsim import lora_models  # noqa: F401 - registers the lora-mlp and hf-text models
 from fedsim.algorithms import Algorithm, register_algorithm
-from fedsim.strategies import (bags, fedadam, fedavg, fedavg_lora, fedavgm, feddyn, fedld, fedprox, fedsvd, ffa_lora,
-                               scaffold)
+from fedsim.strategies import bags
+from fedsim.strategies import fedadam
+from fedsim.strategies import fedavg
+from fedsim.strategies import fedavg_lora
+from fedsim.strategies import fedavgm
+from fedsim.strategies import feddyn
+from fedsim.strategies import fedld
+from fedsim.strategies import fedprox
+from fedsim.strategies import fedsvd
+from fedsim.strategies import ffa_lora
+from fedsim.strategies import scaffold
 
 BUILTIN = [
     Algorithm("fedavg", fedavg.FedAvgParams, fedavg.build, c_fedavg.RULE, central_dp=True,
