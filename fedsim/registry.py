@@ -1,8 +1,10 @@
 """The built-in algorithms: one registry line each (`fedsim.algorithms.Algorithm`).
 
 Adding an algorithm is its server half in ``strategies/<name>.py``, its client half in
-``clients/<name>.py``, its tests, and one line here (or a `register_algorithm` call in your
-own code: see docs/architecture.md). This module is the only place that imports both halves.
+``clients/<name>.py`` (or FedAvg's rule, reused), its tests, and here one import line per half
+(as ``fedsim.strategies`` / ``fedsim.clients``) and one ``Algorithm`` line; or a
+`register_algorithm` call in your own code. docs/architecture.md walks through FedDyn. This
+module is the only place that imports both halves; tests/conformance checks every entry.
 """
 
 from __future__ import annotations
