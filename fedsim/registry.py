@@ -1,8 +1,10 @@
 """The built-in algorithms: one registry line each (`fedsim.algorithms.Algorithm`).
 
 Adding an algorithm is its server half in ``strategies/<name>.py``, its client half in
-``clients/<name>.py``, its tests, and one line here (or a `register_algorithm` call in your
-own code: see docs/architecture.md). This module is the only place that imports both halves.
+``clients/<name>.py`` (or FedAvg's rule, reused), its tests, and here one import line per half
+(as ``fedsim.strategies`` / ``fedsim.clients``) and one ``Algorithm`` line; or a
+`register_algorithm` call in your own code. docs/architecture.md walks through FedDyn. This
+module is the only place that imports both halves; tests/conformance checks every entry.
 """
 
 from __future__ import annotations
@@ -10,13 +12,24 @@ from __future__ import annotations
 from fedsim.clients import bags as c_bags
 from fedsim.clients import fedavg as c_fedavg
 from fedsim.clients import fedavg_lora as c_fedavg_lora
+from fedsim.clients import feddyn as c_feddyn
 from fedsim.clients import fedld as c_fedld
 from fedsim.clients import fedprox as c_fedprox
 from fedsim.clients import ffa_lora as c_ffa_lora
 from fedsim.clients import scaffold as c_scaffold
 from fedsim import lora_models  # noqa: F401 - registers the lora-mlp and hf-text models
 from fedsim.algorithms import Algorithm, register_algorithm
-from fedsim.strategies import bags, fedadam, fedavg, fedavg_lora, fedld, fedprox, fedsvd, ffa_lora, scaffold
+from fedsim.strategies import bags
+from fedsim.strategies import fedadam
+from fedsim.strategies import fedavg
+from fedsim.strategies import fedavg_lora
+from fedsim.strategies import fedavgm
+from fedsim.strategies import feddyn
+from fedsim.strategies import fedld
+from fedsim.strategies import fedprox
+from fedsim.strategies import fedsvd
+from fedsim.strategies import ffa_lora
+from fedsim.strategies import scaffold
 
 BUILTIN = [
     Algorithm("fedavg", fedavg.FedAvgParams, fedavg.build, c_fedavg.RULE, central_dp=True,
@@ -27,6 +40,10 @@ BUILTIN = [
               summary="FedAdam: server-side Adam on the averaged update"),
     Algorithm("scaffold", scaffold.ScaffoldParams, scaffold.build, c_scaffold.RULE,
               summary="SCAFFOLD: control variates against client drift"),
+    Algorithm("feddyn", feddyn.FedDynParams, feddyn.build, c_feddyn.RULE,
+              summary="FedDyn: dynamic regularization, h on the server and g_i on each client"),
+    Algorithm("fedavgm", fedavgm.FedAvgMParams, fedavgm.build, c_fedavg.RULE,
+              summary="FedAvgM: FedAvg with server momentum"),
     Algorithm("fedld", fedld.FedLDParams, fedld.build, c_fedld.RULE, check=fedld.check,
               summary="FedLD: margin control and principal-gradient aggregation"),
     Algorithm("fedsvd", fedsvd.FedSVDParams, fedsvd.build, c_ffa_lora.RULE, check=fedsvd.check,

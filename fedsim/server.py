@@ -128,8 +128,10 @@ class RunRecorder:
     def state(self) -> dict:
         """What a checkpoint keeps of the recorder (plain JSON values)."""
         return {"rows": self.rows, "wall_seconds": self.wall_seconds, "skipped_failures": self.skipped_failures,
+                # in first-participation order, as the live dict holds them: the epsilon mean
+                # sums them in this order, so a resumed run gives the same last bit
                 "clients": [[pid, c.num_examples, c.participations, c.epsilon, c.sample_rate]
-                            for pid, c in sorted(self.clients.items())]}
+                            for pid, c in self.clients.items()]}
 
     def restore(self, state: dict) -> None:
         self.rows = [dict(r) for r in state["rows"]]

@@ -16,7 +16,7 @@ from typing import Any
 
 
 from fedsim.config import param
-from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import FedAvg, with_params
 from fedsim.errors import ConfigError
 
 
@@ -70,4 +70,4 @@ def label_privacy(params: BagsParams, delta: float) -> dict | None:
 
 
 def build(params: BagsParams, cfg: Any, fedavg_kwargs: dict) -> FedAvg:
-    return FedAvg(**fedavg_kwargs)
+    return with_params(FedAvg(**fedavg_kwargs), params)

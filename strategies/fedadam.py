@@ -14,7 +14,7 @@ import numpy as np
 from flwr.serverapp import strategy as flwr_strategy
 
 from fedsim.config import param
-from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import FedAvg, with_params
 
 
 class FedAdam(flwr_strategy.FedAdam, FedAvg):
@@ -56,5 +56,5 @@ class FedAdamParams:
 
 
 def build(params: FedAdamParams, cfg: Any, fedavg_kwargs: dict) -> FedAdam:
-    return FedAdam(**fedavg_kwargs, eta=params.server_lr, eta_l=cfg.client.lr, beta_1=params.beta_1,
-                   beta_2=params.beta_2, tau=params.tau)
+    return with_params(FedAdam(**fedavg_kwargs, eta=params.server_lr, eta_l=cfg.client.lr, beta_1=params.beta_1,
+                               beta_2=params.beta_2, tau=params.tau), params)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import FedAvg, with_params
 from fedsim.strategies.ffa_lora import check_lora_model
 
 
@@ -26,4 +26,4 @@ check = check_lora_model
 
 
 def build(params: FedAvgLoRAParams, cfg: Any, fedavg_kwargs: dict) -> FedAvg:
-    return FedAvg(**fedavg_kwargs)
+    return with_params(FedAvg(**fedavg_kwargs), params)

@@ -35,13 +35,12 @@ from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 
 from fedsim import records as R
 from fedsim.config import param
-from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import RoundFedAvg, check_arrays, with_params
 from fedsim.errors import ConfigError
 
 
@@ -106,7 +105,7 @@ def principal_gradient_update(deltas: np.ndarray, k_fraction: float = 0.8,
     return (g.T @ (eigvecs[:, :k] @ coef).astype(g.dtype)) / m
 
 
-class FedLD(FedAvg):
+class FedLD(RoundFedAvg):
     """FedLD's server half: principal-gradient aggregation.
 
     Parameters
@@ -126,17 +125,11 @@ class FedLD(FedAvg):
                              f"(got {k_fraction}, {normalization!r})")
         self.k_fraction = k_fraction
         self.normalization = normalization
-        self.current: dict[str, np.ndarray] = {}
 
     def summary(self) -> None:
         log(INFO, "\t├──> FedLD settings:")
         log(INFO, "\t│\t└── k_fraction (%s) | normalization (%s)", f"{self.k_fraction:.6g}", self.normalization)
         super().summary()
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.current = R.record_to_numpy(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -146,8 +139,11 @@ class FedLD(FedAvg):
         views = R.model_views(valid, self.weighted_by_key)
         metrics = self.train_metrics_aggr_fn(views, self.weighted_by_key)
         models = [R.record_to_numpy(R.record_of(v, R.ARRAYS, ArrayRecord)) for v in views]
+        current = self.round_arrays()
+        for model in models:
+            check_arrays(current, model)
         out = {}
-        for key, theta_g in self.current.items():
+        for key, theta_g in current.items():
             stacked = np.stack([m[key] for m in models]).astype(np.float64)
             if server_round == 1 or theta_g.size == 1 or not np.issubdtype(theta_g.dtype, np.floating):
                 out[key] = stacked.mean(axis=0).astype(theta_g.dtype)
@@ -164,4 +160,5 @@ def check(params: FedLDParams, cfg: Any, data: Any, sizes: list[int]) -> None:
 
 
 def build(params: FedLDParams, cfg: Any, fedavg_kwargs: dict) -> FedLD:
-    return FedLD(**fedavg_kwargs, k_fraction=params.k_fraction, normalization=params.normalization)
+    return with_params(FedLD(**fedavg_kwargs, k_fraction=params.k_fraction, normalization=params.normalization),
+                       params)

@@ -14,7 +14,7 @@ from typing import Any
 from flwr.serverapp import strategy as flwr_strategy
 
 from fedsim.config import param
-from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import FedAvg, with_params
 
 
 class FedProx(flwr_strategy.FedProx, FedAvg):
@@ -34,4 +34,4 @@ class FedProxParams:
 
 
 def build(params: FedProxParams, cfg: Any, fedavg_kwargs: dict) -> FedProx:
-    return FedProx(**fedavg_kwargs, proximal_mu=params.mu)
+    return with_params(FedProx(**fedavg_kwargs, proximal_mu=params.mu), params)

@@ -43,6 +43,7 @@ from flwr.common.logger import log
 
 from fedsim import records as R
 from fedsim.config import param
+from fedsim.strategies.fedavg import with_params
 from fedsim.strategies.ffa_lora import FFALoRA, check_lora_model
 
 
@@ -144,4 +145,4 @@ check = check_lora_model
 
 
 def build(params: FedSVDParams, cfg: Any, fedavg_kwargs: dict) -> FedSVD:
-    return FedSVD(**fedavg_kwargs, svd_period=params.period, svd_method=params.method)
+    return with_params(FedSVD(**fedavg_kwargs, svd_period=params.period, svd_method=params.method), params)

@@ -9,15 +9,12 @@ the base of FedSVD, which re-orthogonalizes A between rounds (`strategies.fedsvd
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord
 
-from fedsim import records as R
-from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import RoundFedAvg, with_params
 from fedsim.errors import ConfigError
 
 
@@ -26,8 +23,10 @@ class FFALoRAParams:
     """FFA-LoRA has no knobs of its own; the adapters' rank and init are in ``[model]``."""
 
 
-class FFALoRA(FedAvg):
-    """Averages the uploaded B; sends the last round's A and averaged B.
+class FFALoRA(RoundFedAvg):
+    """Averages the uploaded B; sends the last round's A and averaged B. The new global
+    arrays are the round's with B replaced by the average: B_{i+1} = sum_k n_k/n B_k, A as
+    sent (`RoundFedAvg` without a server update).
 
     Parameters
     ----------
@@ -35,27 +34,9 @@ class FFALoRA(FedAvg):
         Sampling and key options of `flwr.serverapp.strategy.FedAvg`.
     """
 
-    def __init__(self, **fedavg_kwargs: Any) -> None:
-        super().__init__(**fedavg_kwargs)
-        self.current = ArrayRecord()
-
     def prepare_round(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """The adapters sent this round; FedSVD refactorizes here, FFA-LoRA sends them as they are."""
         return arrays
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.current = self.prepare_round(server_round, arrays)
-        return super().configure_train(server_round, self.current, config, grid)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        averaged_b, metrics = super().aggregate_train(server_round, replies)
-        if averaged_b is None:
-            return None, metrics
-        merged = R.record_to_numpy(self.current)
-        merged.update(R.record_to_numpy(averaged_b))  # B_{i+1} = sum_k n_k/n B_k; A as sent
-        return R.numpy_to_record(merged), metrics
 
 
 def check_lora_model(params: Any, cfg: Any, data: Any, sizes: list[int]) -> None:
@@ -69,4 +50,4 @@ check = check_lora_model
 
 
 def build(params: FFALoRAParams, cfg: Any, fedavg_kwargs: dict) -> FFALoRA:
-    return FFALoRA(**fedavg_kwargs)
+    return with_params(FFALoRA(**fedavg_kwargs), params)

@@ -18,13 +18,13 @@ from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError
 
 from fedsim import records as R
 from fedsim.config import param
-from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import RoundFedAvg, check_arrays, with_params
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ScaffoldParams:
     server_lr: float = param(1.0, "global step eta_g", lo=0.0, lo_open=True)
 
 
-class Scaffold(FedAvg):
+class Scaffold(RoundFedAvg):
     """SCAFFOLD's server half (option II control variates on the clients).
 
     Parameters
@@ -58,7 +58,6 @@ class Scaffold(FedAvg):
         self.global_lr = global_lr
         self.num_clients = num_clients
         self.control: dict[str, np.ndarray] | None = None
-        self.current: dict[str, np.ndarray] = {}
 
     def summary(self) -> None:
         log(INFO, "\t├──> SCAFFOLD settings:")
@@ -72,33 +71,30 @@ class Scaffold(FedAvg):
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         self.control = {k: np.array(v) for k, v in state.items()} or None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.current = R.record_to_numpy(arrays)
+    def extra_arrays(self) -> dict[str, np.ndarray]:
+        """c, sent beside the model (zero for every float array before the first update)."""
         if self.control is None:
-            self.control = {k: np.zeros_like(v) for k, v in self.current.items()
+            self.control = {k: np.zeros_like(v) for k, v in self.round_arrays().items()
                             if np.issubdtype(v.dtype, np.floating)}
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        control = R.numpy_to_record(self.control)
-        for msg in messages:  # the messages share one RecordDict: set c once per message anyway
-            msg.content[R.ALGORITHM_ARRAYS] = control
-        return messages
+        return self.control
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        current = self.round_arrays()
         if self.control is None:
-            raise RuntimeError("Scaffold.aggregate_train: configure_train has not run (no control variate)")
+            raise AggregationError(reason="Scaffold.aggregate_train: configure_train has not run (no control "
+                                          "variate)")
         replies = R.successful_replies(list(replies))
         if not replies:
             return None, None
-        views = R.model_views(replies, self.weighted_by_key)
-        averaged, metrics = R.weighted_average(views, self.weighted_by_key, self.train_metrics_aggr_fn)
-        out = {k: self.current[k] + self.global_lr * (averaged[k] - self.current[k]) for k in averaged}
-        deltas = [R.record_to_numpy(R.record_of(r.content, R.ALGORITHM_ARRAYS, ArrayRecord)) for r in replies]
+        aggregate, metrics = self.aggregate_replies(replies)
+        out = {k: current[k] + self.global_lr * (v - current[k]) for k, v in aggregate.mean.items()}
+        check_arrays(self.control, aggregate.extra_sum)
         for k in self.control:
-            self.control[k] = self.control[k] + sum(d[k] for d in deltas) / self.num_clients
+            self.control[k] = self.control[k] + aggregate.extra_sum[k] / self.num_clients
         return R.numpy_to_record(out), metrics
 
 
 def build(params: ScaffoldParams, cfg: Any, fedavg_kwargs: dict) -> Scaffold:
-    return Scaffold(**fedavg_kwargs, global_lr=params.server_lr, num_clients=cfg.federation.num_clients)
+    return with_params(Scaffold(**fedavg_kwargs, global_lr=params.server_lr, num_clients=cfg.federation.num_clients),
+                       params)

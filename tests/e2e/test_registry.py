@@ -1,6 +1,7 @@
 """A user's own algorithm through the registry alone: two files in a package of their own and
-one `register_algorithm` call, no change to fedsim. Here FedAvgM (Flower's server momentum)
-with a ``[strategy.fedavgm]`` table."""
+one `register_algorithm` call, no change to fedsim. Here a user's own server momentum (Flower's
+`FedAvgM`, not fedsim's built-in ``fedavgm``) under the name ``mymomentum``, with a
+``[strategy.mymomentum]`` table."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fedsim.errors import ConfigError
 from fedsim.run import run_experiment
 
 SERVER = '''
-"""Server half: Flower's FedAvgM, its momentum from [strategy.fedavgm]."""
+"""Server half: Flower's FedAvgM, its momentum from [strategy.mymomentum]."""
 from dataclasses import dataclass
 
 from flwr.serverapp.strategy import FedAvgM
@@ -45,7 +46,7 @@ RULE = ClientRule()
 
 
 @pytest.fixture
-def fedavgm(tmp_path, monkeypatch):
+def mymomentum(tmp_path, monkeypatch):
     """The toy algorithm, importable from tmp_path and registered for this test only."""
     package = tmp_path / "toyalgo"
     package.mkdir()
@@ -56,12 +57,12 @@ def fedavgm(tmp_path, monkeypatch):
     server = importlib.import_module("toyalgo.toyalgo_server")
     client = importlib.import_module("toyalgo.toyalgo_client")
     get_algorithm("fedavg")  # the built-ins first, so the toy's registration cannot be overwritten
-    algorithm = register_algorithm(Algorithm("fedavgm", server.Params, server.build, client.RULE,
-                                             summary="FedAvgM: server momentum"))
+    algorithm = register_algorithm(Algorithm("mymomentum", server.Params, server.build, client.RULE,
+                                             summary="my server momentum"))
     try:
         yield algorithm
     finally:
-        algorithms._REGISTRY.pop("fedavgm", None)
+        algorithms._REGISTRY.pop("mymomentum", None)
         for name in ("toyalgo.toyalgo_server", "toyalgo.toyalgo_client", "toyalgo"):
             sys.modules.pop(name, None)
 
@@ -70,14 +71,14 @@ def rounds(out):
     return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in csv.DictReader((out / "rounds.csv").open())]
 
 
-def test_a_registered_algorithm_runs_from_its_own_table(fedavgm, tiny, tmp_path):
+def test_a_registered_algorithm_runs_from_its_own_table(mymomentum, tiny, tmp_path):
     kw = {"federation.rounds": 3}
     fedavg = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "fedavg")}), progress=False)
 
     def run(momentum, name):
-        cfg = tiny(**kw, **{"strategy.name": "fedavgm", "strategy.fedavgm.server_momentum": momentum,
+        cfg = tiny(**kw, **{"strategy.name": "mymomentum", "strategy.mymomentum.server_momentum": momentum,
                             "output.dir": str(tmp_path / name)})
-        assert cfg.strategy.params == fedavgm.params(server_momentum=momentum)
+        assert cfg.strategy.params == mymomentum.params(server_momentum=momentum)
         return run_experiment(cfg, progress=False)
 
     zero, half = run(0.0, "m0"), run(0.5, "m05")
@@ -92,23 +93,23 @@ def test_a_registered_algorithm_runs_from_its_own_table(fedavgm, tiny, tmp_path)
         assert later["test_loss"] != later_fedavg["test_loss"]
     # the run directory records the algorithm and its table
     resolved = load_config(half / "config.toml")
-    assert resolved.strategy.name == "fedavgm" and resolved.strategy.params.server_momentum == 0.5
-    assert "[strategy.fedavgm]" in (half / "config.toml").read_text()
-    assert json.loads((half / "summary.json").read_text())["strategy"] == "fedavgm"
+    assert resolved.strategy.name == "mymomentum" and resolved.strategy.params.server_momentum == 0.5
+    assert "[strategy.mymomentum]" in (half / "config.toml").read_text()
+    assert json.loads((half / "summary.json").read_text())["strategy"] == "mymomentum"
 
 
-def test_a_registered_table_is_validated_like_the_built_ins(fedavgm, tiny):
-    with pytest.raises(ConfigError, match=r"strategy\.fedavgm\.server_momentum: must be <= 1\.0"):
-        tiny(**{"strategy.name": "fedavgm", "strategy.fedavgm.server_momentum": 1.5})
-    with pytest.raises(ConfigError, match=r"strategy\.fedavgm\.nesterov: unknown key"):
-        tiny(**{"strategy.name": "fedavgm", "strategy.fedavgm.nesterov": True})
-    assert tiny(**{"strategy.name": "fedavgm"}).strategy.params.server_momentum == 0.9  # the default
+def test_a_registered_table_is_validated_like_the_built_ins(mymomentum, tiny):
+    with pytest.raises(ConfigError, match=r"strategy\.mymomentum\.server_momentum: must be <= 1\.0"):
+        tiny(**{"strategy.name": "mymomentum", "strategy.mymomentum.server_momentum": 1.5})
+    with pytest.raises(ConfigError, match=r"strategy\.mymomentum\.nesterov: unknown key"):
+        tiny(**{"strategy.name": "mymomentum", "strategy.mymomentum.nesterov": True})
+    assert tiny(**{"strategy.name": "mymomentum"}).strategy.params.server_momentum == 0.9  # the default
     with pytest.raises(ValueError, match="registered already"):
-        register_algorithm(fedavgm)
+        register_algorithm(mymomentum)
 
 
 def test_unregistered_names_are_refused(tiny):
     with pytest.raises(ConfigError, match="strategy.name: must be one of"):
-        tiny(**{"strategy.name": "fedavgm"})
-    with pytest.raises(KeyError, match="no algorithm 'fedavgm'; registered: fedavg, fedprox"):
-        get_algorithm("fedavgm")
+        tiny(**{"strategy.name": "mymomentum"})
+    with pytest.raises(KeyError, match="no algorithm 'mymomentum'; registered: fedavg, fedprox"):
+        get_algorithm("mymomentum")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.exception import AggregationError
 
 from fedsim import records as R
 from fedsim.strategies.scaffold import Scaffold, ScaffoldParams, build
@@ -111,7 +112,7 @@ def test_configure_sends_c_and_the_next_round_sends_the_updated_c(flower):
 
 
 def test_aggregate_before_configure_is_refused(flower):
-    with pytest.raises(RuntimeError, match="configure_train"):
+    with pytest.raises(AggregationError, match="configure_train"):
         strategy().aggregate_train(1, [flower.reply(reply_content(*CLIENTS[0]))])
 
 
