@@ -20,7 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from fedsim.algorithms import ClientRule, Hyper, RoundStart, State, Tensors
+from typing import Protocol
+
+from fedsim.algorithms import ClientRule, Hyper, NodeState, RoundStart, State, Tensors
+
+
+class DynParams(Protocol):
+    """What this half reads of `fedsim.strategies.feddyn.FedDynParams` (the halves never import each other)."""
+
+    alpha: float
 
 
 def kept_gradient(start: RoundStart) -> Tensors:
@@ -33,16 +41,17 @@ def setup(start: RoundStart) -> State:
     return {"anchor": start.global_params, "gradient": kept_gradient(start)}
 
 
-def post_step(new: Tensors, old: Tensors, state: State, hyper: Hyper) -> Tensors:
+def post_step(new: Tensors, old: Tensors, state: State, hyper: Hyper[DynParams]) -> Tensors:
     lr, alpha = hyper.lr, hyper.params.alpha
     return {k: new[k] + lr * state["gradient"][k] - lr * alpha * (old[k] - state["anchor"][k]) for k in new}
 
 
-def finish(start: RoundStart, state: State, final: Tensors, steps: int) -> tuple[dict, dict]:
-    """No reply arrays; the node keeps g_i - alpha (theta_i^t - theta^{t-1}) as numpy arrays."""
-    alpha = start.hyper.params.alpha
+def finish(start: RoundStart, state: State, final: Tensors, steps: int,
+           hyper: Hyper[DynParams]) -> tuple[Tensors, NodeState]:
+    """No reply arrays; the node keeps g_i - alpha (theta_i^t - theta^{t-1})."""
+    alpha = hyper.params.alpha
     kept = kept_gradient(start)
-    return {}, {k: (kept[k] - alpha * (final[k] - start.global_params[k])).numpy() for k in final}
+    return {}, {k: kept[k] - alpha * (final[k] - start.global_params[k]) for k in final}
 
 
 RULE = ClientRule(setup=setup, post_step=post_step, finish=finish)

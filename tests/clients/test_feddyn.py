@@ -29,13 +29,13 @@ def test_setup_post_step_and_finish_by_hand():
     # new + lr g_i - lr alpha (old - anchor) = [2, 3] + 0.1 [0.2, 0.4] - 0.05 ([3, 1] - [1, -1]) = [1.92, 2.94]
     np.testing.assert_allclose(post_step(t(2.0, 3.0), t(3.0, 1.0), state, hyper)["w"], [1.92, 2.94])
     # g_i - alpha (final - theta) = [0.2, 0.4] - 0.5 ([2, 0] - [1, -1]) = [-0.3, -0.1]
-    reply, kept = finish(start, state, t(2.0, 0.0), steps=3)
-    assert reply == {} and isinstance(kept["w"], np.ndarray)
+    reply, kept = finish(start, state, t(2.0, 0.0), steps=3, hyper=hyper)
+    assert reply == {} and isinstance(kept["w"], torch.Tensor)
     np.testing.assert_allclose(kept["w"], [-0.3, -0.1])
     # first participation: g_i = 0
     first = RoundStart(hyper, t(1.0, -1.0), {}, {})
     np.testing.assert_allclose(setup(first)["gradient"]["w"], [0.0, 0.0])
-    np.testing.assert_allclose(finish(first, setup(first), t(2.0, 0.0), 3)[1]["w"], [-0.5, -0.5])
+    np.testing.assert_allclose(finish(first, setup(first), t(2.0, 0.0), 3, hyper)[1]["w"], [-0.5, -0.5])
 
 
 def numpy_feddyn(w, b, x, y, anchor, g, lr, alpha, steps):
@@ -80,6 +80,6 @@ def test_k_local_steps_match_sgd_on_the_feddyn_objective():
                          {k: 0 * v for k, v in g.items()}, lr, 0.0, steps)
     assert np.abs(plain["weight"] - expected["weight"]).max() > 0.05  # the two terms did act
 
-    _, kept = RULE.finish(start, state, final, result.steps)
+    _, kept = RULE.finish(start, state, final, result.steps, start.hyper)
     for k in expected:
         np.testing.assert_allclose(kept[k], g[k] - alpha * (expected[k] - anchor[k]), rtol=1e-4, atol=1e-5)

@@ -74,8 +74,8 @@ def test_server_h_is_the_mean_of_the_clients_kept_gradients():
         for i, final in trained.items():
             start = RoundStart(Hyper(params, 0.1, False), {"w": torch.tensor(theta["w"])}, {},
                                {"w": torch.tensor(g[i])})
-            _, kept = finish(start, {}, {"w": torch.tensor(final["w"])}, 1)
-            g[i] = kept["w"]
+            _, kept = finish(start, {}, {"w": torch.tensor(final["w"])}, 1, start.hyper)
+            g[i] = kept["w"].numpy()
         total = {"w": sum(t["w"] for t in trained.values())}
         aggregate = Aggregate(mean=total, model_sum=total, count=len(trained), extra_sum={})
         theta, h = server_update(theta, aggregate, h, ServerHyper(params, M, rnd))
