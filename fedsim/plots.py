@@ -25,7 +25,8 @@ from fedsim.errors import FedsimError
 
 # Table columns `fedsim.report.build_table` writes; any other column is a --group-by key.
 REPORT_COLUMNS = frozenset({
-    "strategy", "target_epsilon", "sigma", "sample_epsilon", "sample_accountant", "user_sigma",
+    "strategy", "target_epsilon", "sigma", "sample_epsilon", "sample_epsilon_seed_max", "sample_epsilon_median",
+    "sample_accountant", "user_sigma",
     "user_epsilon", "user_accountant", "label_epsilon", "label_accountant", "delta", "ci95",
     "rounds", "clients", "per_round", "seeds"})
 
