@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "  fedsim run configs/quickstart.toml --noise-multiplier 1.0 --rounds 20 "
                               "--strategy fedprox --set strategy.fedprox.mu=0.1\n"
                               "  fedsim run --resume runs/quickstart-20261123-101500\n"
-                              "  fedsim run configs/quickstart.toml --out runs/qs --overwrite")
+                              "  fedsim run configs/quickstart.toml --out runs/qs --overwrite\n"
+                              "  fedsim run configs/quickstart.toml --set privacy.user_target_epsilon=3 "
+                              "--set federation.sampling=poisson --accountant pld")
     _add_config_flags(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--resume", metavar="DIR",
