@@ -666,8 +666,8 @@ def log_settings(cfg: Config, strategy: Strategy) -> None:
     fed, c, p, rt, d = cfg.federation, cfg.client, cfg.privacy, cfg.runtime, cfg.data
     log.info("run %s: seed %d; data %s, partitioner %s (alpha %g); model %s", cfg.name, cfg.seed, d.dataset,
              d.partitioner, d.alpha, cfg.model.name)
-    log.info("federation: %d clients, %d per round (%s sampling), %d rounds; local: %s, batch %d, lr %g, "
-             "momentum %g", fed.num_clients, fed.clients_per_round, client_sampling(cfg), fed.rounds,
+    log.info("federation: %d clients, %d per round, %d rounds, %s client sampling; local: %s, batch %d, lr %g, "
+             "momentum %g", fed.num_clients, fed.clients_per_round, fed.rounds, client_sampling(cfg),
              f"{c.local_steps} steps" if c.local_steps else f"{c.local_epochs} epoch(s)", c.batch_size, c.lr,
              c.momentum)
     log.info("privacy: noise_multiplier %g, max_grad_norm %g, delta %g, accountant %s, user_noise_multiplier %g",
