@@ -156,11 +156,13 @@ def _epsilon_column(table: pd.DataFrame) -> str:
 
 
 def epsilon_axis_label(table: pd.DataFrame, eps_col: str) -> str:
-    """"ε (sample-level, RDP (Opacus), δ=1e-5)": the level, the accountant when all private
-    rows share one, and δ (every distinct one)."""
+    """"ε (sample-level, largest client, mean over seeds, RDP (Opacus), δ=1e-5)": the level,
+    the statistic the points are (`fedsim.report.EPSILON_NOTE`), the accountant when all
+    private rows share one, and δ (every distinct one)."""
     level = eps_col.split("_")[0]
     finite = table[np.isfinite(table[eps_col].astype(float))]
-    parts = [f"{level}-level"]
+    parts = [f"{level}-level"] + (["largest client, mean over seeds"] if level == "sample" else
+                                  ["mean over seeds"] if level == "user" else [])
     acc_col = f"{level}_accountant"
     if acc_col in finite:
         accountants = sorted({str(a).split(", ")[0] for a in finite[acc_col] if a and a != "-"})
