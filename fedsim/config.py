@@ -125,9 +125,10 @@ class FederationConfig:
                                    hi=MAX_CLIENTS, why=WHY_MEMORY)
     rounds: int = param(10, "federated rounds", lo=1, hi=MAX_ROUNDS, why=WHY_LONG)
     sampling: str = param("auto", "how a round's clients are drawn: poisson (each joins with q = K/N; "
-                          "the cohort size varies), fixed (K without replacement), auto (poisson under "
-                          "user-level DP, else fixed); the user-level epsilon accounts the one that runs",
-                          choices=("auto", "poisson", "fixed"))
+                          "the cohort size varies), fixed (K without replacement), cyclic (blocks of K of "
+                          "one seeded order, each client at most once per N/K rounds), auto (cyclic under "
+                          "DP-FTRL, poisson under other user-level DP, else fixed); the user-level epsilon "
+                          "accounts the one that runs", choices=("auto", "poisson", "fixed", "cyclic"))
 
 
 @dataclass

@@ -7,7 +7,7 @@ sizes σ so that the client that trains most often (per size) lands at the targe
 the server samples each round through `sample_round` too (`SampledGrid`), so the
 prediction and the run cannot drift apart.
 
-Two sampling modes (`federation.sampling`), each accounted as what it is
+Three sampling modes (`federation.sampling`), each accounted as what it is
 (`fedsim.privacy.accounting.user_level_epsilon`):
 
 * ``fixed``: each round's draw is ``random.Random(derive_seed(seed, round, "sample")).sample(nodes, K)``
@@ -17,9 +17,15 @@ Two sampling modes (`federation.sampling`), each accounted as what it is
   partition order from ``numpy.random.default_rng(derive_seed(seed, round, "sample"))``. The
   cohort's size varies around K, and a round may have no client at all: the schedule then
   returns [] and the server still releases (and accounts) that round's noised zero sum.
+* ``cyclic``: the nodes in one seeded order (``random.Random(derive_seed(seed, 0, "cyclic"))``),
+  cut into B = floor(N/K) blocks of K; round r trains block (r - 1) mod B. Each client trains at
+  most once in any B consecutive rounds, and no accounting assumes randomness: what DP-FTRL
+  (Kairouz et al. 2021) needs, each tree seeing a client at most once when it restarts at
+  most every B rounds. The last N mod K clients of the order never train.
 
 ``auto`` (the default) is ``poisson`` when user-level DP is on, whose accountant assumes
-independent selection (McMahan et al. 2018), and ``fixed`` otherwise (`resolve_sampling`).
+independent selection (McMahan et al. 2018), ``cyclic`` under DP-FTRL (``privacy.user_mechanism
+= "tree"``), and ``fixed`` otherwise (`resolve_sampling`).
 """
 
 from __future__ import annotations
@@ -44,17 +50,19 @@ def sampling_seed(seed: int, server_round: int) -> int:
     return derive_seed(seed, server_round, "sample")
 
 
-def resolve_sampling(sampling: str, user_dp: bool) -> str:
-    """The sampling mode that runs: ``auto`` is ``poisson`` under user-level DP, else ``fixed``."""
+def resolve_sampling(sampling: str, user_dp: bool, mechanism: str = "gaussian") -> str:
+    """The sampling mode that runs: ``auto`` is ``cyclic`` under DP-FTRL, ``poisson`` under
+    other user-level DP, else ``fixed``."""
     if sampling == "auto":
-        return "poisson" if user_dp else "fixed"
+        return ("cyclic" if mechanism == "tree" else "poisson") if user_dp else "fixed"
     return sampling
 
 
 def client_sampling(cfg: Config) -> str:
     """`federation.sampling` of this config, ``auto`` resolved (what summary.json records)."""
     p = cfg.privacy
-    return resolve_sampling(cfg.federation.sampling, p.user_noise_multiplier > 0 or p.user_target_epsilon > 0)
+    return resolve_sampling(cfg.federation.sampling, p.user_noise_multiplier > 0 or p.user_target_epsilon > 0,
+                            user_mechanism(cfg))
 
 
 def user_mechanism(cfg: Config) -> str:
@@ -65,27 +73,38 @@ def user_mechanism(cfg: Config) -> str:
 def user_accounting_args(cfg: Config, rounds: int | None = None) -> dict:
     """The keyword arguments of `fedsim.privacy.accounting.user_level_epsilon` for this config
     after `rounds` rounds (default: all), user_noise_multiplier aside: the sampling mode that
-    runs and, for DP-FTRL, the most rounds any client trains in within one tree of the whole
-    run's schedule (the same seeded one the server samples with; taken over the whole run, so
-    every round's epsilon uses the k that the final one does)."""
+    runs and `max_participations`, read from the same seeded schedule the server samples with:
+    for DP-FTRL the most rounds any client trains in within one tree, for cyclic cohorts the
+    most rounds any client has trained in so far."""
     fed, p = cfg.federation, cfg.privacy
     sampling, mechanism = client_sampling(cfg), user_mechanism(cfg)
     rounds = fed.rounds if rounds is None else rounds
     restart_every = int(getattr(p, "user_tree_restart_every", 0) or 0)
     most = 1
-    if mechanism == "tree":
-        most = _tree_participations(cfg.seed, fed.rounds, fed.num_clients, fed.clients_per_round, sampling,
-                                    restart_every)
+    if mechanism == "tree" or sampling == "cyclic":
+        window = restart_every if mechanism == "tree" else 0
+        profile = _participation_profile(cfg.seed, fed.rounds, fed.num_clients, fed.clients_per_round, sampling,
+                                         window)
+        most = int(profile[min(max(rounds, 1), len(profile)) - 1])
     return dict(num_clients=fed.num_clients, cohort_size=fed.clients_per_round, rounds=rounds, delta=p.delta,
                 sampling=sampling, accountant=p.accountant, mechanism=mechanism, restart_every=restart_every,
                 max_participations=most)
 
 
 @functools.lru_cache(maxsize=64)
-def _tree_participations(seed: int, rounds: int, num_clients: int, clients_per_round: int, sampling: str,
-                         restart_every: int) -> int:
-    schedule = participation_schedule(seed, rounds, num_clients, clients_per_round, sampling)
-    return max(max_participations_per_window(schedule, restart_every), 1)
+def _participation_profile(seed: int, rounds: int, num_clients: int, clients_per_round: int, sampling: str,
+                           window: int) -> tuple[int, ...]:
+    """Entry r - 1: `max_participations_per_window` over rounds 1..r (at least 1), for every r at once."""
+    window = window if window > 0 else max(rounds, 1)
+    out, most, counts = [], 1, {}
+    for r, chosen in enumerate(participation_schedule(seed, rounds, num_clients, clients_per_round, sampling)):
+        if r % window == 0:
+            counts = {}
+        for pid in chosen:
+            counts[pid] = counts.get(pid, 0) + 1
+            most = max(most, counts[pid])
+        out.append(most)
+    return tuple(out)
 
 
 def sample_round(seed: int, server_round: int, nodes: Sequence[T], k: int, sampling: str = "fixed",
@@ -94,16 +113,21 @@ def sample_round(seed: int, server_round: int, nodes: Sequence[T], k: int, sampl
 
     ``fixed``: `k` of them without replacement. ``poisson``: each independently with
     q = k / `num_clients` (default: len(nodes)); q stays K/N when nodes are lost, as the
-    accountant assumes. Possibly none. Only the positions matter, so the server (node ids)
-    and the planner (partition ids 0..N-1) get the same clients while every node is connected.
+    accountant assumes. Possibly none. ``cyclic``: block (round - 1) mod floor(n/k) of one
+    seeded order of the nodes. Only the positions matter, so the server (node ids) and the
+    planner (partition ids 0..N-1) get the same clients while every node is connected.
     """
     nodes = list(nodes)
+    if sampling == "cyclic":
+        order = random.Random(derive_seed(seed, 0, "cyclic")).sample(range(len(nodes)), len(nodes))
+        block = (server_round - 1) % (len(nodes) // k)
+        return [nodes[i] for i in order[block * k:(block + 1) * k]]
     if sampling == "poisson":
         q = k / (num_clients or len(nodes))
         joins = np.random.default_rng(sampling_seed(seed, server_round)).random(len(nodes)) < q
         return [node for node, joined in zip(nodes, joins.tolist()) if joined]
     if sampling != "fixed":
-        raise ValueError(f"sampling must be 'poisson' or 'fixed' (got {sampling!r})")
+        raise ValueError(f"sampling must be 'poisson', 'fixed' or 'cyclic' (got {sampling!r})")
     return random.Random(sampling_seed(seed, server_round)).sample(nodes, k)
 
 

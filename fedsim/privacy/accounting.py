@@ -41,7 +41,7 @@ History = Sequence[tuple[float, float, int]]
 OPACUS_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 ORDERS: tuple[float, ...] = OPACUS_ORDERS + (80, 96, 128, 192, 256, 512, 1024)
 ACCOUNTANTS = ("rdp", "prv", "pld")
-SAMPLING_MODES = ("poisson", "fixed")  # how the server picks a round's clients (`fedsim.schedule`)
+SAMPLING_MODES = ("poisson", "fixed", "cyclic")  # how the server picks a round's clients (`fedsim.schedule`)
 USER_MECHANISMS = ("gaussian", "tree")
 
 
@@ -146,8 +146,10 @@ def steps_per_round(num_examples: int, batch_size: int, local_epochs: int, local
 USER_ACCOUNTANTS: dict[tuple[str, str], tuple[str, ...]] = {
     ("gaussian", "poisson"): ("rdp", "prv", "pld"),
     ("gaussian", "fixed"): ("rdp",),  # neither dp-accounting's PLD nor Opacus' PRV has this event
+    ("gaussian", "cyclic"): ("rdp", "pld"),  # plain Gaussian compositions: no subsampling to amplify
     ("tree", "poisson"): ("rdp",),    # dp-accounting's tree events exist for RDP only
     ("tree", "fixed"): ("rdp",),
+    ("tree", "cyclic"): ("rdp",),
 }
 
 
@@ -168,7 +170,8 @@ def check_user_accounting(accountant: str, sampling: str, mechanism: str = "gaus
     allowed = USER_ACCOUNTANTS[(mechanism, sampling)]
     if accountant not in allowed:
         what = ("DP-FTRL tree aggregation" if mechanism == "tree"
-                else "a fixed cohort drawn without replacement (federation.sampling = 'fixed')")
+                else "a fixed cohort drawn without replacement (federation.sampling = 'fixed')" if sampling == "fixed"
+                else "cyclic cohorts (federation.sampling = 'cyclic')")
         raise ConfigError(f"privacy.accountant: {accountant!r} cannot account {what} at the user level; use "
                           f"{' or '.join(repr(a) for a in allowed)}"
                           + (", or federation.sampling = 'poisson'" if mechanism == "gaussian" else "")
@@ -185,6 +188,10 @@ def user_accountant_label(accountant: str, sampling: str, mechanism: str = "gaus
     if sampling == "fixed":
         return ("RDP (dp-accounting), fixed cohort of K of N without replacement, replace-one neighbours "
                 "(sensitivity 2C)")
+    if sampling == "cyclic":
+        name = {"rdp": "RDP", "pld": "PLD"}.get(accountant, accountant.upper())
+        return (f"{name} (dp-accounting), cyclic cohorts, no sampling assumption (each client's realized "
+                f"participations), replace-with-zero neighbours")
     return f"{accountant_label(accountant)}, Poisson client sampling (q = K/N), add/remove neighbours"
 
 
@@ -253,6 +260,25 @@ def tree_aggregation_event(noise_multiplier: float, rounds: int, restart_every: 
     return dpa.ComposedDpEvent(events)
 
 
+def _cyclic_epsilon(noise_multiplier: float, participations: int, delta: float, accountant: str) -> float:
+    """A client that trains in m rounds, each releasing the sum (its update clipped to C) plus
+    N(0, z^2 C^2), with no randomness in who trains: m Gaussian releases of sensitivity C under
+    replace-with-zero neighbours (the schedule stays the same). dp-accounting's
+    ``GaussianDpEvent(z)`` composed m times, under RDP or PLD."""
+    if participations <= 0:
+        return 0.0
+    import dp_accounting as dpa
+
+    if accountant == "pld":
+        from dp_accounting.pld import PLDAccountant
+
+        acc = PLDAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_SPECIAL)
+    else:
+        _, acc = _dp_accounting_rdp("REPLACE_SPECIAL")
+    acc.compose(dpa.GaussianDpEvent(noise_multiplier), participations)
+    return float(acc.get_epsilon(delta))
+
+
 @functools.lru_cache(maxsize=4096)
 def _user_epsilon(noise_multiplier: float, num_clients: int, cohort_size: int, rounds: int, delta: float,
                   sampling: str, accountant: str, mechanism: str, restart_every: int,
@@ -263,6 +289,8 @@ def _user_epsilon(noise_multiplier: float, num_clients: int, cohort_size: int, r
         return float(acc.get_epsilon(delta))
     if sampling == "poisson":
         return epsilon([(noise_multiplier, cohort_size / num_clients, rounds)], delta, accountant)
+    if sampling == "cyclic":
+        return _cyclic_epsilon(noise_multiplier, max_participations, delta, accountant)
     return _dp_accounting_epsilon(rounds * without_replacement_rdp(noise_multiplier, num_clients, cohort_size),
                                   delta)
 
@@ -282,9 +310,13 @@ def user_level_epsilon(*, noise_multiplier: float, num_clients: int, cohort_size
       ``pld``: dp-accounting's PLD.
     * ``fixed``: K of N without replacement, replace-one neighbours (sensitivity 2C):
       dp-accounting's ``SampledWithoutReplacementDpEvent`` under RDP (`without_replacement_rdp`).
+    * ``cyclic``: blocks of one fixed order, no randomness to amplify: `max_participations`
+      (the most rounds any client has trained in) Gaussian releases of sensitivity C under
+      replace-with-zero neighbours (`_cyclic_epsilon`); rdp or pld (dp-accounting).
     * mechanism ``tree`` (DP-FTRL, `tree_aggregation_event`): no amplification by sampling is
       assumed, whatever `sampling` is; `max_participations` is the most rounds any client
-      trains in within one tree.
+      trains in within one tree (1 under cyclic cohorts when trees restart at most every
+      floor(N/K) rounds).
 
     A combination no accountant here bounds raises a ConfigError naming the supported ones
     (`check_user_accounting`). Memoized: the server asks every round.

@@ -21,7 +21,7 @@ from fedsim.privacy.accounting import (ORDERS, calibrate_user_noise, user_accoun
                                       without_replacement_rdp)
 from fedsim.privacy.rdp import privacy_spent
 from fedsim.schedule import (max_participations_per_window, participation_counts, participation_schedule,
-                             sample_round)
+                             resolve_sampling, sample_round, user_accounting_args)
 
 NR = dpa.NeighboringRelation
 ISSUE = dict(noise_multiplier=1.0, num_clients=50, cohort_size=10, rounds=40, delta=1e-5)  # issue 27's shape
@@ -158,6 +158,39 @@ def test_no_rounds_no_noise_and_the_memo():
         without_replacement_rdp(1.0, 50, 10)[0] = 0.0
 
 
+# --------------------------------------------------------------------------- cyclic cohorts
+
+@pytest.mark.parametrize("z, m", [(1.0, 8), (2.0, 1), (0.8, 30)])
+def test_cyclic_cohorts_are_m_gaussian_releases(z, m):
+    """No sampling randomness: a client that trains m times is m Gaussian releases of
+    sensitivity C (replace-with-zero), RDP m alpha / (2 z^2), under RDP and PLD."""
+    kw = dict(noise_multiplier=z, num_clients=50, cohort_size=10, rounds=40, delta=1e-5, sampling="cyclic",
+              max_participations=m)
+    rdp = user_level_epsilon(**kw, accountant="rdp")
+    assert rdp == pytest.approx(dpa_rdp(dpa.GaussianDpEvent(z), m, NR.REPLACE_SPECIAL).get_epsilon(1e-5), rel=1e-6)
+    assert rdp == pytest.approx(privacy_spent(ORDERS, m * np.asarray(ORDERS) / (2 * z**2), 1e-5)[0], rel=1e-3)
+    acc = PLDAccountant(neighboring_relation=NR.REPLACE_SPECIAL)
+    acc.compose(dpa.GaussianDpEvent(z), m)
+    assert user_level_epsilon(**kw, accountant="pld") == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+    with pytest.raises(ConfigError, match="'prv' cannot account cyclic cohorts"):
+        user_level_epsilon(**kw, accountant="prv")
+
+
+def test_accounting_args_read_participations_from_the_schedule(tmp_path):
+    """Cyclic: the most rounds any client has trained in so far; DP-FTRL: per tree."""
+    cfg = small(tmp_path, **{"federation.sampling": "cyclic", "privacy.user_noise_multiplier": 1.0,
+                             "federation.num_clients": 6, "federation.clients_per_round": 2,
+                             "federation.rounds": 7})
+    counts = [max(participation_counts(0, r, 6, 2, "cyclic")) for r in range(1, 8)]
+    assert counts == [1, 1, 1, 2, 2, 2, 3]
+    assert [user_accounting_args(cfg, r)["max_participations"] for r in range(1, 8)] == counts
+    cfg.privacy.user_mechanism = "tree"  # the mechanism's own key; read with getattr until it exists
+    cfg.privacy.user_tree_restart_every = 3
+    assert user_accounting_args(cfg)["max_participations"] == 1
+    cfg.privacy.user_tree_restart_every = 4
+    assert user_accounting_args(cfg)["max_participations"] == 2
+
+
 # --------------------------------------------------------------------------- DP-FTRL tree aggregation
 
 def tree_reference(z, t, every, k=1):
@@ -228,6 +261,26 @@ def test_poisson_draw_is_seeded_and_matches_its_definition():
     assert any(sample_round(5, rnd, nodes, 1, "poisson") == [] for rnd in range(1, 40))  # empty rounds happen
 
 
+def test_cyclic_schedule_trains_each_client_at_most_once_per_cycle():
+    """Blocks of K of one seeded order: B = floor(N/K) rounds make a cycle in which every
+    client but the last N mod K of the order trains exactly once; then the cycle repeats."""
+    n, k, t = 23, 5, 13
+    schedule = participation_schedule(4, t, n, k, "cyclic")
+    b = n // k
+    first = [pid for r in schedule[:b] for pid in r]
+    assert len(first) == len(set(first)) == b * k
+    assert all(schedule[r] == schedule[r % b] for r in range(t))
+    assert max_participations_per_window(schedule, b) == 1 and max_participations_per_window(schedule, b + 1) == 2
+    assert schedule != participation_schedule(5, t, n, k, "cyclic")  # the order is seeded
+
+
+def test_auto_sampling():
+    assert resolve_sampling("auto", user_dp=True) == "poisson"
+    assert resolve_sampling("auto", user_dp=True, mechanism="tree") == "cyclic"
+    assert resolve_sampling("auto", user_dp=False) == "fixed"
+    assert resolve_sampling("fixed", user_dp=True) == "fixed"
+
+
 def test_fixed_schedule_is_unchanged_by_the_sampling_argument():
     assert participation_schedule(7, 6, 20, 5, "fixed") == participation_schedule(7, 6, 20, 5)
 
@@ -238,7 +291,7 @@ def test_fixed_schedule_is_unchanged_by_the_sampling_argument():
     ("poisson", "rdp", "gaussian", 0),
     pytest.param("poisson", "pld", "gaussian", 0, marks=pytest.mark.slow),  # 5-15 s: a PLD per candidate z
     pytest.param("fixed", "rdp", "gaussian", 0, marks=pytest.mark.slow),  # 8 s: a curve per candidate z
-    ("fixed", "rdp", "tree", 10)])
+    ("fixed", "rdp", "tree", 10), ("cyclic", "pld", "gaussian", 0)])
 @pytest.mark.parametrize("target", [2.0, 8.0])
 def test_calibration_hits_the_target_under_each_mode(sampling, accountant, mechanism, every, target):
     kw = dict(num_clients=50, cohort_size=10, rounds=40, delta=1e-5, sampling=sampling, accountant=accountant,
@@ -247,6 +300,10 @@ def test_calibration_hits_the_target_under_each_mode(sampling, accountant, mecha
     assert target * 0.999 <= user_level_epsilon(noise_multiplier=z, **kw) <= target
     if mechanism == "tree":
         reference = tree_reference(z, 40, every)
+    elif sampling == "cyclic":  # max_participations defaults to 1: one Gaussian release
+        acc = PLDAccountant(neighboring_relation=NR.REPLACE_SPECIAL)
+        acc.compose(dpa.GaussianDpEvent(z), 1)
+        reference = acc.get_epsilon(1e-5)
     elif sampling == "fixed":
         event = dpa.SampledWithoutReplacementDpEvent(50, 10, dpa.GaussianDpEvent(z / 2))
         reference = dpa_rdp(event, 40, NR.REPLACE_ONE).get_epsilon(1e-5)
@@ -373,3 +430,15 @@ def test_sample_level_target_holds_under_poisson_sampling(tmp_path, rounds_train
     sample = summary["sample_level"]
     assert (sample["epsilon_min"], sample["epsilon_median"], sample["epsilon_max"]) == \
         (min(eps), float(np.median(eps)), max(eps))
+
+
+def test_cyclic_run_trains_the_planned_blocks(tmp_path, rounds_trained):
+    from fedsim.run import run_experiment
+
+    cfg = small(tmp_path, **{"privacy.user_noise_multiplier": 2.0, "federation.sampling": "cyclic"})
+    out = run_experiment(cfg, progress=False)
+    assert rounds_trained() == participation_schedule(0, 5, 6, 2, "cyclic")
+    user = json.loads((out / "summary.json").read_text())["user_level"]
+    assert user["sampling"] == "cyclic" and "cyclic cohorts" in user["accountant"]
+    reference = dpa_rdp(dpa.GaussianDpEvent(2.0), 2, NR.REPLACE_SPECIAL).get_epsilon(1e-5)  # 5 rounds, B = 3
+    assert user["epsilon"] == pytest.approx(reference, rel=1e-6)
