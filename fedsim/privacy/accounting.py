@@ -17,8 +17,8 @@ Every epsilon fedsim prints names its level, accountant, delta and sampling
 Opacus' formulas), ``prv`` (Opacus' PRV accountant) or ``pld`` (dp-accounting's privacy loss
 distributions, Meiser and Mohammadi 2018, Koskela et al. 2020; ``PLDAccountant``), all three
 for Poisson sampling. The user level (`user_level_epsilon`) adds the events whose sampling or
-neighbouring relation differs, from dp-accounting: fixed-size cohorts without replacement
-and DP-FTRL tree aggregation.
+neighbouring relation differs, from dp-accounting: fixed-size cohorts without replacement,
+cyclic cohorts (no sampling randomness) and DP-FTRL tree aggregation.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def without_replacement_rdp(noise_multiplier: float, num_clients: int, cohort_si
                                                          dpa.GaussianDpEvent(noise_multiplier / 2)))
     finally:
         absl.setLevel(level)
-    curve = np.array(acc._rdp, dtype=float)
+    curve = np.array(acc.rdp, dtype=float)
     curve.flags.writeable = False
     return curve
 
