@@ -197,10 +197,11 @@ class SampledGrid(ForwardingGrid):
     """A grid that shows a strategy's ``configure_train`` only this round's sampled nodes.
 
     Flower's strategies sample inside ``configure_train`` (``sample_nodes``: a share of the
-    grid's node ids). Shown exactly the nodes `sample_round` chose, with ``fraction_train`` = 1
-    and ``min_train_nodes`` = ``min_available_nodes`` = 1 (`fedsim.server.fedavg_kwargs`), they
-    take all of them, however many Poisson sampling drew: the clients that train are the ones
-    the schedule says, whatever Flower's sampling code does. Everything else goes to `inner`.
+    grid's node ids). Shown exactly the nodes `sample_round` chose, with ``min_train_nodes`` = K
+    (or, under Poisson sampling, ``fraction_train`` = 1 and ``min_train_nodes`` = 1: however many
+    were drawn; `fedsim.server.fedavg_kwargs`), they take all of them: the clients that train
+    are the ones the schedule says, whatever Flower's sampling code does. Everything else goes
+    to `inner`.
     """
 
     def __init__(self, inner: Grid, nodes: Sequence[int]) -> None:

@@ -419,16 +419,22 @@ def fedavg_kwargs(cfg: Config) -> dict:
     """FedAvg options shared by every strategy.
 
     The round's clients come from `fedsim.schedule.sample_round` (`SeededRounds` shows the
-    strategy only them), so the strategy takes every node it is shown: ``fraction_train`` = 1
-    and at least 1 node, however many Poisson sampling drew. fedsim's discovery waits for all
-    num_clients nodes before round 1 (Flower's round-1 race), so Flower's own wait never
-    blocks (fedsim's grid raises a clear error instead when too few nodes are left); no federated evaluation,
+    strategy only them), and the strategy takes every node it is shown: exactly
+    clients_per_round of them, or under Poisson sampling (``fraction_train`` = 1, at least 1
+    node) however many were drawn. fedsim's discovery waits for all num_clients nodes before
+    round 1 (Flower's round-1 race), and Flower's own wait asks only for the nodes shown, so a
+    lost node never makes it wait forever (fedsim's grid raises a clear error instead when too
+    few nodes are left); no federated evaluation,
     because fedsim evaluates the global model centrally on the held-out split.
     Under central DP the average is unweighted: with example weights a large client's
     influence would exceed C/K and the noise would no longer cover it.
     """
     central_dp = cfg.privacy.user_noise_multiplier > 0
-    return dict(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
+    fed = cfg.federation
+    poisson = client_sampling(cfg) == "poisson"
+    k = 1 if poisson else fed.clients_per_round
+    return dict(fraction_train=1.0 if poisson else fed.clients_per_round / fed.num_clients,
+                min_train_nodes=k, min_available_nodes=k,
                 fraction_evaluate=0.0, min_evaluate_nodes=0,
                 weighted_by_key=R.UNIT_WEIGHT if central_dp else R.NUM_EXAMPLES)
 
