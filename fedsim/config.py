@@ -176,7 +176,9 @@ class StrategyConfig:
 
 @dataclass
 class RuntimeConfig:
-    name: str = param("inprocess", "simulation runtime", choices=("inprocess", "ray"))
+    name: str = param("inprocess", "simulation runtime: inprocess (one process, a round's clients batched), ray "
+                      "(the batched engine on a pool of Ray workers; RAY_ADDRESS joins a cluster), flower "
+                      "(Flower's simulation engine, one client per message)", choices=("inprocess", "ray", "flower"))
     engine: str = param("auto", "training engine: vectorized trains a round's clients at once in process "
                         "(torch.func; one per message under Ray and on SuperNodes), opacus one at a time; "
                         "auto picks vectorized where the model and algorithm allow it",
@@ -184,9 +186,16 @@ class RuntimeConfig:
     engine_chunk: int = param(0, "vectorized engine: clients per batched computation (0 = from free memory)",
                               lo=0, hi=MAX_CLIENTS, why="more than federation.num_clients can be")
     device: str = param("auto", "torch device", choices=("auto", "cpu", "cuda"))
-    num_cpus: float = param(1.0, "ray: CPUs per client", lo=0.0, lo_open=True, hi=4096.0,
+    workers: int = param(0, "ray: engine workers (Ray actors) a round's clients are split across; 0 = one per "
+                         "GPU, else one per 2 CPU cores of the Ray cluster", lo=0, hi=4096,
+                         why="no Ray cluster needs more engine workers")
+    worker_gpus: float = param(0.0, "ray: GPUs per engine worker", lo=0.0, hi=64.0, why="no machine has more GPUs")
+    torch_threads: int = param(0, "torch intra-op threads per training process (the run's, each Ray engine "
+                               "worker's); 0 = auto: 1 on a CPU, up to 4 with CUDA (docs/engines.md)",
+                               lo=0, hi=4096, why="no machine has more cores")
+    num_cpus: float = param(1.0, "flower: CPUs per client", lo=0.0, lo_open=True, hi=4096.0,
                             why="no machine has more CPUs")
-    num_gpus: float = param(0.0, "ray: GPUs per client", lo=0.0, hi=64.0, why="no machine has more GPUs")
+    num_gpus: float = param(0.0, "flower: GPUs per client", lo=0.0, hi=64.0, why="no machine has more GPUs")
     round_timeout: float = param(600.0, "seconds to wait for replies in a round (deployment); late nodes are dropped",
                               lo=0.0, lo_open=True, hi=30 * 86400.0, why="no round waits longer than 30 days")
     on_client_error: str = param("fail", "a client exception stops the run, or the round goes on without it",
@@ -547,11 +556,13 @@ _UNUSED_RULES: tuple[tuple[tuple[str, ...], Callable[[Config], bool], str, Calla
      lambda c: "no noise is configured"),
     (("privacy.delta",), lambda c: _dp(c) or _user_dp(c) or _label_delta(c) > 0,
      "some guarantee has a delta (DP-SGD, user-level DP, Gaussian label DP)", lambda c: "none is on"),
-    (("runtime.num_cpus", "runtime.num_gpus"), lambda c: c.runtime.name == "ray",
+    (("runtime.num_cpus", "runtime.num_gpus"), lambda c: c.runtime.name == "flower",
+     "runtime.name = 'flower'", lambda c: f"runtime.name is {c.runtime.name!r}"),
+    (("runtime.workers", "runtime.worker_gpus"), lambda c: c.runtime.name == "ray",
      "runtime.name = 'ray'", lambda c: f"runtime.name is {c.runtime.name!r}"),
-    (("runtime.engine_chunk",), lambda c: c.runtime.name == "inprocess" and c.runtime.engine != "opacus",
-     "the vectorized engine trains whole rounds (runtime.engine auto or vectorized, in-process; "
-     "Ray delivers one client at a time)",
+    (("runtime.engine_chunk",), lambda c: c.runtime.name != "flower" and c.runtime.engine != "opacus",
+     "the vectorized engine trains whole rounds (runtime.engine auto or vectorized, in-process or ray; "
+     "Flower's engine delivers one client at a time)",
      lambda c: f"runtime.engine is {c.runtime.engine!r}, runtime.name {c.runtime.name!r}"),
 )
 

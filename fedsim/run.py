@@ -22,7 +22,7 @@ from pathlib import Path
 from flwr.app import Context, RecordDict
 
 from fedsim.clients.app import choose_engine, make_client_app, release_run, train_round
-from fedsim.algorithms import algorithm_names, get_algorithm
+from fedsim.algorithms import algorithm_names, get_algorithm, resolve_device
 from fedsim.checkpoint import Checkpoint, config_difference, load_checkpoint
 from fedsim.config import Config, check_before_training, dumps_toml
 from fedsim.datasets import Dataset, load_dataset
@@ -35,7 +35,9 @@ from fedsim.privacy.accounting import (calibrate_noise, calibrate_user_noise, ch
                                       poisson_sample_rate, steps_per_round)
 from fedsim.results import read_summary, remove_run_files, run_log, run_state
 from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
-from fedsim.runtime.ray_runtime import run_ray
+from fedsim.runtime.ray_engine import run_ray
+from fedsim.runtime.ray_runtime import run_flower
+from fedsim.runtime.threads import auto_threads, available_cores, torch_threads
 from fedsim.schedule import client_sampling, participation_counts, user_accounting_args, user_mechanism
 from fedsim.server import RunRecorder, build_strategy, server_main
 
@@ -211,9 +213,9 @@ def claim_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> tuple[str,
 
 def check_resumable(cfg: Config, checkpoint: Checkpoint, out_dir: Path) -> None:
     """A checkpoint continues only the config it was taken with (the run directory may move)."""
-    if cfg.runtime.name != "inprocess":
-        raise ConfigError(f"runtime.name: resuming needs the in-process runtime, the one whose node state a "
-                          f"checkpoint holds (got {cfg.runtime.name!r})")
+    if cfg.runtime.name == "flower":
+        raise ConfigError("runtime.name: resuming needs a runtime whose node state a checkpoint holds, "
+                          "inprocess or ray (got 'flower')")
     diff = config_difference(checkpoint.config, dumps_toml(cfg))
     if diff is not None:
         raise ConfigError(f"--resume: {out_dir} was checkpointed with another config: {diff}; resume with the "
@@ -247,11 +249,26 @@ def run_experiment(cfg: Config, *, progress: bool = True, resume: bool = False, 
         cfg = prepare(cfg)
         if checkpoint is not None:
             check_resumable(cfg, checkpoint, out_dir)
-        if cfg.runtime.name == "inprocess":
-            run_inprocess(cfg, progress=progress, resume=checkpoint)
-        else:
-            run_ray(cfg, progress=progress)
+        with torch_threads(run_threads(cfg)):
+            if cfg.runtime.name == "inprocess":
+                run_inprocess(cfg, progress=progress, resume=checkpoint)
+            elif cfg.runtime.name == "ray":
+                run_ray(cfg, progress=progress, resume=checkpoint)
+            else:
+                run_flower(cfg, progress=progress)
     return out_dir
+
+
+def run_threads(cfg: Config) -> int:
+    """torch threads for this process' training: ``runtime.torch_threads``, else the auto rule
+    (`fedsim.runtime.threads.auto_threads`) over the cores this process may use, no more than
+    the threads torch has now (a sweep gives each of its processes its share that way)."""
+    import torch
+
+    if cfg.runtime.torch_threads:
+        return cfg.runtime.torch_threads
+    cores = min(available_cores(), torch.get_num_threads())
+    return auto_threads(cores, cuda=resolve_device(cfg.runtime.device).startswith("cuda"))
 
 
 def run_inprocess(cfg: Config, *, progress: bool = True, resume: Checkpoint | None = None) -> RunRecorder:

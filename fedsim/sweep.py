@@ -459,14 +459,15 @@ def _run_cell(cell: Cell, threads: int) -> dict:
     from its last checkpoint (`run_experiment(resume=True)`), so its finished rounds are not
     trained again; one without a checkpoint starts over.
     """
-    import torch
-
     from fedsim.run import run_experiment
+    from fedsim.runtime.threads import torch_threads
 
-    torch.set_num_threads(threads)
     write_json(cell.record_path, {"cell": cell.name, "values": cell.values,
                                   "config_hash": config_hash(cell.identity), "config": cell.identity})
-    out = run_experiment(cell.config, progress=False, resume=True)
+    # the cell's share of the cores, put back afterwards: a thread count left behind slowed
+    # (and made flaky) whatever ran next in this process
+    with torch_threads(threads):
+        out = run_experiment(cell.config, progress=False, resume=True)
     return read_summary(out) or {}
 
 

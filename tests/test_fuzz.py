@@ -110,7 +110,8 @@ def outcome(argv: list[str]) -> tuple[int | None, str]:
         stack.enter_context(_bounded(HANG_SECONDS))
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")  # Python warnings are not fedsim's lines
-        for target in ("fedsim.run.run_inprocess", "fedsim.run.run_ray", "fedsim.deploy.deploy_local"):
+        for target in ("fedsim.run.run_inprocess", "fedsim.run.run_ray", "fedsim.run.run_flower",
+                       "fedsim.deploy.deploy_local"):
             stack.enter_context(mock.patch(target, _stop))
         stack.enter_context(contextlib.redirect_stderr(err))
         stack.enter_context(contextlib.redirect_stdout(io.StringIO()))

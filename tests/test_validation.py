@@ -33,6 +33,7 @@ def no_training(monkeypatch):
 
     monkeypatch.setattr(fedsim.run, "run_inprocess", stop)
     monkeypatch.setattr(fedsim.run, "run_ray", stop)
+    monkeypatch.setattr(fedsim.run, "run_flower", stop)
 
 
 @pytest.fixture
@@ -282,7 +283,8 @@ def test_key_that_does_nothing_warns_or_is_refused_under_strict(overrides, key, 
     {"client.local_epochs": 2},
     {"model.name": "lora-mlp", "model.lora_rank": 4, "model.pretrain_epochs": 3, "model.hidden": [16]},
     {"model.name": "my-registered-model", "model.hidden": [8]},  # a user's model may read any key
-    {"runtime.name": "ray", "runtime.num_cpus": 2.0},
+    {"runtime.name": "flower", "runtime.num_cpus": 2.0},
+    {"runtime.name": "ray", "runtime.workers": 2},
     {"data.dataset": "linear", "data.linear_dim": 5, "data.synthetic_samples": 20},
     {"privacy.target_epsilon": 0.0, "privacy.noise_multiplier": 1.0},
 ])

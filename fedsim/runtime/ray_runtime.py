@@ -1,4 +1,4 @@
-"""The Ray runtime: Flower's own simulation engine (`flwr.simulation.run_simulation`).
+"""The Flower runtime (``runtime.name = "flower"``): Flower's own simulation engine (`flwr.simulation.run_simulation`).
 
 Use it to compare against fedsim's in-process runtime, to give clients their own CPU/GPU
 share (``runtime.num_cpus`` / ``runtime.num_gpus``), or to outgrow one machine: with
@@ -26,7 +26,7 @@ from fedsim.server import server_main
 log = logging.getLogger("fedsim")
 
 
-def run_ray(cfg: Config, *, progress: bool = True) -> None:
+def run_flower(cfg: Config, *, progress: bool = True) -> None:
     from flwr.simulation import run_simulation  # imports Ray: only when this runtime is chosen
 
     config_text = run_config_for(cfg)[RUN_CONFIG_KEY]

@@ -40,13 +40,13 @@ def test_same_seed_same_rounds_and_other_seed_differs(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ["auto", pytest.param("opacus", marks=pytest.mark.slow)])
-def test_ray_and_inprocess_agree(tiny, tmp_path, engine):
-    """Ray delivers one message at a time, the in-process grid a round at once; with either
+def test_flower_and_inprocess_agree(tiny, tmp_path, engine):
+    """Flower's simulation engine delivers one message at a time, the in-process grid a round at once; with either
     engine the clients train alike (the vectorized one with one client or many)."""
     kw = {"privacy.noise_multiplier": 1.0, "federation.rounds": 2, "runtime.engine": engine}
     a = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "a")}), progress=False)
     pythonpath = os.environ.get("PYTHONPATH")
-    b = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "b"), "runtime.name": "ray"}), progress=False)
+    b = run_experiment(tiny(**kw, **{"output.dir": str(tmp_path / "b"), "runtime.name": "flower"}), progress=False)
     assert os.environ.get("PYTHONPATH") == pythonpath  # Flower's Ray backend rewrites it: put back
     used = {json.loads((run / "summary.json").read_text())["engine"]["used"] for run in (a, b)}
     assert used == {"vectorized" if engine == "auto" else "opacus"}

@@ -1,0 +1,48 @@
+"""How many threads torch uses in a run: ``runtime.torch_threads``, and its automatic rule.
+
+torch starts with one intra-op thread per core. On small tensors (fedsim's MLPs, a DP-SGD
+batch of 8 to 64 rows) the threads cost more to wake and join than they save, and on a
+machine whose cores other processes also use they wait on each other: docs/engines.md
+("Threads") has the measurements behind the rule here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+AUTO_MAX_THREADS = 1  # the rule's cap on a CPU: see docs/engines.md, "Threads"
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's
+    limit), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_threads(cores: int | None = None, *, cuda: bool = False) -> int:
+    """``runtime.torch_threads = 0`` (auto): one thread a process on a CPU, where more were
+    slower on every fedsim workload measured (docs/engines.md); on a GPU the host threads only
+    feed the device, and up to 4 of the process' cores are used for data and Opacus' hooks."""
+    cores = available_cores() if cores is None else max(1, int(cores))
+    return min(cores, 4) if cuda else min(cores, AUTO_MAX_THREADS)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[int]:
+    """Run the block with torch at `threads` intra-op threads, and put back the count it
+    found: a sweep's worker or a notebook that runs several experiments is left as it was."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
