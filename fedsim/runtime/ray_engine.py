@@ -212,10 +212,11 @@ class RayEngineGrid(InProcessGrid):
 
 
 def run_ray(cfg: Config, *, progress: bool = True, resume: Checkpoint | None = None,
-            worker_class: type = EngineWorker) -> RunRecorder:
+            worker_class: type | None = None) -> RunRecorder:
     """Run `cfg` on engine workers. With ``RAY_ADDRESS`` set, Ray joins that cluster; else it
     starts one on this machine. A Ray instance the caller already started is used as it is
-    (and left running); one started here is shut down when the run ends."""
+    (and left running); one started here is shut down when the run ends. `worker_class`: an
+    `EngineWorker` subclass (tests make one that dies), this module's `EngineWorker` if None."""
     import ray
 
     started = not ray.is_initialized()
@@ -239,7 +240,7 @@ def run_ray(cfg: Config, *, progress: bool = True, resume: Checkpoint | None = N
         root = str(Path(__file__).resolve().parent.parent.parent)
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join([root, *[p for p in sys.path if p and p != root]])}}
         pool = WorkerPool(workers, threads=threads, num_cpus=num_cpus, num_gpus=cfg.runtime.worker_gpus,
-                          worker_class=worker_class, runtime_env=env)
+                          worker_class=worker_class or EngineWorker, runtime_env=env)
         log.info("ray: %d engine worker(s), %g CPU(s) and %g GPU(s) each, %d torch thread(s); Ray nodes: %d",
                  workers, num_cpus, cfg.runtime.worker_gpus, threads, len({p[2] for p in pool.places}))
         data_sizes = [len(idx) for idx in partition(cfg).indices]

@@ -1,0 +1,154 @@
+"""The Ray runtime (engine workers): the same results as the in-process runtime, checkpoints
+that resume, and a dying worker reported in one line.
+
+One Ray instance serves the module (starting Ray costs about 8 s on a 2-core machine);
+`run_ray` uses a running instance as it is and leaves it running.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from fedsim import records as R  # noqa: E402
+from fedsim.errors import ClientFailure  # noqa: E402
+from fedsim.runtime import ray_engine  # noqa: E402
+from fedsim.runtime.ray_engine import EngineWorker, balance  # noqa: E402
+from fedsim.run import run_experiment  # noqa: E402
+
+DIE_IN_ROUND = 2
+
+
+class DiesInRound(EngineWorker):
+    """A worker whose process exits while it trains round DIE_IN_ROUND: a crash as the
+    driver sees one (no exception, no reply; the actor is gone)."""
+
+    def train(self, pairs):
+        rounds = {R.plain(msg.content[R.CONFIG])[R.SERVER_ROUND] for msg, _ in pairs}
+        if DIE_IN_ROUND in rounds:
+            os._exit(1)
+        return super().train(pairs)
+
+
+class OneDiesInRound(EngineWorker):
+    """The first worker to reach round DIE_IN_ROUND exits; the others (and its replacement)
+    train on. Which one is decided by a file only one process can create."""
+
+    def train(self, pairs):
+        rounds = {R.plain(msg.content[R.CONFIG])[R.SERVER_ROUND] for msg, _ in pairs}
+        if DIE_IN_ROUND in rounds:
+            marker = os.path.join(tempfile.gettempdir(), f"fedsim-one-dies-{ray.get_runtime_context().get_job_id()}")
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
+        return super().train(pairs)
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def rows(out, name="rounds.csv"):
+    return [{k: v for k, v in row.items() if k != "wall_seconds"} for row in csv.DictReader((out / name).open())]
+
+
+def weights(out):
+    """The saved model's tensors (its header also holds the config, which names the runtime)."""
+    from safetensors.numpy import load_file
+
+    return {k: v.tobytes() for k, v in load_file(out / "model.safetensors").items()}
+
+
+def experiment(tiny, out, **kw):
+    base = {"privacy.noise_multiplier": 1.0, "federation.num_clients": 10, "federation.clients_per_round": 6,
+            "federation.rounds": 3, "data.partitioner": "dirichlet", "output.dir": str(out)}
+    return tiny(**{**base, **kw})
+
+
+def test_balance_by_steps_keeps_round_order():
+    # LPT: 9 steps alone, 5 + 4 together; each share in the round's order
+    assert balance([5, 9, 4], 2) == [[1], [0, 2]]
+    assert balance([1, 1, 1, 1], 1) == [[0, 1, 2, 3]]
+    assert balance([3], 2) == [[0], []]
+
+
+def test_two_workers_equal_inprocess(ray_instance, tiny, tmp_path):
+    """With one client per batched computation the chunk boundaries match whatever the
+    split: rounds, clients and model bit for bit. With the default chunks (the in-process
+    round in one batch, each worker its share) within 1e-6, per-client epsilon identical."""
+    one = {"runtime.engine_chunk": 1}
+    a = run_experiment(experiment(tiny, tmp_path / "a", **one), progress=False)
+    b = run_experiment(experiment(tiny, tmp_path / "b", **one, **{"runtime.name": "ray", "runtime.workers": 2}),
+                       progress=False)
+    assert rows(a) == rows(b)
+    assert (a / "clients.csv").read_bytes() == (b / "clients.csv").read_bytes()
+    assert weights(a) == weights(b)
+    assert json.loads((b / "summary.json").read_text())["engine"]["used"] == "vectorized"
+    assert "ray: 2 engine worker(s)" in (b / "run.log").read_text()
+
+    c = run_experiment(experiment(tiny, tmp_path / "c"), progress=False)
+    d = run_experiment(experiment(tiny, tmp_path / "d", **{"runtime.name": "ray", "runtime.workers": 2}),
+                       progress=False)
+    for x, y in zip(rows(c) + rows(c, "clients.csv"), rows(d) + rows(d, "clients.csv"), strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            if "eps" in key or key in ("round", "partition", "metric_name", "clients_trained"):
+                assert x[key] == y[key], key  # the accountant sees the same steps and rates
+            elif x[key]:
+                assert float(x[key]) == pytest.approx(float(y[key]), rel=1e-6, abs=1e-9), key
+
+
+def test_dead_worker_is_one_line_and_the_run_resumes(ray_instance, tiny, tmp_path, monkeypatch, capsys):
+    """A worker process that exits mid-round fails the run with one line naming the round, the
+    worker and its nodes (exit 1 at the CLI); the checkpoint of the round before resumes on
+    healthy workers to the in-process result, bit for bit."""
+    from fedsim.cli import main
+
+    kw = {"runtime.engine_chunk": 1, "output.checkpoint_every": 1}
+    ref = run_experiment(experiment(tiny, tmp_path / "ref", **kw), progress=False)
+    cfg = experiment(tiny, tmp_path / "ray", **kw, **{"runtime.name": "ray", "runtime.workers": 2})
+    monkeypatch.setattr(ray_engine, "EngineWorker", DiesInRound)
+    with pytest.raises(ClientFailure) as failure:
+        run_experiment(cfg, progress=False)
+    text = str(failure.value)
+    assert len(text.splitlines()) == 1 and failure.value.client_traceback is None
+    assert text.startswith(f"round {DIE_IN_ROUND}: engine worker ") and " died while training " in text
+    assert "nodes 10" in text
+    assert [r["round"] for r in rows(tmp_path / "ray")] == ["1"]
+
+    rc = main(["run", "--no-progress", "--out", str(tmp_path / "cli"), "--set", "runtime.name=ray",
+               "--set", "runtime.workers=2", "--set", "model.hidden=[8]", "--set", "federation.num_clients=4",
+               "--set", "federation.clients_per_round=2", "--set", f"federation.rounds={DIE_IN_ROUND}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith(f"error: round {DIE_IN_ROUND}: engine worker"), err
+
+    monkeypatch.setattr(ray_engine, "EngineWorker", EngineWorker)
+    resumed = run_experiment(cfg, progress=False, resume=True)
+    assert rows(resumed) == rows(ref)
+    assert (resumed / "clients.csv").read_bytes() == (ref / "clients.csv").read_bytes()
+    assert weights(resumed) == weights(ref)
+
+
+@pytest.mark.slow
+def test_dead_worker_skipped(ray_instance, tiny, tmp_path, monkeypatch):
+    """Under on_client_error = "skip" the dead worker's clients are skipped for that round and
+    a fresh worker serves the rounds after it."""
+    monkeypatch.setattr(ray_engine, "EngineWorker", OneDiesInRound)
+    cfg = experiment(tiny, tmp_path / "skip", **{"runtime.name": "ray", "runtime.workers": 2,
+                                                 "runtime.on_client_error": "skip"})
+    out = run_experiment(cfg, progress=False)
+    trained = [int(r["clients_trained"]) for r in rows(out)]
+    assert trained[0] == trained[2] == 6 and 0 < trained[1] < 6
+    assert json.loads((out / "summary.json").read_text())["client_failures_skipped"] == 6 - trained[1]
