@@ -117,8 +117,8 @@ def main() -> None:
         print(f"(b) fedsim inprocess   {b:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in b_times)})")
         print(f"b/a = {b / a:.3f}   (target <= 1.10)")
         if not args.skip_ray:
-            c = timed_run(cfg, "ray", Path(tmp))
-            print(f"(c) fedsim ray         {c:8.2f} s")
+            c = timed_run(cfg, "flower", Path(tmp))
+            print(f"(c) fedsim flower      {c:8.2f} s")
             print(f"c/b = {c / b:.2f}")
 
 

@@ -249,7 +249,9 @@ def run_experiment(cfg: Config, *, progress: bool = True, resume: bool = False, 
         cfg = prepare(cfg)
         if checkpoint is not None:
             check_resumable(cfg, checkpoint, out_dir)
-        with torch_threads(run_threads(cfg)):
+        with torch_threads(run_threads(cfg)) as threads:
+            log.info("torch: %d intra-op thread(s) in this process (runtime.torch_threads = %d%s)", threads,
+                     cfg.runtime.torch_threads, ", auto" if not cfg.runtime.torch_threads else "")
             if cfg.runtime.name == "inprocess":
                 run_inprocess(cfg, progress=progress, resume=checkpoint)
             elif cfg.runtime.name == "ray":
