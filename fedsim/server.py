@@ -35,13 +35,14 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedsim.clients.app import engine_used
 from fedsim.clients.trainer import evaluate
 from fedsim import records as R
-from fedsim.algorithms import (algorithm_names, get_algorithm, load_strategy_state, resolve_device,
+from fedsim.algorithms import (get_algorithm, load_strategy_state, resolve_device,
                                stateful_strategy, strategy_state)
+from fedsim.central_dp import build_central_dp
 from fedsim.checkpoint import Checkpoint, NodeMemo, checkpoint_path, model_meta, save_checkpoint, save_model
 from fedsim.config import Config, dumps_toml
 from fedsim.datasets import load_dataset
@@ -414,18 +415,12 @@ def fedavg_kwargs(cfg: Config) -> dict:
 
 
 def build_strategy(cfg: Config) -> Strategy:
-    """The configured algorithm's strategy from the registry, wrapped in Flower's server-side
-    DP when a user-level noise multiplier is set."""
+    """The configured algorithm's strategy from the registry, wrapped in fedsim's user-level
+    DP layer (`fedsim.central_dp`) when a user-level noise multiplier is set."""
     algorithm = get_algorithm(cfg.strategy.name)
     strategy = algorithm.build(cfg.strategy.params, cfg, fedavg_kwargs(cfg))
     if cfg.privacy.user_noise_multiplier > 0:
-        if not algorithm.central_dp:
-            allowed = [n for n in algorithm_names() if get_algorithm(n).central_dp]
-            raise ConfigError(f"privacy.user_noise_multiplier: central DP works with {', '.join(allowed)} "
-                              f"(got strategy {cfg.strategy.name!r})")
-        strategy = DifferentialPrivacyServerSideFixedClipping(
-            strategy, noise_multiplier=cfg.privacy.user_noise_multiplier,
-            clipping_norm=cfg.privacy.user_clip, num_sampled_clients=cfg.federation.clients_per_round)
+        strategy = build_central_dp(strategy, cfg, algorithm)
     return strategy
 
 
