@@ -238,6 +238,22 @@ def test_the_layer_is_bit_identical_for_the_same_updates_and_seed(flower):
     assert run(7)[0] != run(8)[0]
 
 
+def test_the_release_does_not_depend_on_the_order_replies_arrive_in(flower):
+    """Ray and a deployment deliver replies as they come: the layer sums them in partition order."""
+    models = [{"w": np.random.default_rng(i).normal(size=3).astype(np.float32) * 1e3, "b": [0.1 * i]}
+              for i in range(4)]
+
+    def run(order):
+        strategy = CentralDP(_fedavg(), noise_multiplier=1.0, clip=1e3, expected_cohort=4, seed=1)
+        replies = _replies(flower, models)
+        for reply, i in zip(replies, range(4)):
+            reply.content[R.METRICS][R.PARTITION_ID] = i
+        out, _ = _round(strategy, flower, [replies[i] for i in order])
+        return {k: v.tobytes() for k, v in out.items()}
+
+    assert run([0, 1, 2, 3]) == run([3, 1, 0, 2]) == run([2, 3, 1, 0])
+
+
 def test_the_release_has_the_configured_noise_std(flower):
     """Over many rounds at a clip no update reaches, the released mean minus the true mean has
     std z_Delta C / (qN), z_Delta the adaptive update multiplier (measured)."""
