@@ -51,6 +51,7 @@ def test_fedld_is_refused_from_the_cli_in_one_line(cli, tmp_path):
     assert code == 2 and "central DP does not apply to strategy 'fedld'" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # two whole runs, one of them starting Ray (about 35 s on 2 cores)
 def test_ray_and_inprocess_release_the_same(tiny, tmp_path):
     """The same run under both runtimes. The layer sums the replies in partition order and
     draws its noise from (seed, round), so Ray's arrival order changes nothing in it (the bits

@@ -335,3 +335,30 @@ def test_fedld_and_bags_are_refused_with_their_reason(tiny, name, why):
 def test_inconsistent_user_dp_settings_are_refused(tiny, overrides, match):
     with pytest.raises(ConfigError, match=match):
         tiny(**{"privacy.user_noise_multiplier": 1.0, **overrides})
+
+
+def test_fedsvd_privatizes_the_b_it_trained_from_the_refactorized_b_it_sent(flower):
+    """FedSVD refactorizes B A before sending (round 2 on): the update is the reply's B minus
+    the B the round SENT, A is not uploaded and stays as sent, and B A moves by the clipped
+    mean update only."""
+    from fedsim.strategies.fedsvd import FedSVD
+
+    rng = np.random.default_rng(0)
+    start = {"l.lora_A.w": rng.normal(size=(2, 4)).astype(np.float32),
+             "l.lora_B.w": rng.normal(size=(3, 2)).astype(np.float32)}
+    inner = FedSVD(fraction_train=1.0, min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0,
+                   min_evaluate_nodes=0, weighted_by_key=R.UNIT_WEIGHT)
+    strategy = CentralDP(inner, noise_multiplier=0.0, clip=1.0, expected_cohort=2, seed=0)
+    sent = list(strategy.configure_train(2, R.numpy_to_record(start), ConfigRecord(), flower.grid(2)))
+    sent_arrays = R.record_to_numpy(sent[0].content[R.ARRAYS])
+    assert not np.allclose(sent_arrays["l.lora_B.w"], start["l.lora_B.w"])  # refactorized
+    deltas = [np.full((3, 2), 1.0, np.float32), np.full((3, 2), 0.1, np.float32)]  # norms 2.45 and 0.245
+    replies = [flower.reply(RecordDict({
+        R.ARRAYS: R.numpy_to_record({"l.lora_B.w": sent_arrays["l.lora_B.w"] + d}),
+        R.METRICS: MetricRecord({R.UNIT_WEIGHT: 1.0, R.NUM_EXAMPLES: 5})}), node_id=1000 + i)
+        for i, d in enumerate(deltas)]
+    out, _ = strategy.aggregate_train(2, replies)
+    out = R.record_to_numpy(out)
+    mean = (deltas[0] / np.sqrt(6.0) + deltas[1]) / 2
+    np.testing.assert_allclose(out["l.lora_B.w"], sent_arrays["l.lora_B.w"] + mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["l.lora_A.w"], sent_arrays["l.lora_A.w"])
