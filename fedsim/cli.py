@@ -316,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  fedsim run configs/quickstart.toml\n"
                               "  fedsim run configs/quickstart.toml --noise-multiplier 1.0 --rounds 20 "
                               "--strategy fedprox --set strategy.fedprox.mu=0.1\n"
+                              "  fedsim run configs/quickstart.toml --set privacy.user_noise_multiplier=1 "
+                              "--set privacy.user_clip_quantile=0.5 --set privacy.user_clip_count_noise=1\n"
+                              "  fedsim run configs/quickstart.toml --set privacy.user_noise_multiplier=1 "
+                              "--set privacy.user_mechanism=tree --set privacy.user_tree_restart=10\n"
+                              "  fedsim run configs/quickstart.toml --set privacy.user_noise_multiplier=1 "
+                              "--set privacy.noise_cohort_size=1000\n"
                               "  fedsim run --resume runs/quickstart-20261123-101500\n"
                               "  fedsim run configs/quickstart.toml --out runs/qs --overwrite")
     _add_config_flags(p)
