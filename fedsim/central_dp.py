@@ -51,14 +51,25 @@ CLIPPING = ("server", "client")
 _STATE_CLIP = "central-dp/clip"
 
 
-def user_epsilon(*, noise_multiplier: float, num_clients: int, cohort_size: int, rounds: int, delta: float,
-                 sampling: str = "poisson", accountant: str = "rdp", mechanism: str = "gaussian",
-                 restart_every: int = 0) -> float:
-    """The user-level epsilon of this layer's releases (the one place this module asks the
-    accountant, so that moving to `accounting.user_level_epsilon`'s keyword form changes this
-    call only). ``noise_multiplier`` is z, the total one (adaptive clipping's count noise
-    included); ``cohort_size`` and ``num_clients`` are the simulated ones under
-    ``noise_cohort_size``."""
+def user_epsilon(cfg: Any, rounds: int) -> float | None:
+    """The user-level epsilon of this layer's releases after `rounds` rounds (None without
+    central DP), stated for what the mechanism does: z the total noise multiplier (adaptive
+    clipping's count noise included), the simulated population and cohort under
+    ``noise_cohort_size``, the tree and its restarts under DP-FTRL."""
+    p, fed = cfg.privacy, cfg.federation
+    if p.user_noise_multiplier <= 0:
+        return None
+    population, cohort = accounted_cohort(fed.num_clients, fed.clients_per_round, p.noise_cohort_size)
+    return _accountant(noise_multiplier=p.user_noise_multiplier, num_clients=population, cohort_size=cohort,
+                       rounds=rounds, delta=p.delta, sampling=getattr(fed, "sampling", "poisson"),
+                       accountant=p.accountant, mechanism=p.user_mechanism, restart_every=p.user_tree_restart)
+
+
+def _accountant(*, noise_multiplier: float, num_clients: int, cohort_size: int, rounds: int, delta: float,
+                sampling: str, accountant: str, mechanism: str, restart_every: int) -> float:
+    """The one call of the user-level accountant (`accounting.user_level_epsilon`). Its
+    keyword form takes every argument here; the positional form before it knows Poisson
+    sampling of a Gaussian release only."""
     return accounting.user_level_epsilon(noise_multiplier, cohort_size / num_clients, rounds, delta, accountant)
 
 

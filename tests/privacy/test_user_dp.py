@@ -362,3 +362,18 @@ def test_fedsvd_privatizes_the_b_it_trained_from_the_refactorized_b_it_sent(flow
     mean = (deltas[0] / np.sqrt(6.0) + deltas[1]) / 2
     np.testing.assert_allclose(out["l.lora_B.w"], sent_arrays["l.lora_B.w"] + mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out["l.lora_A.w"], sent_arrays["l.lora_A.w"])
+
+
+def test_the_epsilon_is_stated_for_z_and_the_simulated_cohort(tiny):
+    """Adaptive clipping: the accountant gets z (not z_Delta). Cohort noise: the deployment of
+    M clients a round at the same rate K/N, from a population of N M / K."""
+    from fedsim.central_dp import accounted_cohort, user_epsilon
+
+    assert accounted_cohort(20, 10, 0) == (20, 10) and accounted_cohort(20, 10, 1000) == (2000, 1000)
+    cfg = tiny(**{"privacy.user_noise_multiplier": 1.2, "privacy.user_clip_quantile": 0.5,
+                  "privacy.user_clip_count_noise": 2.0, "federation.num_clients": 6,
+                  "federation.clients_per_round": 3})
+    reference = RdpAccountant()
+    reference.compose(dpa.PoissonSampledDpEvent(0.5, dpa.GaussianDpEvent(1.2)), 7)
+    assert user_epsilon(cfg, 7) == pytest.approx(reference.get_epsilon(1e-5), rel=0.01)
+    assert user_epsilon(tiny(), 7) is None
