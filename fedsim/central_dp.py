@@ -26,8 +26,8 @@ clip (`state_dict`).
 
 from __future__ import annotations
 
-import functools
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -195,18 +195,20 @@ class CentralDP(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = _in_partition_order(R.successful_replies(list(replies)))
+        replies = R.successful_replies(list(replies))
         user_dp.check_cohort(len(replies), self.min_cohort, server_round)
-        stack, layout, dtypes = self._stack(replies)
-        released = self.release(stack, server_round)
-        content = self._synthetic_content(replies, user_dp.unflatten_update(released, layout), dtypes)
+        # each reply's records as a plain dict, read once (Flower's content view is rebuilt per access)
+        contents = _in_partition_order([R.plain(r.content) for r in replies])
+        stack, layout = self._stack(contents)
+        released = self.release(torch.from_numpy(stack), server_round)
+        content = self._synthetic_content(user_dp.unflatten_update(released, layout), contents[0])
         synthetic = Message.__new__(Message)
         synthetic.__dict__.update(_metadata=replies[0].metadata, _content=content, _error=None)
         arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
         weighted_by_key = self.strategy.weighted_by_key  # type: ignore[attr-defined]
         metrics_fn = getattr(self.strategy, "train_metrics_aggr_fn", None) or R.aggregate_metrics
-        return arrays, metrics_fn([R.trusted(RecordDict, {R.METRICS: R.record_of(r.content, R.METRICS, MetricRecord)})
-                                   for r in replies], weighted_by_key)
+        return arrays, metrics_fn([R.trusted(RecordDict, {R.METRICS: c[R.METRICS]}) for c in contents],
+                                  weighted_by_key)
 
     def release(self, stack: torch.Tensor, server_round: int) -> torch.Tensor:
         """The round's released mean update, a (P,) row, from the (K, P) stack of updates;
@@ -234,48 +236,60 @@ class CentralDP(Strategy):
             self.clip = user_dp.next_clip(self.clip, fraction, target_quantile=self.target_quantile, lr=self.clip_lr)
         return released
 
-    def _stack(self, replies: list[Message]) -> tuple[torch.Tensor, list, dict[str, np.dtype]]:
-        """Every reply's update as one (K, P) matrix: per array a stack of the K replies' views
-        minus the array sent (one subtraction per array, none per client), then one
-        concatenation. Uplink-only arrays (SCAFFOLD's delta c_i) are updates already."""
-        records = {R.ARRAYS: [R.plain(R.record_of(r.content, R.ARRAYS, ArrayRecord)) for r in replies]}
-        if R.ALGORITHM_ARRAYS in R.plain(replies[0].content):
-            records[R.ALGORITHM_ARRAYS] = [R.plain(R.record_of(r.content, R.ALGORITHM_ARRAYS, ArrayRecord))
-                                           for r in replies]
-        stacks: dict[str, torch.Tensor] = {}
-        dtypes: dict[str, np.dtype] = {}
+    def _stack(self, contents: list[dict]) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:
+        """Every reply's update as one (K, P) matrix, and its layout ("record/key", shape).
+
+        Per array: one stack of the K replies' read-only views, then one subtraction of the
+        array sent, written straight into the array's columns of the matrix (no per-client
+        arithmetic, no concatenation afterwards). Uplink-only arrays (SCAFFOLD's delta c_i)
+        are updates already. Every array must be floating point: any other would pass
+        unprivatized."""
+        records = {R.ARRAYS: [R.plain(c[R.ARRAYS]) for c in contents]}
+        if R.ALGORITHM_ARRAYS in contents[0]:
+            records[R.ALGORITHM_ARRAYS] = [R.plain(c[R.ALGORITHM_ARRAYS]) for c in contents]
+        columns = []
         for record_name, per_reply in records.items():
             keys = list(per_reply[0])
             if any(list(p) != keys for p in per_reply):
                 raise ValueError(f"round replies carry different {record_name} arrays; central DP needs the same")
             for key in keys:
-                stacked = np.stack([R.from_array(p[key]) for p in per_reply])
-                if not np.issubdtype(stacked.dtype, np.floating):
-                    raise ValueError(f"central DP: array {key!r} is {stacked.dtype}, not a float; its value "
+                first = R.from_array(per_reply[0][key])
+                if not np.issubdtype(first.dtype, np.floating):
+                    raise ValueError(f"central DP: array {key!r} is {first.dtype}, not floating point; its value "
                                      f"would pass unprivatized")
-                if record_name == R.ARRAYS:
-                    if key not in self.sent:
-                        raise ValueError(f"central DP: replies carry {key!r}, which the round did not send")
-                    stacked = stacked - self.sent[key]
-                dtypes[f"{record_name}/{key}"] = stacked.dtype
-                stacks[f"{record_name}/{key}"] = torch.from_numpy(stacked)
-        common = functools.reduce(torch.promote_types, [s.dtype for s in stacks.values()])
-        stack, layout = user_dp.flatten_updates({k: v.to(common) for k, v in stacks.items()})
-        return stack, layout, dtypes
+                if record_name == R.ARRAYS and key not in self.sent:
+                    raise ValueError(f"central DP: replies carry {key!r}, which the round did not send")
+                columns.append((record_name, key, first.shape, first.dtype))
+        dtype = np.result_type(*[c[3] for c in columns])
+        stack = np.empty((len(contents), sum(math.prod(c[2]) for c in columns)), dtype)
+        start = 0
+        layout = []
+        for record_name, key, shape, _ in columns:
+            size = math.prod(shape)
+            rows = np.stack([R.from_array(p[key]) for p in records[record_name]]).reshape(len(contents), size)
+            block = stack[:, start:start + size]
+            if record_name == R.ARRAYS:
+                np.subtract(rows, self.sent[key].reshape(size), out=block)
+            else:
+                block[...] = rows
+            layout.append((f"{record_name}/{key}", tuple(shape)))
+            start += size
+        return stack, layout
 
-    def _synthetic_content(self, replies: list[Message], released: dict[str, torch.Tensor],
-                           dtypes: dict[str, np.dtype]) -> RecordDict:
+    def _synthetic_content(self, released: dict[str, torch.Tensor], first: dict) -> RecordDict:
         """The one reply the wrapped strategy aggregates: the sent arrays plus the released
         mean (model arrays, which strategies average), and the released sum estimate
-        (algorithm arrays, which SCAFFOLD sums over replies), weight 1."""
+        (algorithm arrays, which SCAFFOLD sums over replies), weight 1; each array in the
+        dtype the replies had (`first`: one reply's records)."""
         model, extra = {}, {}
         for name, value in released.items():
             record_name, key = name.split("/", 1)
             values = value.numpy()
+            dtype = R.from_array(R.plain(first[record_name])[key]).dtype
             if record_name == R.ARRAYS:
-                model[key] = (self.sent[key] + values).astype(dtypes[name], copy=False)
+                model[key] = (self.sent[key] + values).astype(dtype, copy=False)
             else:
-                extra[key] = (values * self.expected_cohort).astype(dtypes[name], copy=False)
+                extra[key] = (values * self.expected_cohort).astype(dtype, copy=False)
         weighted_by_key = self.strategy.weighted_by_key  # type: ignore[attr-defined]
         content = {R.ARRAYS: R.numpy_to_record(model), R.METRICS: MetricRecord({weighted_by_key: 1.0})}
         if extra:
@@ -290,15 +304,15 @@ class CentralDP(Strategy):
         return self.strategy.aggregate_evaluate(server_round, replies)
 
 
-def _in_partition_order(replies: list[Message]) -> list[Message]:
-    """Replies sorted by the partition they trained on: Ray and a deployment deliver them in
-    arrival order, and a sum in another order differs in its last bits; sorted, the release
-    is bit-identical whichever runtime delivered the same updates."""
-    def partition(reply: Message) -> int:
-        metrics = R.record_of(reply.content, R.METRICS, MetricRecord)
+def _in_partition_order(contents: list[dict]) -> list[dict]:
+    """Replies (their records, `R.plain`) sorted by the partition they trained on: Ray and a
+    deployment deliver them in arrival order, and a sum in another order differs in its last
+    bits; sorted, the release is bit-identical whichever runtime delivered the same updates."""
+    def partition(content: dict) -> int:
+        metrics = content.get(R.METRICS)
         return int(R.plain(metrics).get(R.PARTITION_ID, -1)) if metrics is not None else -1
 
-    return sorted(replies, key=partition)
+    return sorted(contents, key=partition)
 
 
 def build_central_dp(strategy: Strategy, cfg: Any, algorithm: Any) -> CentralDP:
