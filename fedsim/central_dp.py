@@ -233,7 +233,10 @@ class CentralDP(Strategy):
             fraction = user_dp.noised_unclipped_fraction(
                 norms, self.clip, count_noise=self.count_noise if self.noise_multiplier > 0 else 0.0,
                 expected_cohort=self.expected_cohort, generator=gen)
-            self.clip = user_dp.next_clip(self.clip, fraction, target_quantile=self.target_quantile, lr=self.clip_lr)
+            clip = user_dp.next_clip(self.clip, fraction, target_quantile=self.target_quantile, lr=self.clip_lr)
+            log.info("round %d: central DP clip %.6g -> %.6g (noised unclipped fraction %.4f, target %g)",
+                     server_round, self.clip, clip, fraction, self.target_quantile)
+            self.clip = clip
         return released
 
     def _stack(self, contents: list[dict]) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:

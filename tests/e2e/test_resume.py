@@ -86,6 +86,8 @@ def start_held(tmp_path: Path, cfg, hold: int) -> tuple[subprocess.Popen, Path]:
 KILL_CASES = [
     pytest.param("fedavg", "auto", {}, id="fedavg-auto"),
     pytest.param("fedavg", "opacus", {}, id="fedavg-opacus", marks=pytest.mark.slow),
+    pytest.param("fedavg", "auto", {"privacy.user_noise_multiplier": 1.0, "privacy.user_clip_quantile": 0.5,
+                                    "privacy.user_clip_count_noise": 1.0}, id="central-dp-adaptive-clip"),
     *[pytest.param(name, engine, extra, id=f"{name}-{engine}", marks=pytest.mark.slow)
       for name, extra in [("fedadam", {"strategy.fedadam.server_lr": 0.05}), ("scaffold", {}),
                           ("fedsvd", {"strategy.fedsvd.method": "randomized"})]  # torch draws on the server

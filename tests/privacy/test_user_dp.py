@@ -299,9 +299,8 @@ def test_fedadam_steps_on_the_released_mean(flower):
     out, _ = _round(strategy, flower, _replies(flower), server_round=2)
     list(strategy.configure_train(2, R.numpy_to_record(G0), ConfigRecord(), flower.grid(4)))
     stack, layout = strategy._stack([R.plain(r.content) for r in _replies(flower)])
-    released = user_dp.unflatten_update(
-        CentralDP(adam(), noise_multiplier=0.7, clip=1.0, expected_cohort=4, seed=3).release(torch.from_numpy(stack), 2),
-        layout)
+    twin = CentralDP(adam(), noise_multiplier=0.7, clip=1.0, expected_cohort=4, seed=3)
+    released = user_dp.unflatten_update(twin.release(torch.from_numpy(stack), 2), layout)
     direct, _ = _round(adam(), flower, _replies(flower, [{k: G0[k] + released[f"arrays/{k}"].numpy() for k in G0}]),
                        server_round=2)
     for k in G0:
