@@ -37,6 +37,7 @@ from fedsim.lora import select_keys, set_trainable
 from fedsim.models import as_tensors, build_model
 from fedsim.node_data import node_data, node_dataset, node_partition_id
 from fedsim.privacy.accounting import History, epsilon
+from fedsim.privacy.client_clipping import clip_own_update
 
 
 def query(msg: Message, context: Context, config_text: str | None = None) -> Message:
@@ -225,6 +226,7 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
             content[R.ALGORITHM_ARRAYS] = R.numpy_to_record(extra_arrays)
         if node_state:
             R.plain(context.state)[R.ALGORITHM_STATE] = R.numpy_to_record(node_state)
+    clip_own_update(content, job.msg.content)  # privacy.user_clipping = "client"; else nothing
     return R.reply_to(job.msg, content)
 
 

@@ -121,11 +121,11 @@ class CentralDP(Strategy):
     restart_every : int
         Tree only: restart the tree every n rounds (0 = one tree for the run).
     clipped_by_clients : bool
-        ``privacy.user_clipping = "client"``: in a deployment each client clips its own update
-        and the server never sees an unclipped one. The math is the same, so in simulation the
-        layer applies it to the stack for both settings (the clip of an already clipped update
-        is a no-op, and a client that did not clip still cannot exceed the sensitivity); the
-        setting records the trust model the run stands for (docs/privacy.md).
+        ``privacy.user_clipping = "client"``: the round's clip goes to the clients in the train
+        config (``user-clip``), each clips its own update before replying
+        (`fedsim.privacy.client_clipping`) and, under adaptive clipping, reports b_i
+        (``user-unclipped``). The server clips again all the same: a no-op on a clipped update,
+        and a client that did not clip still cannot exceed the sensitivity.
     """
 
     def __init__(self, strategy: Strategy, *, noise_multiplier: float, clip: float, expected_cohort: float,
@@ -188,6 +188,8 @@ class CentralDP(Strategy):
     # ------------------------------------------------------------------ rounds
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        if self.clipped_by_clients:  # the clip each client applies to its own update (this round's, if adaptive)
+            config = ConfigRecord({**R.plain(config), R.USER_CLIP: self.clip})
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         # the arrays the strategy actually sent (FedSVD refactorizes B A before sending)
         self.sent = R.record_to_numpy(R.record_of(messages[0].content, R.ARRAYS, ArrayRecord)) if messages else {}
@@ -200,7 +202,7 @@ class CentralDP(Strategy):
         # each reply's records as a plain dict, read once (Flower's content view is rebuilt per access)
         contents = _in_partition_order([R.plain(r.content) for r in replies])
         stack, layout = self._stack(contents)
-        released = self.release(torch.from_numpy(stack), server_round)
+        released = self.release(torch.from_numpy(stack), server_round, self._reported_unclipped(contents))
         content = self._synthetic_content(user_dp.unflatten_update(released, layout), contents[0])
         synthetic = Message.__new__(Message)
         synthetic.__dict__.update(_metadata=replies[0].metadata, _content=content, _error=None)
@@ -210,9 +212,21 @@ class CentralDP(Strategy):
         return arrays, metrics_fn([R.trusted(RecordDict, {R.METRICS: c[R.METRICS]}) for c in contents],
                                   weighted_by_key)
 
-    def release(self, stack: torch.Tensor, server_round: int) -> torch.Tensor:
+    def _reported_unclipped(self, contents: list[dict]) -> torch.Tensor | None:
+        """Under adaptive clipping by the clients, each client's b_i as it reported it: the
+        server sees only clipped updates, whose norms say nothing about b_i."""
+        if not (self.clipped_by_clients and self.adaptive):
+            return None
+        reported = [R.plain(c[R.METRICS]).get(R.USER_UNCLIPPED) for c in contents]
+        if any(b is None for b in reported):
+            raise ValueError(f"central DP: privacy.user_clipping = 'client' with adaptive clipping needs every "
+                             f"reply's {R.USER_UNCLIPPED!r} metric; {reported.count(None)} replies lack it")
+        return torch.tensor(reported) > 0.5
+
+    def release(self, stack: torch.Tensor, server_round: int, unclipped: torch.Tensor | None = None) -> torch.Tensor:
         """The round's released mean update, a (P,) row, from the (K, P) stack of updates;
-        moves the adaptive clip. Everything random is drawn from (seed, round)."""
+        moves the adaptive clip, counting ``unclipped`` (the clients' own b_i, when they clip)
+        or else the stack's norms. Everything random is drawn from (seed, round)."""
         clipped_sum, norms = user_dp.clip_and_sum(stack, self.clip)
         std = self.update_noise * self.clip * self.noise_scale  # on the sum
         if self.mechanism == "tree":
@@ -231,7 +245,8 @@ class CentralDP(Strategy):
         if self.adaptive:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "user-dp-count"))
             fraction = user_dp.noised_unclipped_fraction(
-                norms, self.clip, count_noise=self.count_noise if self.noise_multiplier > 0 else 0.0,
+                norms <= self.clip if unclipped is None else unclipped,
+                count_noise=self.count_noise if self.noise_multiplier > 0 else 0.0,
                 expected_cohort=self.expected_cohort, generator=gen)
             clip = user_dp.next_clip(self.clip, fraction, target_quantile=self.target_quantile, lr=self.clip_lr)
             log.info("round %d: central DP clip %.6g -> %.6g (noised unclipped fraction %.4f, target %g)",

@@ -157,15 +157,17 @@ def update_noise_multiplier(noise_multiplier: float, count_noise: float) -> floa
     return (noise_multiplier ** -2 - (2 * count_noise) ** -2) ** -0.5
 
 
-def noised_unclipped_fraction(norms: torch.Tensor, clip: float, *, count_noise: float, expected_cohort: float,
+def noised_unclipped_fraction(unclipped: torch.Tensor, *, count_noise: float, expected_cohort: float,
                               generator: torch.Generator | None = None) -> float:
-    """b~: the noised fraction of updates with norm <= C.
+    """b~: the noised fraction of updates within the clip, from each client's indicator
+    b_i = 1[||Delta_i|| <= C] (``norms <= clip`` on the server; reported by each client when
+    clients clip their own updates).
 
-    Andrew et al. 2021 (arXiv 1905.03871, Alg. 1): b_i = 1[||Delta_i|| <= C]; the centered
-    sum sum_i (b_i - 1/2) has sensitivity 1/2; its Gaussian release (std sigma_b) over the
-    expected cohort, plus 1/2, estimates the fraction.
+    Andrew et al. 2021 (arXiv 1905.03871, Alg. 1): the centered sum sum_i (b_i - 1/2) has
+    sensitivity 1/2; its Gaussian release (std sigma_b) over the expected cohort, plus 1/2,
+    estimates the fraction.
     """
-    centered = float((norms <= clip).to(torch.float64).sum()) - 0.5 * norms.numel()
+    centered = float(unclipped.to(torch.float64).sum()) - 0.5 * unclipped.numel()
     if count_noise > 0:
         centered += count_noise * float(torch.randn((), generator=generator, dtype=torch.float64))
     return centered / expected_cohort + 0.5

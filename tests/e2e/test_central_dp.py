@@ -23,6 +23,8 @@ def rounds(out):
     ["--set", "privacy.user_clip_quantile=0.5", "--set", "privacy.user_clip_count_noise=1"],
     ["--set", "privacy.user_mechanism=tree", "--set", "privacy.user_tree_restart=2"],
     ["--set", "privacy.noise_cohort_size=1000", "--set", "privacy.min_cohort=3"],
+    ["--set", "privacy.user_clipping=client", "--set", "privacy.user_clip_quantile=0.5",
+     "--set", "privacy.user_clip_count_noise=1", "--set", "strategy.name=scaffold"],
 ])
 def test_each_mechanism_runs_from_the_cli_and_writes_finite_results(cli, tmp_path, mechanism):
     out = tmp_path / "run"

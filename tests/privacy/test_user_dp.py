@@ -100,8 +100,10 @@ def test_update_and_count_release_together_cost_what_z_costs_in_dp_accounting():
 
 def test_noised_unclipped_fraction_without_noise_is_the_fraction():
     norms = torch.tensor([0.5, 1.0, 1.5, 3.0])
-    assert user_dp.noised_unclipped_fraction(norms, 1.0, count_noise=0, expected_cohort=4) == 0.5
-    assert user_dp.noised_unclipped_fraction(norms, 1.0, count_noise=0, expected_cohort=8) == 0.5 + (2 - 2) / 8
+    assert user_dp.noised_unclipped_fraction(norms <= 1.0, count_noise=0, expected_cohort=4) == 0.5
+    assert user_dp.noised_unclipped_fraction(norms <= 1.0, count_noise=0, expected_cohort=8) == 0.5 + (2 - 2) / 8
+    # the fixed denominator again: 3 of an expected 8 within the clip, 1 not: (3 - 2) / 8 + 1/2
+    assert user_dp.noised_unclipped_fraction(norms <= 1.6, count_noise=0, expected_cohort=8) == 0.625
     assert user_dp.next_clip(2.0, 0.5, target_quantile=0.5, lr=0.2) == 2.0
     assert user_dp.next_clip(2.0, 1.0, target_quantile=0.5, lr=0.2) == pytest.approx(2.0 * math.exp(-0.1))
 
@@ -114,7 +116,7 @@ def test_adaptive_clip_converges_to_the_target_quantile(quantile):
     clip, cohort, history = 0.05, 100, []
     for _ in range(400):
         norms = 2 * torch.rand(cohort, generator=gen, dtype=torch.float64)
-        fraction = user_dp.noised_unclipped_fraction(norms, clip, count_noise=cohort / 20, expected_cohort=cohort,
+        fraction = user_dp.noised_unclipped_fraction(norms <= clip, count_noise=cohort / 20, expected_cohort=cohort,
                                                      generator=gen)
         clip = user_dp.next_clip(clip, fraction, target_quantile=quantile, lr=0.2)
         history.append(clip)
@@ -377,3 +379,50 @@ def test_the_epsilon_is_stated_for_z_and_the_simulated_cohort(tiny):
     reference.compose(dpa.PoissonSampledDpEvent(0.5, dpa.GaussianDpEvent(1.2)), 7)
     assert user_epsilon(cfg, 7) == pytest.approx(reference.get_epsilon(1e-5), rel=0.01)
     assert user_epsilon(tiny(), 7) is None
+
+
+# ----------------------------------------------------------------------------- client-side clipping
+
+def test_a_client_clips_its_own_update_jointly_over_everything_it_uploads(flower):
+    from fedsim.privacy.client_clipping import clip_own_update
+
+    sent = RecordDict({R.ARRAYS: R.numpy_to_record({"w": np.array([1.0, 1.0], np.float32)}),
+                       R.CONFIG: ConfigRecord({R.USER_CLIP: 2.5})})
+    reply = RecordDict({R.ARRAYS: R.numpy_to_record({"w": np.array([4.0, 1.0], np.float32)}),  # update (3, 0)
+                        R.ALGORITHM_ARRAYS: R.numpy_to_record({"w": np.array([0.0, 4.0], np.float32)}),
+                        R.METRICS: MetricRecord({R.UNIT_WEIGHT: 1.0})})
+    clip_own_update(reply, sent)  # joint norm 5 > 2.5: factor 0.5
+    np.testing.assert_allclose(R.record_to_numpy(reply[R.ARRAYS])["w"], [2.5, 1.0])
+    np.testing.assert_allclose(R.record_to_numpy(reply[R.ALGORITHM_ARRAYS])["w"], [0.0, 2.0])
+    assert reply[R.METRICS][R.USER_UNCLIPPED] == 0.0
+    untouched = RecordDict({R.ARRAYS: R.numpy_to_record({"w": np.array([4.0, 1.0], np.float32)}),
+                            R.METRICS: MetricRecord({R.UNIT_WEIGHT: 1.0})})
+    clip_own_update(untouched, RecordDict({R.ARRAYS: sent[R.ARRAYS], R.CONFIG: ConfigRecord({})}))
+    assert R.record_to_numpy(untouched[R.ARRAYS])["w"].tolist() == [4.0, 1.0]
+    assert R.USER_UNCLIPPED not in untouched[R.METRICS]
+
+
+def test_client_side_clipping_releases_what_server_side_clipping_does(flower):
+    """The same updates, clipped by each client (which also report b_i) or by the server: the
+    same release and the same adaptive clip trajectory, up to float rounding."""
+    from fedsim.privacy.client_clipping import clip_own_update
+
+    def layer(by_clients):
+        return CentralDP(_fedavg(), noise_multiplier=1.0, clip=1.5, expected_cohort=4, seed=5,
+                         target_quantile=0.5, count_noise=1.0, clipped_by_clients=by_clients)
+
+    server, client = layer(False), layer(True)
+    arrays = G0
+    for rnd in (1, 2, 3):
+        out_s, _ = _round(server, flower, _replies(flower), rnd, arrays)
+        clip_before = client.clip
+        sent = list(client.configure_train(rnd, R.numpy_to_record(arrays), ConfigRecord(), flower.grid(4)))
+        assert sent[0].content[R.CONFIG][R.USER_CLIP] == clip_before  # the clients clip at this round's clip
+        replies = _replies(flower)
+        for reply in replies:
+            clip_own_update(reply.content, sent[0].content)
+        out_c, _ = client.aggregate_train(rnd, replies)
+        out_c = R.record_to_numpy(out_c)
+        for k in out_s:
+            np.testing.assert_allclose(out_c[k], out_s[k], rtol=1e-5, atol=1e-6)
+        assert client.clip == pytest.approx(server.clip, rel=1e-12)
