@@ -30,7 +30,9 @@ on the vectorized engine, interleaved, in this one process:
 ``loop_*_s`` is the median time spent in the rounds' train-and-aggregate step
 (`fedsim.server._train_round`: messages, training, the strategy's aggregation and, with
 central DP, the layer on the round's stack), without set-up and central evaluation, which
-central DP does not touch. ``--only central`` runs this line alone.
+central DP does not touch. ``ratio`` is the median of the ratios of runs timed side by side
+(central after plain, each pair within a second): a shared host's drift moves both runs of a
+pair alike, where it would move the two medians apart. ``--only central`` runs this line alone.
 
 ``--split`` adds a line per workload with each engine's own training time (the vectorized
 engine's `train_clients`, Opacus' `run_job` per client) and what the rest of each run took.
@@ -143,7 +145,8 @@ def central_dp_line(name: str, overrides: dict, repeats: int, tmp: Path) -> str:
             run_once(config, "vectorized", tmp / f"central-{name}-{label}-{r}")
             loops[label].append(LOOP_SECONDS[0])
     p, c = statistics.median(loops["plain"]), statistics.median(loops["central"])
-    return f"central_dp workload={name} loop_plain_s={p:.3f} loop_central_s={c:.3f} ratio={c / p:.2f}"
+    ratio = statistics.median(b / a for a, b in zip(loops["plain"], loops["central"]))
+    return f"central_dp workload={name} loop_plain_s={p:.3f} loop_central_s={c:.3f} ratio={ratio:.2f}"
 
 
 @register_model("bench-cifar-cnn")
