@@ -429,7 +429,8 @@ class SeededRounds(Strategy):
 
     The round's clients are `fedsim.schedule.sample_round`'s (the schedule target-epsilon
     calibration plans with); the strategy sees only them and takes all. Flower orders them
-    with Python's `random`, its DP wrappers draw noise from numpy's global generator, and
+    with Python's `random`, a strategy may draw from numpy's global generator (fedsim's
+    user-level DP layer draws from its own, seeded per round: `fedsim.central_dp`), and
     server-side torch draws (FedSVD's randomized SVD) use torch's. Seeding all three from
     (experiment seed, round) at the start of `configure_train` makes every round reproducible
     on its own, whatever ran before (a resumed run included), and tells the grid which round
