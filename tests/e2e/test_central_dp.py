@@ -74,3 +74,14 @@ def test_ray_and_inprocess_release_the_same(tiny, tmp_path):
     assert ma.keys() == mb.keys()
     for k in ma:
         np.testing.assert_allclose(ma[k], mb[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fedsvd", "ffa-lora", "fedavg-lora"])
+def test_central_dp_on_the_trained_lora_arrays(lora_cfg, strategy):
+    """The LoRA strategies upload only their trained adapters; the layer privatizes those and
+    leaves the frozen ones as sent (a run finishes with a finite metric every round)."""
+    out = run_experiment(lora_cfg(strategy, **{"privacy.user_noise_multiplier": 1.0, "privacy.user_clip": 0.5,
+                                               "privacy.user_clip_quantile": 0.5,
+                                               "privacy.user_clip_count_noise": 1.0}), progress=False)
+    assert all(math.isfinite(float(r["metric"])) for r in rounds(out))
+    assert "central DP: " in (out / "run.log").read_text()
