@@ -47,7 +47,6 @@ from fedsim.privacy import user_dp
 log = logging.getLogger("fedsim")
 
 MECHANISMS = ("gaussian", "tree")
-CLIPPING = ("server", "client")
 _STATE_CLIP = "central-dp/clip"
 
 
@@ -165,10 +164,12 @@ class CentralDP(Strategy):
     def summary(self) -> None:
         clipping = (f"adaptive to quantile {self.target_quantile:g} (eta {self.clip_lr:g}, count noise "
                     f"{self.count_noise:g}), from {self.clip:g}" if self.adaptive else f"fixed at {self.clip:g}")
-        log.info("central DP: %s mechanism, z %g (on the update %.6g), clip %s, fixed denominator %g, "
+        log.info("central DP: %s mechanism, z %g (on the update %.6g), clip %s by the %s, fixed denominator %g, "
                  "min cohort %d%s%s", self.mechanism, self.noise_multiplier, self.update_noise, clipping,
+                 "clients" if self.clipped_by_clients else "server",
                  self.expected_cohort, self.min_cohort,
-                 f", noise of a cohort of {self.noise_cohort_size}" if self.noise_cohort_size else "",
+                 f", noise of a cohort of {self.noise_cohort_size} (user-level epsilon: a SIMULATED deployment "
+                 f"sampling {self.noise_cohort_size} clients a round)" if self.noise_cohort_size else "",
                  f", tree restarts every {self.restart_every} rounds" if self.restart_every else "")
         self.strategy.summary()
 
