@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedsim.errors import FedsimError
 from fedsim.run import run_experiment
 
 
@@ -85,3 +86,24 @@ def test_central_dp_on_the_trained_lora_arrays(lora_cfg, strategy):
                                                "privacy.user_clip_count_noise": 1.0}), progress=False)
     assert all(math.isfinite(float(r["metric"])) for r in rounds(out))
     assert "central DP: " in (out / "run.log").read_text()
+
+
+def test_a_round_below_min_cohort_fails_the_run_naming_round_and_count(tiny, monkeypatch):
+    """Partition 0 always fails and is skipped: 5 of 6 expected replies. With min_cohort 5 the
+    run goes on (dividing by 6); with 6 it stops in round 1, saying so."""
+    import fedsim.clients.app as app
+
+    real = app.prepare_job
+
+    def flaky(msg, context, *args, **kwargs):
+        if context.node_config["partition-id"] == 0:
+            raise RuntimeError("boom")
+        return real(msg, context, *args, **kwargs)
+
+    monkeypatch.setattr(app, "prepare_job", flaky)
+    kw = {"runtime.on_client_error": "skip", "federation.clients_per_round": 6, "privacy.user_noise_multiplier": 1.0}
+    out = run_experiment(tiny(**kw, **{"privacy.min_cohort": 5}), progress=False)
+    assert [int(r["clients_trained"]) for r in rounds(out)] == [5, 5]
+    with pytest.raises(FedsimError, match=r"round 1: 5 client update\(s\) replied, fewer than privacy.min_cohort = 6"):
+        run_experiment(tiny(**kw, **{"privacy.min_cohort": 6, "output.dir": str(out.parent / "strict")}),
+                       progress=False)
