@@ -142,7 +142,7 @@ def update_noise_multiplier(noise_multiplier: float, count_noise: float) -> floa
     """z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2): the update's share of a total budget z.
 
     Andrew et al. 2021 ("Differentially Private Learning with Adaptive Clipping",
-    arXiv 1905.03871, Thm. 1): releasing the update sum (sensitivity C, noise z_Delta C) and
+    arXiv 1905.03871): releasing the update sum (sensitivity C, noise z_Delta C) and
     the centered unclipped count sum_i (b_i - 1/2) (sensitivity 1/2, noise sigma_b) together is
     one Gaussian mechanism with 1/z^2 = 1/z_Delta^2 + 1/(2 sigma_b)^2. So the accountant is told
     z, and the update gets z_Delta > z. It exists only for sigma_b > z/2; the paper suggests
@@ -163,7 +163,7 @@ def noised_unclipped_fraction(unclipped: torch.Tensor, *, count_noise: float, ex
     b_i = 1[||Delta_i|| <= C] (``norms <= clip`` on the server; reported by each client when
     clients clip their own updates).
 
-    Andrew et al. 2021 (arXiv 1905.03871, Alg. 1): the centered sum sum_i (b_i - 1/2) has
+    Andrew et al. 2021 (arXiv 1905.03871): the centered sum sum_i (b_i - 1/2) has
     sensitivity 1/2; its Gaussian release (std sigma_b) over the expected cohort, plus 1/2,
     estimates the fraction.
     """
@@ -175,7 +175,7 @@ def noised_unclipped_fraction(unclipped: torch.Tensor, *, count_noise: float, ex
 
 def next_clip(clip: float, unclipped_fraction: float, *, target_quantile: float, lr: float) -> float:
     """C <- C exp(-eta (b~ - gamma)): the geometric update of Andrew et al. 2021 (arXiv
-    1905.03871, Eq. 3). Too many updates under the clip (b~ > gamma) shrink it, too few grow
+    1905.03871). Too many updates under the clip (b~ > gamma) shrink it, too few grow
     it; its fixed point is the gamma-quantile of the update norms."""
     return clip * math.exp(-lr * (unclipped_fraction - target_quantile))
 
@@ -202,9 +202,9 @@ def tree_nodes(step: int) -> list[tuple[int, int]]:
     """The dyadic intervals (level, index) whose union is steps 1..t of a binary tree.
 
     Kairouz et al. 2021 ("Practical and Private (Deep) Learning without Sampling or
-    Shuffling", arXiv 2103.00039, Sec. 3; Dwork et al. 2010's binary mechanism): the node
-    (level l, index j) covers steps j 2^l + 1 .. (j + 1) 2^l and carries its own Gaussian
-    noise, so the prefix sum to t adds popcount(t) noise draws, and each step lies in at
+    Shuffling", arXiv 2103.00039; the binary mechanism of Dwork et al. 2010 and Chan et al.
+    2011): the node (level l, index j) covers steps j 2^l + 1 .. (j + 1) 2^l and carries its
+    own Gaussian noise, so the prefix sum to t adds popcount(t) noise draws, and each step lies in at
     most ceil(log2 T) + 1 nodes.
     """
     if step < 0:
@@ -241,8 +241,8 @@ def tree_round_noise(step: int, node_noise: Callable[[int, int], torch.Tensor]) 
 
 def tree_position(server_round: int, restart_every: int) -> tuple[int, int]:
     """(tree, step in that tree) of a round, 1-based rounds and steps: with restarts every
-    n rounds a new tree starts at rounds 1, n + 1, 2n + 1, ... (Kairouz et al. 2021,
-    Sec. 4, "restarts"); 0 = one tree for the whole run."""
+    n rounds a new tree starts at rounds 1, n + 1, 2n + 1, ... (Kairouz et al. 2021's
+    restarts); 0 = one tree for the whole run."""
     if restart_every <= 0:
         return 0, server_round
     return (server_round - 1) // restart_every, (server_round - 1) % restart_every + 1

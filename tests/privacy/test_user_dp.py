@@ -84,7 +84,7 @@ def test_update_noise_multiplier_closed_form_and_its_range():
 
 
 def test_update_and_count_release_together_cost_what_z_costs_in_dp_accounting():
-    """Andrew et al. 2021, Thm. 1, checked with dp-accounting: the update (sensitivity C, noise
+    """Andrew et al. 2021, checked with dp-accounting: the update (sensitivity C, noise
     z_Delta C) and the centered count (sensitivity 1/2, noise sigma_b, i.e. multiplier 2 sigma_b),
     Poisson-sampled together for 40 rounds, cost the epsilon of one Gaussian at z."""
     z, sb, q, rounds = 1.0, 0.9, 0.2, 40
