@@ -19,7 +19,7 @@ runs). ``speedup`` is ``inprocess_s / ray_s``; the target on a 2-core machine is
 With a GPU, each worker takes one (``runtime.worker_gpus = 1``) and a line per worker count
 up to the GPUs reports the scaling per GPU.
 
-    python benchmarks/scale_out.py [--quick] [--repeats 2] [--workers 2]
+    python benchmarks/scale_out.py [--quick] [--repeats 2] [--workers 2] [--clients 1000 --per-round 200 --rounds 8]
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from fedsim.run import run_experiment  # noqa: E402
 TARGET_SPEEDUP = 1.6  # 2 workers on 2 cores
 
 
-def workload(quick: bool) -> dict:
-    return {"data.dataset": "synthetic", "data.partitioner": "natural-id", "federation.num_clients": 1000,
-            "federation.clients_per_round": 200, "federation.rounds": 4 if quick else 8,
+def workload(rounds: int, clients: int = 1000, per_round: int = 200) -> dict:
+    return {"data.dataset": "synthetic", "data.partitioner": "natural-id", "federation.num_clients": clients,
+            "federation.clients_per_round": per_round, "federation.rounds": rounds,
             "model.name": "mlp", "model.hidden": [256, 256], "privacy.noise_multiplier": 1.0,
             "privacy.max_grad_norm": 1.0, "client.batch_size": 8, "client.local_epochs": 1, "client.lr": 0.1,
             "runtime.torch_threads": 1, "output.checkpoint_every": 0}
@@ -75,12 +75,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 rounds instead of 8 (under 5 minutes on 2 cores)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each runtime, interleaved")
     parser.add_argument("--workers", type=int, default=2, help="Ray engine workers")
+    parser.add_argument("--clients", type=int, default=1000, help="clients (a smaller workload, for tests)")
+    parser.add_argument("--per-round", type=int, default=200, help="clients a round")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds (default 4 with --quick, else 8)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     setup_logging(False)
     logging.getLogger("fedsim").setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    base = workload(args.quick)
+    base = workload(args.rounds or (4 if args.quick else 8), args.clients, args.per_round)
+    name = f"synthetic-{args.clients}x{args.per_round}-mlp256x256"
     gpus = torch.cuda.device_count()
     counts = list(range(1, gpus + 1)) if gpus > 1 else [args.workers]
     print(describe(), f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
@@ -94,7 +98,7 @@ def main() -> None:
                 ray.append(run_once(ray_cfg, Path(tmp) / f"ray-{i}"))
             a = statistics.median(x for x, _ in inproc)
             b = statistics.median(x for x, _ in ray)
-            print(f"scale_out workload=synthetic-1000x200-mlp256x256 workers={workers} inprocess_s={a:.2f} "
+            print(f"scale_out workload={name} workers={workers} inprocess_s={a:.2f} "
                   f"ray_s={b:.2f} speedup={a / b:.2f} inprocess_e2e_s={statistics.median(e for _, e in inproc):.2f} "
                   f"ray_e2e_s={statistics.median(e for _, e in ray):.2f}"
                   + (f" target>={TARGET_SPEEDUP}" if gpus <= 1 else ""), flush=True)

@@ -212,7 +212,9 @@ class RuntimeConfig:
     workers: int = param(0, "ray: engine workers (Ray actors) a round's clients are split across; 0 = one per "
                          "GPU, else one per 2 CPU cores of the Ray cluster", lo=0, hi=4096,
                          why="no Ray cluster needs more engine workers")
-    worker_gpus: float = param(0.0, "ray: GPUs per engine worker", lo=0.0, hi=64.0, why="no machine has more GPUs")
+    worker_gpus: float = param(0.0, "ray: GPUs per engine worker (a fraction shares one); 0 = one each where the "
+                               "Ray cluster has GPUs and runtime.device is not cpu", lo=0.0, hi=64.0,
+                               why="no machine has more GPUs")
     torch_threads: int = param(0, "torch intra-op threads per training process (the run's, each Ray engine "
                                "worker's); 0 = auto: 1 on a CPU, up to 4 with CUDA (docs/engines.md)",
                                lo=0, hi=4096, why="no machine has more cores")

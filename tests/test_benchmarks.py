@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+
+import pytest
 import sys
 from pathlib import Path
 
@@ -56,3 +58,14 @@ def test_engine_speed_prints_the_central_dp_line():
     assert line, lines[0]
     assert float(line[1]) > 0 and float(line[2]) > 0
     assert lines[1].startswith("machine: ") and len(lines) == 2
+
+
+@pytest.mark.slow
+def test_scale_out_prints_the_issue_line_and_the_machine():
+    out = run_script("benchmarks/scale_out.py", "--repeats", "1", "--clients", "20", "--per-round", "6",
+                     "--rounds", "2")
+    lines = out.splitlines()
+    assert lines[0].startswith("AMD") or "cores" in lines[0]
+    assert re.fullmatch(
+        rf"scale_out workload=synthetic-20x6-mlp256x256 workers=2 inprocess_s={NUMBER} ray_s={NUMBER} "
+        rf"speedup={NUMBER} inprocess_e2e_s={NUMBER} ray_e2e_s={NUMBER}( target>=1.6)?", lines[1]), lines[1]

@@ -95,6 +95,20 @@ def default_workers(cluster: dict[str, float]) -> int:
     return gpus if gpus > 0 else max(1, int(cluster.get("CPU", 1)) // 2)
 
 
+def workers_that_fit(nodes: list[dict], num_cpus: float, num_gpus: float) -> int:
+    """How many workers of this size the live Ray nodes can hold at once (a worker sits on one node)."""
+    total = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        have = node.get("Resources", {})
+        fits = [int(have.get("CPU", 0) / num_cpus + 1e-9)] if num_cpus > 0 else []
+        if num_gpus > 0:
+            fits.append(int(have.get("GPU", 0) / num_gpus + 1e-9))
+        total += min(fits) if fits else 0
+    return total
+
+
 def cpus_per_worker(cluster: dict[str, float], workers: int) -> float:
     """The cluster's CPUs shared out: Ray refuses fractions above 1, so whole CPUs from 1 up."""
     share = cluster.get("CPU", 1) / workers
@@ -114,22 +128,30 @@ class WorkerPool:
         self.threads = threads
         self.actors: list = [None] * size
         self.places: list[tuple[int, str, str]] = [(0, "?", "?")] * size
-        for i in range(size):
-            self.start(i)
+        self.start(*range(size))
 
-    def start(self, index: int) -> None:
+    def start(self, *indices: int) -> None:
+        """Start the workers at these positions, together (each imports torch and fedsim:
+        seconds), and wait until each can be reached."""
         import ray
 
-        actor = self._remote.options(**self._options).remote(self.threads)
+        actors = {i: self._remote.options(**self._options).remote(self.threads) for i in indices}
         try:
-            self.places[index] = ray.get(actor.where.remote(), timeout=READY_TIMEOUT_S)
+            places = ray.get([actor.where.remote() for actor in actors.values()], timeout=READY_TIMEOUT_S)
+        except ray.exceptions.RayActorError as exc:  # its constructor raised: fedsim or torch is missing there
+            for actor in actors.values():
+                ray.kill(actor)
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise ClientFailure(f"ray: an engine worker failed to start: {reason}") from None
         except ray.exceptions.GetTimeoutError:
-            ray.kill(actor)
-            raise FedsimError(f"runtime.workers: engine worker {index} could not be placed within "
+            for actor in actors.values():
+                ray.kill(actor)
+            raise FedsimError(f"runtime.workers: {len(actors)} engine worker(s) could not be placed within "
                               f"{READY_TIMEOUT_S:g} s ({self._options['num_cpus']:g} CPUs and "
                               f"{self._options['num_gpus']:g} GPUs each; the cluster has "
                               f"{ray.cluster_resources()})") from None
-        self.actors[index] = actor
+        for (i, actor), place in zip(actors.items(), places):
+            self.actors[i], self.places[i] = actor, place
 
     def describe(self, index: int) -> str:
         pid, ip, _ = self.places[index]
@@ -231,18 +253,22 @@ def run_ray(cfg: Config, *, progress: bool = True, resume: Checkpoint | None = N
         cluster = ray.cluster_resources()
         workers = cfg.runtime.workers or default_workers(cluster)
         num_cpus = cpus_per_worker(cluster, workers)
-        threads = cfg.runtime.torch_threads or auto_threads(max(1, int(num_cpus)))
-        if cfg.runtime.worker_gpus > 0 and cluster.get("GPU", 0) < cfg.runtime.worker_gpus:
-            raise ConfigError(f"runtime.worker_gpus: {cfg.runtime.worker_gpus:g} GPUs a worker, but the Ray "
-                              f"cluster has {cluster.get('GPU', 0):g}")
+        # a GPU each where the cluster has them (and the run may use them), as the default count assumes
+        gpus = cfg.runtime.worker_gpus or (1.0 if cluster.get("GPU", 0) >= 1 and cfg.runtime.device != "cpu" else 0.0)
+        threads = cfg.runtime.torch_threads or auto_threads(max(1, int(num_cpus)), cuda=gpus > 0)
+        fit = workers_that_fit(ray.nodes(), num_cpus, gpus)
+        if fit < workers:
+            raise ConfigError(f"runtime.workers: {workers} workers of {num_cpus:g} CPU(s) and {gpus:g} GPU(s) "
+                              f"each do not fit the Ray cluster's nodes (room for {fit}); use fewer workers, "
+                              f"or set runtime.worker_gpus to a fraction")
         # fedsim must import in the workers: on a cluster started elsewhere, put this checkout
         # (its parent directory) on their path
         root = str(Path(__file__).resolve().parent.parent.parent)
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join([root, *[p for p in sys.path if p and p != root]])}}
-        pool = WorkerPool(workers, threads=threads, num_cpus=num_cpus, num_gpus=cfg.runtime.worker_gpus,
+        pool = WorkerPool(workers, threads=threads, num_cpus=num_cpus, num_gpus=gpus,
                           worker_class=worker_class or EngineWorker, runtime_env=env)
         log.info("ray: %d engine worker(s), %g CPU(s) and %g GPU(s) each, %d torch thread(s); Ray nodes: %d",
-                 workers, num_cpus, cfg.runtime.worker_gpus, threads, len({p[2] for p in pool.places}))
+                 workers, num_cpus, gpus, threads, len({p[2] for p in pool.places}))
         data_sizes = [len(idx) for idx in partition(cfg).indices]
         c = cfg.client
         steps = [steps_per_round(n, c.batch_size, c.local_epochs, c.local_steps) for n in data_sizes]
