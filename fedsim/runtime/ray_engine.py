@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -246,8 +248,15 @@ def run_ray(cfg: Config, *, progress: bool = True, resume: Checkpoint | None = N
         address = os.environ.get("RAY_ADDRESS") or None
         if address:
             log.info("joining the Ray cluster at RAY_ADDRESS=%s", address)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                  configure_logging=False)
+        # ray.init installs its own SIGTERM handler, which aborts the process (exit 134): put
+        # fedsim's back, so SIGTERM ends the run as Ctrl-C does (finished rounds kept, exit 143)
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
     pool = None
     try:
         cluster = ray.cluster_resources()
