@@ -86,8 +86,9 @@ def test_balance_by_steps_keeps_round_order():
 
 def test_two_workers_equal_inprocess(ray_instance, tiny, tmp_path):
     """With one client per batched computation the chunk boundaries match whatever the
-    split: rounds, clients and model bit for bit (SCAFFOLD, whose nodes keep control variates). With the default chunks (the in-process
-    round in one batch, each worker its share) within 1e-6, per-client epsilon identical."""
+    split: rounds, clients and model bit for bit (SCAFFOLD, whose nodes keep control
+    variates). With the default chunks (the in-process round in one batch, each worker its
+    share) within 1e-6, per-client epsilon identical."""
     one = {"runtime.engine_chunk": 1, "strategy.name": "scaffold"}  # control variates: node state travels
     a = run_experiment(experiment(tiny, tmp_path / "a", **one), progress=False)
     b = run_experiment(experiment(tiny, tmp_path / "b", **one, **{"runtime.name": "ray", "runtime.workers": 2}),
