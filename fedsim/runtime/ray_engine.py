@@ -198,7 +198,11 @@ class RayEngineGrid(InProcessGrid):
             except ray.exceptions.RayTaskError as exc:  # the worker lives; the code in it raised
                 if isinstance(exc.cause, FedsimError):
                     raise exc.cause from None
-                raise
+                # outside any one client (each client's own exception is its error reply)
+                cause = exc.cause if exc.cause is not None else exc
+                last = (str(cause).strip().splitlines() or [""])[-1]
+                raise ClientFailure(f"round {self._round_of(pairs)}: {self.pool.describe(index)} raised "
+                                    f"{type(cause).__name__}: {last}", str(exc)) from None
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
                 failure = failure or self._lost(index, share, pairs, exc, replies)
                 continue
@@ -210,6 +214,12 @@ class RayEngineGrid(InProcessGrid):
             raise failure
         return replies  # type: ignore[return-value]
 
+    @staticmethod
+    def _round_of(pairs: list[tuple[Message, Context]]) -> object:
+        """The server round a round's train messages carry ("?" if they carry none)."""
+        config = R.record_of(pairs[0][0].content, R.CONFIG, ConfigRecord) if pairs else None
+        return R.plain(config).get(R.SERVER_ROUND, "?") if config is not None else "?"
+
     def _lost(self, index: int, share: list[int], pairs: list[tuple[Message, Context]], exc: Exception,
               replies: list[Message | None]) -> ClientFailure | None:
         """A worker died or went silent: its clients' replies are errors (skip), or the run
@@ -218,9 +228,7 @@ class RayEngineGrid(InProcessGrid):
         import ray
 
         nodes = [pairs[j][1].node_id for j in share]
-        msg = pairs[share[0]][0]
-        server_round = R.plain(R.record_of(msg.content, R.CONFIG, ConfigRecord) or ConfigRecord()).get(
-            R.SERVER_ROUND, "?")
+        server_round = self._round_of([pairs[j] for j in share])
         what = "stayed silent past runtime.round_timeout" if isinstance(exc, ray.exceptions.GetTimeoutError) \
             else "died"
         shown = ", ".join(str(n) for n in nodes[:8]) + (f" and {len(nodes) - 8} more" if len(nodes) > 8 else "")

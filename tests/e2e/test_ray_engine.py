@@ -19,7 +19,8 @@ ray = pytest.importorskip("ray")
 from fedsim import records as R  # noqa: E402
 from fedsim.errors import ClientFailure  # noqa: E402
 from fedsim.runtime import ray_engine  # noqa: E402
-from fedsim.runtime.ray_engine import EngineWorker, balance  # noqa: E402
+from fedsim.runtime.ray_engine import (EngineWorker, balance, cpus_per_worker, default_workers,  # noqa: E402
+                                       workers_that_fit)
 from fedsim.run import run_experiment  # noqa: E402
 
 DIE_IN_ROUND = 2
@@ -82,6 +83,18 @@ def test_balance_by_steps_keeps_round_order():
     assert balance([5, 9, 4], 2) == [[1], [0, 2]]
     assert balance([1, 1, 1, 1], 1) == [[0, 1, 2, 3]]
     assert balance([3], 2) == [[0], []]
+
+
+def test_pool_size_from_the_cluster():
+    assert default_workers({"CPU": 16.0, "GPU": 4.0}) == 4 and default_workers({"CPU": 16.0}) == 8
+    assert default_workers({"CPU": 1.0}) == 1
+    assert cpus_per_worker({"CPU": 2.0}, 2) == 1.0 and cpus_per_worker({"CPU": 5.0}, 2) == 2.0
+    assert cpus_per_worker({"CPU": 1.0}, 4) == 0.25  # Ray takes fractions below 1 only
+    nodes = [{"Alive": True, "Resources": {"CPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 3.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0}}]
+    assert workers_that_fit(nodes, 2.0, 0.0) == 1  # a worker sits on one node: 1 + 3 CPUs hold one of 2
+    assert workers_that_fit(nodes, 1.0, 0.0) == 4
+    assert workers_that_fit(nodes, 1.0, 1.0) == 1 and workers_that_fit(nodes, 1.0, 0.5) == 2
 
 
 def test_two_workers_equal_inprocess(ray_instance, tiny, tmp_path):
