@@ -203,7 +203,8 @@ class RuntimeConfig:
                       "(the batched engine on a pool of Ray workers; RAY_ADDRESS joins a cluster), flower "
                       "(Flower's simulation engine, one client per message)", choices=("inprocess", "ray", "flower"))
     engine: str = param("auto", "training engine: vectorized trains a round's clients at once in process "
-                        "(torch.func; one per message under Ray and on SuperNodes), opacus one at a time; "
+                        "(torch.func; in each Ray engine worker its share; one per message under Flower's "
+                        "engine and on SuperNodes), opacus one at a time; "
                         "auto picks vectorized where the model and algorithm allow it",
                         choices=("auto", "vectorized", "opacus"))
     engine_chunk: int = param(0, "vectorized engine: clients per batched computation (0 = from free memory)",

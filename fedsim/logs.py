@@ -7,7 +7,7 @@ off", "Optimal order is the largest alpha", accounting and sample-rate notes), s
 reaches the user: a privacy tool must not hide statements about privacy.
 
 The list was taken from `python -W always -m fedsim.cli run ...` on configs/quickstart.toml,
-configs/fedsvd.toml, the other shipped configs and `--runtime ray`; every warning those
+configs/fedsvd.toml, the other shipped configs and `--runtime flower`; every warning those
 runs emit is either filtered below (with the reason) or deliberately left visible.
 """
 
@@ -27,7 +27,7 @@ HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # so clipping, noise and accounting are unaffected.
     (r"Full backward hook is firing when gradients are computed with respect to module outputs",
      UserWarning, ""),
-    # ray (runtime.name = "ray"), at ray.init: a note about a future change in how Ray sets
+    # ray (runtime.name "ray" or "flower"), at ray.init: a note about a future change in how Ray sets
     # CUDA_VISIBLE_DEVICES for num_gpus=0 actors; fedsim sets each actor's GPUs explicitly.
     (r"Tip: In future versions of Ray, Ray will no longer override accelerator visible devices",
      FutureWarning, r"ray(\.|$)"),
