@@ -62,8 +62,17 @@ MAX_CLIENTS = 1_000_000
 MAX_WIDTH = 65_536
 MAX_MLP_WEIGHTS = 2**24
 MAX_GENERATED_FLOATS = 10**9
+# Every number without an upper bound of its own is at most this: a bound against typos and
+# overflow (training runs in float32, whose largest value is 3.4e38: 1e12 squared still fits).
+MAX_FLOAT = 1e12
+# A noise multiplier is 0 (off) or within these: below the floor epsilon is astronomic (over
+# 1e5 for one step) and the RDP series at fractional orders needs ever more terms; above the
+# ceiling every update is noise, and sigma**2 overflows beyond 1e154.
+MIN_NOISE_MULTIPLIER = 0.01
+MAX_NOISE_MULTIPLIER = 1e6
 WHY_LONG = "a bound against typos: no experiment needs more, and the run would not end"
 WHY_MEMORY = "the simulation holds this in one process's memory"
+WHY_OVERFLOW = "a bound against typos and overflow: training computes in float32 (at most 3.4e38)"
 
 
 @dataclass
@@ -254,6 +263,9 @@ def _scalar_schema(tp: Any, meta: dict, choices: tuple | None) -> Any:
         if tp is int:  # the integer range TOML can write back
             constraints.setdefault("le", INT64_MAX)
             constraints.setdefault("ge", -INT64_MAX - 1)
+        else:
+            constraints.setdefault("le", MAX_FLOAT)
+            constraints.setdefault("ge", -MAX_FLOAT)
     elif tp is str:
         constraints["pattern"] = meta.get("pattern") or NO_NUL
     return Annotated[tp, Field(**constraints)] if constraints else tp
@@ -327,10 +339,14 @@ def _message(key: str, tp: Any, meta: dict, choices: tuple | None, value: Any, e
         return f"{key}: must be one of {', '.join(map(str, choices or ()))} (got {got})"
     if kind in ("greater_than", "greater_than_equal"):
         if meta.get("lo") is None:
+            if tp is float:
+                return f"{key}: must be >= {-MAX_FLOAT:g} (got {got}); {WHY_OVERFLOW}"
             return f"{key}: must be >= {-INT64_MAX - 1} (got {got})"
         return f"{key}: must be {_lower_text(meta)} (got {got})"
     if kind in ("less_than", "less_than_equal"):
         if meta.get("hi") is None:
+            if tp is float:
+                return f"{key}: must be <= {MAX_FLOAT:g} (got {got}); {WHY_OVERFLOW}"
             return f"{key}: must be <= {INT64_MAX}, the largest TOML integer (got {got})"
         return f"{key}: must be {'<' if meta.get('hi_open') else '<='} {meta['hi']} (got {got}){why}"
     if kind == "string_pattern_mismatch":
@@ -434,6 +450,18 @@ def _resolve_defaults(cfg: Config, raw: dict) -> None:
 def _check_consistency(cfg: Config) -> None:
     """Cross-field rules that no single field can express."""
     fed = cfg.federation
+    for key, values in (("data.classes", cfg.data.classes), ("data.drop_columns", cfg.data.drop_columns),
+                        ("model.pretrain_classes", cfg.model.pretrain_classes),
+                        ("model.lora_targets", cfg.model.lora_targets)):
+        twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if twice:
+            raise ConfigError(f"{key}: {_show(twice[0])} is listed twice (got {_show(values)}); each value once")
+    for key in ("noise_multiplier", "user_noise_multiplier"):
+        sigma = getattr(cfg.privacy, key)
+        if sigma != 0 and not MIN_NOISE_MULTIPLIER <= sigma <= MAX_NOISE_MULTIPLIER:
+            raise ConfigError(f"privacy.{key}: must be 0 (off) or between {MIN_NOISE_MULTIPLIER:g} and "
+                              f"{MAX_NOISE_MULTIPLIER:g} (got {sigma:g}); below, epsilon exceeds 1e5 for a single "
+                              f"step and its accounting does not end; above, every update is noise")
     if fed.clients_per_round > fed.num_clients:
         raise ConfigError(
             f"federation.clients_per_round: must be <= federation.num_clients ({fed.num_clients}), "

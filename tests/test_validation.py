@@ -100,6 +100,42 @@ def test_cli_refuses_out_of_range_values(refused, argv, key, allowed):
     assert allowed in line, line
 
 
+@pytest.mark.parametrize("value", [1e300, -1e300, 1e13], ids=["1e300", "-1e300", "1e13"])
+@pytest.mark.parametrize("key", _numeric_keys())
+def test_every_float_key_refuses_magnitudes_that_overflow_float32(key, value):
+    """No float key reaches training beyond MAX_FLOAT: a finite 1e308 becomes inf in float32."""
+    from fedsim.config import MAX_FLOAT
+
+    literal = [1.0, value] if key.endswith("label_range") else value
+    with pytest.raises(ConfigError, match=rf"^{key}(\[1\])?: must be "):
+        load_config(None, {key: literal})
+    assert abs(value) > MAX_FLOAT
+
+
+@pytest.mark.parametrize("key", ["privacy.noise_multiplier", "privacy.user_noise_multiplier"])
+@pytest.mark.parametrize("value", [1e-300, 1e-5, 0.0099, 1.1e6, 1e12])
+def test_noise_multiplier_is_zero_or_within_its_documented_range(key, value):
+    """Below the floor the RDP series at fractional orders runs for ever (sigma = 1e-300 hung
+    round 1); above the ceiling sigma**2 heads for overflow."""
+    with pytest.raises(ConfigError, match=rf"^{key}: must be 0 \(off\) or between 0.01 and 1e\+06 "):
+        load_config(None, {key: value})
+    assert getattr(load_config(None, {key: 0.01}).privacy, key.split(".")[1]) == 0.01
+
+
+@pytest.mark.parametrize("key, value", [("data.classes", [1, 1, 2]), ("data.drop_columns", ["b", "a", "a"]),
+                                        ("model.pretrain_classes", [0, 0]), ("model.lora_targets", ["x", "x"])])
+def test_a_value_listed_twice_is_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key}: {value[1]!r} is listed twice"):
+        load_config(None, {key: value})
+
+
+@pytest.mark.parametrize("beta", ["beta_1", "beta_2"])
+def test_fedadam_betas_stay_below_one(beta):
+    """At beta = 1 Adam's bias correction divides by zero and the first round is NaN."""
+    with pytest.raises(ConfigError, match=rf"^strategy.fedadam.{beta}: must be < 1.0 \(got 1.0\); at 1 "):
+        load_config(None, {"strategy.name": "fedadam", f"strategy.fedadam.{beta}": 1.0})
+
+
 def test_upper_bounds_say_why():
     with pytest.raises(ConfigError, match=r"federation\.rounds: must be <= 1000000 \(got 10000000\); .*typos"):
         load_config(None, {"federation.rounds": 10**7})
@@ -409,3 +445,38 @@ def test_keys_reported_unused_change_nothing(tiny, tmp_path, setting, key, value
         cfg = tiny(**setting, **{key: value, "output.dir": str(tmp_path / str(value))})
         outs.append(_rounds(run_experiment(cfg, progress=False)))
     assert (outs[0] == outs[1]) == inert, outs
+
+
+# --------------------------------------------------------------------------- divergence
+
+def test_a_run_that_diverges_stops_with_exit_1_and_keeps_the_rounds_before(cli, tmp_path, monkeypatch):
+    """Round 2's global model evaluates to NaN: the run ends `diverged` at round 2 with one line
+    naming the round, the value and the learning rate; round 1 stays in rounds.csv."""
+    import json
+
+    import fedsim.server
+    from fedsim.results import run_state
+
+    real, calls = fedsim.server.evaluate, []
+
+    def nan_in_round_2(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        return {**result, "loss": math.nan} if len(calls) == 2 else result
+
+    monkeypatch.setattr(fedsim.server, "evaluate", nan_in_round_2)
+    out = tmp_path / "run"
+    code, _, err = cli("run", "--num-clients", "2", "--rounds", "3", "--lr", "0.25", "--out", out, "--no-progress")
+    lines = [line for line in err.splitlines() if not line.startswith("warning")]
+    assert code == 1 and lines == [lines[0]], err
+    assert lines[0].startswith("error: run diverged at round 2: test_loss is nan (lower client.lr = 0.25"), lines
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["rounds_completed"] == 1
+    assert math.isfinite(summary["final_metric"]) and run_state(out) == "diverged"
+    assert len((out / "rounds.csv").read_text().splitlines()) == 2  # the header and round 1
+
+
+def test_a_learning_rate_that_overflows_the_model_ends_diverged(cli, tmp_path):
+    code, _, err = cli("run", "--dataset", "diabetes", "--set", 'model.name="linear"', "--lr", "1e9",
+                       "--num-clients", "2", "--rounds", "2", "--out", tmp_path / "run", "--no-progress")
+    assert code == 1 and "error: run diverged at round 1: test_loss is nan, mse is nan (lower client.lr = 1e+09" in err
