@@ -58,6 +58,11 @@ def overrides_from(args: argparse.Namespace) -> dict:
         out[key] = value
     if "output.dir" in out:
         out["output.dir"] = str(out["output.dir"])
+        if not out["output.dir"].strip():
+            from fedsim.errors import ConfigError
+
+            raise ConfigError("output.dir: --out got an empty path; give a directory, or leave --out out for "
+                              "runs/<name>-<timestamp>")
     return out
 
 
@@ -205,19 +210,28 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv_values(text: str | None) -> list | None:
+def _csv_values(text: str | None, flag: str) -> list | None:
+    """A comma-separated flag's values; an empty list or an empty item is refused, not read as
+    "no axis"."""
     from fedsim.config import parse_value
+    from fedsim.errors import ConfigError
 
-    return [parse_value(v) for v in text.split(",")] if text else None
+    if text is None:
+        return None
+    items = [v.strip() for v in text.split(",")]
+    if not all(items):
+        raise ConfigError(f"{flag}: expected comma-separated values, e.g. 0,1,2 (got {text!r})")
+    return [parse_value(v) for v in items]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedsim.sweep import parse_axis, run_sweep
+    from fedsim.sweep import parse_grid, run_sweep
 
-    grid = dict(parse_axis(text) for text in args.grid)
+    grid = parse_grid(args.grid)
     try:
-        cells = run_sweep(args.config, grid=grid, seeds=_csv_values(args.seeds),
-                          target_epsilons=_csv_values(args.target_epsilons), overrides=overrides_from(args),
+        cells = run_sweep(args.config, grid=grid, seeds=_csv_values(args.seeds, "--seeds"),
+                          target_epsilons=_csv_values(args.target_epsilons, "--target-epsilons"),
+                          overrides=overrides_from(args),
                           jobs=args.jobs, max_cells=args.max_cells, strict=args.strict)
     except OSError as exc:  # the sweep directory cannot be written: one line, exit 1
         sys.stderr.write(f"error: sweep: {exc}\n")

@@ -55,7 +55,7 @@ DATASETS = ("digits", "breast-cancer", "diabetes", "synthetic", "linear", "text-
 TRACKERS = ("tensorboard", "mlflow")
 PARTITIONERS = ("iid", "dirichlet", "shard", "pathological", "quantity", "natural-id", "feature-skew")
 GENERATED_DATASETS = ("synthetic", "linear", "text-topics")  # sized by data.synthetic_samples
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a directory name, with room for a timestamp
 # Upper bounds, each with its reason (the error says it).
 MAX_ROUNDS = 1_000_000
 MAX_CLIENTS = 1_000_000
@@ -219,7 +219,7 @@ class OutputConfig:
 @dataclass
 class Config:
     name: str = param("experiment", "experiment name, used in the default run directory", pattern=NAME_PATTERN,
-                      why="the name becomes a directory name under runs/ or sweeps/")
+                      why="the name becomes a directory name under runs/ or sweeps/, at most 100 characters")
     seed: int = param(0, "one seed fixes partition, sampling, initialization and noise", lo=0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -709,6 +709,8 @@ def read_toml(path: str | Path, what: str = "config") -> dict:
     A missing file is bad input (exit 2); a file that cannot be read (a directory, no
     permission) an `InputFileError` (exit 1). Deeply nested arrays exhaust tomllib's recursion."""
     p = resolve_config_path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what}: {p} is a directory; give a TOML file (or a shipped experiment's name)")
     if not p.exists():
         shipped = ", ".join(builtin_configs())
         raise ConfigError(f"{what}: file not found: {p}" + (f" (shipped experiments, by name: {shipped}; "
@@ -718,7 +720,7 @@ def read_toml(path: str | Path, what: str = "config") -> dict:
     except OSError as exc:
         raise InputFileError(f"{what}: cannot read {p}: {exc.strerror or exc}") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is no statement
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{what}: {p} is not a TOML text file (not UTF-8 at byte {exc.start})") from None
     try:
@@ -788,7 +790,8 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{_key(key)}: {_key(part)} is not a section")
+            raise ConfigError(f"{_key(part)}: expected a [{_key(part)}] table, got {_show(node)} (so {_key(key)} "
+                              f"cannot be set)")
     node[parts[-1]] = value
 
 

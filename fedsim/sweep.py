@@ -121,6 +121,22 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
     return key.strip(), parsed
 
 
+def parse_grid(texts: list[str]) -> dict[str, list[Any]]:
+    """The --grid flags as one grid: a key given twice gets the values of both, in order
+    (``--grid client.lr=0.1 --grid client.lr=0.2`` is ``client.lr=0.1,0.2``); a value that an
+    axis lists twice would run the same cell twice, and is refused."""
+    grid: dict[str, list[Any]] = {}
+    for text in texts:
+        key, values = parse_axis(text)
+        grid.setdefault(key, []).extend(values)
+    for key, values in grid.items():
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise ConfigError(f"--grid: {key} lists {twice[0]!r} twice (got {', '.join(map(repr, values))}); "
+                              f"each value once")
+    return grid
+
+
 def sweep_table(config_path: str | Path | None) -> dict:
     """The TOML's ``[sweep]`` table (empty without a file), its keys checked."""
     if not config_path:

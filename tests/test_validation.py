@@ -89,7 +89,7 @@ def test_cli_refuses_non_finite_values(refused, argv, key):
     (["--rounds", "100000000"], "federation.rounds", "must be <= 1000000"),
     (["--set", "client.momentum=1.0"], "client.momentum", "must be < 1.0"),
     (["--set", "seed=-1"], "seed", "must be >= 0"),
-    (["--set", "name='../../x'"], "name", "must match [A-Za-z0-9][A-Za-z0-9._-]*"),
+    (["--set", "name='../../x'"], "name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,99}"),
     (["--set", "name='a/b'"], "name", "must match"),
     (["--set", "data.path=\"a\\u0000b\"", "--dataset", "file"], "data.path", "NUL"),
     (["--dataset", "synthetic", "--num-clients", "100000", "--set", "data.synthetic_samples=1000"],
@@ -214,8 +214,16 @@ def test_binary_config_file(refused, tmp_path):
     assert "not a TOML text file" in refused(["run", path], "config")
 
 
-def test_directory_as_config_is_an_os_error(refused, tmp_path):
-    assert "cannot read" in refused(["run", tmp_path], "config", code=1)
+def test_unreadable_config_is_an_os_error(refused, tmp_path):
+    path = tmp_path / "locked.toml"
+    path.write_text("name = 'x'\n")
+    path.chmod(0)
+    try:
+        path.read_bytes()
+        pytest.skip("this user reads any file (root)")
+    except PermissionError:
+        pass
+    assert "cannot read" in refused(["run", path], "config", code=1)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -480,3 +488,45 @@ def test_a_learning_rate_that_overflows_the_model_ends_diverged(cli, tmp_path):
     code, _, err = cli("run", "--dataset", "diabetes", "--set", 'model.name="linear"', "--lr", "1e9",
                        "--num-clients", "2", "--rounds", "2", "--out", tmp_path / "run", "--no-progress")
     assert code == 1 and "error: run diverged at round 1: test_loss is nan, mse is nan (lower client.lr = 1e+09" in err
+
+
+# --------------------------------------------------------------------------- inputs once taken silently or misnamed
+
+@pytest.mark.parametrize("make, argv, key, phrase", [
+    (lambda d: d, [], "config", "is a directory; give a TOML file"),
+    (lambda d: (d / "f.toml").write_text("federation = 5\n") and d / "f.toml", ["--num-clients", "3"], "federation",
+     "expected a [federation] table, got 5 (so federation.num_clients cannot be set)"),
+    (lambda d: d, ["--set", "name='" + "a" * 5000 + "'"], "name", "at most 100 characters"),
+])
+def test_inputs_refused_naming_the_right_key(refused, tmp_path, make, argv, key, phrase):
+    path = make(tmp_path)
+    line = refused(["run", *([path] if path is not None and key != "name" else []), *argv], key)
+    assert line.startswith(f"error: {key}: ") and phrase in line, line
+
+
+@pytest.mark.parametrize("out", ["", " "])
+def test_an_empty_out_is_refused(cli, no_training, out):
+    code, _, err = cli("run", *TINY, "--out", out)
+    assert code == 2 and err.startswith("error: output.dir: --out got an empty path") and len(err.splitlines()) == 1
+
+
+def test_a_toml_file_with_a_byte_order_mark_reads_like_without(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbfname = \"bom\"\n[federation]\nrounds = 3\n")
+    cfg = load_config(path)
+    assert (cfg.name, cfg.federation.rounds) == ("bom", 3)
+
+
+@pytest.mark.parametrize("flag, value", [("--seeds", ""), ("--seeds", "0,,1"), ("--target-epsilons", "")])
+def test_sweep_refuses_an_empty_list(refused, flag, value):
+    line = refused(["sweep", *TINY, flag, value], flag)
+    assert "expected comma-separated values" in line
+
+
+def test_a_repeated_grid_key_merges_its_values_and_refuses_a_value_twice():
+    from fedsim.sweep import parse_grid
+
+    assert parse_grid(["client.lr=0.1", "seed=1,2", "client.lr=0.2,0.3"]) == {"client.lr": [0.1, 0.2, 0.3],
+                                                                            "seed": [1, 2]}
+    with pytest.raises(ConfigError, match=r"^--grid: client.lr lists 0.1 twice"):
+        parse_grid(["client.lr=0.1", "client.lr=0.1"])
