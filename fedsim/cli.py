@@ -136,10 +136,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.results import read_summary
     from fedsim.run import run_experiment
 
+    from fedsim.run import default_out_dir
+
     if args.resume:
-        out = run_experiment(_resume_config(args), progress=not args.no_progress, resume=True)
+        cfg = _resume_config(args)
+        args.run_dir = cfg.output.dir
+        out = run_experiment(cfg, progress=not args.no_progress, resume=True)
     else:
-        out = run_experiment(_load(args), progress=not args.no_progress, overwrite=args.overwrite)
+        cfg = _load(args)
+        cfg.output.dir = cfg.output.dir or default_out_dir(cfg)
+        args.run_dir = cfg.output.dir  # what an interruption's message names
+        out = run_experiment(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     summary = read_summary(out) or {}
     line = (f"{summary.get('metric_name')}: final {summary.get('final_metric'):.4f}, "
             f"best {summary.get('best_metric'):.4f}")
@@ -447,7 +454,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _kept_after_interrupt(run_dir: str | None) -> str:
+    """What an interrupted run left, as it is on disk: a promise of a checkpoint only if there is one."""
+    from fedsim.checkpoint import checkpoint_path
+    from fedsim.results import read_summary
+
+    if not run_dir:
+        return "the run had not started; nothing was written"
+    done = (read_summary(run_dir) or {}).get("rounds_completed") or 0
+    if checkpoint_path(run_dir).is_file():
+        return (f"{done} finished round(s) and the last checkpoint are kept in {run_dir} "
+                f"(continue with fedsim run --resume {run_dir})")
+    if done:
+        return f"{done} finished round(s) are kept in {run_dir}; no checkpoint was written (output.checkpoint_every)"
+    return "before the first round finished; there is nothing to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    # A run started in the background by a non-interactive shell inherits SIGINT ignored; fedsim
+    # stops cleanly on Ctrl-C (status "interrupted", checkpoint kept), so it always listens.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
@@ -473,8 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("interrupted: finished cells are kept, and the interrupted ones keep their last "
                              "checkpoint (run the same fedsim sweep again to continue)\n")
         else:
-            sys.stderr.write("interrupted: finished rounds and the last checkpoint are kept in the run directory "
-                             "(continue with fedsim run --resume DIR)\n")
+            sys.stderr.write(f"interrupted: {_kept_after_interrupt(getattr(args, 'run_dir', None))}\n")
         return 143 if isinstance(exc, terminated) else 130
 
 

@@ -169,7 +169,9 @@ class RunRecorder:
             "test_loss": evaluation["loss"],
             "train_loss": float(np.mean(self.train_losses)) if self.train_losses else float("nan"),
             "sample_epsilon_max": max(eps) if eps and self.private else (math.inf if eps else 0.0),
-            "sample_epsilon_mean": float(np.mean(eps)) if eps and self.private else (math.inf if eps else 0.0),
+            # fsum is exact, so the mean does not depend on the order clients joined in (a resumed
+            # run restores them sorted by partition): resumed and uninterrupted runs agree to the bit
+            "sample_epsilon_mean": math.fsum(eps) / len(eps) if eps and self.private else (math.inf if eps else 0.0),
             "user_epsilon": self.user_epsilon(server_round),
             "clients_trained": self.trained_this_round,
             "wall_seconds": self.wall_seconds,
