@@ -766,8 +766,23 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     with ``strict=True`` an error (the CLI's ``--strict``)."""
     raw = read_experiment(path, overrides)
     cfg = config_from_dict(raw)
-    report_unused(unused_keys(raw, cfg), strict)
+    report_unused(_unused_by_choice(unused_keys(raw, cfg), path, overrides or {}), strict)
     return cfg
+
+
+def _unused_by_choice(unused: dict[str, str], path: str | Path | None, overrides: Mapping[str, Any]) -> dict[str, str]:
+    """`unused` without the file's keys that only the command line made moot: `--target-epsilon 3`
+    on a file that sets privacy.noise_multiplier replaces sigma on purpose (the README's own
+    example), whereas a key the file sets in vain by itself is still named."""
+    moot = [key for key in unused if key not in overrides]
+    if not moot or not overrides or path is None:
+        return unused
+    try:
+        file_only = read_experiment(path)
+        in_vain = unused_keys(file_only, config_from_dict(file_only))
+    except ConfigError:  # the file alone is not a valid experiment: name every key
+        return unused
+    return {key: why for key, why in unused.items() if key in overrides or key in in_vain}
 
 
 def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
