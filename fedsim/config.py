@@ -72,6 +72,7 @@ MIN_NOISE_MULTIPLIER = 0.01
 MAX_NOISE_MULTIPLIER = 1e6
 WHY_LONG = "a bound against typos: no experiment needs more, and the run would not end"
 WHY_MEMORY = "the simulation holds this in one process's memory"
+WHY_STD = "in units of the standardized features' std: beyond 100 the features are noise or shift alone"
 WHY_OVERFLOW = "a bound against typos and overflow: training computes in float32 (at most 3.4e38)"
 
 
@@ -92,10 +93,13 @@ class DataConfig:
     partitioner: str = param("iid", "how samples are split across clients", choices=PARTITIONERS)
     alpha: float = param(0.5, "Dirichlet concentration (smaller = more label skew)", lo=0.0, lo_open=True)
     classes_per_client: int = param(2, "classes per client for shard / pathological", lo=1)
-    quantity_power: float = param(1.0, "power-law exponent of client sizes for 'quantity'", lo=0.0)
+    quantity_power: float = param(1.0, "power-law exponent of client sizes for 'quantity'", lo=0.0, hi=10.0,
+                                  why="at 10 the second client already gets 1/1024 of the first's samples")
     natural_id_column: str = param("group", "column that names each sample's client for 'natural-id'")
-    feature_shift: float = param(0.5, "std of the per-client mean shift for 'feature-skew'", lo=0.0)
-    feature_noise: float = param(0.0, "std of per-client additive feature noise for 'feature-skew'", lo=0.0)
+    feature_shift: float = param(0.5, "std of the per-client mean shift for 'feature-skew'", lo=0.0, hi=100.0,
+                                 why=WHY_STD)
+    feature_noise: float = param(0.0, "std of per-client additive feature noise for 'feature-skew'", lo=0.0,
+                                 hi=100.0, why=WHY_STD)
     synthetic_alpha: float = param(1.0, "Synthetic(alpha, beta): model heterogeneity", lo=0.0)
     synthetic_beta: float = param(1.0, "Synthetic(alpha, beta): feature heterogeneity", lo=0.0)
     synthetic_samples: int = param(100, "mean samples per group of the synthetic generators", lo=10,
