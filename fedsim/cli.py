@@ -139,7 +139,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = _resume_config(args)
         args.run_dir = cfg.output.dir
-        out = run_experiment(cfg, progress=not args.no_progress, resume=True)
+        try:
+            out = run_experiment(cfg, progress=not args.no_progress, resume=True)
+        except FedsimError as exc:
+            if str(exc).startswith(str(args.resume).rstrip("/")):  # the run directory's own files: say whence
+                exc.args = (f"--resume: {exc}",)
+            raise
     else:
         cfg = _load(args)
         cfg.output.dir = cfg.output.dir or default_out_dir(cfg)
