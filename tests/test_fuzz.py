@@ -406,10 +406,14 @@ def check_extreme_float(key: str, value: float, engine: str) -> None:
 
 extreme_floats = st.sampled_from(FLOAT_KEYS).flatmap(
     lambda key: st.tuples(st.just(key), st.sampled_from(EXTREMES + _edges(key))))
-test_fuzz_extreme_floats_and_edges_in_real_runs = REAL(given(extreme_floats, st.sampled_from(["auto", "opacus"]))(
-    lambda pair, engine: check_extreme_float(pair[0], pair[1], engine)))
+def check_extreme_pair(pair: tuple[str, float], engine: str) -> None:
+    check_extreme_float(*pair, engine)
+
+
+engines = st.sampled_from(["auto", "opacus"])
+test_fuzz_extreme_floats_and_edges_in_real_runs = REAL(given(extreme_floats, engines)(check_extreme_pair))
 test_fuzz_extreme_floats_and_edges_in_real_runs_long = pytest.mark.slow(REAL_LONG(given(
-    extreme_floats, st.sampled_from(["auto", "opacus"]))(lambda pair, engine: check_extreme_float(*pair, engine))))
+    extreme_floats, engines)(check_extreme_pair)))
 
 
 # Data files: extreme values, degenerate shapes and widths, duplicated or dropped columns.
