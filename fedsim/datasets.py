@@ -144,7 +144,12 @@ def _split_rows(n: int, test_fraction: float, num_classes: int, seed: int) -> tu
 
 def _standardize(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Train-split mean and std (the shift and scale applied to every split and data holder).
-    Summed in float64: the squares of float32 values above 1.8e19 overflow float32."""
+    In float32, as always; in float64 where float32 overflows (the squares of values above
+    1.8e19 do), so a large value is standardized rather than turned into NaN."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        shift, scale = x_train.mean(0), x_train.std(0) + 1e-8
+    if np.isfinite(shift).all() and np.isfinite(scale).all():
+        return shift, scale
     x = np.asarray(x_train, np.float64)
     return x.mean(0).astype(np.float32), (x.std(0) + 1e-8).astype(np.float32)
 
@@ -527,7 +532,7 @@ def fit_encoding(features: Any, categorical: tuple[str, ...] = (), standardize: 
     if not _is_table(features):
         if not standardize:
             return Encoding()
-        shift, scale = _standardize(np.asarray(features).reshape(len(features), -1))
+        shift, scale = _standardize(np.asarray(features, np.float32).reshape(len(features), -1))
         return Encoding(shift=shift, scale=scale)
     numeric = tuple(c for c in features.columns if c not in categorical)
     categories = []
@@ -538,7 +543,7 @@ def fit_encoding(features: Any, categorical: tuple[str, ...] = (), standardize: 
                         "inputs; if it is an identifier or free text, list it in data.drop_columns (or "
                         "set data.text_column)", column, len(values), len(features), len(values))
         categories.append((column, values))
-    shift, scale = _standardize(features[list(numeric)].to_numpy(np.float64))
+    shift, scale = _standardize(features[list(numeric)].to_numpy(np.float32))
     width = sum(len(values) for _, values in categories)
     return Encoding(columns=numeric + tuple(c for c, _ in categories), categories=tuple(categories),
                     shift=np.concatenate([shift, np.zeros(width, np.float32)]),
@@ -550,18 +555,22 @@ def encode(features: Any, encoding: Encoding) -> np.ndarray:
     if _is_table(features):
         import pandas as pd
 
-        parts = [features[list(encoding.numeric)].to_numpy(np.float64)]
+        parts = [features[list(encoding.numeric)].to_numpy(np.float32)]
         for column, values in encoding.categories:
             index = pd.Index(values).get_indexer(category_text(features[column]))
-            onehot = np.zeros((len(features), len(values)), np.float64)
+            onehot = np.zeros((len(features), len(values)), np.float32)
             seen = index >= 0  # a category the training split never saw stays all zeros
             onehot[np.flatnonzero(seen), index[seen]] = 1.0
             parts.append(onehot)
         x = np.concatenate(parts, axis=1)
     else:
         x = np.asarray(features)
-    if encoding.shift is not None:  # in float64, so a large raw value cannot overflow on the way
-        x = (np.asarray(x, np.float64).reshape(len(x), -1) - encoding.shift) / encoding.scale
+    if encoding.shift is not None:
+        raw = x.reshape(len(x), -1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = (raw - encoding.shift) / encoding.scale
+        if not np.isfinite(x).all():  # a large raw value overflowed float32 on the way: in float64
+            x = (np.asarray(raw, np.float64) - encoding.shift) / encoding.scale
     return x.astype(np.float32)
 
 
@@ -723,9 +732,13 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
     if task == "regression" and name in ("diabetes", "file"):
         # Standardize the target on train statistics so one learning rate fits every dataset;
         # MSE is then in units of the target's variance.
-        y64 = y_tr.astype(np.float64)  # the squares of large float32 labels overflow float32
-        mu, sd = float(y64.mean()), float(y64.std() + 1e-8)
-        y_tr, y_te = ((y_tr - mu) / sd).astype(np.float32), ((y_te - mu) / sd).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            mu, sd = float(y_tr.mean()), float(y_tr.std() + 1e-8)
+            y_tr, y_te = (y_tr - mu) / sd, (y_te - mu) / sd
+        if not (np.isfinite(y_tr).all() and np.isfinite(y_te).all()):  # float32 overflowed: in float64
+            y_tr, y_te = y[train].astype(np.float64), y[test].astype(np.float64)
+            mu, sd = float(y_tr.mean()), float(y_tr.std() + 1e-8)
+            y_tr, y_te = ((y_tr - mu) / sd).astype(np.float32), ((y_te - mu) / sd).astype(np.float32)
     tokenizer = str(resolve_model_dir(cfg.tokenizer, "data.tokenizer")) if is_text else ""
     return Dataset(name=name, task=task, x_train=x[train], y_train=y_tr, x_test=x[test], y_test=y_te,
                    num_classes=num_classes, input_shape=shape,
