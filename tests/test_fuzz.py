@@ -295,7 +295,7 @@ test_fuzz_damaged_shipped_config_long = pytest.mark.slow(LONG(given(
 #
 # Nothing else: no traceback, no client failure, no NaN in a finished run, no hang.
 
-REAL = settings(max_examples=6, deadline=None, database=None, derandomize=True,
+REAL = settings(max_examples=12, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
 REAL_LONG = settings(max_examples=300, deadline=None, database=None,
@@ -487,8 +487,9 @@ def check_repeated_keys(key: str, first: object, second: object, where: str) -> 
             assert_contract(argv, strict=False)
 
 
-test_fuzz_repeated_keys = SHORT(given(st.sampled_from(KEYS), scalars, scalars,
-                                      st.sampled_from(["toml", "set", "grid"]))(check_repeated_keys))
+repeated = given(st.sampled_from(KEYS), scalars, scalars, st.sampled_from(["toml", "set", "grid"]))
+test_fuzz_repeated_keys = SHORT(repeated(check_repeated_keys))
+test_fuzz_repeated_keys_long = pytest.mark.slow(LONG(repeated(check_repeated_keys)))
 
 
 # --------------------------------------------------------------------------- damaged run directories
