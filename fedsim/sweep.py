@@ -548,7 +548,7 @@ def _result_row(cell: Cell, outcome: Outcome | None) -> dict[str, Any]:
     user = summary.get("user_level") or {}
     label = summary.get("label_level") or {}
     if outcome is not None and outcome.error:
-        status = "failed"
+        status = "diverged" if summary.get("status") == "diverged" else "failed"
     elif outcome is not None and outcome.busy:
         status = "running elsewhere" + (f" (pid {outcome.busy_pid})" if outcome.busy_pid else "")
     else:

@@ -530,3 +530,18 @@ def test_a_repeated_grid_key_merges_its_values_and_refuses_a_value_twice():
                                                                             "seed": [1, 2]}
     with pytest.raises(ConfigError, match=r"^--grid: client.lr lists 0.1 twice"):
         parse_grid(["client.lr=0.1", "client.lr=0.1"])
+
+
+def test_a_sweep_cell_that_diverges_says_so_and_the_others_finish(cli, tmp_path):
+    import pandas as pd
+
+    code, _, err = cli("sweep", "--dataset", "diabetes", "--set", 'model.name="linear"', "--grid", "client.lr=1e9,0.01",
+                       "--num-clients", "2", "--rounds", "1", "--out", tmp_path / "sw")
+    assert code == 1 and "error: failed cell client.lr=1e+09: run diverged at round 1" in err, err
+    from fedsim.sweep import run_sweep
+
+    cells = run_sweep(None, grid={"client.lr": [1e9, 0.01]}, overrides={
+        "data.dataset": "diabetes", "model.name": "linear", "federation.num_clients": 2, "federation.rounds": 1},
+        out=tmp_path / "sw", progress=False)
+    assert isinstance(cells, pd.DataFrame)
+    assert dict(zip(cells["client.lr"], cells["status"])) == {1e9: "diverged", 0.01: "finished"}
