@@ -141,9 +141,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.run_dir = cfg.output.dir
         try:
             out = run_experiment(cfg, progress=not args.no_progress, resume=True)
-        except FedsimError as exc:
-            if str(exc).startswith(str(args.resume).rstrip("/")):  # the run directory's own files: say whence
+        except FedsimError as exc:  # the run directory's own files are damaged: say whence
+            if str(exc).startswith(str(args.resume).rstrip("/")):
                 exc.args = (f"--resume: {exc}",)
+            elif str(exc).startswith("config: the saved experiment"):  # the checkpoint's copy of the config
+                exc.args = (f"--resume: {args.resume}: checkpoint{str(exc)[len('config'):]}",)
             raise
     else:
         cfg = _load(args)

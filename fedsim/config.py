@@ -836,8 +836,14 @@ def dumps_toml(cfg: Config) -> str:
     return tomli_w.dumps(config_to_dict(cfg))
 
 
-def loads_toml(text: str) -> Config:
-    return config_from_dict(tomllib.loads(text))
+def loads_toml(text: str, what: str = "config") -> Config:
+    """A Config from TOML text that fedsim wrote (a run's config.toml, a checkpoint's copy):
+    text damaged on disk is one line naming `what`, not a parser's traceback."""
+    try:
+        raw = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{what}: the saved experiment is not valid TOML ({exc}); the file was damaged") from None
+    return config_from_dict(raw)
 
 
 def _describe(obj: Any, prefix: str, tables: bool = True) -> list[tuple[str, str, Any, str]]:
