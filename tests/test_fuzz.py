@@ -554,3 +554,19 @@ def test_fuzz_damaged_checkpoint_and_summary(interrupted_run, target, cut, posit
 @given(*damaged_runs)
 def test_fuzz_damaged_checkpoint_and_summary_long(interrupted_run, target, cut, position, byte):
     check_damaged_run_dir(interrupted_run, target, cut, position, byte)
+
+
+def test_a_checkpoint_whose_saved_config_is_damaged_is_one_resume_line(interrupted_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(interrupted_run, copy)
+    path = copy / "checkpoint.safetensors"
+    data = path.read_bytes()
+    assert data.count(b"lora_targets = []") == 1  # the config TOML in the checkpoint's JSON header
+    path.write_bytes(data.replace(b"lora_targets = []", b"lora_targets ? []"))
+    code, err = real_outcome(["run", "--resume", str(copy), "--no-progress"])
+    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: --resume: {copy}: checkpoint: the saved experiment is not valid TOML "
+                               f"(Expected '=' after a key") and lines[0].endswith("the file was damaged"), err
