@@ -124,7 +124,12 @@ def _resume_config(args: argparse.Namespace):
     out = overrides.pop("output.dir", None)
     if out is not None and Path(out).resolve() != run_dir.resolve():
         raise ConfigError(f"run: --out {out} differs from --resume {run_dir}; a run resumes in its own directory")
-    cfg = load_config(run_dir / CONFIG_TOML, overrides)
+    try:
+        cfg = load_config(run_dir / CONFIG_TOML, overrides)
+    except ConfigError as exc:
+        if any(str(exc).startswith(key + ":") for key in overrides):  # a flag's own value: the flag's line
+            raise
+        raise ConfigError(f"--resume: {run_dir / CONFIG_TOML}: {exc}") from None
     if not cfg.output.dir or Path(cfg.output.dir).resolve() != run_dir.resolve():
         cfg.output.dir = str(run_dir)  # the run directory was moved (or config.toml names a relative path)
     return cfg

@@ -303,7 +303,7 @@ REAL_LONG = settings(max_examples=300, deadline=None, database=None,
                                             HealthCheck.function_scoped_fixture])
 TINY_RUN = ["--rounds", "1", "--num-clients", "2", "--clients-per-round", "2", "--set", "model.hidden=[8]",
             "--no-progress"]
-NAMES_A_KEY = r"^error: (([a-z_]+\.)*[a-z_0-9]+(\[\d+\])?|--[a-z-]+|config|report|run|sweep|deploy local): "
+NAMES_A_KEY = r"^error: (([A-Za-z_0-9-]+\.)*[A-Za-z_0-9-]+(\[\d+\])?|--[a-z-]+|deploy local): "
 # What makes a key read (else it only warns that it has no effect): settings that use it.
 USE = {
     "data.alpha": {"data.partitioner": "dirichlet"}, "data.quantity_power": {"data.partitioner": "quantity"},
