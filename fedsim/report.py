@@ -68,7 +68,8 @@ def find_runs(path: Path) -> list[Path]:
 REQUIRED_CONFIG = ("strategy.name", "privacy.noise_multiplier", "privacy.target_epsilon",
                    "privacy.user_noise_multiplier", "privacy.user_target_epsilon", "federation.rounds",
                    "federation.num_clients", "federation.clients_per_round")
-# Keys of a finished summary.json that must hold a number (NaN allowed: a diverged run).
+# Keys of a finished summary.json that must hold a finite number (a run that diverged ends
+# "diverged", never "finished": a NaN here is a damaged file).
 REQUIRED_NUMBERS = ("final_metric", "best_metric")
 
 
@@ -83,6 +84,8 @@ def _epsilon(value: Any) -> float:
         return math.inf
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MalformedRun(f"summary.json: epsilon {value!r} is not a number")
+    if math.isnan(value) or value < 0:
+        raise MalformedRun(f"summary.json: epsilon {value!r} is not >= 0")
     return float(value)
 
 
@@ -125,8 +128,8 @@ def read_run(run: Path, summary: dict) -> dict:
     sample, user, label = _level(summary, "sample_level"), _level(summary, "user_level"), _level(summary, "label_level")
     private = bool(sample.get("accountant"))
     return {**cfg, "run": run.name, "metric_name": str(summary["metric_name"]),
-            "final_metric": _number(summary["final_metric"], "final_metric"),
-            "best_metric": _number(summary["best_metric"], "best_metric"),
+            "final_metric": _finite(summary["final_metric"], "final_metric"),
+            "best_metric": _finite(summary["best_metric"], "best_metric"),
             "sample_epsilon": _epsilon(sample.get("epsilon_max")) if private else math.inf,
             # runs written before summary.json kept the distribution have no median: NaN
             "sample_epsilon_median": (_epsilon(sample["epsilon_median"]) if sample.get("epsilon_median") is not None
@@ -146,6 +149,14 @@ def _number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MalformedRun(f"summary.json: {key} = {value!r} is not a number")
     return float(value)
+
+
+def _finite(value: Any, key: str) -> float:
+    """A number a finished run must have: finite."""
+    number = _number(value, key)
+    if not math.isfinite(number):
+        raise MalformedRun(f"summary.json: {key} = {value!r} is not a finite number, yet the run says finished")
+    return number
 
 
 def load_runs(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
@@ -228,6 +239,26 @@ def _epsilon_mean(values: pd.Series) -> float:
     return round(float(values.mean()), 2) if np.isfinite(values).all() else math.inf
 
 
+# Config keys that may differ between the runs of one row: what the row averages over (seeds,
+# their directories and names) and what calibration derives per run from the row's target.
+PER_RUN_KEYS = {"seed", "name", "output.dir", "privacy.noise_multiplier", "privacy.user_noise_multiplier"}
+
+
+def mixed_settings(frame: pd.DataFrame, keys: list[str]) -> dict[str, list[str]]:
+    """Config keys whose value differs between runs that land in one row (grouped by `keys`),
+    each with its values: such a row would average different experiments without saying so
+    (e.g. a sweep over privacy.user_clip_quantile reported without --group-by)."""
+    config = [c for c in frame.columns if "." in c and not c.startswith("_") and c not in PER_RUN_KEYS
+              and c not in keys]
+    mixed: dict[str, set[str]] = {}
+    for _, sub in frame.groupby(keys, sort=True, dropna=False):
+        for column in config:
+            values = {repr(v) for v in sub[column]}
+            if len(values) > 1:
+                mixed.setdefault(column, set()).update(values)
+    return {k: sorted(v) for k, v in sorted(mixed.items())}
+
+
 def build_table(frame: pd.DataFrame, group_by: list[str], median: bool = False) -> pd.DataFrame:
     """The privacy-utility table, numbers already rounded for display; `median` adds each
     run's median client beside its largest (`EPSILON_NOTE`). ``attrs["per_seed"]``
@@ -294,6 +325,7 @@ def build_table(frame: pd.DataFrame, group_by: list[str], median: bool = False) 
                               key=lambda s: s if s.name != "sample_epsilon" else s.replace(math.inf, 1e18),
                               ignore_index=True)
     table.attrs["per_seed"] = seeds
+    table.attrs["mixed"] = mixed_settings(frame, keys)
     return table
 
 
@@ -558,8 +590,9 @@ def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: st
 
     The numbers are already rounded for display. ``table.attrs`` holds ``unfinished`` (runs
     missing from the table, as "name (status)"), ``skipped`` (malformed runs left out, as
-    "name: why"), ``metric_name``, ``group_by`` and ``epsilon_note`` (what each epsilon
-    column holds), which `render` and `plot` use.
+    "name: why"), ``metric_name``, ``group_by``, ``epsilon_note`` (what each epsilon
+    column holds), which `render` and `plot` use, and ``mixed`` (`mixed_settings`: config keys
+    whose runs differ within a row, which the CLI warns about).
     Raises `FedsimError` for a missing path, no finished runs, mixed metrics, a bad key, or
     paired_against without pivot or not among the pivot column's values.
     """
@@ -570,13 +603,13 @@ def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: st
         frame = apply_filters(frame, where)
     metric_name = str(frame["metric_name"].iloc[0])
     table = build_table(frame, _keys(group_by), median)
-    per_seed = table.attrs["per_seed"]
+    per_seed, mixed = table.attrs["per_seed"], table.attrs["mixed"]
     if _keys(best_per):
         table = best_rows(table, _keys(best_per))
     table.attrs["per_seed"] = per_seed
     if pivot:
         table = pivot_table(table, pivot, paired_against)
-    table.attrs.update(unfinished=list(unfinished), skipped=skipped, metric_name=metric_name,
+    table.attrs.update(unfinished=list(unfinished), skipped=skipped, metric_name=metric_name, mixed=mixed,
                        group_by=_keys(group_by), epsilon_note=EPSILON_NOTE)
     return table
 
