@@ -222,9 +222,9 @@ class RayEngineGrid(InProcessGrid):
 
     def _lost(self, index: int, share: list[int], pairs: list[tuple[Message, Context]], exc: Exception,
               replies: list[Message | None]) -> ClientFailure | None:
-        """A worker died or went silent: its clients' replies are errors (skip), or the run
-        fails with one line (fail). A replacement takes its place either way, for the rounds
-        that follow a skip."""
+        """A worker died or went silent: the run fails with one line (fail, returned for the
+        caller to raise once the other workers' replies are in), or its clients' replies are
+        errors and a fresh worker takes its place for the rounds that follow (skip)."""
         import ray
 
         nodes = [pairs[j][1].node_id for j in share]
