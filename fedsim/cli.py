@@ -140,8 +140,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"best {summary.get('best_metric'):.4f}")
     sample = summary.get("sample_level") or {}
     if sample.get("accountant"):
-        line += (f"; sample-level eps {sample['epsilon_max']:.2f} at delta={sample['delta']:g} "
-                 f"({sample['accountant']})")
+        median = sample.get("epsilon_median")
+        line += (f"; sample-level eps {sample['epsilon_max']:.2f} (largest client"
+                 + (f", median {median:.2f}" if median is not None else "")
+                 + f") at delta={sample['delta']:g} ({sample['accountant']})")
     user = summary.get("user_level")
     if user:
         line += f"; user-level eps {user['epsilon']:.2f} at delta={user['delta']:g} ({user['accountant']})"
@@ -242,7 +244,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         check_plot_path(args.plot)  # a bad extension is refused before any work
     where = [(key, value) for key, _, value in (item.partition("=") for item in args.where)]
-    table = report(args.path, group_by=args.group_by, best_per=args.best_per, where=where)
+    table = report(args.path, group_by=args.group_by, best_per=args.best_per, where=where,
+                   median=args.median_client)
     for entry in table.attrs["skipped"]:
         sys.stderr.write(f"warning: skipped malformed run {entry}\n")
     shown = table
@@ -317,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "  fedsim run configs/quickstart.toml --noise-multiplier 1.0 --rounds 20 "
                               "--strategy fedprox --set strategy.fedprox.mu=0.1\n"
                               "  fedsim run --resume runs/quickstart-20261123-101500\n"
-                              "  fedsim run configs/quickstart.toml --out runs/qs --overwrite")
+                              "  fedsim run configs/quickstart.toml --out runs/qs --overwrite\n"
+                              "  fedsim run configs/quickstart.toml --set privacy.user_target_epsilon=3 "
+                              "--set federation.sampling=poisson --accountant pld")
     _add_config_flags(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--resume", metavar="DIR",
@@ -410,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  fedsim report sweeps/privacy-utility --format md --plot pu.png\n"
                               "  fedsim report sweeps/privacy-utility --plot pu.pdf --log-epsilon\n"
                               "  fedsim report sweeps/my-alpha-sweep --group-by data.alpha --plot alpha.png\n"
-                              "  fedsim report sweeps/fedsvd --pivot strategy --paired-against fedavg-lora")
+                              "  fedsim report sweeps/fedsvd --pivot strategy --paired-against fedavg-lora\n"
+                              "  fedsim report sweeps/privacy-utility --median-client")
     p.add_argument("path", help="a run directory or a sweep directory")
     p.add_argument("--format", default="md", choices=("md", "csv", "latex", "json"), help="table format")
     p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
@@ -418,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="final metric against epsilon, one line per strategy and --group-by value, with "
                         "95%% CI bands and dashed non-private references (.png, .pdf, .svg, ...)")
     p.add_argument("--log-epsilon", action="store_true", help="--plot with a logarithmic epsilon axis")
+    p.add_argument("--median-client", action="store_true",
+                   help="show each run's median client's sample-level epsilon beside its largest")
     p.add_argument("--group-by", default="", metavar="KEYS",
                    help="extra config keys that split rows, e.g. data.alpha,data.dataset")
     p.add_argument("--best-per", default="", metavar="KEYS",

@@ -124,6 +124,11 @@ class FederationConfig:
     clients_per_round: int = param(5, "clients sampled per round (unset: at most num_clients)", lo=1,
                                    hi=MAX_CLIENTS, why=WHY_MEMORY)
     rounds: int = param(10, "federated rounds", lo=1, hi=MAX_ROUNDS, why=WHY_LONG)
+    sampling: str = param("auto", "how a round's clients are drawn: poisson (each joins with q = K/N; "
+                          "the cohort size varies), fixed (K without replacement), cyclic (blocks of K of "
+                          "one seeded order, each client at most once per N/K rounds), auto (cyclic under "
+                          "DP-FTRL, poisson under other user-level DP, else fixed); the user-level epsilon "
+                          "accounts the one that runs", choices=("auto", "poisson", "fixed", "cyclic"))
 
 
 @dataclass
@@ -145,7 +150,9 @@ class PrivacyConfig:
     delta: float = param(1e-5, "delta of every reported epsilon; must also be < 1/n (n: samples of the "
                          "largest client; clients, for user-level DP)", lo=0.0, hi=1.0, lo_open=True, hi_open=True,
                          why="delta >= 1 bounds nothing")
-    accountant: str = param("rdp", "accountant for sample-level epsilon", choices=("rdp", "prv"))
+    accountant: str = param("rdp", "accountant of every epsilon, sample and user level: rdp (Opacus' RDP), "
+                            "prv (Opacus' PRV), pld (dp-accounting's PLD); fixed-cohort sampling and "
+                            "DP-FTRL take rdp only at the user level", choices=("rdp", "prv", "pld"))
     target_epsilon: float = param(0.0, "calibrate sigma to this sample-level epsilon (0 = off)", lo=0.0)
     user_noise_multiplier: float = param(0.0, "central user-level DP noise multiplier (0 = off)", lo=0.0)
     user_clip: float = param(1.0, "central DP clipping norm of client updates", lo=0.0, lo_open=True)

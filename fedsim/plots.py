@@ -25,7 +25,8 @@ from fedsim.errors import FedsimError
 
 # Table columns `fedsim.report.build_table` writes; any other column is a --group-by key.
 REPORT_COLUMNS = frozenset({
-    "strategy", "target_epsilon", "sigma", "sample_epsilon", "sample_accountant", "user_sigma",
+    "strategy", "target_epsilon", "sigma", "sample_epsilon", "sample_epsilon_seed_max", "sample_epsilon_median",
+    "sample_accountant", "user_sigma",
     "user_epsilon", "user_accountant", "label_epsilon", "label_accountant", "delta", "ci95",
     "rounds", "clients", "per_round", "seeds"})
 
@@ -155,11 +156,13 @@ def _epsilon_column(table: pd.DataFrame) -> str:
 
 
 def epsilon_axis_label(table: pd.DataFrame, eps_col: str) -> str:
-    """"ε (sample-level, RDP (Opacus), δ=1e-5)": the level, the accountant when all private
-    rows share one, and δ (every distinct one)."""
+    """"ε (sample-level, largest client, mean over seeds, RDP (Opacus), δ=1e-5)": the level,
+    the statistic the points are (`fedsim.report.EPSILON_NOTE`), the accountant when all
+    private rows share one, and δ (every distinct one)."""
     level = eps_col.split("_")[0]
     finite = table[np.isfinite(table[eps_col].astype(float))]
-    parts = [f"{level}-level"]
+    parts = [f"{level}-level"] + (["largest client, mean over seeds"] if level == "sample" else
+                                  ["mean over seeds"] if level == "user" else [])
     acc_col = f"{level}_accountant"
     if acc_col in finite:
         accountants = sorted({str(a).split(", ")[0] for a in finite[acc_col] if a and a != "-"})

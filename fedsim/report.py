@@ -2,7 +2,10 @@
 
 Rows are strategy x privacy setting (plus any group-by keys), averaged over seeds:
 final metric as mean +- 95% CI (Student t over seeds), best-round metric, and the
-epsilon of each privacy level with its accountant and delta. A non-private row
+epsilon of each privacy level with its accountant and delta. Every epsilon column names its
+statistic (`EPSILON_NOTE`, under every markdown table and in JSON): a run's sample-level
+epsilon is its largest per-client one; across seeds, `sample_epsilon` is their mean and
+`sample_epsilon_seed_max` their maximum (`median=True` adds the median client's). A non-private row
 (sigma = 0, epsilon = inf) is the reference. Every output format is rendered from the
 same rounded numbers, so markdown, CSV, LaTeX and JSON agree digit for digit.
 Unfinished or missing cells are listed, never dropped silently. A pivoted table can show
@@ -42,6 +45,11 @@ Where = Mapping[str, Any] | Sequence[tuple[str, Any]]
 # Runs calibrated to a target epsilon have a sigma that depends on client sizes (and so on
 # the seed): they are grouped by their target, not by sigma.
 PRIVACY_KEYS = ["privacy.target_epsilon", "privacy.user_target_epsilon", "_sigma", "_user_sigma"]
+
+EPSILON_NOTE = ("sample_epsilon: per run the largest per-client sample-level epsilon, mean over seeds; "
+                "sample_epsilon_seed_max: the largest of those over seeds; sample_epsilon_median (when shown): "
+                "per run the median client's, mean over seeds; user_epsilon: the user-level epsilon of the "
+                "run (one for all clients), mean over seeds, its accountant naming the client sampling.")
 
 
 def _flatten(d: dict) -> dict:
@@ -120,6 +128,9 @@ def read_run(run: Path, summary: dict) -> dict:
             "final_metric": _number(summary["final_metric"], "final_metric"),
             "best_metric": _number(summary["best_metric"], "best_metric"),
             "sample_epsilon": _epsilon(sample.get("epsilon_max")) if private else math.inf,
+            # runs written before summary.json kept the distribution have no median: NaN
+            "sample_epsilon_median": (_epsilon(sample["epsilon_median"]) if sample.get("epsilon_median") is not None
+                                      else math.nan) if private else math.inf,
             "sample_accountant": sample.get("accountant") or "",
             "user_epsilon": _epsilon(user.get("epsilon")) if user else None,
             "user_accountant": user.get("accountant", "") if user else "",
@@ -208,8 +219,18 @@ def _row_key(values: Mapping[str, Any]) -> tuple:
                         for c, v in values.items() if not _is_statistic(c)))
 
 
-def build_table(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
-    """The privacy-utility table, numbers already rounded for display. ``attrs["per_seed"]``
+def _epsilon_mean(values: pd.Series) -> float:
+    """The mean over seeds of an epsilon, shown to 2 decimals; inf if any seed's is, NaN
+    (shown "-") if a seed's is unknown."""
+    values = values.astype(float)
+    if values.isna().any():
+        return math.nan
+    return round(float(values.mean()), 2) if np.isfinite(values).all() else math.inf
+
+
+def build_table(frame: pd.DataFrame, group_by: list[str], median: bool = False) -> pd.DataFrame:
+    """The privacy-utility table, numbers already rounded for display; `median` adds each
+    run's median client beside its largest (`EPSILON_NOTE`). ``attrs["per_seed"]``
     maps each row (`_row_key`) to its runs' (seed, final metric in the display unit), unrounded:
     what `pivot_table(..., paired_against=...)` pairs."""
     scale, digits = _scale_digits(frame["metric_name"].iloc[0])
@@ -233,9 +254,13 @@ def build_table(frame: pd.DataFrame, group_by: list[str]) -> pd.DataFrame:
             row["target_epsilon"] = float(group["privacy.target_epsilon"]) or math.inf
         row.update({
             "sigma": round(float(sub["privacy.noise_multiplier"].mean()), 3),
-            "sample_epsilon": round(float(sample_eps.mean()), 2) if np.isfinite(sample_eps).all() else math.inf,
-            "sample_accountant": sub["sample_accountant"].iloc[0] or "-",
+            "sample_epsilon": _epsilon_mean(sample_eps),
+            "sample_epsilon_seed_max": round(float(sample_eps.max()), 2) if np.isfinite(sample_eps).all()
+            else math.inf,
         })
+        if median:
+            row["sample_epsilon_median"] = _epsilon_mean(sub["sample_epsilon_median"])
+        row["sample_accountant"] = sub["sample_accountant"].iloc[0] or "-"
         if sub["user_epsilon"].notna().any():
             row["user_sigma"] = round(float(sub["privacy.user_noise_multiplier"].mean()), 3)
             row["user_epsilon"] = round(float(sub["user_epsilon"].astype(float).mean()), 2)
@@ -428,13 +453,15 @@ def _cell(value, column: str) -> str:
     return str(value)
 
 
-def to_markdown(table: pd.DataFrame, unit: str, paired: Mapping[str, Any] | None = None) -> str:
+def to_markdown(table: pd.DataFrame, unit: str, paired: Mapping[str, Any] | None = None,
+                epsilon_note: str = "") -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(_cell(row[c], c) for c in cols) + " |")
-    return "\n".join(lines) + (f"\n\nMetric: {unit}, mean over seeds; ci95 (or ±) is the half-width "
-                                "of the 95% t-interval over seeds.\n") + (paired_note(paired) + "\n" if paired else "")
+    notes = (f"\n\nMetric: {unit}, mean over seeds; ci95 (or ±) is the half-width "
+             "of the 95% t-interval over seeds.\n") + (paired_note(paired) + "\n" if paired else "")
+    return "\n".join(lines) + notes + (f"Epsilon: {epsilon_note}\n" if epsilon_note else "")
 
 
 def _latex_escape(text: str) -> str:
@@ -458,11 +485,13 @@ def to_latex(table: pd.DataFrame) -> str:
 
 
 def to_json(table: pd.DataFrame, unfinished: list[str], skipped: Sequence[str] = (),
-            paired: Mapping[str, Any] | None = None) -> str:
+            paired: Mapping[str, Any] | None = None, epsilon_note: str = "") -> str:
     records = [{k: (None if isinstance(v, float) and math.isnan(v) else
                     ("inf" if isinstance(v, float) and math.isinf(v) else v))
                 for k, v in row.items()} for row in table.to_dict("records")]
     extra = {"paired": {**paired, "note": paired_note(paired)}} if paired else {}
+    if epsilon_note:
+        extra["epsilon_note"] = epsilon_note
     return json.dumps({"rows": records, "unfinished": unfinished, "skipped": list(skipped), **extra}, indent=2,
                       default=str) + "\n"
 
@@ -515,7 +544,8 @@ def metric_unit(metric_name: str) -> str:
 
 
 def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: str | Sequence[str] = (),
-           where: Where | None = None, pivot: str = "", paired_against: Any = None) -> pd.DataFrame:
+           where: Where | None = None, pivot: str = "", paired_against: Any = None,
+           median: bool = False) -> pd.DataFrame:
     """The privacy-utility table of the runs under `path` (a run or a sweep directory).
 
     group_by: extra config keys that split rows (e.g. ["data.alpha"]). best_per: keep only
@@ -524,10 +554,12 @@ def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: st
     one column per value of this table column (e.g. "strategy") holding "final ± ci95".
     paired_against: with pivot, a value of that column (e.g. "fedavg-lora"): every other
     column becomes "V − value", the paired difference over the seeds both have (`pivot_table`).
+    median: show each run's median client's sample-level epsilon beside its largest.
 
     The numbers are already rounded for display. ``table.attrs`` holds ``unfinished`` (runs
     missing from the table, as "name (status)"), ``skipped`` (malformed runs left out, as
-    "name: why"), ``metric_name`` and ``group_by``, which `render` and `plot` use.
+    "name: why"), ``metric_name``, ``group_by`` and ``epsilon_note`` (what each epsilon
+    column holds), which `render` and `plot` use.
     Raises `FedsimError` for a missing path, no finished runs, mixed metrics, a bad key, or
     paired_against without pivot or not among the pivot column's values.
     """
@@ -537,7 +569,7 @@ def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: st
     if where:
         frame = apply_filters(frame, where)
     metric_name = str(frame["metric_name"].iloc[0])
-    table = build_table(frame, _keys(group_by))
+    table = build_table(frame, _keys(group_by), median)
     per_seed = table.attrs["per_seed"]
     if _keys(best_per):
         table = best_rows(table, _keys(best_per))
@@ -545,7 +577,7 @@ def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: st
     if pivot:
         table = pivot_table(table, pivot, paired_against)
     table.attrs.update(unfinished=list(unfinished), skipped=skipped, metric_name=metric_name,
-                       group_by=_keys(group_by))
+                       group_by=_keys(group_by), epsilon_note=EPSILON_NOTE)
     return table
 
 
@@ -562,9 +594,10 @@ def render(table: pd.DataFrame, fmt: str = "md", unfinished: list[str] | None = 
             (c[len("final_"):] for c in table.columns if c.startswith("final_")), "")
         unit = metric_unit(name)
     if fmt == "md":
-        return to_markdown(table, unit, table.attrs.get("paired"))
+        return to_markdown(table, unit, table.attrs.get("paired"), table.attrs.get("epsilon_note", ""))
     if fmt == "csv":
         return to_csv(table)
     if fmt == "latex":
         return to_latex(table)
-    return to_json(table, unfinished, table.attrs.get("skipped", []), table.attrs.get("paired"))
+    return to_json(table, unfinished, table.attrs.get("skipped", []), table.attrs.get("paired"),
+                   table.attrs.get("epsilon_note", ""))

@@ -31,11 +31,12 @@ from fedsim.experiment import run_config_for
 from fedsim.lora import set_trainable
 from fedsim.models import build_model
 from fedsim.partition import partition
-from fedsim.privacy.accounting import calibrate_noise, poisson_sample_rate, steps_per_round
+from fedsim.privacy.accounting import (calibrate_noise, calibrate_user_noise, check_user_accounting,
+                                      poisson_sample_rate, steps_per_round)
 from fedsim.results import read_summary, remove_run_files, run_log, run_state
 from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
 from fedsim.runtime.ray_runtime import run_ray
-from fedsim.schedule import participation_counts
+from fedsim.schedule import client_sampling, participation_counts, user_accounting_args, user_mechanism
 from fedsim.server import RunRecorder, build_strategy, server_main
 
 log = logging.getLogger("fedsim")
@@ -59,7 +60,8 @@ def sample_level_plans(cfg: Config, sizes: list[int]) -> list[tuple[float, int]]
     picks release nothing and add no plan.
     """
     fed, c = cfg.federation, cfg.client
-    counts = participation_counts(cfg.seed, fed.rounds, fed.num_clients, fed.clients_per_round)
+    counts = participation_counts(cfg.seed, fed.rounds, fed.num_clients, fed.clients_per_round,
+                                  client_sampling(cfg))
     return sorted({(poisson_sample_rate(n, c.batch_size),
                     times * steps_per_round(n, c.batch_size, c.local_epochs, c.local_steps))
                    for n, times in zip(sizes, counts) if times > 0})
@@ -71,16 +73,19 @@ def calibrate(cfg: Config, sizes: list[int]) -> Config:
     Sample level: the smallest sigma at which EVERY client's final epsilon is <= the target
     (the tightest client, by realized participations and size, lands within 0.1% below it).
     A client that fails and is skipped trains less, so its epsilon only falls. User level:
-    the accountant of the reported user-level epsilon (q = K / N over the rounds).
+    `user_level_epsilon` itself, for the sampling mode that runs (`client_sampling`) and the
+    mechanism, over the rounds: the reported user-level epsilon lands in [0.999 T, T]. A
+    user-level accountant that cannot bound the sampling mode is refused here, before any work.
     """
-    p, fed = cfg.privacy, cfg.federation
+    p = cfg.privacy
     if p.target_epsilon > 0:
         p.noise_multiplier = calibrate_noise(p.target_epsilon, sample_level_plans(cfg, sizes),
                                              p.delta, p.accountant)
         log.info("target sample-level epsilon %.3g -> noise_multiplier %.4f", p.target_epsilon, p.noise_multiplier)
+    if p.user_noise_multiplier > 0 or p.user_target_epsilon > 0:
+        check_user_accounting(p.accountant, client_sampling(cfg), user_mechanism(cfg))
     if p.user_target_epsilon > 0:
-        p.user_noise_multiplier = calibrate_noise(
-            p.user_target_epsilon, [(fed.clients_per_round / fed.num_clients, fed.rounds)], p.delta, p.accountant)
+        p.user_noise_multiplier = calibrate_user_noise(p.user_target_epsilon, **user_accounting_args(cfg))
         log.info("target user-level epsilon %.3g -> user_noise_multiplier %.4f",
                  p.user_target_epsilon, p.user_noise_multiplier)
     return cfg

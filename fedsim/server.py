@@ -49,10 +49,11 @@ from fedsim.errors import ClientFailure, ConfigError
 from fedsim.experiment import config_from_context, derive_seed
 from fedsim.models import as_tensors, build_model
 from fedsim.node_data import data_spec
-from fedsim.privacy.accounting import accountant_label, user_level_epsilon
+from fedsim.privacy.accounting import accountant_label, user_accountant_label, user_level_epsilon
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, MODEL, MODEL_BEST, ROUND_COLUMNS,
                             ROUNDS_CSV, SUMMARY_JSON, BackgroundWriter, csv_text, json_text, run_log, write_atomic)
-from fedsim.schedule import ForwardingGrid, SampledGrid, sample_round
+from fedsim.schedule import (ForwardingGrid, SampledGrid, client_sampling, sample_round, user_accounting_args,
+                             user_mechanism)
 from fedsim.trackers import open_trackers
 
 log = logging.getLogger("fedsim")
@@ -154,11 +155,13 @@ class RunRecorder:
             self.train_losses.append(float(metrics[R.TRAIN_LOSS]))
 
     def user_epsilon(self, rounds: int) -> float | None:
-        p, fed = self.cfg.privacy, self.cfg.federation
+        """The user-level epsilon after `rounds` rounds, accounted for the sampling mode that
+        runs (`fedsim.schedule.user_accounting_args`); None without central DP."""
+        p = self.cfg.privacy
         if p.user_noise_multiplier <= 0:
             return None
-        return user_level_epsilon(p.user_noise_multiplier, fed.clients_per_round / fed.num_clients,
-                                  rounds, p.delta, p.accountant)
+        return user_level_epsilon(noise_multiplier=p.user_noise_multiplier,
+                                  **user_accounting_args(self.cfg, rounds))
 
     def on_round_end(self, server_round: int, evaluation: dict[str, float]) -> None:
         metric_name = "accuracy" if "accuracy" in evaluation else "mse"
@@ -179,8 +182,8 @@ class RunRecorder:
         self.trained_this_round, self.train_losses = 0, []
         self.write(status="running")
         text = f"{metric_name}={row['metric']:.4f}"
-        if self.private:
-            text += f" eps={row['sample_epsilon_max']:.2f}"
+        if self.private:  # the accountants, delta and sampling behind both are in run.log's header
+            text += f" sample_eps_max={row['sample_epsilon_max']:.2f}"
         if row["user_epsilon"] is not None:
             text += f" user_eps={row['user_epsilon']:.2f}"
         log.info("round %d/%d: %s test_loss=%.4f train_loss=%.4f clients=%d (%.1f s)", server_round,
@@ -209,11 +212,19 @@ class RunRecorder:
         if not self.private:  # strict JSON has no Infinity: say why there is no number
             sample.update(epsilon_max=None, epsilon_mean=None,
                           note="no DP-SGD (noise_multiplier = 0): no finite sample-level epsilon")
+        if self.private:  # the distribution over clients that trained, not only its largest
+            sample.update(epsilon_stats([c.epsilon for c in self.clients.values()]))
+        sampling = client_sampling(self.cfg)
         user = None
         if p.user_noise_multiplier > 0:
+            args = user_accounting_args(self.cfg)
             user = {"epsilon": last.get("user_epsilon"), "delta": p.delta,
-                    "accountant": accountant_label(p.accountant) + ", Poisson client sampling assumed",
+                    "accountant": user_accountant_label(p.accountant, sampling, args["mechanism"],
+                                                        args["restart_every"]),
+                    "sampling": sampling, "mechanism": args["mechanism"],
                     "noise_multiplier": p.user_noise_multiplier, "clip": p.user_clip}
+            if args["mechanism"] == "tree":
+                user["max_participations_per_tree"] = args["max_participations"]
         label = get_algorithm(self.cfg.strategy.name).label_privacy(self.cfg.strategy.params, p.delta)
         out = {
             "status": status, "name": self.cfg.name, "seed": self.cfg.seed,
@@ -221,6 +232,7 @@ class RunRecorder:
             "rounds_completed": len(self.rows), "rounds_planned": self.cfg.federation.rounds,
             "num_clients": self.cfg.federation.num_clients,
             "clients_per_round": self.cfg.federation.clients_per_round,
+            "sampling": sampling,  # federation.sampling that ran (auto resolved)
             "metric_name": metric_name, "final_metric": last.get("metric"),
             "best_metric": best.get("metric"), "best_round": best.get("round"),
             "final_test_loss": last.get("test_loss"),
@@ -253,6 +265,15 @@ class RunRecorder:
         summary = self.write(status, error)
         self.writer.close()  # every file on disk before the run is reported over
         self.trackers.on_run_end(summary)
+
+
+def epsilon_stats(values: list[float]) -> dict:
+    """min, median and max of the per-client sample-level epsilons (clients that trained);
+    None each before any client has trained."""
+    if not values:
+        return {"epsilon_min": None, "epsilon_median": None, "epsilon_max": None}
+    return {"epsilon_min": float(np.min(values)), "epsilon_median": float(np.median(values)),
+            "epsilon_max": float(np.max(values))}
 
 
 class TrackedGrid(ForwardingGrid):
@@ -399,18 +420,23 @@ def evaluation_function(cfg: Config, recorder: RunRecorder):
 def fedavg_kwargs(cfg: Config) -> dict:
     """FedAvg options shared by every strategy.
 
-    Exactly clients_per_round nodes train per round; fedsim's discovery waits for all
-    num_clients nodes before round 1 (Flower's round-1 race), and Flower's own wait asks
-    only for clients_per_round, so a lost node never makes it wait forever (fedsim's grid
-    raises a clear error instead when too few nodes are left); no federated evaluation,
+    The round's clients come from `fedsim.schedule.sample_round` (`SeededRounds` shows the
+    strategy only them), and the strategy takes every node it is shown: exactly
+    clients_per_round of them, or under Poisson sampling (``fraction_train`` = 1, at least 1
+    node) however many were drawn. fedsim's discovery waits for all num_clients nodes before
+    round 1 (Flower's round-1 race), and Flower's own wait asks only for the nodes shown, so a
+    lost node never makes it wait forever (fedsim's grid raises a clear error instead when too
+    few nodes are left); no federated evaluation,
     because fedsim evaluates the global model centrally on the held-out split.
     Under central DP the average is unweighted: with example weights a large client's
     influence would exceed C/K and the noise would no longer cover it.
     """
-    fed = cfg.federation
     central_dp = cfg.privacy.user_noise_multiplier > 0
-    return dict(fraction_train=fed.clients_per_round / fed.num_clients,
-                min_train_nodes=fed.clients_per_round, min_available_nodes=fed.clients_per_round,
+    fed = cfg.federation
+    poisson = client_sampling(cfg) == "poisson"
+    k = 1 if poisson else fed.clients_per_round
+    return dict(fraction_train=1.0 if poisson else fed.clients_per_round / fed.num_clients,
+                min_train_nodes=k, min_available_nodes=k,
                 fraction_evaluate=0.0, min_evaluate_nodes=0,
                 weighted_by_key=R.UNIT_WEIGHT if central_dp else R.NUM_EXAMPLES)
 
@@ -434,8 +460,11 @@ def build_strategy(cfg: Config) -> Strategy:
 class SeededRounds(Strategy):
     """Delegates to a strategy, seeding each round's random draws where the round starts.
 
-    The round's clients are `fedsim.schedule.sample_round`'s (the schedule target-epsilon
-    calibration plans with); the strategy sees only them and takes all. Flower orders them
+    The round's clients are `fedsim.schedule.sample_round`'s in `sampling` mode (the schedule
+    target-epsilon calibration plans with); the strategy sees only them and takes all. A
+    Poisson round that drew no client sends nothing: the inner strategy's ``configure_train``
+    is not called, and its ``aggregate_train`` gets no replies (a central-DP layer still
+    releases, and the accountant still counts, that round's noised zero sum). Flower orders them
     with Python's `random`, its DP wrappers draw noise from numpy's global generator, and
     server-side torch draws (FedSVD's randomized SVD) use torch's. Seeding all three from
     (experiment seed, round) at the start of `configure_train` makes every round reproducible
@@ -443,11 +472,14 @@ class SeededRounds(Strategy):
     it is in.
     """
 
-    def __init__(self, inner: Strategy, seed: int, grid: TrackedGrid, clients_per_round: int) -> None:
+    def __init__(self, inner: Strategy, seed: int, grid: TrackedGrid, clients_per_round: int,
+                 sampling: str = "fixed", num_clients: int | None = None) -> None:
         self.inner = inner
         self.seed = seed
         self.grid = grid
         self.clients_per_round = clients_per_round
+        self.sampling = sampling
+        self.num_clients = num_clients
 
     def summary(self) -> None:
         self.inner.summary()
@@ -461,7 +493,11 @@ class SeededRounds(Strategy):
         torch.default_generator.manual_seed(derive_seed(self.seed, server_round, "server-torch"))
         self.grid.current_round = server_round
         # The clients come from fedsim.schedule, the function target-epsilon calibration reads.
-        chosen = sample_round(self.seed, server_round, grid.get_node_ids(), self.clients_per_round)
+        chosen = sample_round(self.seed, server_round, grid.get_node_ids(), self.clients_per_round,
+                              self.sampling, self.num_clients)
+        if not chosen:
+            log.info("round %d: Poisson client sampling drew no client; the round trains nothing", server_round)
+            return []
         return self.inner.configure_train(server_round, arrays, config, SampledGrid(grid, chosen))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -503,7 +539,8 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_window
         tracked.discover(cfg.federation.num_clients, cfg.runtime.discovery_timeout, config_text, spec,
                          discovery_window)
         model, evaluate_fn = evaluation_function(cfg, recorder)
-        strategy = SeededRounds(build_strategy(cfg), cfg.seed, tracked, cfg.federation.clients_per_round)
+        strategy = SeededRounds(build_strategy(cfg), cfg.seed, tracked, cfg.federation.clients_per_round,
+                                client_sampling(cfg), cfg.federation.num_clients)
         log_settings(cfg, strategy)
         recorder.engine = _engine_record(cfg, model, grid)
         can_checkpoint = _checkpoints_possible(cfg, grid, strategy)
@@ -562,12 +599,13 @@ def _engine_record(cfg: Config, model: torch.nn.Module, grid: Grid) -> dict:
 
 def _train_round(strategy: Strategy, grid: TrackedGrid, recorder: RunRecorder, server_round: int,
                  arrays: ArrayRecord, timeout: float) -> ArrayRecord:
-    """One round of `Strategy.start`'s loop; the new global arrays. A round in which no client
-    trained fails the run, whatever the error policy: skipping every client would otherwise
-    finish a run that learned nothing."""
-    replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                                    timeout=timeout)
-    if recorder.trained_this_round == 0:
+    """One round of `Strategy.start`'s loop; the new global arrays. A round in which clients
+    were sent work but none trained fails the run, whatever the error policy: skipping every
+    client would otherwise finish a run that learned nothing. A Poisson round that drew no
+    client sends nothing and goes on (`SeededRounds`)."""
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+    if messages and recorder.trained_this_round == 0:
         skipped = grid.last_skipped
         text = f"round {server_round}: no client trained"
         if skipped is not None:
@@ -636,12 +674,19 @@ def log_settings(cfg: Config, strategy: Strategy) -> None:
     fed, c, p, rt, d = cfg.federation, cfg.client, cfg.privacy, cfg.runtime, cfg.data
     log.info("run %s: seed %d; data %s, partitioner %s (alpha %g); model %s", cfg.name, cfg.seed, d.dataset,
              d.partitioner, d.alpha, cfg.model.name)
-    log.info("federation: %d clients, %d per round, %d rounds; local: %s, batch %d, lr %g, momentum %g",
-             fed.num_clients, fed.clients_per_round, fed.rounds,
+    log.info("federation: %d clients, %d per round, %d rounds, %s client sampling; local: %s, batch %d, lr %g, "
+             "momentum %g", fed.num_clients, fed.clients_per_round, fed.rounds, client_sampling(cfg),
              f"{c.local_steps} steps" if c.local_steps else f"{c.local_epochs} epoch(s)", c.batch_size, c.lr,
              c.momentum)
     log.info("privacy: noise_multiplier %g, max_grad_norm %g, delta %g, accountant %s, user_noise_multiplier %g",
              p.noise_multiplier, p.max_grad_norm, p.delta, p.accountant, p.user_noise_multiplier)
+    if p.noise_multiplier > 0:
+        log.info("epsilon, sample level: per client at delta %g, %s, Poisson batches and realized participations; "
+                 "the rounds' sample_eps_max is the largest client's", p.delta, accountant_label(p.accountant))
+    if p.user_noise_multiplier > 0:
+        log.info("epsilon, user level: at delta %g, %s", p.delta,
+                 user_accountant_label(p.accountant, client_sampling(cfg), user_mechanism(cfg),
+                                       user_accounting_args(cfg)["restart_every"]))
     log.info("runtime %s, engine %s, device %s, on_client_error %s", rt.name, rt.engine, rt.device,
              rt.on_client_error)
     algorithm = get_algorithm(cfg.strategy.name)

@@ -172,13 +172,22 @@ def test_client_epsilon_after_participations_matches_dp_accounting(tiny):
 
 
 def test_user_level_epsilon_matches_dp_accounting(tiny):
+    """auto sampling is Poisson under central DP, and so is its accountant (more in tests/privacy)."""
     cfg = tiny(**{"privacy.user_noise_multiplier": 1.0, "privacy.user_clip": 1.0, "federation.rounds": 3})
     out = run_experiment(cfg, progress=False)
     summary = json.loads((out / "summary.json").read_text())
     expected = reference_rdp([(1.0, 3 / 6, 3)], 1e-5)
     assert summary["user_level"]["epsilon"] == pytest.approx(expected, rel=0.01)
-    assert "Poisson" in summary["user_level"]["accountant"]
-    assert user_level_epsilon(1.0, 0.5, 3, 1e-5) == pytest.approx(expected, rel=0.01)
+    assert "Poisson client sampling" in summary["user_level"]["accountant"]
+    assert summary["user_level"]["sampling"] == summary["sampling"] == "poisson"
+    assert user_level_epsilon(noise_multiplier=1.0, num_clients=6, cohort_size=3, rounds=3, delta=1e-5,
+                              sampling="poisson") == pytest.approx(expected, rel=0.01)
+
+
+def test_pld_at_the_sample_level_is_dp_accountings():
+    hist = [(1.0, 0.1, 10), (2.0, 0.25, 40)]
+    assert epsilon(hist, 1e-5, "pld") == pytest.approx(reference_pld(hist, 1e-5), rel=1e-9)
+    assert epsilon(hist, 1e-5, "pld") == pytest.approx(epsilon(hist, 1e-5, "prv"), rel=0.02)
 
 
 @pytest.mark.parametrize("target", [1.0, 3.0, 8.0])

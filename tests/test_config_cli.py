@@ -28,7 +28,7 @@ def write(tmp_path, text: str):
     ('[federation]\nnum_clientz = 3\n', "federation.num_clientz: unknown key"),
     ('[federation]\nrounds = "ten"\n', "federation.rounds: expected an integer"),
     ('[federation]\nrounds = 0\n', "federation.rounds: must be >= 1"),
-    ('[privacy]\naccountant = "gdp"\n', "privacy.accountant: must be one of rdp, prv"),
+    ('[privacy]\naccountant = "gdp"\n', "privacy.accountant: must be one of rdp, prv, pld"),
     ('[strategy.bags]\nrho = 1.5\n', "strategy.bags.rho: must be <= 1.0"),
     ('[bags]\nrho = 0.5\n', "bags.rho: renamed to strategy.bags.rho"),
     ('[strategy]\nproximal_mu = 0.5\n', "strategy.proximal_mu: renamed to strategy.fedprox.mu"),
@@ -85,7 +85,7 @@ def test_cli_subprocess_bad_input_no_traceback(tmp_path):
     p = write(tmp_path, "[privacy]\naccountant = 'gdp'\n")
     res = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", str(p)], capture_output=True, text=True)
     assert res.returncode == 2
-    assert res.stderr.strip() == "error: privacy.accountant: must be one of rdp, prv (got 'gdp')"
+    assert res.stderr.strip() == "error: privacy.accountant: must be one of rdp, prv, pld (got 'gdp')"
 
 
 def test_bags_non_numeric_label_is_refused(cli, tmp_path):

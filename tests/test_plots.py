@@ -69,7 +69,7 @@ def test_group_by_draws_one_line_and_one_reference_per_group(alpha_runs):
 def test_axes_carry_units_and_the_accountant(alpha_runs):
     ax = plot(report(alpha_runs)).axes[0]
     assert ax.get_ylabel() == "final accuracy (%)"
-    assert ax.get_xlabel() == "ε (sample-level, RDP (Opacus), δ=1e-5)"
+    assert ax.get_xlabel() == "ε (sample-level, largest client, mean over seeds, RDP (Opacus), δ=1e-5)"
     assert ax.get_xscale() == "linear"
 
 

@@ -10,14 +10,22 @@ its own q and calibration tries many sigmas.
 PRV has no such shortcut, so its results are cached per whole history (clients
 with the same size share a history, so the cache hits often).
 
-Every epsilon fedsim prints names its accountant and delta (`accountant_label`).
+Every epsilon fedsim prints names its level, accountant, delta and sampling
+(`accountant_label`, `user_accountant_label`).
+
+`privacy.accountant` picks the accountant at both levels: ``rdp`` (fedsim's RDP curve above,
+Opacus' formulas), ``prv`` (Opacus' PRV accountant) or ``pld`` (dp-accounting's privacy loss
+distributions, Meiser and Mohammadi 2018, Koskela et al. 2020; ``PLDAccountant``), all three
+for Poisson sampling. The user level (`user_level_epsilon`) adds the events whose sampling or
+neighbouring relation differs, from dp-accounting: fixed-size cohorts without replacement,
+cyclic cohorts (no sampling randomness) and DP-FTRL tree aggregation.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -33,12 +41,14 @@ History = Sequence[tuple[float, float, int]]
 # epsilon does not import Opacus, whose import costs 2-3 s of every run's start.
 OPACUS_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 ORDERS: tuple[float, ...] = OPACUS_ORDERS + (80, 96, 128, 192, 256, 512, 1024)
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv", "pld")
+SAMPLING_MODES = ("poisson", "fixed", "cyclic")  # how the server picks a round's clients (`fedsim.schedule`)
+USER_MECHANISMS = ("gaussian", "tree")
 
 
 def accountant_label(name: str) -> str:
     """How an accountant is named next to every epsilon fedsim reports."""
-    return {"rdp": "RDP (Opacus)", "prv": "PRV (Opacus)"}[name]
+    return {"rdp": "RDP (Opacus)", "prv": "PRV (Opacus)", "pld": "PLD (dp-accounting)"}[name]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -62,6 +72,31 @@ def _rdp_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> fl
     return float(eps)
 
 
+@functools.lru_cache(maxsize=256)
+def _one_step_pld(noise_multiplier: float, sample_rate: float):
+    """dp-accounting's PLD of ONE Poisson-subsampled Gaussian step (add/remove neighbours,
+    discretization 1e-4, as `PLDAccountant` builds it): about 0.6 s, half the cost of an
+    epsilon, so it is built once per (sigma, q) and self-composed per history."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    return privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier, sampling_prob=sample_rate, value_discretization_interval=1e-4)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pld_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """dp-accounting's PLD accountant on the same Poisson-subsampled Gaussian steps: each
+    (sigma, q) step's PLD self-composed over its steps, then composed (what `PLDAccountant`
+    does), 0.2-0.8 s per history, hence the memo."""
+    total = None
+    for sigma, q, steps in hist:
+        if q == 0:  # never sampled: releases nothing (as PLDAccountant skips it)
+            continue
+        part = _one_step_pld(sigma, q).self_compose(steps)
+        total = part if total is None else total.compose(part)
+    return 0.0 if total is None else float(total.get_epsilon_for_delta(delta))
+
+
 @functools.lru_cache(maxsize=1024)
 def _prv_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> float:
     from opacus.accountants import PRVAccountant  # here: Opacus' import costs 2-3 s
@@ -74,7 +109,8 @@ def _prv_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> fl
 def clear_memos() -> None:
     """Forget every memoized RDP curve and epsilon, so the next calls compute as a fresh
     process would (benchmarks time runs that way; the memos themselves cannot go stale)."""
-    for memo in (rdp_curve, _rdp_epsilon, _prv_epsilon):
+    for memo in (rdp_curve, _rdp_epsilon, _prv_epsilon, _pld_epsilon, _one_step_pld, _user_epsilon,
+                 without_replacement_rdp):
         memo.cache_clear()
 
 
@@ -89,7 +125,8 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
         return 0.0
     if any(s == 0 for s, _, _ in hist):
         return math.inf
-    return _rdp_epsilon(hist, delta) if accountant == "rdp" else _prv_epsilon(hist, delta)
+    memo = {"rdp": _rdp_epsilon, "prv": _prv_epsilon, "pld": _pld_epsilon}[accountant]
+    return memo(hist, delta)
 
 
 def rdp_epsilon(history: History, delta: float) -> float:
@@ -106,15 +143,197 @@ def steps_per_round(num_examples: int, batch_size: int, local_epochs: int, local
     return local_steps if local_steps > 0 else local_epochs * math.ceil(num_examples / batch_size)
 
 
-def user_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float,
-                       accountant: str = "rdp") -> float:
-    """Central DP-FedAvg: one Gaussian release per round, clients sampled at rate q.
+# --------------------------------------------------------------------------- user level
 
-    The accountant assumes Poisson sampling of clients; Flower samples a fixed number
-    per round. That is the usual approximation (as in McMahan et al. 2018), and
-    docs/privacy.md says so next to every user-level epsilon.
+# What each user-level mechanism and sampling mode can be accounted with, and why not otherwise.
+USER_ACCOUNTANTS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("gaussian", "poisson"): ("rdp", "prv", "pld"),
+    ("gaussian", "fixed"): ("rdp",),  # neither dp-accounting's PLD nor Opacus' PRV has this event
+    ("gaussian", "cyclic"): ("rdp", "pld"),  # plain Gaussian compositions: no subsampling to amplify
+    ("tree", "poisson"): ("rdp",),    # dp-accounting's tree events exist for RDP only
+    ("tree", "fixed"): ("rdp",),
+    ("tree", "cyclic"): ("rdp",),
+}
+
+
+def supported_user_accounting() -> str:
+    """The supported (mechanism, sampling, accountants) combinations, for error messages."""
+    return "; ".join(f"{m} with {s} sampling: {', '.join(a)}" for (m, s), a in USER_ACCOUNTANTS.items())
+
+
+def check_user_accounting(accountant: str, sampling: str, mechanism: str = "gaussian") -> None:
+    """Refuse, with one line, a user-level accountant that cannot bound this mechanism and
+    sampling. Called before any training (`fedsim.run.calibrate`) and by `user_level_epsilon`."""
+    if sampling not in SAMPLING_MODES:
+        raise ConfigError(f"federation.sampling: must be one of {', '.join(SAMPLING_MODES)} (got {sampling!r})")
+    if mechanism not in USER_MECHANISMS:
+        raise ConfigError(f"privacy.user_mechanism: must be one of {', '.join(USER_MECHANISMS)} (got {mechanism!r})")
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"privacy.accountant: must be one of {', '.join(ACCOUNTANTS)} (got {accountant!r})")
+    allowed = USER_ACCOUNTANTS[(mechanism, sampling)]
+    if accountant not in allowed:
+        what = ("DP-FTRL tree aggregation" if mechanism == "tree"
+                else "a fixed cohort drawn without replacement (federation.sampling = 'fixed')" if sampling == "fixed"
+                else "cyclic cohorts (federation.sampling = 'cyclic')")
+        raise ConfigError(f"privacy.accountant: {accountant!r} cannot account {what} at the user level; use "
+                          f"{' or '.join(repr(a) for a in allowed)}"
+                          + (", or federation.sampling = 'poisson'" if mechanism == "gaussian" else "")
+                          + f" (supported: {supported_user_accounting()})")
+
+
+def user_accountant_label(accountant: str, sampling: str, mechanism: str = "gaussian", restart_every: int = 0) -> str:
+    """The accountant, sampling and neighbouring relation behind a user-level epsilon, as
+    summary.json, the run log and the tables name it."""
+    if mechanism == "tree":
+        trees = f"restarted every {restart_every} rounds" if restart_every else "one tree"
+        return (f"RDP (dp-accounting), DP-FTRL tree aggregation ({trees}), no sampling assumption "
+                f"(realized participations per tree), replace-with-zero neighbours")
+    if sampling == "fixed":
+        return ("RDP (dp-accounting), fixed cohort of K of N without replacement, replace-one neighbours "
+                "(sensitivity 2C)")
+    if sampling == "cyclic":
+        name = {"rdp": "RDP", "pld": "PLD"}.get(accountant, accountant.upper())
+        return (f"{name} (dp-accounting), cyclic cohorts, no sampling assumption (each client's realized "
+                f"participations), replace-with-zero neighbours")
+    return f"{accountant_label(accountant)}, Poisson client sampling (q = K/N), add/remove neighbours"
+
+
+def _dp_accounting_rdp(neighbours: str):
+    import dp_accounting as dpa
+    from dp_accounting.rdp import RdpAccountant
+
+    return dpa, RdpAccountant(orders=list(ORDERS), neighboring_relation=getattr(dpa.NeighboringRelation, neighbours))
+
+
+@functools.lru_cache(maxsize=256)
+def without_replacement_rdp(noise_multiplier: float, num_clients: int, cohort_size: int) -> np.ndarray:
+    """RDP at ORDERS of ONE round that draws `cohort_size` of `num_clients` without replacement
+    and adds N(0, z^2 C^2) to the sum of updates clipped to C, under replace-one neighbours:
+    replacing one client moves the sum by up to 2C, so the Gaussian's noise multiplier on that
+    sensitivity is z / 2. dp-accounting's ``SampledWithoutReplacementDpEvent`` (Wang, Balle
+    and Kasiviswanathan 2019, "Subsampled Renyi differential privacy and analytical moments
+    accountant"); it costs 0.2-0.3 s, and RDP composes additively, so T rounds are T times this
+    curve (read-only: it is cached)."""
+    import logging
+
+    dpa, acc = _dp_accounting_rdp("REPLACE_ONE")
+    absl = logging.getLogger("absl")  # some fractional orders do not converge and are dropped (inf)
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        acc.compose(dpa.SampledWithoutReplacementDpEvent(num_clients, cohort_size,
+                                                         dpa.GaussianDpEvent(noise_multiplier / 2)))
+    finally:
+        absl.setLevel(level)
+    curve = np.array(acc.rdp, dtype=float)
+    curve.flags.writeable = False
+    return curve
+
+
+def _dp_accounting_epsilon(rdp: np.ndarray, delta: float) -> float:
+    """dp-accounting's RDP-to-(epsilon, delta) conversion (`RdpAccountant.get_epsilon`)."""
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    return float(compute_epsilon(np.asarray(ORDERS, dtype=float), rdp, delta)[0])
+
+
+def tree_aggregation_event(noise_multiplier: float, rounds: int, restart_every: int = 0,
+                           max_participations: int = 1):
+    """dp-accounting's event for `rounds` rounds of DP-FTRL's tree aggregation (Kairouz et al.
+    2021, "Practical and private (deep) learning without sampling or shuffling", appendix D),
+    the tree restarted every `restart_every` rounds (0: one tree over the run).
+
+    ``SingleEpochTreeAggregationDpEvent`` bounds one tree in which each client contributes at
+    most once; clients come back in later trees, so the trees are composed (a full tree
+    `rounds // restart_every` times, then the partial one), as its docstring asks. A client
+    that contributes k times to one tree changes at most k C per tree node, on each of the
+    tree's depth levels, so its sensitivity is at most k times the single-contribution one: the
+    same event at noise multiplier z / k bounds it (k = `max_participations`, the most rounds
+    any client trains in within one tree, known in advance from the seeded schedule)."""
+    import dp_accounting as dpa
+
+    z = noise_multiplier / max(max_participations, 1)
+    every = restart_every if restart_every > 0 else rounds
+    full, rest = divmod(rounds, every)
+    events = []
+    if full:
+        events.append(dpa.SelfComposedDpEvent(dpa.SingleEpochTreeAggregationDpEvent(z, every), full))
+    if rest:
+        events.append(dpa.SingleEpochTreeAggregationDpEvent(z, rest))
+    return dpa.ComposedDpEvent(events)
+
+
+def _cyclic_epsilon(noise_multiplier: float, participations: int, delta: float, accountant: str) -> float:
+    """A client that trains in m rounds, each releasing the sum (its update clipped to C) plus
+    N(0, z^2 C^2), with no randomness in who trains: m Gaussian releases of sensitivity C under
+    replace-with-zero neighbours (the schedule stays the same). dp-accounting's
+    ``GaussianDpEvent(z)`` composed m times, under RDP or PLD."""
+    if participations <= 0:
+        return 0.0
+    import dp_accounting as dpa
+
+    if accountant == "pld":
+        from dp_accounting.pld import PLDAccountant
+
+        acc = PLDAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_SPECIAL)
+    else:
+        _, acc = _dp_accounting_rdp("REPLACE_SPECIAL")
+    acc.compose(dpa.GaussianDpEvent(noise_multiplier), participations)
+    return float(acc.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _user_epsilon(noise_multiplier: float, num_clients: int, cohort_size: int, rounds: int, delta: float,
+                  sampling: str, accountant: str, mechanism: str, restart_every: int,
+                  max_participations: int) -> float:
+    if mechanism == "tree":
+        dpa, acc = _dp_accounting_rdp("REPLACE_SPECIAL")
+        acc.compose(tree_aggregation_event(noise_multiplier, rounds, restart_every, max_participations))
+        return float(acc.get_epsilon(delta))
+    if sampling == "poisson":
+        return epsilon([(noise_multiplier, cohort_size / num_clients, rounds)], delta, accountant)
+    if sampling == "cyclic":
+        return _cyclic_epsilon(noise_multiplier, max_participations, delta, accountant)
+    return _dp_accounting_epsilon(rounds * without_replacement_rdp(noise_multiplier, num_clients, cohort_size),
+                                  delta)
+
+
+def user_level_epsilon(*, noise_multiplier: float, num_clients: int, cohort_size: int, rounds: int,
+                       delta: float, sampling: str, accountant: str = "rdp", mechanism: str = "gaussian",
+                       restart_every: int = 0, max_participations: int = 1) -> float:
+    """(epsilon, delta) of central DP after `rounds` rounds: N(0, z^2 C^2) on the sum of the
+    round's client updates, each clipped to C (z = `noise_multiplier`).
+
+    Each sampling mode is accounted as what the server does (`fedsim.schedule.sample_round`):
+
+    * ``poisson``: each client joins a round independently with q = K/N, add/remove neighbours:
+      the subsampled Gaussian of DP-FedAvg (McMahan et al. 2018, "Learning differentially
+      private recurrent language models", whose moments accountant assumes exactly this
+      independent selection). ``rdp``: fedsim's curve (Opacus' formulas), ``prv``: Opacus' PRV,
+      ``pld``: dp-accounting's PLD.
+    * ``fixed``: K of N without replacement, replace-one neighbours (sensitivity 2C):
+      dp-accounting's ``SampledWithoutReplacementDpEvent`` under RDP (`without_replacement_rdp`).
+    * ``cyclic``: blocks of one fixed order, no randomness to amplify: `max_participations`
+      (the most rounds any client has trained in) Gaussian releases of sensitivity C under
+      replace-with-zero neighbours (`_cyclic_epsilon`); rdp or pld (dp-accounting).
+    * mechanism ``tree`` (DP-FTRL, `tree_aggregation_event`): no amplification by sampling is
+      assumed, whatever `sampling` is; `max_participations` is the most rounds any client
+      trains in within one tree (1 under cyclic cohorts when trees restart at most every
+      floor(N/K) rounds).
+
+    A combination no accountant here bounds raises a ConfigError naming the supported ones
+    (`check_user_accounting`). Memoized: the server asks every round.
     """
-    return epsilon([(noise_multiplier, sample_rate, rounds)], delta, accountant)
+    check_user_accounting(accountant, sampling, mechanism)
+    if not 1 <= cohort_size <= num_clients:
+        raise ConfigError(f"federation.clients_per_round: must be in [1, num_clients = {num_clients}] "
+                          f"(got {cohort_size})")
+    if rounds <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    return _user_epsilon(float(noise_multiplier), int(num_clients), int(cohort_size), int(rounds), float(delta),
+                         sampling, accountant, mechanism, int(restart_every), int(max_participations))
 
 
 def undominated(plans: Sequence[tuple[float, int]]) -> list[tuple[float, int]]:
@@ -139,22 +358,43 @@ def calibrate_noise(target_epsilon: float, plans: Sequence[tuple[float, int]], d
     Bisection on log(sigma): epsilon falls monotonically as sigma grows. The result's
     epsilon lies in [target * (1 - rel_tol), target] for the tightest plan.
     """
-    if target_epsilon <= 0:
-        raise ConfigError("privacy.target_epsilon: must be > 0 to calibrate")
-
     tight = undominated(plans)
 
     def worst(sigma: float) -> float:
         return max(epsilon([(sigma, q, steps)], delta, accountant) for q, steps in tight)
 
+    return bisect_sigma(worst, target_epsilon, delta, "privacy.target_epsilon", rel_tol)
+
+
+def calibrate_user_noise(target_epsilon: float, *, num_clients: int, cohort_size: int, rounds: int, delta: float,
+                         sampling: str, accountant: str = "rdp", mechanism: str = "gaussian",
+                         restart_every: int = 0, max_participations: int = 1, rel_tol: float = 1e-3) -> float:
+    """Smallest user-level z whose `user_level_epsilon` (the same arguments) is <= target."""
+    check_user_accounting(accountant, sampling, mechanism)
+
+    def eps(sigma: float) -> float:
+        return user_level_epsilon(noise_multiplier=sigma, num_clients=num_clients, cohort_size=cohort_size,
+                                  rounds=rounds, delta=delta, sampling=sampling, accountant=accountant,
+                                  mechanism=mechanism, restart_every=restart_every,
+                                  max_participations=max_participations)
+
+    return bisect_sigma(eps, target_epsilon, delta, "privacy.user_target_epsilon", rel_tol)
+
+
+def bisect_sigma(worst: Callable[[float], float], target_epsilon: float, delta: float, key: str,
+                 rel_tol: float = 1e-3) -> float:
+    """Smallest sigma with worst(sigma) <= target, by bisection on log(sigma) (epsilon falls
+    monotonically as sigma grows); worst(result) lies in [target * (1 - rel_tol), target]."""
+    if target_epsilon <= 0:
+        raise ConfigError(f"{key}: must be > 0 to calibrate")
     lo, hi = 0.05, 1.0
     while worst(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
-            raise ConfigError(f"privacy.target_epsilon: {target_epsilon} is unreachable at delta={delta}")
+            raise ConfigError(f"{key}: {target_epsilon} is unreachable at delta={delta}")
     if worst(lo) <= target_epsilon:
-        raise ConfigError(f"privacy.target_epsilon: {target_epsilon} is so large that sigma < {lo} "
-                          f"suffices; use noise_multiplier instead")
+        raise ConfigError(f"{key}: {target_epsilon} is so large that sigma < {lo} "
+                          f"suffices; use a noise multiplier instead")
     while True:
         mid = math.sqrt(lo * hi)
         eps = worst(mid)
