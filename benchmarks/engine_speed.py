@@ -19,7 +19,20 @@ Workloads (DP-SGD sigma = 1, C = 1, batch 8, one local epoch, as in the issue):
   (iv)  with a GPU: pfl-research's CIFAR-10 CNN (without its dropout) on random 32x32x3 data,
         1,000 users of 50 images, 50 a round; also reports rounds per second.
 
-    python benchmarks/engine_speed.py [--quick] [--repeats 3] [--threads 1] [--split] [--floor]
+    python benchmarks/engine_speed.py [--quick] [--repeats 3] [--threads 1] [--split] [--floor] [--central-dp]
+
+``--central-dp`` adds the central-DP workload: workload (ii) with user-level DP on (z = 1,
+adaptive clipping to the median, `fedsim.central_dp`), beside the same run without it, both
+on the vectorized engine, interleaved, in this one process:
+
+    central_dp workload=NAME loop_plain_s=... loop_central_s=... ratio=...
+
+``loop_*_s`` is the median time spent in the rounds' train-and-aggregate step
+(`fedsim.server._train_round`: messages, training, the strategy's aggregation and, with
+central DP, the layer on the round's stack), without set-up and central evaluation, which
+central DP does not touch. ``ratio`` is the median of the ratios of runs timed side by side
+(central after plain, each pair within a second): a shared host's drift moves both runs of a
+pair alike, where it would move the two medians apart. ``--only central`` runs this line alone.
 
 ``--split`` adds a line per workload with each engine's own training time (the vectorized
 engine's `train_clients`, Opacus' `run_job` per client) and what the rest of each run took.
@@ -79,6 +92,8 @@ from fedsim.privacy.accounting import clear_memos  # noqa: E402
 from fedsim.run import run_experiment  # noqa: E402
 
 ENGINE_SECONDS = [0.0]
+LOOP_SECONDS = [0.0]
+CENTRAL_DP = {"privacy.user_noise_multiplier": 1.0, "privacy.user_clip": 0.5, "privacy.user_clip_quantile": 0.5}
 TARGET_SPEEDUP, TARGET_E2E_OVER_ENGINE = 25.0, 1.5  # the targets at 100 clients a round, on the 2-core CPU
 
 
@@ -100,6 +115,38 @@ def _timed_engine() -> None:
     and Opacus' `run_job` for one client (model, data loader, PrivacyEngine, local loop)."""
     _timed("train_clients")
     _timed("run_job")
+
+
+def _timed_loop() -> None:
+    """Add the time spent in the server's `_train_round` to LOOP_SECONDS."""
+    import fedsim.server as server
+
+    real = server._train_round
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            LOOP_SECONDS[0] += time.perf_counter() - start
+    server._train_round = timed
+
+
+def central_dp_line(name: str, overrides: dict, repeats: int, tmp: Path) -> str:
+    """The central_dp line: the rounds' loop time of `overrides` with and without user-level DP
+    (`CENTRAL_DP`), vectorized engine, interleaved after one warm-up run of each."""
+    central = {**overrides, **CENTRAL_DP}
+    for label, config in (("plain", overrides), ("central", central)):
+        run_once({**config, "federation.rounds": 1}, "vectorized", tmp / f"central-{name}-warm-{label}")
+    loops: dict[str, list[float]] = {"plain": [], "central": []}
+    for r in range(repeats):
+        for label, config in (("plain", overrides), ("central", central)):
+            LOOP_SECONDS[0] = 0.0
+            run_once(config, "vectorized", tmp / f"central-{name}-{label}-{r}")
+            loops[label].append(LOOP_SECONDS[0])
+    p, c = statistics.median(loops["plain"]), statistics.median(loops["central"])
+    ratio = statistics.median(b / a for a, b in zip(loops["plain"], loops["central"]))
+    return f"central_dp workload={name} loop_plain_s={p:.3f} loop_central_s={c:.3f} ratio={ratio:.2f}"
 
 
 @register_model("bench-cifar-cnn")
@@ -226,6 +273,8 @@ def main() -> None:
                         help="also print each engine's own training time (split workload=... lines)")
     parser.add_argument("--floor", action="store_true",
                         help="also print the least time the Flower messages allow (floor workload=... lines)")
+    parser.add_argument("--central-dp", action="store_true",
+                        help="also time workload (ii) with user-level DP beside it without (central_dp line)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 3)
@@ -238,9 +287,12 @@ def main() -> None:
             handler.setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     _timed_engine()
+    _timed_loop()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         for name, overrides in workloads(args.quick, tmp):
+            if args.central_dp and name == "digits-mlp-200x100" and (not args.only or args.only in "central"):
+                print(central_dp_line(name, overrides, repeats, tmp), flush=True)
             if args.only and args.only not in name:
                 continue
             warm = {**overrides, "federation.rounds": 1}

@@ -40,6 +40,7 @@ from fedsim.models import as_tensors, build_model
 from fedsim.node_data import node_data, node_dataset, node_partition_id
 from fedsim.privacy.accounting import History, epsilon
 from fedsim.privacy.canaries import planted_canaries
+from fedsim.privacy.client_clipping import clip_own_update
 
 
 def query(msg: Message, context: Context, config_text: str | None = None) -> Message:
@@ -254,6 +255,7 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
             content[R.ALGORITHM_ARRAYS] = tensors_to_record(extra_arrays, "reply arrays")
         if node_state:  # {} keeps the node's previous state (`ClientRule.finish`)
             R.plain(context.state)[R.ALGORITHM_STATE] = tensors_to_record(node_state, "node state")
+    clip_own_update(content, job.msg.content)  # privacy.user_clipping = "client"; else nothing
     return R.reply_to(job.msg, content)
 
 

@@ -211,7 +211,9 @@ class Algorithm:
     client        the `ClientRule`.
     check         optional ``check(params, cfg, data, client_sizes)``: rules between this
                   algorithm and the rest of the experiment, raising `ConfigError`.
-    central_dp    the strategy can be wrapped in Flower's server-side DP (user-level).
+    central_dp    user-level DP (`fedsim.central_dp`) is sound for it: its server step reads
+                  the replies only through their mean (and, for arrays it sums, their sum).
+    central_dp_refused  why not, where central DP is refused (one line the error shows).
     label_privacy optional ``label_privacy(params, delta) -> dict | None``: a label-level
                   privacy statement for summary.json (learning from bags).
     summary       one line for the run log: what the algorithm is.
@@ -223,6 +225,7 @@ class Algorithm:
     client: ClientRule = field(default_factory=ClientRule)
     check: Callable[..., None] = _none
     central_dp: bool = False
+    central_dp_refused: str = ""
     label_privacy: Callable[[Any, float], Mapping | None] = _none
     summary: str = ""
 

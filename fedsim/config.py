@@ -157,6 +157,29 @@ class PrivacyConfig:
     user_noise_multiplier: float = param(0.0, "central user-level DP noise multiplier (0 = off)", lo=0.0)
     user_clip: float = param(1.0, "central DP clipping norm of client updates", lo=0.0, lo_open=True)
     user_target_epsilon: float = param(0.0, "calibrate the user-level sigma to this epsilon (0 = off)", lo=0.0)
+    user_clipping: str = param("server", "who clips a client's update to the user-level clip: the server, or the "
+                               "client before it replies (the same math; the trust model differs: docs/privacy.md)",
+                               choices=("server", "client"))
+    user_clip_quantile: float = param(0.0, "adaptive clipping (Andrew et al. 2021): the target quantile of the update "
+                                      "norms, e.g. 0.5 tracks the median; 0 = fixed clipping at privacy.user_clip "
+                                      "(which is then the start)", lo=0.0, hi=1.0, hi_open=True,
+                                      why="a quantile is below 1")
+    user_clip_lr: float = param(0.2, "adaptive clipping: learning rate eta of the geometric clip update "
+                                "C <- C exp(-eta (b - quantile))", lo=0.0, lo_open=True, hi=10.0,
+                                why="a step of exp(10) per round does not track a quantile")
+    user_clip_count_noise: float = param(0.0, "adaptive clipping: std sigma_b of the noise on the unclipped count, "
+                                         "> user_noise_multiplier / 2 (0 = clients_per_round / 20, the paper's "
+                                         "choice)", lo=0.0)
+    noise_cohort_size: int = param(0, "add the noise of a cohort of M clients while clients_per_round train "
+                                   "(pfl-research's noise_cohort_size); epsilon is then a simulated deployment's "
+                                   "(0 = off)", lo=0, hi=10**9, why="no deployment samples more clients a round")
+    min_cohort: int = param(1, "user-level DP: a round with fewer successful replies fails (the noised sum is "
+                            "divided by the expected cohort, never by the replies)", lo=1, hi=MAX_CLIENTS,
+                            why="more than federation.num_clients can be")
+    user_mechanism: str = param("gaussian", "user-level noise: gaussian (a release per round, DP-FedAvg) or tree "
+                                "(DP-FTRL's tree aggregation, Kairouz et al. 2021)", choices=("gaussian", "tree"))
+    user_tree_restart: int = param(0, "tree: restart the tree every n rounds (0 = one tree for the run)", lo=0,
+                                   hi=MAX_ROUNDS, why="more rounds than a run can have")
 
 
 @dataclass
@@ -460,10 +483,34 @@ def _check_consistency(cfg: Config) -> None:
     if weights > MAX_MLP_WEIGHTS:
         raise ConfigError(f"model.hidden: {_show(hidden)} has {weights} hidden-to-hidden weights; at most "
                           f"{MAX_MLP_WEIGHTS}, as DP-SGD holds one gradient per batch row in memory")
+    _check_user_dp(cfg)
     for table in cfg.strategy.tables.values():
         check = getattr(table, "validate", None)  # rules between a table's own keys
         if check is not None:
             check()
+
+
+def _check_user_dp(cfg: Config) -> None:
+    """User-level DP settings that contradict each other (fedsim.central_dp)."""
+    p, fed = cfg.privacy, cfg.federation
+    if p.min_cohort > fed.clients_per_round:
+        raise ConfigError(f"privacy.min_cohort: must be <= federation.clients_per_round ({fed.clients_per_round}), "
+                          f"got {p.min_cohort}: every round would fail")
+    if 0 < p.noise_cohort_size < fed.clients_per_round:
+        raise ConfigError(f"privacy.noise_cohort_size: must be 0 (off) or >= federation.clients_per_round "
+                          f"({fed.clients_per_round}), got {p.noise_cohort_size}: a smaller cohort's noise is only "
+                          "more noise, raise user_noise_multiplier instead")
+    if p.user_clip_quantile > 0 and p.user_mechanism == "tree":
+        raise ConfigError("privacy.user_clip_quantile: adaptive clipping works with privacy.user_mechanism = "
+                          "'gaussian' (tree aggregation's analysis holds one clip for the whole tree)")
+    if p.user_clip_quantile > 0 and p.user_noise_multiplier > 0:
+        count_noise = p.user_clip_count_noise or fed.clients_per_round / 20
+        if count_noise <= p.user_noise_multiplier / 2:
+            raise ConfigError(
+                f"privacy.user_clip_count_noise: must be > privacy.user_noise_multiplier / 2 = "
+                f"{p.user_noise_multiplier / 2:g} for adaptive clipping (Andrew et al. 2021: the count's noise would "
+                f"take the whole budget), got {count_noise:g}"
+                + (" (clients_per_round / 20, the default)" if not p.user_clip_count_noise else ""))
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -540,6 +587,17 @@ _UNUSED_RULES: tuple[tuple[tuple[str, ...], Callable[[Config], bool], str, Calla
     (("privacy.user_clip",), _user_dp,
      "user-level DP is on (privacy.user_noise_multiplier or privacy.user_target_epsilon > 0)",
      lambda c: "both are 0"),
+    (("privacy.user_clipping", "privacy.user_clip_quantile", "privacy.noise_cohort_size", "privacy.min_cohort",
+      "privacy.user_mechanism"), _user_dp,
+     "user-level DP is on (privacy.user_noise_multiplier or privacy.user_target_epsilon > 0)",
+     lambda c: "both are 0"),
+    (("privacy.user_clip_lr", "privacy.user_clip_count_noise"),
+     lambda c: _user_dp(c) and c.privacy.user_clip_quantile > 0,
+     "adaptive clipping is on (user-level DP and privacy.user_clip_quantile > 0)",
+     lambda c: "privacy.user_clip_quantile is 0" if _user_dp(c) else "user-level DP is off"),
+    (("privacy.user_tree_restart",), lambda c: _user_dp(c) and c.privacy.user_mechanism == "tree",
+     "privacy.user_mechanism = 'tree' under user-level DP",
+     lambda c: f"privacy.user_mechanism is {c.privacy.user_mechanism!r}" if _user_dp(c) else "user-level DP is off"),
     (("privacy.user_noise_multiplier",), lambda c: c.privacy.user_target_epsilon == 0,
      "privacy.user_target_epsilon = 0",
      lambda c: f"privacy.user_target_epsilon is {c.privacy.user_target_epsilon:g}: calibration sets it"),

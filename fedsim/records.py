@@ -36,9 +36,11 @@ EPSILON = "epsilon"
 TRAIN_LOSS = "train-loss"
 LOCAL_STEPS = "local-steps"
 SAMPLE_RATE = "sample-rate"
+USER_UNCLIPPED = "user-unclipped"  # client-side user-level clipping: 1.0 if the update was within the clip
 
 # ConfigRecord keys the server sends
 SERVER_ROUND = "server-round"
+USER_CLIP = "user-clip"  # client-side user-level clipping: the clip a client applies to its own update
 
 # message types
 QUERY_PARTITION = "query"  # discovery: which partition does this node hold?

@@ -41,6 +41,7 @@ from flwr.serverapp import Grid
 
 from fedsim.config import Config
 from fedsim.experiment import derive_seed
+from fedsim.privacy.accounting import accounted_cohort
 
 T = TypeVar("T")
 
@@ -67,7 +68,7 @@ def client_sampling(cfg: Config) -> str:
 
 def user_mechanism(cfg: Config) -> str:
     """The user-level mechanism: ``gaussian`` (one Gaussian release per round) or ``tree`` (DP-FTRL)."""
-    return getattr(cfg.privacy, "user_mechanism", "gaussian")
+    return cfg.privacy.user_mechanism
 
 
 def user_accounting_args(cfg: Config, rounds: int | None = None) -> dict:
@@ -79,14 +80,15 @@ def user_accounting_args(cfg: Config, rounds: int | None = None) -> dict:
     fed, p = cfg.federation, cfg.privacy
     sampling, mechanism = client_sampling(cfg), user_mechanism(cfg)
     rounds = fed.rounds if rounds is None else rounds
-    restart_every = int(getattr(p, "user_tree_restart_every", 0) or 0)
+    restart_every = p.user_tree_restart
     most = 1
     if mechanism == "tree" or sampling == "cyclic":
         window = restart_every if mechanism == "tree" else 0
         profile = _participation_profile(cfg.seed, fed.rounds, fed.num_clients, fed.clients_per_round, sampling,
                                          window)
         most = int(profile[min(max(rounds, 1), len(profile)) - 1])
-    return dict(num_clients=fed.num_clients, cohort_size=fed.clients_per_round, rounds=rounds, delta=p.delta,
+    population, cohort = accounted_cohort(fed.num_clients, fed.clients_per_round, p.noise_cohort_size)
+    return dict(num_clients=population, cohort_size=cohort, rounds=rounds, delta=p.delta,
                 sampling=sampling, accountant=p.accountant, mechanism=mechanism, restart_every=restart_every,
                 max_participations=most)
 

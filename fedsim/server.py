@@ -35,13 +35,15 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedsim.clients.app import engine_used
 from fedsim.clients.trainer import evaluate
 from fedsim import records as R
-from fedsim.algorithms import (algorithm_names, get_algorithm, load_strategy_state, resolve_device,
+from fedsim.algorithms import (get_algorithm, load_strategy_state, resolve_device,
                                stateful_strategy, strategy_state)
+from fedsim.central_dp import build_central_dp
+from fedsim.central_dp import user_epsilon as central_dp_epsilon
 from fedsim.checkpoint import Checkpoint, NodeMemo, checkpoint_path, model_meta, save_checkpoint, save_model
 from fedsim.config import Config, dumps_toml
 from fedsim.datasets import load_dataset
@@ -49,7 +51,7 @@ from fedsim.errors import ClientFailure, ConfigError
 from fedsim.experiment import config_from_context, derive_seed
 from fedsim.models import as_tensors, build_model
 from fedsim.node_data import data_spec
-from fedsim.privacy.accounting import accountant_label, user_accountant_label, user_level_epsilon
+from fedsim.privacy.accounting import accountant_label, user_accountant_label
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, MODEL, MODEL_BEST, ROUND_COLUMNS,
                             ROUNDS_CSV, SUMMARY_JSON, BackgroundWriter, csv_text, json_text, run_log, write_atomic)
 from fedsim.schedule import (ForwardingGrid, SampledGrid, client_sampling, sample_round, user_accounting_args,
@@ -157,11 +159,7 @@ class RunRecorder:
     def user_epsilon(self, rounds: int) -> float | None:
         """The user-level epsilon after `rounds` rounds, accounted for the sampling mode that
         runs (`fedsim.schedule.user_accounting_args`); None without central DP."""
-        p = self.cfg.privacy
-        if p.user_noise_multiplier <= 0:
-            return None
-        return user_level_epsilon(noise_multiplier=p.user_noise_multiplier,
-                                  **user_accounting_args(self.cfg, rounds))
+        return central_dp_epsilon(self.cfg, rounds)
 
     def on_round_end(self, server_round: int, evaluation: dict[str, float]) -> None:
         metric_name = "accuracy" if "accuracy" in evaluation else "mse"
@@ -225,6 +223,10 @@ class RunRecorder:
                     "noise_multiplier": p.user_noise_multiplier, "clip": p.user_clip}
             if args["mechanism"] == "tree":
                 user["max_participations_per_tree"] = args["max_participations"]
+            if p.noise_cohort_size > 0:  # the noise of a cohort of M: a deployment this run only simulates
+                user["simulated"] = {"population": args["num_clients"], "cohort_size": args["cohort_size"],
+                                     "note": "epsilon of a deployment sampling noise_cohort_size clients a round "
+                                             "at the same rate; the clients trained here were fewer"}
         label = get_algorithm(self.cfg.strategy.name).label_privacy(self.cfg.strategy.params, p.delta)
         out = {
             "status": status, "name": self.cfg.name, "seed": self.cfg.seed,
@@ -442,18 +444,12 @@ def fedavg_kwargs(cfg: Config) -> dict:
 
 
 def build_strategy(cfg: Config) -> Strategy:
-    """The configured algorithm's strategy from the registry, wrapped in Flower's server-side
-    DP when a user-level noise multiplier is set."""
+    """The configured algorithm's strategy from the registry, wrapped in fedsim's user-level
+    DP layer (`fedsim.central_dp`) when a user-level noise multiplier is set."""
     algorithm = get_algorithm(cfg.strategy.name)
     strategy = algorithm.build(cfg.strategy.params, cfg, fedavg_kwargs(cfg))
     if cfg.privacy.user_noise_multiplier > 0:
-        if not algorithm.central_dp:
-            allowed = [n for n in algorithm_names() if get_algorithm(n).central_dp]
-            raise ConfigError(f"privacy.user_noise_multiplier: central DP works with {', '.join(allowed)} "
-                              f"(got strategy {cfg.strategy.name!r})")
-        strategy = DifferentialPrivacyServerSideFixedClipping(
-            strategy, noise_multiplier=cfg.privacy.user_noise_multiplier,
-            clipping_norm=cfg.privacy.user_clip, num_sampled_clients=cfg.federation.clients_per_round)
+        strategy = build_central_dp(strategy, cfg, algorithm)
     return strategy
 
 
@@ -462,10 +458,12 @@ class SeededRounds(Strategy):
 
     The round's clients are `fedsim.schedule.sample_round`'s in `sampling` mode (the schedule
     target-epsilon calibration plans with); the strategy sees only them and takes all. A
-    Poisson round that drew no client sends nothing: the inner strategy's ``configure_train``
-    is not called, and its ``aggregate_train`` gets no replies (a central-DP layer still
-    releases, and the accountant still counts, that round's noised zero sum). Flower orders them
-    with Python's `random`, its DP wrappers draw noise from numpy's global generator, and
+    Poisson round that drew no client sends nothing and its ``aggregate_train`` gets no
+    replies; the inner strategy's ``configure_train`` is not called, except through a
+    central-DP layer's ``prepare_empty_round``, which still releases (and the accountant still
+    counts) that round's noised zero sum. Flower orders them
+    with Python's `random`, a strategy may draw from numpy's global generator (fedsim's
+    user-level DP layer draws from its own, seeded per round: `fedsim.central_dp`), and
     server-side torch draws (FedSVD's randomized SVD) use torch's. Seeding all three from
     (experiment seed, round) at the start of `configure_train` makes every round reproducible
     on its own, whatever ran before (a resumed run included), and tells the grid which round
@@ -497,6 +495,10 @@ class SeededRounds(Strategy):
                               self.sampling, self.num_clients)
         if not chosen:
             log.info("round %d: Poisson client sampling drew no client; the round trains nothing", server_round)
+            prepare = getattr(self.inner, "prepare_empty_round", None)
+            if prepare is not None:  # central DP: the round's noise is still released (and accounted)
+                placeholder = list(grid.get_node_ids())[:1]
+                prepare(server_round, arrays, config, SampledGrid(grid, placeholder))
             return []
         return self.inner.configure_train(server_round, arrays, config, SampledGrid(grid, chosen))
 

@@ -46,3 +46,13 @@ def test_runtime_overhead_runs_into_fresh_run_directories():
     out = run_script("benchmarks/runtime_overhead.py", "--rounds", "2", "--clients", "6", "--per-round", "2",
                      "--repeats", "2", "--skip-ray")
     assert re.search(rf"^b/a = {NUMBER}", out, re.M), out
+
+
+def test_engine_speed_prints_the_central_dp_line():
+    out = run_script("benchmarks/engine_speed.py", "--quick", "--repeats", "1", "--only", "central", "--central-dp")
+    lines = out.splitlines()
+    line = re.fullmatch(rf"central_dp workload=digits-mlp-200x100 loop_plain_s=({NUMBER}) loop_central_s=({NUMBER}) "
+                        rf"ratio={NUMBER}", lines[0])
+    assert line, lines[0]
+    assert float(line[1]) > 0 and float(line[2]) > 0
+    assert lines[1].startswith("machine: ") and len(lines) == 2

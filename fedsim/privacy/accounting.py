@@ -406,3 +406,13 @@ def bisect_sigma(worst: Callable[[float], float], target_epsilon: float, delta: 
                 return hi
         if hi / lo < 1 + 1e-9:
             return hi
+
+
+def accounted_cohort(num_clients: int, clients_per_round: int, noise_cohort_size: int) -> tuple[int, int]:
+    """(population, cohort) the user-level epsilon is stated for. With ``noise_cohort_size`` M
+    the noise is a cohort of M's, so the statement is that of a deployment sampling M clients
+    at the same rate K/N from a population of N M / K (pfl-research's convention): a simulated
+    deployment, not the K clients that trained here."""
+    if noise_cohort_size <= 0:
+        return num_clients, clients_per_round
+    return round(num_clients * noise_cohort_size / clients_per_round), noise_cohort_size

@@ -123,6 +123,18 @@ def check_epsilon_continued(cfg, out: Path, at_kill: dict[int, tuple[int, float]
             assert (eps > at_kill[pid][1]) == (participations > at_kill[pid][0])
 
 
+def test_killed_run_with_adaptive_central_dp_resumes_bit_for_bit(tiny, cli, tmp_path):
+    """The adaptive user-level clip is strategy state: a resumed run that lost it would clip
+    round 3 at the starting clip and differ from the uninterrupted run."""
+    kw = {"federation.rounds": 4, "privacy.noise_multiplier": 1.0, "privacy.user_noise_multiplier": 1.0,
+          "privacy.user_clip_quantile": 0.5, "privacy.user_clip_count_noise": 1.0}
+    cfg = tiny(**kw, **{"output.dir": str(tmp_path / "killed")})
+    proc, out = start_held(tmp_path, cfg, hold=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    check_resumed_like_reference(cli, cfg, out, tiny(**kw, **{"output.dir": str(tmp_path / "reference")}))
+
+
 def test_sigterm_ends_the_run_as_interrupted_with_its_checkpoint(tiny, tmp_path):
     cfg = tiny(**{"federation.rounds": 3, "privacy.noise_multiplier": 1.0, "output.dir": str(tmp_path / "run")})
     proc, out = start_held(tmp_path, cfg, hold=1)

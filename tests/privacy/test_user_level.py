@@ -184,10 +184,10 @@ def test_accounting_args_read_participations_from_the_schedule(tmp_path):
     counts = [max(participation_counts(0, r, 6, 2, "cyclic")) for r in range(1, 8)]
     assert counts == [1, 1, 1, 2, 2, 2, 3]
     assert [user_accounting_args(cfg, r)["max_participations"] for r in range(1, 8)] == counts
-    cfg.privacy.user_mechanism = "tree"  # the mechanism's own key; read with getattr until it exists
-    cfg.privacy.user_tree_restart_every = 3
+    cfg.privacy.user_mechanism = "tree"
+    cfg.privacy.user_tree_restart = 3
     assert user_accounting_args(cfg)["max_participations"] == 1
-    cfg.privacy.user_tree_restart_every = 4
+    cfg.privacy.user_tree_restart = 4
     assert user_accounting_args(cfg)["max_participations"] == 2
 
 

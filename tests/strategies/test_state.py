@@ -68,8 +68,8 @@ def test_every_builtin_strategy_declares_its_state_through_wrappers(tiny):
         cfg = tiny(**{"strategy.name": name})
         wrapped = SeededRounds(build_strategy(cfg), 0, None, cfg.federation.clients_per_round)
         assert stateful_strategy(wrapped) is not None, name
-    dp = build_strategy(tiny(**{"privacy.user_noise_multiplier": 1.0}))  # Flower's DP wrapper around FedAvg
-    assert stateful_strategy(dp) is dp.strategy and strategy_state(dp) == {}
+    dp = build_strategy(tiny(**{"privacy.user_noise_multiplier": 1.0}))  # the central DP layer around FedAvg
+    assert stateful_strategy(dp) is dp and set(strategy_state(dp)) == {"central-dp/clip"}
 
 
 def test_seeded_rounds_reseed_torch_on_the_server(tiny, flower):
