@@ -13,6 +13,11 @@ Levels and modes:
   direction per canary whose per-sample gradient enters DP-SGD's clipped sum (both engines),
   scored by the model's displacement along it. The canary's norm is ``canary_norm`` x C: a
   correct clip cuts it to C, a missing one shows.
+* ``user`` / ``whitebox``: canary clients (McMahan et al. 2018's user-level unit), whose whole
+  update is a fixed direction of norm ``canary_norm`` x ``privacy.user_clip``; each included
+  one joins every round with the Poisson client rate q = K/N and goes through the user-level
+  layer (`fedsim.central_dp`): clipped with the real updates, summed, noised once, divided by
+  the expected cohort. Scored by the model's displacement along the direction.
 
 The audit is a test of the code as much as of the accounting: a lower bound above the
 upper bound means one of them is wrong (tests/privacy/test_audit.py injects such bugs).
@@ -38,11 +43,12 @@ from fedsim.privacy.audit import ALL_ANALYSES, audit_bounds
 from fedsim.privacy.canaries import make_gradient_canaries, planted
 from fedsim.results import read_summary
 from fedsim.run import run_experiment
+from fedsim.schedule import client_sampling
 
 log = logging.getLogger("fedsim")
 
 AUDIT_JSON = "audit.json"
-LEVELS = ("sample",)
+LEVELS = ("sample", "user")
 MODES = ("whitebox",)
 REFERENCE = "steinke"  # the analysis whose bound is `epsilon_lower`: sound against any accountant
 
@@ -68,6 +74,19 @@ def _check(cfg: Config, level: str, mode: str, canaries: int, beta: float, canar
         raise ConfigError(f"runtime.name: an audit plants its canaries in this process's clients, so it needs "
                           f"'inprocess' (got {cfg.runtime.name!r})")
     rule = get_algorithm(cfg.strategy.name).client
+    p = cfg.privacy
+    if level == "user":
+        if not (p.user_noise_multiplier > 0 or p.user_target_epsilon > 0):
+            raise ConfigError("privacy.user_noise_multiplier: a user-level audit needs the user-level DP layer "
+                              "(user_noise_multiplier or user_target_epsilon > 0)")
+        if client_sampling(cfg) != "poisson":
+            raise ConfigError(f"federation.sampling: a user-level audit draws its canary clients by Poisson "
+                              f"sampling, the sampling its epsilon must then be accounted for; set 'poisson' "
+                              f"(got {client_sampling(cfg)!r})")
+        if p.user_mechanism != "gaussian" or p.user_clip_quantile > 0:
+            raise ConfigError("privacy.user_mechanism: a user-level audit needs the Gaussian mechanism at a fixed "
+                              "clip (user_mechanism = 'gaussian', user_clip_quantile = 0)")
+        return
     if rule.local_train is not None:
         raise ConfigError(f"strategy.name: {cfg.strategy.name!r} trains with its own local loop, which takes no "
                           f"gradient canaries; audit a DP-SGD algorithm (fedavg, fedprox, scaffold, ...)")
@@ -90,27 +109,29 @@ def run_audit(cfg: Config, *, level: str = "sample", mode: str = "whitebox", can
     start = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
     set_trainable(start, get_algorithm(cfg.strategy.name).client.trainable)
     before = {k: p.detach().clone() for k, p in start.named_parameters() if p.requires_grad}
+    fed = cfg.federation
+    clip = cfg.privacy.user_clip if level == "user" else cfg.privacy.max_grad_norm
     plan = make_gradient_canaries({k: tuple(v.shape) for k, v in before.items()}, canaries,
-                                  norm=canary_norm * cfg.privacy.max_grad_norm, holders=cfg.federation.num_clients,
-                                  seed=cfg.seed + 7919)
+                                  norm=canary_norm * clip, holders=fed.num_clients, seed=cfg.seed + 7919,
+                                  level=level, client_rate=fed.clients_per_round / fed.num_clients)
     with planted(plan):
         run_dir = run_experiment(cfg, progress=progress, overwrite=overwrite)
     after = dict(load_model(run_dir).named_parameters())
     scores = plan.scores(before, after)
     summary = read_summary(run_dir) or {}
-    sample = summary.get("sample_level") or {}
+    claim = (summary.get("user_level") if level == "user" else summary.get("sample_level")) or {}
+    upper = claim.get("epsilon_max") if level == "sample" else claim.get("epsilon")
     delta = float(cfg.privacy.delta)
     bounds = audit_bounds(scores, plan.included, delta=delta, beta=beta,
                           guesses=guesses or default_guesses(canaries), analyses=analyses)
-    upper = sample.get("epsilon_max")
     lower = bounds["epsilon_lower"][REFERENCE] if REFERENCE in analyses else max(bounds["epsilon_lower"].values())
     reference = REFERENCE if REFERENCE in analyses else max(bounds["epsilon_lower"], key=bounds["epsilon_lower"].get)
     record = {
         "level": level, "mode": mode, "canaries": canaries, "included": int(plan.included.sum()),
         "canary_norm": plan.norm, "delta": delta, "beta": beta,
         "epsilon_lower": _finite(lower), "analysis": reference,
-        "epsilon_upper": upper, "accountant": sample.get("accountant"),
-        "noise_multiplier": sample.get("noise_multiplier"),
+        "epsilon_upper": upper, "accountant": claim.get("accountant"),
+        "noise_multiplier": claim.get("noise_multiplier"),
         "ratio": _finite(lower / upper) if upper else None,
         "guesses": bounds["guesses"][reference], "correct": bounds["correct"][reference],
         "analyses": {name: {"epsilon_lower": _finite(bounds["epsilon_lower"][name]),

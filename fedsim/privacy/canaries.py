@@ -39,6 +39,10 @@ class GradientCanaries:
     included: np.ndarray
     holders: np.ndarray
     norm: float
+    # "sample": per-sample gradients inside DP-SGD; "user": canary clients whose whole update is
+    # the direction, added to the user-level layer's stack of updates at rate `client_rate`
+    level: str = "sample"
+    client_rate: float = 1.0
 
     @property
     def count(self) -> int:
@@ -46,6 +50,8 @@ class GradientCanaries:
 
     def held_by(self, partition_id: int) -> dict[str, torch.Tensor] | None:
         """The included canaries a client holds, as {name: (c, *shape)}; None if it holds none."""
+        if self.level != "sample":
+            return None
         rows = np.flatnonzero(self.included & (self.holders == partition_id))
         if rows.size == 0:
             return None
@@ -53,10 +59,31 @@ class GradientCanaries:
 
     def scores(self, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> np.ndarray:
         """Each canary's score: how far the trainable tensors moved against its direction (SGD
-        descends a gradient, so an included canary's steps move the model along -u)."""
+        descends a gradient, so an included canary's steps move the model along -u), or, for
+        canary clients, along it (their update is added to the model)."""
+        sign = 1.0 if self.level == "user" else -1.0
         delta = torch.cat([(after[n].detach().double() - before[n].detach().double()).reshape(-1)
                            for n in self.names])
-        return (-(self.directions.double() @ delta) / self.norm).numpy()
+        return (sign * (self.directions.double() @ delta) / self.norm).numpy()
+
+
+    def client_rows(self, layout: list[tuple[str, tuple[int, ...]]], generator: torch.Generator,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """This round's canary clients as rows of the user-level layer's (clients, P) stack:
+        each included canary joins with probability ``client_rate`` (Poisson sampling, as the
+        user-level accountant assumes), its update its direction in the model's arrays
+        (``layout`` names them "arrays/<name>"), zero in any other array."""
+        joined = torch.as_tensor(self.included) & (torch.rand(self.count, generator=generator) < self.client_rate)
+        chosen = joined.nonzero().squeeze(1)
+        parts = unflatten(self.directions.index_select(0, chosen), self.names, self.shapes)
+        columns = []
+        for name, shape in layout:
+            key = name.split("/", 1)[1] if name.startswith("arrays/") else None
+            if key in parts:
+                columns.append(parts[key].reshape(len(chosen), -1).to(dtype))
+            else:
+                columns.append(torch.zeros((len(chosen), int(np.prod(shape))), dtype=dtype))
+        return torch.cat(columns, dim=1)
 
 
 def unflatten(flat: torch.Tensor, names: tuple[str, ...],
@@ -67,7 +94,7 @@ def unflatten(flat: torch.Tensor, names: tuple[str, ...],
 
 
 def make_gradient_canaries(shapes: Mapping[str, tuple[int, ...]], m: int, *, norm: float, holders: int,
-                           seed: int) -> GradientCanaries:
+                           seed: int, level: str = "sample", client_rate: float = 1.0) -> GradientCanaries:
     """m canaries of norm `norm`, each held by one of `holders` partitions, included with probability 1/2.
 
     The directions are orthonormal (times `norm`) when the parameter count P is at least m, so
@@ -93,7 +120,7 @@ def make_gradient_canaries(shapes: Mapping[str, tuple[int, ...]], m: int, *, nor
     included = rng.random(m) < 0.5
     owner = rng.integers(0, holders, size=m)
     return GradientCanaries(names, shape_list, (directions * norm).to(torch.float32).contiguous(), included,
-                            owner, float(norm))
+                            owner, float(norm), level, float(client_rate))
 
 
 _PLANTED: list[GradientCanaries] = []

@@ -112,15 +112,40 @@ def test_mutant_is_caught(audit, fault, engine):
         assert clean["epsilon_lower"] <= clean["epsilon_upper"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ENGINES)
-def test_accountant_told_half_q_is_seen_by_the_fdp_analysis_only(audit, engine):
-    """Halving q at q = 1 lowers RDP's epsilon only to 54% (8.1 -> 4.4 at sigma = 2): the reference
-    (Steinke) bound recovers about 40% of epsilon here and stays below; the f-DP analysis, which
-    tests the Gaussian trade-off curve DP-SGD's accounting rests on, exceeds it (docs/privacy.md)."""
+@pytest.mark.parametrize("engine", [ENGINES[0], pytest.param(ENGINES[1], marks=pytest.mark.slow)])
+def test_accountant_told_half_q_is_invisible_to_the_reference_analysis(audit, engine):
+    """Halving q at q = 1 lowers RDP's epsilon only to 54% (8.1 -> 4.4 at sigma = 2). The
+    reference (Steinke) bound recovers about 40% of epsilon here and stays below it; the f-DP
+    bound lands near it (3.6 to 4.7 between seeds); only the Gaussian model of the scores,
+    which is no worst-case bound, exceeds it clearly (docs/privacy.md: which mutants show)."""
     record = audit(engine=engine, sigma=2.0, fault="accountant_half_q")
-    assert record["analyses"]["fdp"]["epsilon_lower"] > record["epsilon_upper"]
+    assert record["epsilon_upper"] == pytest.approx(4.367, abs=0.01)  # the fault reached the accountant
     assert record["epsilon_lower"] <= record["epsilon_upper"]
+    assert record["analyses"]["gaussian"]["epsilon_lower"] > 1.3 * record["epsilon_upper"]
+
+
+USER = {"federation.sampling": "poisson", "privacy.user_clip": 1.0, "privacy.noise_multiplier": 0.0}
+
+
+@pytest.mark.parametrize("strategy,sigma", [("fedavg", 0.8), pytest.param("fedavg", 1.5, marks=pytest.mark.slow),
+                                            pytest.param("fedprox", 1.5, marks=pytest.mark.slow),
+                                            pytest.param("scaffold", 0.8, marks=pytest.mark.slow)])
+def test_user_level_audit_is_sound(tmp_path, monkeypatch, strategy, sigma):
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    cfg = load_config(None, {**AUDITED, **USER, "privacy.user_noise_multiplier": sigma, "strategy.name": strategy,
+                             "output.dir": str(tmp_path / "run")})
+    record = run_audit(cfg, level="user", canaries=1000)
+    assert record["level"] == "user" and "Poisson" in record["accountant"]
+    assert 1.0 < record["epsilon_lower"] <= record["epsilon_upper"]
+
+
+def test_user_noise_divided_by_replies_is_caught(tmp_path, monkeypatch):
+    """The canary clients are replies too: noise / replies shrinks the noise by about 500x."""
+    monkeypatch.setenv(FAULT_ENV, "user_noise_by_replies")
+    cfg = load_config(None, {**AUDITED, **USER, "privacy.user_noise_multiplier": 4.0,
+                             "output.dir": str(tmp_path / "run")})
+    record = run_audit(cfg, level="user", canaries=1000)
+    assert record["epsilon_lower"] > record["epsilon_upper"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -185,6 +210,12 @@ def test_audit_refuses_what_it_cannot_audit(tmp_path):
     cfg = load_config(None, {**AUDITED, "output.dir": str(tmp_path / "run")})
     with pytest.raises(ConfigError, match="--level"):
         run_audit(cfg, level="row", canaries=10)
+    with pytest.raises(ConfigError, match="user_noise_multiplier"):
+        run_audit(cfg, level="user", canaries=10)
+    cfg = load_config(None, {**AUDITED, "output.dir": str(tmp_path / "run"), "privacy.user_noise_multiplier": 1.0,
+                             "federation.sampling": "fixed"})
+    with pytest.raises(ConfigError, match="federation.sampling"):
+        run_audit(cfg, level="user", canaries=10)
 
 
 def test_unknown_fault_is_an_error(monkeypatch):
