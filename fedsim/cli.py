@@ -152,6 +152,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fedsim.audit import run_audit
+
+    record = run_audit(_load(args), level=args.level, mode=args.mode, canaries=args.canaries, beta=args.beta,
+                       progress=not args.no_progress, overwrite=args.overwrite)
+    others = ", ".join(f"{name} {found['epsilon_lower']:.3g}" if isinstance(found["epsilon_lower"], float)
+                       else f"{name} {found['epsilon_lower']}"
+                       for name, found in record["analyses"].items() if name != record["analysis"])
+    print(f"epsilon_lower {record['epsilon_lower']:.3f} ({record['analysis']}, confidence 1 - beta = "
+          f"{1 - record['beta']:g}; {others})")
+    if record["epsilon_upper"] is None:
+        print(f"epsilon_upper none: no {record['level']}-level DP in this run (the accountant claims nothing)")
+    else:
+        print(f"epsilon_upper {record['epsilon_upper']:.3f} at delta={record['delta']:g} ({record['accountant']}); "
+              f"ratio lower/upper {record['ratio']:.2f}")
+    print(f"guesses {record['guesses']}, correct {record['correct']} ({record['canaries']} canaries, "
+          f"{record['level']} level, {record['mode']})")
+    print(f"audit: {Path(record['run_dir']) / 'audit.json'}")
+    return 0
+
+
 def cmd_partition(args: argparse.Namespace) -> int:
     from fedsim.partition import label_counts
 
@@ -336,6 +357,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (by default a finished or started run is refused)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("audit", help="empirical lower bound on epsilon (one-run audit)", formatter_class=_formatter,
+                       description="Run the experiment once with canaries (Steinke, Nasr & Jagielski 2023),\n"
+                                   "each included with probability 1/2, scored on the trained model and guessed\n"
+                                   "in or out. Prints epsilon_lower at confidence 1 - beta beside the\n"
+                                   "accountant's epsilon_upper, and writes audit.json into the run directory.\n"
+                                   "Takes the same flags and --set as `fedsim run`; see docs/privacy.md.",
+                       epilog="examples:\n  fedsim audit configs/quickstart.toml --canaries 1000\n"
+                              "  fedsim audit configs/quickstart.toml --level user "
+                              "--set privacy.user_noise_multiplier=1 --set federation.sampling=poisson")
+    _add_config_flags(p)
+    p.add_argument("--level", choices=("sample", "user"), default="sample",
+                   help="sample: gradient canaries inside DP-SGD; user: canary clients through the user-level layer")
+    p.add_argument("--mode", choices=("whitebox",), default="whitebox",
+                   help="whitebox: canaries are gradient directions, scored by the model's displacement")
+    p.add_argument("--canaries", type=_count(2), default=1000, metavar="M", help="number of canaries (default 1000)")
+    p.add_argument("--beta", type=float, default=0.05, help="the bound holds with probability 1 - beta (default 0.05)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("partition", help="show how a config splits the data", formatter_class=_formatter,
                        description="Print per-client sizes and label counts; optionally plot them.",

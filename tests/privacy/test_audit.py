@@ -224,3 +224,19 @@ def test_unknown_fault_is_an_error(monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "noise_div_100")
     with pytest.raises(RuntimeError, match=FAULT_ENV):
         fault("no_clip")
+
+
+def test_cli_audit_prints_both_bounds_and_writes_audit_json(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    flags = [f"--set={key}={json.dumps(value)}" for key, value in AUDITED.items() if key != "name"]
+    out_dir = tmp_path / "run"
+    code, out, err = cli("audit", *flags, "--noise-multiplier", "1.5", "--out", out_dir, "--canaries", "300",
+                         "--no-progress")
+    assert code == 0, err
+    record = json.loads((out_dir / AUDIT_JSON).read_text())
+    assert f"epsilon_lower {record['epsilon_lower']:.3f} (steinke, confidence 1 - beta = 0.95" in out
+    assert f"epsilon_upper {record['epsilon_upper']:.3f} at delta=1e-05 (RDP (Opacus))" in out
+    assert f"guesses {record['guesses']}, correct {record['correct']} (300 canaries" in out
+    with pytest.raises(SystemExit) as exited:  # argparse's one-line usage error
+        cli("audit", *flags, "--out", out_dir, "--level", "row")
+    assert exited.value.code == 2
