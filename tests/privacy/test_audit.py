@@ -240,3 +240,15 @@ def test_cli_audit_prints_both_bounds_and_writes_audit_json(cli, tmp_path, monke
     with pytest.raises(SystemExit) as exited:  # argparse's one-line usage error
         cli("audit", *flags, "--out", out_dir, "--level", "row")
     assert exited.value.code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fedsvd_lora_audit_is_sound(lora_cfg, monkeypatch, engine):
+    """FedSVD trains LoRA's B only and refactorizes B A on the server between rounds: the
+    canaries live in B's (small) space, and the refactorization is post-processing."""
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    cfg = lora_cfg("fedsvd", **{"runtime.engine": engine, "privacy.noise_multiplier": 0.8})
+    record = run_audit(cfg, canaries=200)
+    assert record["epsilon_upper"] > 0
+    assert record["epsilon_lower"] <= record["epsilon_upper"]
