@@ -170,6 +170,11 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
     server_round = int(R.plain(server_cfg).get(R.SERVER_ROUND, 0)) if server_cfg is not None else 0
     pid = node_partition_id(context.node_config)
     key, data, x, y = node_inputs(cfg, context, text)
+    plan = planted_canaries()
+    examples = plan.examples_held_by(pid) if plan is not None else None
+    if examples is not None:  # a black-box audit's canary examples: from here on ordinary samples
+        x, y = np.concatenate([x, examples[0]]), np.concatenate([y, examples[1].astype(y.dtype)])
+        key = (key, "canary-examples")  # the device copy of this node's data (`_on_device`) holds them
     rule = get_algorithm(cfg.strategy.name).client
     if template is None:
         pool = spare_models(text)
@@ -191,7 +196,6 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
     start = RoundStart(hyper=hyper, global_params=template.global_params, server_arrays=template.server_arrays,
                        node_state=R.record_to_tensors(kept) if kept is not None else {})
     state = rule.setup(start) if rule.setup is not None else {}
-    plan = planted_canaries()
     return ClientJob(msg, context, cfg, pid, server_round, data, x, y, model, rule, settings,
                      derive_seed(cfg.seed, server_round, pid, "train"), load_history(context), start, state,
                      template.upload_keys, key, plan.held_by(pid) if plan is not None else None,

@@ -31,6 +31,9 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
+import torch
+
 
 from fedsim.algorithms import get_algorithm
 from fedsim.checkpoint import load_model
@@ -38,9 +41,9 @@ from fedsim.config import Config
 from fedsim.datasets import load_dataset
 from fedsim.errors import ConfigError
 from fedsim.lora import set_trainable
-from fedsim.models import build_model
+from fedsim.models import as_tensors, build_model, loss_fn
 from fedsim.privacy.audit import ALL_ANALYSES, audit_bounds
-from fedsim.privacy.canaries import make_gradient_canaries, planted
+from fedsim.privacy.canaries import make_example_canaries, make_gradient_canaries, planted
 from fedsim.results import read_summary
 from fedsim.run import run_experiment
 from fedsim.schedule import client_sampling
@@ -49,7 +52,7 @@ log = logging.getLogger("fedsim")
 
 AUDIT_JSON = "audit.json"
 LEVELS = ("sample", "user")
-MODES = ("whitebox",)
+MODES = ("whitebox", "blackbox")
 REFERENCE = "steinke"  # the analysis whose bound is `epsilon_lower`: sound against any accountant
 
 
@@ -75,6 +78,11 @@ def _check(cfg: Config, level: str, mode: str, canaries: int, beta: float, canar
                           f"'inprocess' (got {cfg.runtime.name!r})")
     rule = get_algorithm(cfg.strategy.name).client
     p = cfg.privacy
+    if level == "user" and mode != "whitebox":
+        raise ConfigError("--mode: a user-level audit is white-box (canary clients' updates); use --mode whitebox")
+    if mode == "blackbox" and cfg.model.name == "hf-text":
+        raise ConfigError("--mode: black-box canary examples are numeric feature rows; model.name 'hf-text' "
+                          "takes token ids: use --mode whitebox")
     if level == "user":
         if not (p.user_noise_multiplier > 0 or p.user_target_epsilon > 0):
             raise ConfigError("privacy.user_noise_multiplier: a user-level audit needs the user-level DP layer "
@@ -95,7 +103,7 @@ def _check(cfg: Config, level: str, mode: str, canaries: int, beta: float, canar
 def run_audit(cfg: Config, *, level: str = "sample", mode: str = "whitebox", canaries: int = 1000,
               beta: float = 0.05, canary_norm: float = 4.0, guesses: list[int] | None = None,
               analyses: tuple[str, ...] = ALL_ANALYSES, progress: bool = False, overwrite: bool = False) -> dict:
-    """Run `cfg` once with `canaries` white-box canaries and write ``audit.json`` into its run directory.
+    """Run `cfg` once with `canaries` canaries and write ``audit.json`` into its run directory.
 
     Returns the record written: ``epsilon_lower`` (Steinke et al., the reference),
     ``epsilon_upper`` and ``accountant`` (the run's largest sample-level epsilon, and who
@@ -111,13 +119,20 @@ def run_audit(cfg: Config, *, level: str = "sample", mode: str = "whitebox", can
     before = {k: p.detach().clone() for k, p in start.named_parameters() if p.requires_grad}
     fed = cfg.federation
     clip = cfg.privacy.user_clip if level == "user" else cfg.privacy.max_grad_norm
-    plan = make_gradient_canaries({k: tuple(v.shape) for k, v in before.items()}, canaries,
-                                  norm=canary_norm * clip, holders=fed.num_clients, seed=cfg.seed + 7919,
-                                  level=level, client_rate=fed.clients_per_round / fed.num_clients)
+    if mode == "blackbox":
+        plan = make_example_canaries(np.asarray(data.x_test), data.num_classes, canaries, holders=fed.num_clients,
+                                     seed=cfg.seed + 7919)
+    else:
+        plan = make_gradient_canaries({k: tuple(v.shape) for k, v in before.items()}, canaries,
+                                      norm=canary_norm * clip, holders=fed.num_clients, seed=cfg.seed + 7919,
+                                      level=level, client_rate=fed.clients_per_round / fed.num_clients)
     with planted(plan):
         run_dir = run_experiment(cfg, progress=progress, overwrite=overwrite)
-    after = dict(load_model(run_dir).named_parameters())
-    scores = plan.scores(before, after)
+    final = load_model(run_dir)
+    if mode == "blackbox":
+        scores = example_scores(final, plan.x, plan.y, data.task)
+    else:
+        scores = plan.scores(before, dict(final.named_parameters()))
     summary = read_summary(run_dir) or {}
     claim = (summary.get("user_level") if level == "user" else summary.get("sample_level")) or {}
     upper = claim.get("epsilon_max") if level == "sample" else claim.get("epsilon")
@@ -128,7 +143,7 @@ def run_audit(cfg: Config, *, level: str = "sample", mode: str = "whitebox", can
     reference = REFERENCE if REFERENCE in analyses else max(bounds["epsilon_lower"], key=bounds["epsilon_lower"].get)
     record = {
         "level": level, "mode": mode, "canaries": canaries, "included": int(plan.included.sum()),
-        "canary_norm": plan.norm, "delta": delta, "beta": beta,
+        "canary_norm": getattr(plan, "norm", None), "delta": delta, "beta": beta,
         "epsilon_lower": _finite(lower), "analysis": reference,
         "epsilon_upper": upper, "accountant": claim.get("accountant"),
         "noise_multiplier": claim.get("noise_multiplier"),
@@ -149,6 +164,14 @@ def run_audit(cfg: Config, *, level: str = "sample", mode: str = "whitebox", can
              reference, beta, f"{upper:.3f}" if upper is not None else "none", record["accountant"],
              record["guesses"], record["correct"])
     return record
+
+
+@torch.no_grad()
+def example_scores(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, task: str) -> np.ndarray:
+    """Minus each canary example's loss under the trained model: a trained-on example fits better."""
+    model.eval()
+    inputs, labels = as_tensors(x, y, task)
+    return (-loss_fn(task, reduction="none")(model(inputs), labels)).double().numpy()
 
 
 def _finite(value):

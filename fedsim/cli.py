@@ -370,8 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--level", choices=("sample", "user"), default="sample",
                    help="sample: gradient canaries inside DP-SGD; user: canary clients through the user-level layer")
-    p.add_argument("--mode", choices=("whitebox",), default="whitebox",
-                   help="whitebox: canaries are gradient directions, scored by the model's displacement")
+    p.add_argument("--mode", choices=("whitebox", "blackbox"), default="whitebox",
+                   help="whitebox: canaries are gradient directions (or clients' updates), scored by the model's "
+                        "displacement; blackbox: canary examples (random-label outliers), scored by loss")
     p.add_argument("--canaries", type=_count(2), default=1000, metavar="M", help="number of canaries (default 1000)")
     p.add_argument("--beta", type=float, default=0.05, help="the bound holds with probability 1 - beta (default 0.05)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

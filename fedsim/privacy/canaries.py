@@ -48,6 +48,9 @@ class GradientCanaries:
     def count(self) -> int:
         return int(self.directions.shape[0])
 
+    def examples_held_by(self, partition_id: int) -> None:
+        return None  # gradient canaries are no examples
+
     def held_by(self, partition_id: int) -> dict[str, torch.Tensor] | None:
         """The included canaries a client holds, as {name: (c, *shape)}; None if it holds none."""
         if self.level != "sample":
@@ -123,11 +126,52 @@ def make_gradient_canaries(shapes: Mapping[str, tuple[int, ...]], m: int, *, nor
                             owner, float(norm), level, float(client_rate))
 
 
-_PLANTED: list[GradientCanaries] = []
+@dataclass(frozen=True)
+class ExampleCanaries:
+    """Black-box canaries: m out-of-distribution examples with random labels. An included one
+    is appended to its holder's data and is from then on an ordinary sample (Poisson-sampled,
+    clipped, noised, counted in the client's n and so in its q); the score is minus the final
+    model's loss on it (`fedsim.audit` computes it)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    included: np.ndarray
+    holders: np.ndarray
+    level: str = "sample"
+
+    @property
+    def count(self) -> int:
+        return int(len(self.y))
+
+    def held_by(self, partition_id: int) -> None:
+        return None  # no gradient canaries
+
+    def examples_held_by(self, partition_id: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The included canary examples a client holds, (x, y); None if it holds none."""
+        rows = np.flatnonzero(self.included & (self.holders == partition_id))
+        return (self.x[rows], self.y[rows]) if rows.size else None
+
+
+def make_example_canaries(x: np.ndarray, num_classes: int, m: int, *, holders: int, seed: int) -> ExampleCanaries:
+    """m canary examples shaped like the rows of `x`: Gaussian inputs at 3x the data's spread
+    (out of distribution), each with a uniformly random label, each held by one of `holders`
+    partitions and included with probability 1/2; drawn from `seed` alone."""
+    if m < 1:
+        raise ValueError(f"canaries: must be >= 1 (got {m})")
+    rng = np.random.default_rng(int(seed))
+    scale = float(np.std(x)) or 1.0
+    inputs = (float(np.mean(x)) + 3.0 * scale * rng.standard_normal((m, *x.shape[1:]))).astype(x.dtype)
+    labels = rng.integers(0, max(num_classes, 1), size=m)
+    included = rng.random(m) < 0.5
+    owner = rng.integers(0, holders, size=m)
+    return ExampleCanaries(inputs, labels, included, owner)
+
+
+_PLANTED: list = []
 
 
 @contextlib.contextmanager
-def planted(plan: GradientCanaries) -> Iterator[GradientCanaries]:
+def planted(plan: GradientCanaries | ExampleCanaries) -> Iterator[GradientCanaries | ExampleCanaries]:
     """Make `plan` the canaries every engine in this process trains with, for the block."""
     if _PLANTED:
         raise RuntimeError("canaries: an audit is already running in this process")
@@ -138,6 +182,6 @@ def planted(plan: GradientCanaries) -> Iterator[GradientCanaries]:
         _PLANTED.clear()
 
 
-def planted_canaries() -> GradientCanaries | None:
+def planted_canaries() -> GradientCanaries | ExampleCanaries | None:
     """The canaries of the audit running in this process, or None (every ordinary run)."""
     return _PLANTED[0] if _PLANTED else None

@@ -39,14 +39,14 @@ AUDITED = {"name": "audit", "data.dataset": "synthetic", "data.partitioner": "ii
 
 @pytest.fixture
 def audit(tmp_path, monkeypatch):
-    def run(*, engine="vectorized", sigma=1.0, fault=None, canaries=1000, **overrides):
+    def run(*, engine="vectorized", sigma=1.0, fault=None, canaries=1000, mode="whitebox", **overrides):
         if fault is not None:
             monkeypatch.setenv(FAULT_ENV, fault)
         else:
             monkeypatch.delenv(FAULT_ENV, raising=False)
         cfg = load_config(None, {**AUDITED, "runtime.engine": engine, "privacy.noise_multiplier": sigma,
                                  "output.dir": str(tmp_path / "run"), **overrides})
-        return run_audit(cfg, canaries=canaries, overwrite=True)
+        return run_audit(cfg, canaries=canaries, mode=mode, overwrite=True)
     return run
 
 
@@ -212,6 +212,8 @@ def test_audit_refuses_what_it_cannot_audit(tmp_path):
         run_audit(cfg, level="row", canaries=10)
     with pytest.raises(ConfigError, match="user_noise_multiplier"):
         run_audit(cfg, level="user", canaries=10)
+    with pytest.raises(ConfigError, match="--mode"):
+        run_audit(cfg, level="user", mode="blackbox", canaries=10)
     cfg = load_config(None, {**AUDITED, "output.dir": str(tmp_path / "run"), "privacy.user_noise_multiplier": 1.0,
                              "federation.sampling": "fixed"})
     with pytest.raises(ConfigError, match="federation.sampling"):
@@ -252,3 +254,14 @@ def test_fedsvd_lora_audit_is_sound(lora_cfg, monkeypatch, engine):
     record = run_audit(cfg, canaries=200)
     assert record["epsilon_upper"] > 0
     assert record["epsilon_lower"] <= record["epsilon_upper"]
+
+
+@pytest.mark.parametrize("engine,sigma", [("vectorized", 0.8), pytest.param("opacus", 1.5, marks=pytest.mark.slow)])
+def test_blackbox_audit_is_sound_and_sees_memorization(audit, engine, sigma):
+    """Canary examples (random-label outliers) scored by loss: below the accountant under DP,
+    and well above zero without noise, where the model memorizes the included ones."""
+    private = audit(engine=engine, sigma=sigma, mode="blackbox")
+    assert private["mode"] == "blackbox"
+    assert private["epsilon_lower"] <= private["epsilon_upper"]
+    exposed = audit(engine=engine, sigma=0.0, mode="blackbox", **{"federation.rounds": 30})
+    assert exposed["epsilon_lower"] > 1.5
