@@ -334,13 +334,13 @@ class _Noise:
 
     def add_to(self, summed: Tensors, active: int, empty: torch.Tensor | None = None) -> None:
         """Add a fresh draw to the first `active` clients' clipped sums, in place. `empty`
-        (clients whose batch drew nothing) only matters under the test-only fault that skips
+        (clients whose batch drew nothing) is given only under the test-only fault that skips
         their noise (`fedsim.privacy.faults`)."""
         for i in range(active):
             torch.randn(self.rows[i].shape, generator=self.generators[i], device=self.rows[i].device,
                         out=self.rows[i])
         self.flat[:active] *= self.std / 10 if fault("noise_div10") else self.std
-        if empty is not None and fault("empty_batch_no_noise"):
+        if empty is not None:
             self.flat[:active] *= (~empty[:active]).to(self.flat.dtype)[:, None]
         if self._active[0] != active:
             self._active = (active, {name: part[:active] for name, part in self.parts.items()})
@@ -403,9 +403,11 @@ def _train_chunk(fn: Functional, settings: TrainSettings, clients: list[VectorCl
             if canaries is not None:
                 canaries.add_to(summed, active, max_grad_norm=settings.max_grad_norm)
             if noise is not None:
-                empty = count == 0
-                if canaries is not None:
-                    empty = empty & ~canaries.drawn_any[:active]
+                empty = None
+                if fault("empty_batch_no_noise"):  # test-only: which clients' batches drew nothing at all
+                    empty = count == 0
+                    if canaries is not None:
+                        empty = empty & ~canaries.drawn_any[:active]
                 noise.add_to(summed, active, empty)
             # in place: the clipped sums are this step's own tensors (Opacus: (sum + noise) / int(q n))
             grad = {name: g.div_(divisors[name]) for name, g in summed.items()}
