@@ -163,8 +163,24 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint, memo: NodeMemo | None
             "nodes": nodes, "recorder": ckpt.recorder}
     tensors = {k: np.require(v, requirements='C') for k, v in tensors.items()}  # keeps 0-d arrays 0-d
     path = checkpoint_path(run_dir)
+    meta[DIGEST_KEY] = _digest(json.dumps(meta), tensors)  # one metadata entry: safetensors orders several at random
     write(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
     return path
+
+
+DIGEST_KEY = "sha256"  # of the rest of the metadata and every tensor: a damaged checkpoint is refused, never resumed
+
+
+def _digest(text: str, tensors: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the metadata text and each tensor's name, dtype, shape and bytes, in name order."""
+    import hashlib
+
+    h = hashlib.sha256(text.encode())
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name])
+        h.update(f"\0{name}\0{value.dtype.str}\0{value.shape}\0".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
@@ -178,16 +194,23 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
         with safe_open(str(path), framework="numpy") as fh:
             meta = json.loads((fh.metadata() or {})[META_KEY])
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        digest = meta.pop(DIGEST_KEY, None) if isinstance(meta, dict) else None  # absent before fedsim wrote one
+        if digest is not None and digest != _digest(json.dumps(meta), tensors):
+            raise ValueError("its checksum does not match its contents: the file was changed or damaged")
     except Exception as exc:  # noqa: BLE001 - a damaged file of any kind is one line
         raise FedsimError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
-    if meta.get("version") != FORMAT_VERSION:
-        raise FedsimError(f"{path}: checkpoint format {meta.get('version')!r}, this fedsim reads {FORMAT_VERSION}")
-    return Checkpoint(
-        round=int(meta["round"]), config=meta["config"],
-        arrays={k: tensors[f"arrays/{k}"] for k in meta["order"]["arrays"]},
-        strategy={k: tensors[f"strategy/{k}"] for k in meta["order"]["strategy"]},
-        nodes={int(node): _node_state(int(node), parts, tensors) for node, parts in meta["nodes"].items()},
-        recorder=meta["recorder"])
+    if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        raise FedsimError(f"{path}: checkpoint format {version!r}, this fedsim reads {FORMAT_VERSION}")
+    try:
+        return Checkpoint(
+            round=int(meta["round"]), config=str(meta["config"]),
+            arrays={k: tensors[f"arrays/{k}"] for k in meta["order"]["arrays"]},
+            strategy={k: tensors[f"strategy/{k}"] for k in meta["order"]["strategy"]},
+            nodes={int(node): _node_state(int(node), parts, tensors) for node, parts in meta["nodes"].items()},
+            recorder=meta["recorder"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a damaged header names no key or array
+        raise FedsimError(f"{path}: unreadable checkpoint (damaged header: {type(exc).__name__}: {exc})") from None
 
 
 def config_difference(saved: str, current: str) -> str | None:

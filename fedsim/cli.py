@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedsim.api import OVERRIDE_KEYS
 from fedsim.errors import ClientFailure, FedsimError
@@ -36,19 +39,6 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="experiment TOML (default: built-in defaults)")
-    group = p.add_argument_group("experiment overrides (each sets one config key)")
-    for flag, key in RUN_FLAGS.items():
-        metavar, text = FLAG_HELP.get(flag, ("V", key))
-        group.add_argument(flag, dest=key, metavar=metavar, help=text)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any key, e.g. --set strategy.fedprox.mu=0.1 (repeatable)")
-    p.add_argument("--strict", action="store_true",
-                   help="refuse keys that do nothing for this experiment (by default a warning names them)")
-    p.add_argument("-v", "--verbose", action="store_true", help="show fedsim's and Flower's logs")
-
-
 def overrides_from(args: argparse.Namespace) -> dict:
     from fedsim.config import parse_assignment, parse_value
 
@@ -58,6 +48,11 @@ def overrides_from(args: argparse.Namespace) -> dict:
         out[key] = value
     if "output.dir" in out:
         out["output.dir"] = str(out["output.dir"])
+        if not out["output.dir"].strip():
+            from fedsim.errors import ConfigError
+
+            raise ConfigError("output.dir: --out got an empty path; give a directory, or leave --out out for "
+                              "runs/<name>-<timestamp>")
     return out
 
 
@@ -78,6 +73,14 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"must be >= {minimum} (got {value})")
         return value
     return parse
+
+
+def _check_plot(path: str | None) -> None:
+    """A --plot file with an extension matplotlib cannot write is refused before any work."""
+    if path:
+        from fedsim.plots import check_plot_path
+
+        check_plot_path(path)
 
 
 def _seconds(text: str) -> float:
@@ -121,7 +124,12 @@ def _resume_config(args: argparse.Namespace):
     out = overrides.pop("output.dir", None)
     if out is not None and Path(out).resolve() != run_dir.resolve():
         raise ConfigError(f"run: --out {out} differs from --resume {run_dir}; a run resumes in its own directory")
-    cfg = load_config(run_dir / CONFIG_TOML, overrides)
+    try:
+        cfg = load_config(run_dir / CONFIG_TOML, overrides)
+    except ConfigError as exc:
+        if any(str(exc).startswith(key + ":") for key in overrides):  # a flag's own value: the flag's line
+            raise
+        raise ConfigError(f"--resume: {run_dir / CONFIG_TOML}: {exc}") from None
     if not cfg.output.dir or Path(cfg.output.dir).resolve() != run_dir.resolve():
         cfg.output.dir = str(run_dir)  # the run directory was moved (or config.toml names a relative path)
     return cfg
@@ -131,10 +139,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.results import read_summary
     from fedsim.run import run_experiment
 
+    from fedsim.run import default_out_dir
+
     if args.resume:
-        out = run_experiment(_resume_config(args), progress=not args.no_progress, resume=True)
+        cfg = _resume_config(args)
+        args.run_dir = cfg.output.dir
+        try:
+            out = run_experiment(cfg, progress=not args.no_progress, resume=True)
+        except FedsimError as exc:  # the run directory's own files are damaged: say whence
+            if str(exc).startswith(str(args.resume).rstrip("/")):
+                exc.args = (f"--resume: {exc}",)
+            elif str(exc).startswith("config: the saved experiment"):  # the checkpoint's copy of the config
+                exc.args = (f"--resume: {args.resume}: checkpoint{str(exc)[len('config'):]}",)
+            raise
     else:
-        out = run_experiment(_load(args), progress=not args.no_progress, overwrite=args.overwrite)
+        cfg = _load(args)
+        cfg.output.dir = cfg.output.dir or default_out_dir(cfg)
+        args.run_dir = cfg.output.dir  # what an interruption's message names
+        out = run_experiment(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     summary = read_summary(out) or {}
     line = (f"{summary.get('metric_name')}: final {summary.get('final_metric'):.4f}, "
             f"best {summary.get('best_metric'):.4f}")
@@ -173,13 +195,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _beta(text: str) -> float:
+    """argparse type: a confidence parameter in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1) (got {value})")
+    return value
+
+
 def cmd_partition(args: argparse.Namespace) -> int:
     from fedsim.partition import label_counts
 
-    if args.plot:
-        from fedsim.plots import check_plot_path
-
-        check_plot_path(args.plot)  # a bad extension is refused before any work
+    _check_plot(args.plot)
     cfg = _load(args)
     counts = label_counts(cfg)
     width = max(3, len(str(counts.max())))
@@ -228,19 +258,28 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv_values(text: str | None) -> list | None:
+def _csv_values(text: str | None, flag: str) -> list | None:
+    """A comma-separated flag's values; an empty list or an empty item is refused, not read as
+    "no axis"."""
     from fedsim.config import parse_value
+    from fedsim.errors import ConfigError
 
-    return [parse_value(v) for v in text.split(",")] if text else None
+    if text is None:
+        return None
+    items = [v.strip() for v in text.split(",")]
+    if not all(items):
+        raise ConfigError(f"{flag}: expected comma-separated values, e.g. 0,1,2 (got {text!r})")
+    return [parse_value(v) for v in items]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedsim.sweep import parse_axis, run_sweep
+    from fedsim.sweep import parse_grid, run_sweep
 
-    grid = dict(parse_axis(text) for text in args.grid)
+    grid = parse_grid(args.grid)
     try:
-        cells = run_sweep(args.config, grid=grid, seeds=_csv_values(args.seeds),
-                          target_epsilons=_csv_values(args.target_epsilons), overrides=overrides_from(args),
+        cells = run_sweep(args.config, grid=grid, seeds=_csv_values(args.seeds, "--seeds"),
+                          target_epsilons=_csv_values(args.target_epsilons, "--target-epsilons"),
+                          overrides=overrides_from(args),
                           jobs=args.jobs, max_cells=args.max_cells, strict=args.strict)
     except OSError as exc:  # the sweep directory cannot be written: one line, exit 1
         sys.stderr.write(f"error: sweep: {exc}\n")
@@ -260,10 +299,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.report import check_paired, pivot_table, plot, render, report
 
     check_paired(args.pivot, args.paired_against)
-    if args.plot:
-        from fedsim.plots import check_plot_path
-
-        check_plot_path(args.plot)  # a bad extension is refused before any work
+    _check_plot(args.plot)
     where = [(key, value) for key, _, value in (item.partition("=") for item in args.where)]
     table = report(args.path, group_by=args.group_by, best_per=args.best_per, where=where,
                    median=args.median_client)
@@ -325,171 +361,248 @@ def cmd_deploy_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- the command table
+
+@dataclass(frozen=True)
+class Flag:
+    """One argparse argument: its names and `add_argument`'s keywords."""
+
+    names: tuple[str, ...]
+    options: dict[str, Any]
+
+
+def flag(*names: str, **options: Any) -> Flag:
+    return Flag(names, options)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A (sub)command: its texts, its own flags, and whether it takes an experiment (a config
+    file, the experiment overrides of `RUN_FLAGS`, --set, --strict and -v)."""
+
+    name: str
+    help: str
+    description: str
+    examples: tuple[str, ...]
+    func: Callable[[argparse.Namespace], int] | None = None
+    flags: tuple[Flag, ...] = ()
+    experiment: bool = False
+    subcommands: tuple[Command, ...] = ()
+
+
+# Flags more than one command shares
+PLOT = "write stacked bars of each client's label counts (target deciles for regression; .png, .pdf, .svg, ...)"
+OVERWRITE_RUN = flag("--overwrite", action="store_true",
+                     help="replace the run already in --out (by default a finished or started run is refused)")
+# The experiment flags, after the config file: the overrides, then --set, --strict and -v
+EXPERIMENT_FLAGS = (
+    flag("--set", action="append", default=[], metavar="KEY=VALUE",
+         help="override any key, e.g. --set strategy.fedprox.mu=0.1 (repeatable)"),
+    flag("--strict", action="store_true",
+         help="refuse keys that do nothing for this experiment (by default a warning names them)"),
+    flag("-v", "--verbose", action="store_true", help="show fedsim's and Flower's logs"),
+)
+
+COMMANDS: tuple[Command, ...] = (
+    Command("run", "run one experiment",
+            "Run one federated experiment and write rounds.csv, clients.csv, summary.json, config.toml, run.log "
+            "and the trained model to its run directory, with a checkpoint every output.checkpoint_every "
+            "rounds.\nExit codes: 0 finished, 1 failed (a client, the disk) or diverged (a NaN loss), 2 bad "
+            "input or a run directory in use, 130 Ctrl-C, 143 SIGTERM.",
+            ("fedsim run configs/quickstart.toml",
+             "fedsim run configs/quickstart.toml --noise-multiplier 1.0 --rounds 20 --strategy fedprox "
+             "--set strategy.fedprox.mu=0.1",
+             "fedsim run configs/quickstart.toml --set privacy.user_noise_multiplier=1 "
+             "--set privacy.user_clip_quantile=0.5 --set privacy.user_clip_count_noise=1",
+             "fedsim run configs/quickstart.toml --set privacy.user_noise_multiplier=1 "
+             "--set privacy.user_mechanism=tree --set privacy.user_tree_restart=10",
+             "fedsim run configs/quickstart.toml --set privacy.user_noise_multiplier=1 "
+             "--set privacy.noise_cohort_size=1000",
+             "fedsim run configs/quickstart.toml --set privacy.user_target_epsilon=3 "
+             "--set federation.sampling=poisson --accountant pld",
+             "fedsim run --resume runs/quickstart-20261123-101500",
+             "fedsim run configs/quickstart.toml --out runs/qs --overwrite"),
+            cmd_run, experiment=True, flags=(
+                flag("--no-progress", action="store_true", help="hide the progress bar"),
+                flag("--resume", metavar="DIR", help="continue the interrupted or killed run in DIR from its "
+                                                     "checkpoint, with DIR/config.toml"),
+                OVERWRITE_RUN)),
+    Command("audit", "empirical lower bound on epsilon (one-run audit)",
+            "Run the experiment once with canaries (Steinke, Nasr & Jagielski 2023), each included with "
+            "probability 1/2, scored on the trained model and guessed in or out. Prints epsilon_lower at "
+            "confidence 1 - beta beside the accountant's epsilon_upper, and writes audit.json into the run "
+            "directory. Takes the same flags and --set as `fedsim run`; see docs/privacy.md.",
+            ("fedsim audit configs/audit.toml --canaries 1000",
+             "fedsim audit configs/audit.toml --level user --set privacy.target_epsilon=0 "
+             "--set privacy.user_noise_multiplier=4 --set federation.sampling=poisson",
+             "fedsim audit configs/audit.toml --mode blackbox --noise-multiplier 0"),
+            cmd_audit, experiment=True, flags=(
+                flag("--level", choices=("sample", "user"), default="sample",
+                     help="sample: canaries inside DP-SGD; user: canary clients through the user-level layer"),
+                flag("--mode", choices=("whitebox", "blackbox"), default="whitebox",
+                     help="whitebox: gradient directions (or clients' updates), scored by the model's "
+                          "displacement; blackbox: canary examples (random-label outliers), scored by loss"),
+                flag("--canaries", type=_count(2), default=1000, metavar="M", help="number of canaries (default 1000)"),
+                flag("--beta", type=_beta, default=0.05,
+                     help="the bound holds with probability 1 - beta (default 0.05)"),
+                flag("--no-progress", action="store_true", help="hide the progress bar"),
+                OVERWRITE_RUN)),
+    Command("partition", "show how a config splits the data",
+            "Print per-client sizes and label counts; optionally plot them.",
+            ("fedsim partition --dataset digits --partitioner dirichlet --alpha 0.1 --num-clients 20 "
+             "--plot labels.png",),
+            cmd_partition, experiment=True, flags=(flag("--plot", metavar="FILE.png", help=PLOT),)),
+    Command("init", "copy a shipped experiment to start from",
+            "Write a shipped example experiment (a TOML file) into DIR, to edit and run. Shipped experiments "
+            "also run by name: fedsim run quickstart.",
+            ("fedsim init my-study", "fedsim run my-study/quickstart.toml --rounds 5",
+             "fedsim init . --example privacy-utility"),
+            cmd_init, flags=(
+                flag("dir", nargs="?", default=".", help="directory to write into (default: here)"),
+                flag("--example", default="quickstart", help="which shipped experiment (quickstart, "
+                     "privacy-utility, fedld-heterogeneity, fedsvd, bags, ...)"))),
+    Command("datasets", "list the built-in datasets", "List the datasets that work offline.",
+            ("fedsim datasets",), cmd_datasets),
+    Command("sweep", "run a grid of experiments (resumable)",
+            "Run every cell of a grid; re-running skips finished cells. A cell is its values and its resolved "
+            "config: a finished cell of another config is refused, never reused. A failing cell is reported "
+            "and the others go on (exit 1). Two sweeps on one directory share the cells.",
+            ("fedsim sweep configs/privacy-utility.toml --jobs 2",
+             "fedsim sweep configs/quickstart.toml --grid privacy.noise_multiplier=0,1 "
+             "--grid strategy.name=fedavg,fedprox --seeds 0,1,2"),
+            cmd_sweep, experiment=True, flags=(
+                flag("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                     help="an axis of the grid (repeatable; a key given twice gets the values of both)"),
+                flag("--seeds", metavar="S1,S2", help="seeds axis, e.g. 0,1,2"),
+                flag("--target-epsilons", metavar="E1,E2",
+                     help="target sample-level epsilons axis (0 = non-private), e.g. 0,1,3,8"),
+                flag("--jobs", type=_count(1), default=1, help="cells run in parallel processes (default 1)"),
+                flag("--max-cells", type=_count(0), default=0, help="stop after this many new cells (0 = all)"))),
+    Command("deploy", "run on a Flower SuperLink and SuperNodes",
+            "Deploy fedsim's ServerApp and ClientApp on Flower's deployment runtime.",
+            ("fedsim deploy local configs/quickstart.toml --nodes 20", "fedsim deploy certs certs/"),
+            subcommands=(
+                Command("local", "a SuperLink and N SuperNodes on this machine",
+                        "Start a SuperLink and N SuperNodes as subprocesses, wait until all are online, run the "
+                        "experiment through them with `flwr run`, write the usual outputs, stop everything (also "
+                        "if fedsim is killed). Waiting for the nodes is bounded by runtime.discovery_timeout; a "
+                        "failure names its cause and the logs in <run>/deploy/logs/.",
+                        ("fedsim deploy local configs/quickstart.toml --nodes 20 --tls",
+                         "fedsim deploy local --nodes 3 --dataset digits --rounds 2",
+                         "fedsim deploy local configs/quickstart.toml --nodes 20 --auth "
+                         "--set runtime.discovery_timeout=900"),
+                        cmd_deploy_local, experiment=True, flags=(
+                            flag("--nodes", type=_count(1), required=True, help="SuperNodes to start; sets "
+                                 "federation.num_clients unless --num-clients is given"),
+                            flag("--tls", action="store_true", help="generate a CA and serve the SuperLink over TLS"),
+                            flag("--auth", action="store_true", help="SuperNode authentication (implies --tls): "
+                                 "each node registers its own EC key"),
+                            flag("--host", default="127.0.0.1",
+                                 help="interface to bind (default loopback; anything else exposes the ports)"),
+                            flag("--timeout", type=_seconds, default=1800.0,
+                                 help="seconds before the run is abandoned"))),
+                Command("certs", "a self-signed CA and server certificate",
+                        "Write ca.crt, server.pem and server.key (EC P-256) for local TLS testing. Existing "
+                        "files are kept unless --overwrite.",
+                        ("fedsim deploy certs certs/ --hosts 127.0.0.1,localhost",
+                         "fedsim deploy certs certs/ --overwrite"),
+                        cmd_deploy_certs, flags=(
+                            flag("dir", help="output directory (created if missing)"),
+                            flag("--hosts", default="127.0.0.1,localhost", help="names the certificate is valid for"),
+                            flag("--overwrite", action="store_true",
+                                 help="replace existing ca.crt, server.pem and server.key (refused otherwise)"))),
+            )),
+    Command("report", "privacy-utility table from runs",
+            "Aggregate run directories (over seeds) into a privacy-utility table.",
+            ("fedsim report sweeps/privacy-utility --format md --plot pu.png",
+             "fedsim report sweeps/privacy-utility --plot pu.pdf --log-epsilon",
+             "fedsim report sweeps/my-alpha-sweep --group-by data.alpha --plot alpha.png",
+             "fedsim report sweeps/fedsvd --pivot strategy --paired-against fedavg-lora",
+             "fedsim report sweeps/privacy-utility --median-client"),
+            cmd_report, flags=(
+                flag("path", help="a run directory or a sweep directory"),
+                flag("--format", default="md", choices=("md", "csv", "latex", "json"), help="table format"),
+                flag("--output", metavar="FILE", help="write the table here instead of stdout"),
+                flag("--plot", metavar="FILE.png",
+                     help="final metric against epsilon, one line per strategy and --group-by value, with 95%% CI "
+                          "bands and dashed non-private references (.png, .pdf, .svg, ...)"),
+                flag("--log-epsilon", action="store_true", help="--plot with a logarithmic epsilon axis"),
+                flag("--median-client", action="store_true",
+                     help="show each run's median client's sample-level epsilon beside its largest"),
+                flag("--group-by", default="", metavar="KEYS",
+                     help="extra config keys that split rows, e.g. data.alpha,data.dataset"),
+                flag("--best-per", default="", metavar="KEYS", help="keep only the best row per group, e.g. "
+                     "strategy.bags.label_epsilon (keys in --group-by)"),
+                flag("--where", action="append", default=[], metavar="KEY=VALUE",
+                     help="only runs whose config has this value, e.g. data.dataset=diabetes (repeatable)"),
+                flag("--pivot", default="", metavar="COLUMN",
+                     help="one column per value of COLUMN (e.g. strategy) holding final +- ci95"),
+                flag("--paired-against", default="", metavar="VALUE",
+                     help="with --pivot: the other columns become \"V − VALUE\", the paired difference from VALUE "
+                          "over the seeds both have (mean +- 95%% t-interval of the per-seed differences)"))),
+)
+
+
+def _epilog(examples: tuple[str, ...]) -> str:
+    return ("example:" if len(examples) == 1 else "examples:") + "".join(f"\n  {e}" for e in examples)
+
+
+def _add_command(sub: argparse._SubParsersAction, command: Command) -> None:
+    p = sub.add_parser(command.name, help=command.help, formatter_class=_formatter,
+                       description=command.description, epilog=_epilog(command.examples))
+    if command.experiment:
+        p.add_argument("config", nargs="?", help="experiment TOML (default: built-in defaults)")
+        group = p.add_argument_group("experiment overrides (each sets one config key)")
+        for name, key in RUN_FLAGS.items():
+            metavar, text = FLAG_HELP.get(name, ("V", key))
+            group.add_argument(name, dest=key, metavar=metavar, help=text)
+        for f in EXPERIMENT_FLAGS:
+            p.add_argument(*f.names, **f.options)
+    for f in command.flags:
+        p.add_argument(*f.names, **f.options)
+    if command.subcommands:
+        inner = p.add_subparsers(dest=f"{command.name}_command", required=True, parser_class=Parser)
+        for subcommand in command.subcommands:
+            _add_command(inner, subcommand)
+    else:
+        p.set_defaults(func=command.func)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, built from `COMMANDS` (and `RUN_FLAGS`, the Python API's keywords)."""
     parser = Parser(prog="fedsim", formatter_class=_formatter,
                     description="Federated, privacy-aware training simulator on Flower and Opacus.",
-                    epilog="example:\n  fedsim run configs/quickstart.toml --rounds 5 --noise-multiplier 1.0")
+                    epilog=_epilog(("fedsim run configs/quickstart.toml --rounds 5 --noise-multiplier 1.0",)))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    p = sub.add_parser("run", help="run one experiment", formatter_class=_formatter,
-                       description="Run one federated experiment and write rounds.csv, clients.csv, "
-                                   "summary.json, config.toml, run.log and the trained model to its run "
-                                   "directory, with a checkpoint every output.checkpoint_every rounds.\n"
-                                   "Exit codes: 0 finished, 1 failed (a client, the disk), 2 bad input or "
-                                   "a run directory in use, 130 Ctrl-C, 143 SIGTERM.",
-                       epilog="examples:\n  fedsim run configs/quickstart.toml\n"
-                              "  fedsim run configs/quickstart.toml --noise-multiplier 1.0 --rounds 20 "
-                              "--strategy fedprox --set strategy.fedprox.mu=0.1\n"
-                              "  fedsim run configs/quickstart.toml --set privacy.user_noise_multiplier=1 "
-                              "--set privacy.user_clip_quantile=0.5 --set privacy.user_clip_count_noise=1\n"
-                              "  fedsim run configs/quickstart.toml --set privacy.user_noise_multiplier=1 "
-                              "--set privacy.user_mechanism=tree --set privacy.user_tree_restart=10\n"
-                              "  fedsim run configs/quickstart.toml --set privacy.user_noise_multiplier=1 "
-                              "--set privacy.noise_cohort_size=1000\n"
-                              "  fedsim run --resume runs/quickstart-20261123-101500\n"
-                              "  fedsim run configs/quickstart.toml --out runs/qs --overwrite\n"
-                              "  fedsim run configs/quickstart.toml --set privacy.user_target_epsilon=3 "
-                              "--set federation.sampling=poisson --accountant pld")
-    _add_config_flags(p)
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--resume", metavar="DIR",
-                   help="continue the interrupted or killed run in DIR from its checkpoint, with DIR/config.toml")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (by default a finished or started run is refused)")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("audit", help="empirical lower bound on epsilon (one-run audit)", formatter_class=_formatter,
-                       description="Run the experiment once with canaries (Steinke, Nasr & Jagielski 2023),\n"
-                                   "each included with probability 1/2, scored on the trained model and guessed\n"
-                                   "in or out. Prints epsilon_lower at confidence 1 - beta beside the\n"
-                                   "accountant's epsilon_upper, and writes audit.json into the run directory.\n"
-                                   "Takes the same flags and --set as `fedsim run`; see docs/privacy.md.",
-                       epilog="examples:\n  fedsim audit configs/quickstart.toml --canaries 1000\n"
-                              "  fedsim audit configs/quickstart.toml --level user "
-                              "--set privacy.user_noise_multiplier=1 --set federation.sampling=poisson")
-    _add_config_flags(p)
-    p.add_argument("--level", choices=("sample", "user"), default="sample",
-                   help="sample: gradient canaries inside DP-SGD; user: canary clients through the user-level layer")
-    p.add_argument("--mode", choices=("whitebox", "blackbox"), default="whitebox",
-                   help="whitebox: canaries are gradient directions (or clients' updates), scored by the model's "
-                        "displacement; blackbox: canary examples (random-label outliers), scored by loss")
-    p.add_argument("--canaries", type=_count(2), default=1000, metavar="M", help="number of canaries (default 1000)")
-    p.add_argument("--beta", type=float, default=0.05, help="the bound holds with probability 1 - beta (default 0.05)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    p.set_defaults(func=cmd_audit)
-
-    p = sub.add_parser("partition", help="show how a config splits the data", formatter_class=_formatter,
-                       description="Print per-client sizes and label counts; optionally plot them.",
-                       epilog="example:\n  fedsim partition --dataset digits --partitioner dirichlet "
-                              "--alpha 0.1 --num-clients 20 --plot labels.png")
-    _add_config_flags(p)
-    p.add_argument("--plot", metavar="FILE.png",
-                   help="write stacked bars of each client's label counts (target deciles for regression; "
-                        ".png, .pdf, .svg, ...)")
-    p.set_defaults(func=cmd_partition)
-
-    p = sub.add_parser("init", help="copy a shipped experiment to start from", formatter_class=_formatter,
-                       description="Write a shipped example experiment (a TOML file) into DIR, to edit and run. "
-                                   "Shipped experiments also run by name: fedsim run quickstart.",
-                       epilog="examples:\n  fedsim init my-study\n  fedsim run my-study/quickstart.toml --rounds 5\n"
-                              "  fedsim init . --example privacy-utility")
-    p.add_argument("dir", nargs="?", default=".", help="directory to write into (default: here)")
-    p.add_argument("--example", default="quickstart",
-                   help="which shipped experiment (quickstart, privacy-utility, fedld-heterogeneity, fedsvd, "
-                        "bags, ...)")
-    p.set_defaults(func=cmd_init)
-
-    p = sub.add_parser("datasets", help="list the built-in datasets", formatter_class=_formatter,
-                       description="List the datasets that work offline.", epilog="example:\n  fedsim datasets")
-    p.set_defaults(func=cmd_datasets)
-
-    p = sub.add_parser("sweep", help="run a grid of experiments (resumable)", formatter_class=_formatter,
-                       description="Run every cell of a grid; re-running skips finished cells. A cell is "
-                                   "its values and its resolved config: a finished cell of another config "
-                                   "is refused, never reused. A failing cell is reported and the others go "
-                                   "on (exit 1). Two sweeps on one directory share the cells.",
-                       epilog="example:\n  fedsim sweep configs/privacy-utility.toml --jobs 2\n"
-                              "  fedsim sweep configs/quickstart.toml --grid privacy.noise_multiplier=0,1 "
-                              "--grid strategy.name=fedavg,fedprox --seeds 0,1,2")
-    _add_config_flags(p)
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="an axis of the grid (repeatable)")
-    p.add_argument("--seeds", metavar="S1,S2", help="seeds axis, e.g. 0,1,2")
-    p.add_argument("--target-epsilons", metavar="E1,E2",
-                   help="target sample-level epsilons axis (0 = non-private), e.g. 0,1,3,8")
-    p.add_argument("--jobs", type=_count(1), default=1, help="cells run in parallel processes (default 1)")
-    p.add_argument("--max-cells", type=_count(0), default=0, help="stop after this many new cells (0 = all)")
-    p.set_defaults(func=cmd_sweep)
-
-    p = sub.add_parser("deploy", help="run on a Flower SuperLink and SuperNodes", formatter_class=_formatter,
-                       description="Deploy fedsim's ServerApp and ClientApp on Flower's deployment runtime.",
-                       epilog="examples:\n  fedsim deploy local configs/quickstart.toml --nodes 20\n"
-                              "  fedsim deploy certs certs/")
-    deploy = p.add_subparsers(dest="deploy_command", required=True, parser_class=Parser)
-    d = deploy.add_parser("local", help="a SuperLink and N SuperNodes on this machine", formatter_class=_formatter,
-                          description="Start a SuperLink and N SuperNodes as subprocesses, wait until all are "
-                                      "online, run the experiment through them with `flwr run`, write the usual "
-                                      "outputs, stop everything (also if fedsim is killed). Waiting for the nodes "
-                                      "is bounded by runtime.discovery_timeout; a failure names its cause and the "
-                                      "logs in <run>/deploy/logs/.",
-                          epilog="examples:\n  fedsim deploy local configs/quickstart.toml --nodes 20 --tls\n"
-                                 "  fedsim deploy local --nodes 3 --dataset digits --rounds 2\n"
-                                 "  fedsim deploy local configs/quickstart.toml --nodes 20 --auth "
-                                 "--set runtime.discovery_timeout=900")
-    _add_config_flags(d)
-    d.add_argument("--nodes", type=_count(1), required=True,
-                   help="SuperNodes to start; sets federation.num_clients unless --num-clients is given")
-    d.add_argument("--tls", action="store_true", help="generate a CA and serve the SuperLink over TLS")
-    d.add_argument("--auth", action="store_true",
-                   help="SuperNode authentication (implies --tls): each node registers its own EC key")
-    d.add_argument("--host", default="127.0.0.1",
-                   help="interface to bind (default loopback; anything else exposes the ports)")
-    d.add_argument("--timeout", type=_seconds, default=1800.0, help="seconds before the run is abandoned")
-    d.set_defaults(func=cmd_deploy_local)
-    d = deploy.add_parser("certs", help="a self-signed CA and server certificate", formatter_class=_formatter,
-                          description="Write ca.crt, server.pem and server.key (EC P-256) for local TLS testing. "
-                                      "Existing files are kept unless --overwrite.",
-                          epilog="examples:\n  fedsim deploy certs certs/ --hosts 127.0.0.1,localhost\n"
-                                 "  fedsim deploy certs certs/ --overwrite")
-    d.add_argument("dir", help="output directory (created if missing)")
-    d.add_argument("--hosts", default="127.0.0.1,localhost", help="names the certificate is valid for")
-    d.add_argument("--overwrite", action="store_true",
-                   help="replace existing ca.crt, server.pem and server.key (refused otherwise)")
-    d.set_defaults(func=cmd_deploy_certs)
-
-    p = sub.add_parser("report", help="privacy-utility table from runs", formatter_class=_formatter,
-                       description="Aggregate run directories (over seeds) into a privacy-utility table.",
-                       epilog="examples:\n  fedsim report sweeps/privacy-utility --format md --plot pu.png\n"
-                              "  fedsim report sweeps/privacy-utility --plot pu.pdf --log-epsilon\n"
-                              "  fedsim report sweeps/my-alpha-sweep --group-by data.alpha --plot alpha.png\n"
-                              "  fedsim report sweeps/fedsvd --pivot strategy --paired-against fedavg-lora\n"
-                              "  fedsim report sweeps/privacy-utility --median-client")
-    p.add_argument("path", help="a run directory or a sweep directory")
-    p.add_argument("--format", default="md", choices=("md", "csv", "latex", "json"), help="table format")
-    p.add_argument("--output", metavar="FILE", help="write the table here instead of stdout")
-    p.add_argument("--plot", metavar="FILE.png",
-                   help="final metric against epsilon, one line per strategy and --group-by value, with "
-                        "95%% CI bands and dashed non-private references (.png, .pdf, .svg, ...)")
-    p.add_argument("--log-epsilon", action="store_true", help="--plot with a logarithmic epsilon axis")
-    p.add_argument("--median-client", action="store_true",
-                   help="show each run's median client's sample-level epsilon beside its largest")
-    p.add_argument("--group-by", default="", metavar="KEYS",
-                   help="extra config keys that split rows, e.g. data.alpha,data.dataset")
-    p.add_argument("--best-per", default="", metavar="KEYS",
-                   help="keep only the best row per group, e.g. strategy.bags.label_epsilon (keys in --group-by)")
-    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                   help="only runs whose config has this value, e.g. data.dataset=diabetes (repeatable)")
-    p.add_argument("--pivot", default="", metavar="COLUMN",
-                   help="one column per value of COLUMN (e.g. strategy) holding final +- ci95")
-    p.add_argument("--paired-against", default="", metavar="VALUE",
-                   help="with --pivot: the other columns become \"V − VALUE\", the paired difference from "
-                        "VALUE over the seeds both have (mean +- 95%% t-interval of the per-seed differences)")
-    p.set_defaults(func=cmd_report)
+    for command in COMMANDS:
+        _add_command(sub, command)
     return parser
 
 
+def _kept_after_interrupt(run_dir: str | None) -> str:
+    """What an interrupted run left, as it is on disk: a promise of a checkpoint only if there is one."""
+    from fedsim.checkpoint import checkpoint_path
+    from fedsim.results import read_summary
+
+    if not run_dir:
+        return "the run had not started; nothing was written"
+    done = (read_summary(run_dir) or {}).get("rounds_completed") or 0
+    if checkpoint_path(run_dir).is_file():
+        return (f"{done} finished round(s) and the last checkpoint are kept in {run_dir} "
+                f"(continue with fedsim run --resume {run_dir})")
+    if done:
+        return f"{done} finished round(s) are kept in {run_dir}; no checkpoint was written (output.checkpoint_every)"
+    return "before the first round finished; there is nothing to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    # A run started in the background by a non-interactive shell inherits SIGINT ignored; fedsim
+    # stops cleanly on Ctrl-C (status "interrupted", checkpoint kept), so it always listens.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
@@ -515,8 +628,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("interrupted: finished cells are kept, and the interrupted ones keep their last "
                              "checkpoint (run the same fedsim sweep again to continue)\n")
         else:
-            sys.stderr.write("interrupted: finished rounds and the last checkpoint are kept in the run directory "
-                             "(continue with fedsim run --resume DIR)\n")
+            sys.stderr.write(f"interrupted: {_kept_after_interrupt(getattr(args, 'run_dir', None))}\n")
         return 143 if isinstance(exc, terminated) else 130
 
 

@@ -55,15 +55,25 @@ DATASETS = ("digits", "breast-cancer", "diabetes", "synthetic", "linear", "text-
 TRACKERS = ("tensorboard", "mlflow")
 PARTITIONERS = ("iid", "dirichlet", "shard", "pathological", "quantity", "natural-id", "feature-skew")
 GENERATED_DATASETS = ("synthetic", "linear", "text-topics")  # sized by data.synthetic_samples
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a directory name, with room for a timestamp
 # Upper bounds, each with its reason (the error says it).
 MAX_ROUNDS = 1_000_000
 MAX_CLIENTS = 1_000_000
 MAX_WIDTH = 65_536
 MAX_MLP_WEIGHTS = 2**24
 MAX_GENERATED_FLOATS = 10**9
+# Every number without an upper bound of its own is at most this: a bound against typos and
+# overflow (training runs in float32, whose largest value is 3.4e38: 1e12 squared still fits).
+MAX_FLOAT = 1e12
+# A noise multiplier is 0 (off) or within these: below the floor epsilon is astronomic (over
+# 1e5 for one step) and the RDP series at fractional orders needs ever more terms; above the
+# ceiling every update is noise, and sigma**2 overflows beyond 1e154.
+MIN_NOISE_MULTIPLIER = 0.01
+MAX_NOISE_MULTIPLIER = 1e6
 WHY_LONG = "a bound against typos: no experiment needs more, and the run would not end"
 WHY_MEMORY = "the simulation holds this in one process's memory"
+WHY_STD = "in units of the standardized features' std: beyond 100 the features are noise or shift alone"
+WHY_OVERFLOW = "a bound against typos and overflow: training computes in float32 (at most 3.4e38)"
 
 
 @dataclass
@@ -83,10 +93,13 @@ class DataConfig:
     partitioner: str = param("iid", "how samples are split across clients", choices=PARTITIONERS)
     alpha: float = param(0.5, "Dirichlet concentration (smaller = more label skew)", lo=0.0, lo_open=True)
     classes_per_client: int = param(2, "classes per client for shard / pathological", lo=1)
-    quantity_power: float = param(1.0, "power-law exponent of client sizes for 'quantity'", lo=0.0)
+    quantity_power: float = param(1.0, "power-law exponent of client sizes for 'quantity'", lo=0.0, hi=10.0,
+                                  why="at 10 the second client already gets 1/1024 of the first's samples")
     natural_id_column: str = param("group", "column that names each sample's client for 'natural-id'")
-    feature_shift: float = param(0.5, "std of the per-client mean shift for 'feature-skew'", lo=0.0)
-    feature_noise: float = param(0.0, "std of per-client additive feature noise for 'feature-skew'", lo=0.0)
+    feature_shift: float = param(0.5, "std of the per-client mean shift for 'feature-skew'", lo=0.0, hi=100.0,
+                                 why=WHY_STD)
+    feature_noise: float = param(0.0, "std of per-client additive feature noise for 'feature-skew'", lo=0.0,
+                                 hi=100.0, why=WHY_STD)
     synthetic_alpha: float = param(1.0, "Synthetic(alpha, beta): model heterogeneity", lo=0.0)
     synthetic_beta: float = param(1.0, "Synthetic(alpha, beta): feature heterogeneity", lo=0.0)
     synthetic_samples: int = param(100, "mean samples per group of the synthetic generators", lo=10,
@@ -240,7 +253,7 @@ class OutputConfig:
 @dataclass
 class Config:
     name: str = param("experiment", "experiment name, used in the default run directory", pattern=NAME_PATTERN,
-                      why="the name becomes a directory name under runs/ or sweeps/")
+                      why="the name becomes a directory name under runs/ or sweeps/, at most 100 characters")
     seed: int = param(0, "one seed fixes partition, sampling, initialization and noise", lo=0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -284,6 +297,9 @@ def _scalar_schema(tp: Any, meta: dict, choices: tuple | None) -> Any:
         if tp is int:  # the integer range TOML can write back
             constraints.setdefault("le", INT64_MAX)
             constraints.setdefault("ge", -INT64_MAX - 1)
+        else:
+            constraints.setdefault("le", MAX_FLOAT)
+            constraints.setdefault("ge", -MAX_FLOAT)
     elif tp is str:
         constraints["pattern"] = meta.get("pattern") or NO_NUL
     return Annotated[tp, Field(**constraints)] if constraints else tp
@@ -357,10 +373,14 @@ def _message(key: str, tp: Any, meta: dict, choices: tuple | None, value: Any, e
         return f"{key}: must be one of {', '.join(map(str, choices or ()))} (got {got})"
     if kind in ("greater_than", "greater_than_equal"):
         if meta.get("lo") is None:
+            if tp is float:
+                return f"{key}: must be >= {-MAX_FLOAT:g} (got {got}); {WHY_OVERFLOW}"
             return f"{key}: must be >= {-INT64_MAX - 1} (got {got})"
         return f"{key}: must be {_lower_text(meta)} (got {got})"
     if kind in ("less_than", "less_than_equal"):
         if meta.get("hi") is None:
+            if tp is float:
+                return f"{key}: must be <= {MAX_FLOAT:g} (got {got}); {WHY_OVERFLOW}"
             return f"{key}: must be <= {INT64_MAX}, the largest TOML integer (got {got})"
         return f"{key}: must be {'<' if meta.get('hi_open') else '<='} {meta['hi']} (got {got}){why}"
     if kind == "string_pattern_mismatch":
@@ -464,6 +484,18 @@ def _resolve_defaults(cfg: Config, raw: dict) -> None:
 def _check_consistency(cfg: Config) -> None:
     """Cross-field rules that no single field can express."""
     fed = cfg.federation
+    for key, values in (("data.classes", cfg.data.classes), ("data.drop_columns", cfg.data.drop_columns),
+                        ("model.pretrain_classes", cfg.model.pretrain_classes),
+                        ("model.lora_targets", cfg.model.lora_targets)):
+        twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if twice:
+            raise ConfigError(f"{key}: {_show(twice[0])} is listed twice (got {_show(values)}); each value once")
+    for key in ("noise_multiplier", "user_noise_multiplier"):
+        sigma = getattr(cfg.privacy, key)
+        if sigma != 0 and not MIN_NOISE_MULTIPLIER <= sigma <= MAX_NOISE_MULTIPLIER:
+            raise ConfigError(f"privacy.{key}: must be 0 (off) or between {MIN_NOISE_MULTIPLIER:g} and "
+                              f"{MAX_NOISE_MULTIPLIER:g} (got {sigma:g}); below, epsilon exceeds 1e5 for a single "
+                              f"step and its accounting does not end; above, every update is noise")
     if fed.clients_per_round > fed.num_clients:
         raise ConfigError(
             f"federation.clients_per_round: must be <= federation.num_clients ({fed.num_clients}), "
@@ -746,6 +778,8 @@ def read_toml(path: str | Path, what: str = "config") -> dict:
     A missing file is bad input (exit 2); a file that cannot be read (a directory, no
     permission) an `InputFileError` (exit 1). Deeply nested arrays exhaust tomllib's recursion."""
     p = resolve_config_path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what}: {p} is a directory; give a TOML file (or a shipped experiment's name)")
     if not p.exists():
         shipped = ", ".join(builtin_configs())
         raise ConfigError(f"{what}: file not found: {p}" + (f" (shipped experiments, by name: {shipped}; "
@@ -755,7 +789,7 @@ def read_toml(path: str | Path, what: str = "config") -> dict:
     except OSError as exc:
         raise InputFileError(f"{what}: cannot read {p}: {exc.strerror or exc}") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is no statement
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{what}: {p} is not a TOML text file (not UTF-8 at byte {exc.start})") from None
     try:
@@ -801,8 +835,23 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     with ``strict=True`` an error (the CLI's ``--strict``)."""
     raw = read_experiment(path, overrides)
     cfg = config_from_dict(raw)
-    report_unused(unused_keys(raw, cfg), strict)
+    report_unused(_unused_by_choice(unused_keys(raw, cfg), path, overrides or {}), strict)
     return cfg
+
+
+def _unused_by_choice(unused: dict[str, str], path: str | Path | None, overrides: Mapping[str, Any]) -> dict[str, str]:
+    """`unused` without the file's keys that only the command line made moot: `--target-epsilon 3`
+    on a file that sets privacy.noise_multiplier replaces sigma on purpose (the README's own
+    example), whereas a key the file sets in vain by itself is still named."""
+    moot = [key for key in unused if key not in overrides]
+    if not moot or not overrides or path is None:
+        return unused
+    try:
+        file_only = read_experiment(path)
+        in_vain = unused_keys(file_only, config_from_dict(file_only))
+    except ConfigError:  # the file alone is not a valid experiment: name every key
+        return unused
+    return {key: why for key, why in unused.items() if key in overrides or key in in_vain}
 
 
 def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -825,7 +874,8 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{_key(key)}: {_key(part)} is not a section")
+            raise ConfigError(f"{_key(part)}: expected a [{_key(part)}] table, got {_show(node)} (so {_key(key)} "
+                              f"cannot be set)")
     node[parts[-1]] = value
 
 
@@ -851,8 +901,14 @@ def dumps_toml(cfg: Config) -> str:
     return tomli_w.dumps(config_to_dict(cfg))
 
 
-def loads_toml(text: str) -> Config:
-    return config_from_dict(tomllib.loads(text))
+def loads_toml(text: str, what: str = "config") -> Config:
+    """A Config from TOML text that fedsim wrote (a run's config.toml, a checkpoint's copy):
+    text damaged on disk is one line naming `what`, not a parser's traceback."""
+    try:
+        raw = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{what}: the saved experiment is not valid TOML ({exc}); the file was damaged") from None
+    return config_from_dict(raw)
 
 
 def _describe(obj: Any, prefix: str, tables: bool = True) -> list[tuple[str, str, Any, str]]:

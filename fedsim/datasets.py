@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.caches import Snapshot, cached, frozen
-from fedsim.config import DataConfig
+from fedsim.config import MAX_WIDTH, WHY_MEMORY, DataConfig
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.text import resolve_model_dir, tokenize, topic_corpus
 
@@ -143,8 +143,15 @@ def _split_rows(n: int, test_fraction: float, num_classes: int, seed: int) -> tu
 
 
 def _standardize(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Train-split mean and std (the shift and scale applied to every split and data holder)."""
-    return x_train.mean(0), x_train.std(0) + 1e-8
+    """Train-split mean and std (the shift and scale applied to every split and data holder).
+    In float32, as always; in float64 where float32 overflows (the squares of values above
+    1.8e19 do), so a large value is standardized rather than turned into NaN."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        shift, scale = x_train.mean(0), x_train.std(0) + 1e-8
+    if np.isfinite(shift).all() and np.isfinite(scale).all():
+        return shift, scale
+    x = np.asarray(x_train, np.float64)
+    return x.mean(0).astype(np.float32), (x.std(0) + 1e-8).astype(np.float32)
 
 
 def synthetic_fedprox(num_groups: int, alpha: float, beta: float, mean_samples: int,
@@ -220,12 +227,20 @@ def _column_kind(series: Any) -> str | None:
     from pandas.api import types
 
     dtype = series.dtype
+    if types.is_object_dtype(dtype) and not _scalar_cells(series):
+        return None  # lists, dicts, arrays or bytes in a cell (a Parquet list column): no category of its own
     if (types.is_bool_dtype(dtype) or isinstance(dtype, pd.CategoricalDtype)
             or types.is_string_dtype(dtype) or types.is_object_dtype(dtype)):
         return "categorical"
     if types.is_numeric_dtype(dtype) and not types.is_complex_dtype(dtype):
         return "numeric"
     return None
+
+
+def _scalar_cells(series: Any) -> bool:
+    """Whether every cell of an object column is a text, a number, a boolean or missing."""
+    kinds = set(map(type, series.to_numpy()))
+    return all(k is type(None) or issubclass(k, (str, int, float, bool, np.generic)) for k in kinds)
 
 
 def _missing_mask(series: Any) -> np.ndarray:
@@ -267,12 +282,24 @@ def _apply_missing_policy(n: int, masks: dict[str, np.ndarray], policy: str, sou
     return ~incomplete
 
 
+# Inputs and labels become float32, whose largest value is 3.4e38: a larger one would turn
+# into infinity there, and into NaN once standardized.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _refuse_infinite(name: str, values: np.ndarray, source: str, what: str) -> None:
     if np.issubdtype(values.dtype, np.floating):
         bad = int(np.isinf(values).sum())
         if bad:
             raise ConfigError(f"{what}: {name} of {source} holds {bad} infinite value(s); fedsim needs finite "
                               f"numbers (replace them, or leave the cells empty to count them as missing)")
+    if np.issubdtype(values.dtype, np.number) and values.size:
+        with np.errstate(invalid="ignore"):
+            large = np.abs(values.astype(np.float64)) > FLOAT32_MAX
+        if large.any():
+            raise ConfigError(f"{what}: {name} of {source} holds {int(large.sum())} value(s) beyond float32's range "
+                              f"(e.g. {values[large][0]:g}; at most {FLOAT32_MAX:.3g}), which training computes in; "
+                              f"rescale the column")
 
 
 def _array_masks(x: np.ndarray, y: np.ndarray, x_name: str = "x", y_name: str = "y") -> dict[str, np.ndarray]:
@@ -336,6 +363,28 @@ def _npz_rows(cfg: DataConfig, path: Path) -> Rows:
     return Rows(rows.features.astype(np.float32), _labels_of(rows.y), rows.groups)
 
 
+def _check_width(path: Path) -> None:
+    """Refuse a table wider than `MAX_WIDTH` columns from its header alone, before pandas reads
+    it (a million columns take minutes and gigabytes to parse)."""
+    if path.suffix in (".parquet", ".pq"):
+        try:
+            import pyarrow.parquet as pq
+
+            width = len(pq.read_schema(path).names)
+        except Exception:  # not a Parquet file: `_read_table` says so
+            return
+    else:
+        with open(path, newline="", errors="replace") as f:
+            try:
+                header = next(csv.reader(f), [])
+            except csv.Error:
+                return
+            width = len(header)
+    if width > MAX_WIDTH:
+        raise ConfigError(f"data.path: {path} has {width} columns; at most {MAX_WIDTH} ({WHY_MEMORY}: each "
+                          f"column is a model input)")
+
+
 def _read_table(path: Path) -> Any:
     """A CSV or Parquet file as a DataFrame with string column names; one line for a file
     that cannot be parsed."""
@@ -388,6 +437,9 @@ def _feature_columns(frame: Any, cfg: DataConfig, encoding: Encoding | None, sou
     if unknown:
         raise ConfigError(f"data.drop_columns: {source} has no column(s) {', '.join(map(repr, unknown))} "
                           f"(columns: {', '.join(frame.columns)})")
+    for column, key in ((cfg.label_column, "data.label_column"), (group_column, "data.natural_id_column")):
+        if column and column in cfg.drop_columns:
+            raise ConfigError(f"data.drop_columns: {column!r} is {key}, which fedsim reads; it cannot be dropped")
     features = [c for c in frame.columns if c not in (cfg.label_column, group_column, *cfg.drop_columns)]
     if not features:
         raise ConfigError(f"data.path: {source} has no feature columns besides the label {cfg.label_column!r}")
@@ -431,6 +483,8 @@ def read_user_file(cfg: DataConfig, encoding: Encoding | None = None) -> Rows:
     import pandas as pd
 
     path = Path(cfg.path)
+    if path.is_dir():
+        raise ConfigError(f"data.path: {path} is a directory; give a CSV, Parquet or NPZ file")
     if not path.is_file():
         raise ConfigError(f"data.path: file not found: {path}")
     if path.stat().st_size == 0:
@@ -440,6 +494,7 @@ def read_user_file(cfg: DataConfig, encoding: Encoding | None = None) -> Rows:
             raise ConfigError(f"data.path: {path} is an NPZ file, but the experiment's features are the named "
                               f"columns {', '.join(encoding.columns)} of a CSV or Parquet file")
         return _npz_rows(cfg, path)
+    _check_width(path)
     frame = _read_table(path)
     source = str(path)
     for key, column in (("label_column", cfg.label_column), ("text_column", cfg.text_column)):
@@ -511,17 +566,38 @@ def encode(features: Any, encoding: Encoding) -> np.ndarray:
     else:
         x = np.asarray(features)
     if encoding.shift is not None:
-        x = (x.reshape(len(x), -1) - encoding.shift) / encoding.scale
+        raw = x.reshape(len(x), -1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = (raw - encoding.shift) / encoding.scale
+        if not np.isfinite(x).all():  # a large raw value overflowed float32 on the way: in float64
+            x = (np.asarray(raw, np.float64) - encoding.shift) / encoding.scale
     return x.astype(np.float32)
 
 
-def _infer_task(y: np.ndarray, requested: str) -> str:
+MAX_AUTO_CLASSES = 100  # data.task = "auto": integral labels with more distinct values are a regression
+
+
+def _infer_task(y: np.ndarray, requested: str, what: str = "the label") -> str:
+    """``data.task = "auto"``: text and booleans are classes; integral numbers with at most
+    `MAX_AUTO_CLASSES` distinct values too; other numbers a regression target. Above that,
+    integers that number classes 0..K-1 (or 1..K) are ambiguous and refused; others are
+    taken as a regression target, which a warning names."""
     if requested != "auto":
         return requested
-    if not np.issubdtype(y.dtype, np.number):
+    if not np.issubdtype(y.dtype, np.number) or y.dtype == bool:
         return "classification"
-    is_integral = np.all(np.mod(y, 1) == 0)
-    return "classification" if is_integral and len(np.unique(y)) <= 100 else "regression"
+    if not np.all(np.mod(y, 1) == 0):
+        return "regression"
+    values = np.unique(y)
+    if len(values) <= MAX_AUTO_CLASSES:
+        return "classification"
+    if values[0] in (0, 1) and values[-1] - values[0] == len(values) - 1:
+        raise ConfigError(f"data.task: {what} holds {len(values)} distinct integers {values[0]:g}..{values[-1]:g}, "
+                          f"like class ids; \"auto\" takes integers as classes only up to {MAX_AUTO_CLASSES}: set "
+                          f"data.task = \"classification\" or \"regression\"")
+    log.warning("data.task: auto takes %s (%d distinct integers) as a regression target; set data.task = "
+                "\"regression\" or \"classification\" to say so", what, len(values))
+    return "regression"
 
 
 def _sklearn_data_file(name: str) -> Path | None:
@@ -606,7 +682,7 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
     is_text = name == "text-topics" or cfg.text_column != ""
     if name == "file":
         rows = read_user_file(cfg)
-        task, shape = _infer_task(rows.y, cfg.task), None
+        task, shape = _infer_task(rows.y, cfg.task, f"label column {cfg.label_column!r} of {cfg.path}"), None
     else:
         rows, task, shape = _builtin_rows(cfg, num_clients, seed)
     if cfg.task != "auto":
@@ -620,6 +696,12 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         rows = rows.take(keep)
     label_values: tuple[str, ...] = ()
     if task == "classification":
+        if (np.issubdtype(rows.y.dtype, np.floating) and len(rows.y)
+                and not np.all(np.mod(rows.y, 1) == 0)):
+            fraction = rows.y[np.mod(rows.y, 1) != 0][0]
+            where = f"label column {cfg.label_column!r} of {cfg.path}" if name == "file" else name
+            raise ConfigError(f"data.task: \"classification\" needs class labels, but {where} holds fractions "
+                              f"such as {fraction:g}; use data.task = \"regression\" (or \"auto\")")
         values, y = np.unique(rows.y, return_inverse=True)
         y, num_classes, label_values = y.astype(np.int64), len(values), tuple(category_text(values))
         if num_classes < 2:
@@ -638,6 +720,10 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         raise FedsimError("data: the training split is empty; lower data.test_fraction")
     standardize = name in ("breast-cancer", "diabetes", "file") and not is_text
     encoding = fit_encoding(rows.take(train).features, rows.categorical, standardize)
+    if encoding.shift is not None and len(encoding.shift) > MAX_WIDTH:
+        raise ConfigError(f"data.path: {cfg.path} makes {len(encoding.shift)} inputs (its categorical columns "
+                          f"one-hot); at most {MAX_WIDTH} ({WHY_MEMORY}): list identifier or free-text columns "
+                          f"in data.drop_columns")
     x = encode(rows.features, encoding)
     if shape is None:
         shape = (x.shape[1],)
@@ -646,8 +732,13 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
     if task == "regression" and name in ("diabetes", "file"):
         # Standardize the target on train statistics so one learning rate fits every dataset;
         # MSE is then in units of the target's variance.
-        mu, sd = float(y_tr.mean()), float(y_tr.std() + 1e-8)
-        y_tr, y_te = (y_tr - mu) / sd, (y_te - mu) / sd
+        with np.errstate(over="ignore", invalid="ignore"):
+            mu, sd = float(y_tr.mean()), float(y_tr.std() + 1e-8)
+            y_tr, y_te = (y_tr - mu) / sd, (y_te - mu) / sd
+        if not (np.isfinite(y_tr).all() and np.isfinite(y_te).all()):  # float32 overflowed: in float64
+            y_tr, y_te = y[train].astype(np.float64), y[test].astype(np.float64)
+            mu, sd = float(y_tr.mean()), float(y_tr.std() + 1e-8)
+            y_tr, y_te = ((y_tr - mu) / sd).astype(np.float32), ((y_te - mu) / sd).astype(np.float32)
     tokenizer = str(resolve_model_dir(cfg.tokenizer, "data.tokenizer")) if is_text else ""
     return Dataset(name=name, task=task, x_train=x[train], y_train=y_tr, x_test=x[test], y_test=y_te,
                    num_classes=num_classes, input_shape=shape,

@@ -25,3 +25,11 @@ class ClientFailure(Exception):
     def __init__(self, message: str, client_traceback: str | None = None) -> None:
         super().__init__(message)
         self.client_traceback = client_traceback
+
+
+class Diverged(FedsimError):
+    """The global model's loss or metric became NaN or infinite: the run stops at that round
+    as ``diverged`` (exit 1), keeping the rounds before it. The message names the round, the
+    value and the settings that most often cause it."""
+
+    exit_code = 1

@@ -70,8 +70,18 @@ def filter_harmless_warnings() -> None:
 # console shows by default: Flower only its errors (its INFO is a banner and a line per
 # round), Opacus and MLflow their warnings.
 LIBRARY_LOGGERS: dict[str, int] = {"flwr": logging.ERROR, "opacus": logging.WARNING, "mlflow": logging.WARNING}
-FEDSIM_FORMAT = "%(levelname)s fedsim: %(message)s"
-LIBRARY_FORMAT = "%(levelname)s %(name)s: %(message)s"
+# One console style for everything fedsim prints, like its errors ("error: ..."): fedsim's
+# own lines as "warning: ..." (Python warnings too), a library's as "warning: flwr: ...".
+FEDSIM_FORMAT = "%(levelname_lower)s: %(message)s"
+LIBRARY_FORMAT = "%(levelname_lower)s: %(name)s: %(message)s"
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`logging.Formatter` with ``%(levelname_lower)s``: "warning", "info", "error"."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname_lower = record.levelname.lower()
+        return super().format(record)
 
 
 class ConsoleHandler(logging.StreamHandler):
@@ -80,7 +90,7 @@ class ConsoleHandler(logging.StreamHandler):
 
     def __init__(self, fmt: str) -> None:
         super().__init__()
-        self.setFormatter(logging.Formatter(fmt))
+        self.setFormatter(ConsoleFormatter(fmt))
 
     @property
     def stream(self):  # type: ignore[override]
@@ -157,10 +167,22 @@ def route_library_logger(name: str, console_level: int) -> None:
 _PYTHON_FORMAT = warnings.formatwarning
 
 
+_shown_once: set[str] = set()  # the ONCE_WARNINGS texts this process has shown
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """A Python warning as the quiet console shows it: one line, without the source line of the
-    library code that raised it (``-v`` keeps Python's own format, with file and line)."""
-    return f"warning: {' '.join(str(message).split())}\n"
+    library code that raised it (``-v`` keeps Python's own format, with file and line).
+
+    A warning of ONCE_WARNINGS that this process has shown already is shown as nothing: Python's
+    own "once" forgets what it has shown whenever any code enters ``warnings.catch_warnings``
+    (many libraries do, per call), which showed "Secure RNG turned off" once per sweep cell."""
+    text = " ".join(str(message).split())
+    if any(re.match(pattern, text, re.I) and issubclass(category, kind) for pattern, kind in ONCE_WARNINGS):
+        if text in _shown_once:
+            return ""
+        _shown_once.add(text)
+    return f"warning: {text}\n"
 
 
 def setup_logging(verbose: bool) -> None:
@@ -181,6 +203,7 @@ def setup_logging(verbose: bool) -> None:
     if not consoles:
         consoles = [ConsoleHandler(FEDSIM_FORMAT)]
         fedsim_log.addHandler(consoles[0])
+    consoles[0].setFormatter(ConsoleFormatter(FEDSIM_FORMAT))
     consoles[0].setLevel(logging.INFO if verbose else logging.WARNING)
     fedsim_log.setLevel(logging.INFO)
     fedsim_log.propagate = False

@@ -69,7 +69,8 @@ def find_runs(path: Path) -> list[Path]:
 REQUIRED_CONFIG = ("strategy.name", "privacy.noise_multiplier", "privacy.target_epsilon",
                    "privacy.user_noise_multiplier", "privacy.user_target_epsilon", "federation.rounds",
                    "federation.num_clients", "federation.clients_per_round")
-# Keys of a finished summary.json that must hold a number (NaN allowed: a diverged run).
+# Keys of a finished summary.json that must hold a finite number (a run that diverged ends
+# "diverged", never "finished": a NaN here is a damaged file).
 REQUIRED_NUMBERS = ("final_metric", "best_metric")
 
 
@@ -84,6 +85,8 @@ def _epsilon(value: Any) -> float:
         return math.inf
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MalformedRun(f"summary.json: epsilon {value!r} is not a number")
+    if math.isnan(value) or value < 0:
+        raise MalformedRun(f"summary.json: epsilon {value!r} is not >= 0")
     return float(value)
 
 
@@ -126,8 +129,8 @@ def read_run(run: Path, summary: dict) -> dict:
     sample, user, label = _level(summary, "sample_level"), _level(summary, "user_level"), _level(summary, "label_level")
     private = bool(sample.get("accountant"))
     return {**cfg, "run": run.name, "metric_name": str(summary["metric_name"]),
-            "final_metric": _number(summary["final_metric"], "final_metric"),
-            "best_metric": _number(summary["best_metric"], "best_metric"),
+            "final_metric": _finite(summary["final_metric"], "final_metric"),
+            "best_metric": _finite(summary["best_metric"], "best_metric"),
             "sample_epsilon": _epsilon(sample.get("epsilon_max")) if private else math.inf,
             # runs written before summary.json kept the distribution have no median: NaN
             "sample_epsilon_median": (_epsilon(sample["epsilon_median"]) if sample.get("epsilon_median") is not None
@@ -157,6 +160,14 @@ def _number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MalformedRun(f"summary.json: {key} = {value!r} is not a number")
     return float(value)
+
+
+def _finite(value: Any, key: str) -> float:
+    """A number a finished run must have: finite."""
+    number = _number(value, key)
+    if not math.isfinite(number):
+        raise MalformedRun(f"summary.json: {key} = {value!r} is not a finite number, yet the run says finished")
+    return number
 
 
 def load_runs(path: str | Path) -> tuple[pd.DataFrame, list[str]]:

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fedsim.errors import FedsimError
+
 ROUNDS_CSV = "rounds.csv"
 CLIENTS_CSV = "clients.csv"
 SUMMARY_JSON = "summary.json"
@@ -264,6 +266,8 @@ def run_log(out_dir: str | Path) -> Iterator[None]:
 def _log_failure(logger: logging.Logger, handler: logging.Handler, exc: BaseException) -> None:
     if isinstance(exc, KeyboardInterrupt):
         text, level, info = f"run interrupted ({type(exc).__name__})", logging.WARNING, None
+    elif isinstance(exc, FedsimError):  # bad input or a diverged run: its one line says it all
+        text, level, info = f"run stopped: {exc}", logging.ERROR, None
     else:
         text, level, info = f"run failed: {type(exc).__name__}: {exc}", logging.ERROR, sys.exc_info()
         client_tb = getattr(exc, "client_traceback", None)

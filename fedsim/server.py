@@ -47,7 +47,7 @@ from fedsim.central_dp import user_epsilon as central_dp_epsilon
 from fedsim.checkpoint import Checkpoint, NodeMemo, checkpoint_path, model_meta, save_checkpoint, save_model
 from fedsim.config import Config, dumps_toml
 from fedsim.datasets import load_dataset
-from fedsim.errors import ClientFailure, ConfigError
+from fedsim.errors import ClientFailure, ConfigError, Diverged
 from fedsim.experiment import config_from_context, derive_seed
 from fedsim.models import as_tensors, build_model
 from fedsim.node_data import data_spec
@@ -163,6 +163,7 @@ class RunRecorder:
 
     def on_round_end(self, server_round: int, evaluation: dict[str, float]) -> None:
         metric_name = "accuracy" if "accuracy" in evaluation else "mse"
+        check_finite(self.cfg, server_round, {"test_loss": evaluation["loss"], metric_name: evaluation[metric_name]})
         # Sample-level epsilon over clients that have trained at least once; a client that
         # never trained has released nothing (epsilon 0) and is left out of the mean.
         eps = [c.epsilon for c in self.clients.values()]
@@ -171,7 +172,9 @@ class RunRecorder:
             "test_loss": evaluation["loss"],
             "train_loss": float(np.mean(self.train_losses)) if self.train_losses else float("nan"),
             "sample_epsilon_max": max(eps) if eps and self.private else (math.inf if eps else 0.0),
-            "sample_epsilon_mean": float(np.mean(eps)) if eps and self.private else (math.inf if eps else 0.0),
+            # fsum is exact, so the mean does not depend on the order clients joined in (a resumed
+            # run restores them sorted by partition): resumed and uninterrupted runs agree to the bit
+            "sample_epsilon_mean": math.fsum(eps) / len(eps) if eps and self.private else (math.inf if eps else 0.0),
             "user_epsilon": self.user_epsilon(server_round),
             "clients_trained": self.trained_this_round,
             "wall_seconds": self.wall_seconds,
@@ -276,6 +279,33 @@ def epsilon_stats(values: list[float]) -> dict:
         return {"epsilon_min": None, "epsilon_median": None, "epsilon_max": None}
     return {"epsilon_min": float(np.min(values)), "epsilon_median": float(np.median(values)),
             "epsilon_max": float(np.max(values))}
+
+
+def check_finite(cfg: Config, server_round: int, values: Mapping[str, float]) -> None:
+    """Stop a run whose global model evaluates to NaN or infinity (`Diverged`, exit 1): its round
+    is not recorded, the rounds before it are. A finished run with NaN metrics would pass for a
+    result in every table built from it."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        what = ", ".join(f"{k} is {v}" for k, v in bad.items())
+        raise Diverged(f"run diverged at round {server_round}: {what} ({divergence_hint(cfg)})")
+
+
+def divergence_hint(cfg: Config) -> str:
+    """The settings that most often make a run diverge, with their values."""
+    c, p = cfg.client, cfg.privacy
+    knobs = [f"client.lr = {c.lr:g}"]
+    if c.momentum:
+        knobs.append(f"client.momentum = {c.momentum:g}")
+    if p.noise_multiplier > 0 or p.target_epsilon > 0:
+        knobs.append(f"privacy.max_grad_norm = {p.max_grad_norm:g} (noise std is sigma x C)")
+    if p.user_noise_multiplier > 0:
+        knobs.append(f"privacy.user_clip = {p.user_clip:g}")
+    params = cfg.strategy.params
+    for name in ("server_lr", "beta_1", "beta_2", "mu"):
+        if hasattr(params, name):
+            knobs.append(f"strategy.{cfg.strategy.name}.{name} = {getattr(params, name):g}")
+    return "lower " + knobs[0] + ("; check " + ", ".join(knobs[1:]) if knobs[1:] else "")
 
 
 class TrackedGrid(ForwardingGrid):
@@ -574,6 +604,9 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_window
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
+        raise
+    except Diverged as exc:
+        status, error = "diverged", str(exc)
         raise
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"

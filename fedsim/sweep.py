@@ -121,6 +121,22 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
     return key.strip(), parsed
 
 
+def parse_grid(texts: list[str]) -> dict[str, list[Any]]:
+    """The --grid flags as one grid: a key given twice gets the values of both, in order
+    (``--grid client.lr=0.1 --grid client.lr=0.2`` is ``client.lr=0.1,0.2``); a value that an
+    axis lists twice would run the same cell twice, and is refused."""
+    grid: dict[str, list[Any]] = {}
+    for text in texts:
+        key, values = parse_axis(text)
+        grid.setdefault(key, []).extend(values)
+    for key, values in grid.items():
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise ConfigError(f"--grid: {key} lists {twice[0]!r} twice (got {', '.join(map(repr, values))}); "
+                              f"each value once")
+    return grid
+
+
 def sweep_table(config_path: str | Path | None) -> dict:
     """The TOML's ``[sweep]`` table (empty without a file), its keys checked."""
     if not config_path:
@@ -532,7 +548,7 @@ def _result_row(cell: Cell, outcome: Outcome | None) -> dict[str, Any]:
     user = summary.get("user_level") or {}
     label = summary.get("label_level") or {}
     if outcome is not None and outcome.error:
-        status = "failed"
+        status = "diverged" if summary.get("status") == "diverged" else "failed"
     elif outcome is not None and outcome.busy:
         status = "running elsewhere" + (f" (pid {outcome.busy_pid})" if outcome.busy_pid else "")
     else:
@@ -623,7 +639,7 @@ def _run_cells(todo: list[Cell], jobs: int, threads: int, bar) -> dict[str, Outc
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=_pool_context(), initializer=_worker_init,
                                initargs=(os.getpid(),))
     try:
-        futures = {pool.submit(_attempt, cell, threads): cell for cell in todo}
+        futures = {pool.submit(_attempt_in_worker, cell, threads): cell for cell in todo}
         for fut in as_completed(futures):
             cell = futures[fut]
             try:
@@ -651,18 +667,39 @@ def _pool_context() -> multiprocessing.context.BaseContext | None:
 def _worker_init(parent: int) -> None:
     """Set up a sweep worker: as quiet as the CLI, once (so a warning shown "once" is shown once
     per worker, not per cell); Ctrl-C left to the parent, which stops the workers; SIGTERM
-    ending the worker at once (inherited, it would fail the running cell and go on to the
-    next); and, on Linux, SIGTERM when the parent dies, even by ``kill -9``."""
+    ending the worker once its cell has closed (`_stop_cell`); and, on Linux, SIGTERM when
+    the parent dies, even by ``kill -9``."""
     setup_logging(False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A handler, not SIG_DFL: a run turns a default SIGTERM into an interrupt of its own
-    # (`fedsim.run.sigterm_as_interrupt`), which would end the cell and leave the worker waiting.
-    signal.signal(signal.SIGTERM, _exit_now)
+    # A handler of fedsim's, not SIG_DFL: a run turns a default SIGTERM into an interrupt of
+    # its own (`fedsim.run.sigterm_as_interrupt`), which would end the cell and leave the worker
+    # going on to the next one.
+    signal.signal(signal.SIGTERM, _stop_cell)
     die_with(parent)
 
 
-def _exit_now(signum: int, frame: object) -> None:
-    os._exit(128 + signum)
+_cell_running = False  # in a worker: whether a cell runs now (SIGTERM then interrupts it first)
+
+
+def _stop_cell(signum: int, frame: object) -> None:
+    """SIGTERM in a worker: an idle worker exits at once; a running cell is interrupted like
+    Ctrl-C, so that its run writes status "interrupted" and its lock is released, and
+    `_attempt_in_worker` then exits."""
+    if not _cell_running:
+        os._exit(128 + signum)
+    raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+
+def _attempt_in_worker(cell: Cell, threads: int) -> Outcome:
+    """`_attempt` in a worker process, which an interrupt ends after the cell has closed."""
+    global _cell_running
+    _cell_running = True
+    try:
+        return _attempt(cell, threads)
+    except KeyboardInterrupt:
+        os._exit(128 + signal.SIGTERM)
+    finally:
+        _cell_running = False
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:

@@ -50,8 +50,10 @@ class FedAdamParams:
     """
 
     server_lr: float = param(1.0, "server learning rate eta", lo=0.0, lo_open=True)
-    beta_1: float = param(0.9, "first-moment decay", lo=0.0, hi=1.0)
-    beta_2: float = param(0.99, "second-moment decay", lo=0.0, hi=1.0)
+    beta_1: float = param(0.9, "first-moment decay", lo=0.0, hi=1.0, hi_open=True,
+                          why="at 1 Adam's bias correction divides by 1 - beta**t = 0")
+    beta_2: float = param(0.99, "second-moment decay", lo=0.0, hi=1.0, hi_open=True,
+                          why="at 1 Adam's bias correction divides by 1 - beta**t = 0")
     tau: float = param(1e-3, "adaptivity (added to the root of the second moment)", lo=0.0, lo_open=True)
 
 

@@ -233,3 +233,47 @@ def test_shipped_experiments_in_a_flower_app_bundle_without_the_configs_symlink(
     assert C.builtin_configs() == {}  # no pyproject.toml: not a bundle
     (bundle / "pyproject.toml").write_text("[project]\nname = 'fedsim'\n")
     assert C.builtin_configs() == {"quickstart": bundle / "configs" / "quickstart.toml"}
+
+
+# ----------------------------------------------------------------------------- warnings: one style, each once
+
+def test_a_file_key_the_command_line_makes_moot_is_not_called_useless(caplog):
+    """The README's `fedsim run configs/quickstart.toml --target-epsilon 3`: the file's sigma is
+    replaced on purpose. A key that the file sets in vain by itself is still named."""
+    import logging
+
+    from fedsim.config import load_config
+
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.toml"
+    with caplog.at_level(logging.WARNING, logger="fedsim"):
+        load_config(quickstart, {"privacy.target_epsilon": 3.0})
+    assert not [r for r in caplog.records if "has no effect" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="fedsim"):
+        load_config(quickstart, {"strategy.fedprox.mu": 0.1, "privacy.target_epsilon": 3.0})
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["strategy.fedprox.mu"]
+
+
+def test_the_secure_rng_warning_shows_once_per_process_whatever_catch_warnings_does():
+    """Python's own "once" forgets at every `warnings.catch_warnings` (libraries enter one per
+    call): the quiet console keeps its own record, so a sweep shows the statement once. In a
+    subprocess: pytest records warnings itself."""
+    script = """
+import warnings
+from fedsim.logs import setup_logging
+setup_logging(False)
+for _ in range(3):
+    with warnings.catch_warnings():  # what a library does between two sweep cells
+        pass
+    warnings.warn("Secure RNG turned off: test statement", UserWarning)
+    warnings.warn("another warning, every time", UserWarning)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 0 and lines.count("warning: Secure RNG turned off: test statement") == 1, done.stderr
+    assert lines.count("warning: another warning, every time") == 3
+
+
+def test_fedsim_and_python_warnings_share_one_console_style(cli, tmp_path):
+    code, _, err = cli("partition", "--set", "data.alpha=0.3", "--num-clients", "2")
+    assert code == 0
+    assert "warning: data.alpha: has no effect" in err and "WARNING" not in err

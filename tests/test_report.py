@@ -77,6 +77,13 @@ def break_runs(root: Path) -> dict[str, str]:
     run = write_run(root, "text-eps", sigma=1.0, final=0.1, eps=3.0)
     edit_summary(run, lambda summary: summary["sample_level"].update(epsilon_max="three"))
     bad["text-eps"] = "epsilon 'three' is not a number"
+    write_run(root, "negative-eps", sigma=1.0, final=0.1, eps=-2.0)
+    bad["negative-eps"] = "epsilon -2.0 is not >= 0"
+    write_run(root, "nan-final", sigma=1.0, final=math.nan, best=0.5, eps=3.0)  # json.dumps writes NaN
+    bad["nan-final"] = "final_metric = nan is not a finite number, yet the run says finished"
+    run = write_run(root, "null-best", sigma=1.0, final=0.1, eps=3.0)
+    edit_summary(run, lambda summary: summary.update(best_metric=None))
+    bad["null-best"] = "best_metric = None is not a finite number"
     run = write_run(root, "bad-toml", sigma=1.0, final=0.1, eps=3.0)
     (run / "config.toml").write_text("[privacy\nnoise_multiplier = 1")
     bad["bad-toml"] = "config.toml is not valid TOML"

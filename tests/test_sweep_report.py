@@ -559,10 +559,11 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_a_stopped_parallel_sweep_leaves_no_worker_running(tmp_path, sig):
-    """SIGTERM to `fedsim sweep --jobs 2` ends it with 143 and its workers with it (they went on
-    to the next cell, orphaned); after a kill -9 of the parent, the kernel ends the workers."""
+    """SIGTERM to `fedsim sweep --jobs 2` ends it with 143 (Ctrl-C: 130) and its workers with it
+    (they went on to the next cell, orphaned), each running cell closed as "interrupted" with
+    its lock released; after a kill -9 of the parent, the kernel ends the workers."""
     import signal
     import time
 
@@ -572,13 +573,13 @@ def test_a_stopped_parallel_sweep_leaves_no_worker_running(tmp_path, sig):
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while len(list(out.glob("*/run.log"))) < 2:  # both workers are inside a cell
+        while len(list(out.glob("*/summary.json"))) < 2:  # both workers are inside a cell's rounds
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.2)
         assert len(_processes_mentioning(str(out))) == 3  # the sweep and its two workers
         proc.send_signal(getattr(signal, sig))
         rc = proc.wait(timeout=30)
-        assert rc == (143 if sig == "SIGTERM" else -9)
+        assert rc == {"SIGTERM": 143, "SIGINT": 130, "SIGKILL": -9}[sig]
         deadline = time.monotonic() + 15
         while _processes_mentioning(str(out)) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -586,6 +587,10 @@ def test_a_stopped_parallel_sweep_leaves_no_worker_running(tmp_path, sig):
         assert not list(out.glob("*/summary.json")) or all(
             json.loads(p.read_text())["status"] != "finished" for p in out.glob("*/summary.json")
             if p.parent.name == "seed=3")  # the cells not started were cancelled, not run
+        if sig != "SIGKILL":
+            statuses = [json.loads(p.read_text())["status"] for p in out.glob("*/summary.json")]
+            assert statuses and set(statuses) == {"interrupted"}, statuses
+            assert list(out.glob(".cells/*.lock")) == []
     finally:
         for pid in _processes_mentioning(str(out)):
             os.kill(pid, 9)

@@ -141,3 +141,25 @@ def test_a_digits_run_does_not_import_sklearn():
             "print('sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_values_near_float32s_limit_are_standardized_not_turned_into_nan(tmp_path):
+    """3e38 fits float32, but its square (the std) and a difference of two (the shift) do not:
+    those inputs are standardized in float64, so a finite file gives finite inputs and labels."""
+    import numpy as np
+    import pandas as pd
+
+    from fedsim.config import load_config
+    from fedsim.datasets import _load
+
+    n = 60
+    frame = pd.DataFrame({"big": np.where(np.arange(n) % 2, 3e38, -3e38), "small": np.arange(n) * 0.1,
+                          "target": np.where(np.arange(n) % 3, 3e38, -3e38)})
+    frame.to_csv(tmp_path / "big.csv", index=False)
+    data = _load(load_config(None, {"data.dataset": "file", "data.path": str(tmp_path / "big.csv"),
+                                    "data.label_column": "target", "data.task": "regression"}).data, 2, 0)
+    for array in (data.x_train, data.x_test, data.y_train, data.y_test):
+        assert array.dtype == np.float32 and np.isfinite(array).all()
+    column = data.x_train[:, 0].astype(np.float64)  # standardized on the training split: mean 0, std 1
+    assert abs(column.mean()) < 1e-5 and abs(column.std() - 1) < 1e-5
+    assert abs(data.y_train.astype(np.float64).mean()) < 1e-5 and abs(data.y_train.std() - 1) < 1e-5

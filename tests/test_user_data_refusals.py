@@ -70,9 +70,51 @@ def with_inf(df):
     return df
 
 
+def with_huge(df):
+    df.loc[[4, 17], "body_mass_g"] = 1e308  # finite in float64, infinite in float32
+    return df
+
+
+def with_list_column(path):
+    target = path.with_suffix(".parquet")
+    df = penguins()
+    df["tags"] = [[1, 2]] * len(df)
+    df.to_parquet(target)
+    return target
+
+
+def wide_csv(path):
+    from fedsim.config import MAX_WIDTH
+
+    target = path.with_suffix(".csv")
+    header = ",".join(f"c{i}" for i in range(MAX_WIDTH + 1)) + ",species"
+    target.write_text(header + "\n" + ",".join(["0"] * (MAX_WIDTH + 1)) + ",a\n")
+    return target
+
+
+def a_directory(path):
+    path.mkdir()
+    return path
+
+
 CASES = {
     # name: (make the file, extra overrides, the key that starts the line, a phrase of the problem)
     "inf in a feature": (lambda p: make_penguins(p, with_inf, numeric=True), [], "data.path", "infinite"),
+    "1e308 in a feature": (lambda p: make_penguins(p, with_huge, numeric=True), [], "data.path",
+                           "beyond float32's range (e.g. 1e+308"),
+    "1e308 in a regression label": (lambda p: make_penguins(p, lambda df: df.assign(
+        species=np.where(np.arange(len(df)) == 3, 1e308, np.arange(len(df)) * 0.5)), numeric=True),
+        [], "data.label_column", "beyond float32's range"),
+    "parquet list column": (with_list_column, [], "data.path", "column 'tags'"),
+    "wider than MAX_WIDTH": (wide_csv, [], "data.path", "65538 columns; at most 65536"),
+    "a directory": (a_directory, [], "data.path", "is a directory"),
+    "label dropped": (lambda p: make_penguins(p, numeric=True), ['data.drop_columns=["species"]'],
+                      "data.drop_columns", "'species' is data.label_column"),
+    "fractional labels as classes": (lambda p: make_penguins(p, lambda df: df.assign(
+        species=np.arange(len(df)) * 0.37), numeric=True), ['data.task="classification"'], "data.task",
+        "holds fractions such as 0.37"),
+    "150 integer class ids under auto": (lambda p: make_penguins(p, lambda df: df.assign(
+        species=np.arange(len(df)) % 150), numeric=True), [], "data.task", "150 distinct integers 0..149"),
     "one class": (lambda p: make_penguins(p, lambda df: df.assign(species="Adelie"), numeric=True), [],
                   "data.label_column", "single class (Adelie)"),
     "empty file": (write_csv(""), [], "data.path", "empty"),

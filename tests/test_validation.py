@@ -89,7 +89,7 @@ def test_cli_refuses_non_finite_values(refused, argv, key):
     (["--rounds", "100000000"], "federation.rounds", "must be <= 1000000"),
     (["--set", "client.momentum=1.0"], "client.momentum", "must be < 1.0"),
     (["--set", "seed=-1"], "seed", "must be >= 0"),
-    (["--set", "name='../../x'"], "name", "must match [A-Za-z0-9][A-Za-z0-9._-]*"),
+    (["--set", "name='../../x'"], "name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,99}"),
     (["--set", "name='a/b'"], "name", "must match"),
     (["--set", "data.path=\"a\\u0000b\"", "--dataset", "file"], "data.path", "NUL"),
     (["--dataset", "synthetic", "--num-clients", "100000", "--set", "data.synthetic_samples=1000"],
@@ -98,6 +98,42 @@ def test_cli_refuses_non_finite_values(refused, argv, key):
 def test_cli_refuses_out_of_range_values(refused, argv, key, allowed):
     line = refused(["run", *argv], key)
     assert allowed in line, line
+
+
+@pytest.mark.parametrize("value", [1e300, -1e300, 1e13], ids=["1e300", "-1e300", "1e13"])
+@pytest.mark.parametrize("key", _numeric_keys())
+def test_every_float_key_refuses_magnitudes_that_overflow_float32(key, value):
+    """No float key reaches training beyond MAX_FLOAT: a finite 1e308 becomes inf in float32."""
+    from fedsim.config import MAX_FLOAT
+
+    literal = [1.0, value] if key.endswith("label_range") else value
+    with pytest.raises(ConfigError, match=rf"^{key}(\[1\])?: must be "):
+        load_config(None, {key: literal})
+    assert abs(value) > MAX_FLOAT
+
+
+@pytest.mark.parametrize("key", ["privacy.noise_multiplier", "privacy.user_noise_multiplier"])
+@pytest.mark.parametrize("value", [1e-300, 1e-5, 0.0099, 1.1e6, 1e12])
+def test_noise_multiplier_is_zero_or_within_its_documented_range(key, value):
+    """Below the floor the RDP series at fractional orders runs for ever (sigma = 1e-300 hung
+    round 1); above the ceiling sigma**2 heads for overflow."""
+    with pytest.raises(ConfigError, match=rf"^{key}: must be 0 \(off\) or between 0.01 and 1e\+06 "):
+        load_config(None, {key: value})
+    assert getattr(load_config(None, {key: 0.01}).privacy, key.split(".")[1]) == 0.01
+
+
+@pytest.mark.parametrize("key, value", [("data.classes", [1, 1, 2]), ("data.drop_columns", ["b", "a", "a"]),
+                                        ("model.pretrain_classes", [0, 0]), ("model.lora_targets", ["x", "x"])])
+def test_a_value_listed_twice_is_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key}: {value[1]!r} is listed twice"):
+        load_config(None, {key: value})
+
+
+@pytest.mark.parametrize("beta", ["beta_1", "beta_2"])
+def test_fedadam_betas_stay_below_one(beta):
+    """At beta = 1 Adam's bias correction divides by zero and the first round is NaN."""
+    with pytest.raises(ConfigError, match=rf"^strategy.fedadam.{beta}: must be < 1.0 \(got 1.0\); at 1 "):
+        load_config(None, {"strategy.name": "fedadam", f"strategy.fedadam.{beta}": 1.0})
 
 
 def test_upper_bounds_say_why():
@@ -178,8 +214,16 @@ def test_binary_config_file(refused, tmp_path):
     assert "not a TOML text file" in refused(["run", path], "config")
 
 
-def test_directory_as_config_is_an_os_error(refused, tmp_path):
-    assert "cannot read" in refused(["run", tmp_path], "config", code=1)
+def test_unreadable_config_is_an_os_error(refused, tmp_path):
+    path = tmp_path / "locked.toml"
+    path.write_text("name = 'x'\n")
+    path.chmod(0)
+    try:
+        path.read_bytes()
+        pytest.skip("this user reads any file (root)")
+    except PermissionError:
+        pass
+    assert "cannot read" in refused(["run", path], "config", code=1)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -409,3 +453,95 @@ def test_keys_reported_unused_change_nothing(tiny, tmp_path, setting, key, value
         cfg = tiny(**setting, **{key: value, "output.dir": str(tmp_path / str(value))})
         outs.append(_rounds(run_experiment(cfg, progress=False)))
     assert (outs[0] == outs[1]) == inert, outs
+
+
+# --------------------------------------------------------------------------- divergence
+
+def test_a_run_that_diverges_stops_with_exit_1_and_keeps_the_rounds_before(cli, tmp_path, monkeypatch):
+    """Round 2's global model evaluates to NaN: the run ends `diverged` at round 2 with one line
+    naming the round, the value and the learning rate; round 1 stays in rounds.csv."""
+    import json
+
+    import fedsim.server
+    from fedsim.results import run_state
+
+    real, calls = fedsim.server.evaluate, []
+
+    def nan_in_round_2(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        return {**result, "loss": math.nan} if len(calls) == 2 else result
+
+    monkeypatch.setattr(fedsim.server, "evaluate", nan_in_round_2)
+    out = tmp_path / "run"
+    code, _, err = cli("run", "--num-clients", "2", "--rounds", "3", "--lr", "0.25", "--out", out, "--no-progress")
+    lines = [line for line in err.splitlines() if not line.startswith("warning")]
+    assert code == 1 and lines == [lines[0]], err
+    assert lines[0].startswith("error: run diverged at round 2: test_loss is nan (lower client.lr = 0.25"), lines
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["rounds_completed"] == 1
+    assert math.isfinite(summary["final_metric"]) and run_state(out) == "diverged"
+    assert len((out / "rounds.csv").read_text().splitlines()) == 2  # the header and round 1
+
+
+def test_a_learning_rate_that_overflows_the_model_ends_diverged(cli, tmp_path):
+    code, _, err = cli("run", "--dataset", "diabetes", "--set", 'model.name="linear"', "--lr", "1e9",
+                       "--num-clients", "2", "--rounds", "2", "--out", tmp_path / "run", "--no-progress")
+    assert code == 1 and "error: run diverged at round 1: test_loss is nan, mse is nan (lower client.lr = 1e+09" in err
+
+
+# --------------------------------------------------------------------------- inputs once taken silently or misnamed
+
+@pytest.mark.parametrize("make, argv, key, phrase", [
+    (lambda d: d, [], "config", "is a directory; give a TOML file"),
+    (lambda d: (d / "f.toml").write_text("federation = 5\n") and d / "f.toml", ["--num-clients", "3"], "federation",
+     "expected a [federation] table, got 5 (so federation.num_clients cannot be set)"),
+    (lambda d: d, ["--set", "name='" + "a" * 5000 + "'"], "name", "at most 100 characters"),
+])
+def test_inputs_refused_naming_the_right_key(refused, tmp_path, make, argv, key, phrase):
+    path = make(tmp_path)
+    line = refused(["run", *([path] if path is not None and key != "name" else []), *argv], key)
+    assert line.startswith(f"error: {key}: ") and phrase in line, line
+
+
+@pytest.mark.parametrize("out", ["", " "])
+def test_an_empty_out_is_refused(cli, no_training, out):
+    code, _, err = cli("run", *TINY, "--out", out)
+    assert code == 2 and err.startswith("error: output.dir: --out got an empty path") and len(err.splitlines()) == 1
+
+
+def test_a_toml_file_with_a_byte_order_mark_reads_like_without(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbfname = \"bom\"\n[federation]\nrounds = 3\n")
+    cfg = load_config(path)
+    assert (cfg.name, cfg.federation.rounds) == ("bom", 3)
+
+
+@pytest.mark.parametrize("flag, value", [("--seeds", ""), ("--seeds", "0,,1"), ("--target-epsilons", "")])
+def test_sweep_refuses_an_empty_list(refused, flag, value):
+    line = refused(["sweep", *TINY, flag, value], flag)
+    assert "expected comma-separated values" in line
+
+
+def test_a_repeated_grid_key_merges_its_values_and_refuses_a_value_twice():
+    from fedsim.sweep import parse_grid
+
+    assert parse_grid(["client.lr=0.1", "seed=1,2", "client.lr=0.2,0.3"]) == {"client.lr": [0.1, 0.2, 0.3],
+                                                                            "seed": [1, 2]}
+    with pytest.raises(ConfigError, match=r"^--grid: client.lr lists 0.1 twice"):
+        parse_grid(["client.lr=0.1", "client.lr=0.1"])
+
+
+def test_a_sweep_cell_that_diverges_says_so_and_the_others_finish(cli, tmp_path):
+    import pandas as pd
+
+    code, _, err = cli("sweep", "--dataset", "diabetes", "--set", 'model.name="linear"', "--grid", "client.lr=1e9,0.01",
+                       "--num-clients", "2", "--rounds", "1", "--out", tmp_path / "sw")
+    assert code == 1 and "error: failed cell client.lr=1e+09: run diverged at round 1" in err, err
+    from fedsim.sweep import run_sweep
+
+    cells = run_sweep(None, grid={"client.lr": [1e9, 0.01]}, overrides={
+        "data.dataset": "diabetes", "model.name": "linear", "federation.num_clients": 2, "federation.rounds": 1},
+        out=tmp_path / "sw", progress=False)
+    assert isinstance(cells, pd.DataFrame)
+    assert dict(zip(cells["client.lr"], cells["status"])) == {1e9: "diverged", 0.01: "finished"}

@@ -65,7 +65,7 @@ def client_eps(out: Path) -> dict[int, tuple[int, float]]:
             for r in csv.DictReader((out / "clients.csv").open())}
 
 
-def start_held(tmp_path: Path, cfg, hold: int) -> tuple[subprocess.Popen, Path]:
+def start_held(tmp_path: Path, cfg, hold: int, preexec_fn=None) -> tuple[subprocess.Popen, Path]:
     """Start `fedsim run` on `cfg` in a subprocess; return once it holds after round `hold`."""
     toml = tmp_path / f"{Path(cfg.output.dir).name}.toml"
     toml.write_text(dumps_toml(cfg))
@@ -73,7 +73,7 @@ def start_held(tmp_path: Path, cfg, hold: int) -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "HOLD": str(hold), "MARK": str(mark),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, "run", str(toml), "--no-progress"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     deadline = time.monotonic() + 600  # a guard against a hung child on a loaded machine, not a timing
     while not mark.exists():
         if proc.poll() is not None:
@@ -146,6 +146,17 @@ def test_sigterm_ends_the_run_as_interrupted_with_its_checkpoint(tiny, tmp_path)
     assert run_state(out) == "interrupted"
     assert len(rows(out)) == 1 and (out / "checkpoint.safetensors").is_file()
     assert "run interrupted (Terminated)" in (out / "run.log").read_text()
+
+
+def test_ctrl_c_stops_a_run_that_inherited_sigint_ignored(tiny, tmp_path):
+    """A run started with `&` by a non-interactive shell inherits SIGINT ignored; fedsim listens
+    anyway, and ends the run "interrupted" with exit 130."""
+    cfg = tiny(**{"federation.rounds": 3, "output.dir": str(tmp_path / "run")})
+    proc, out = start_held(tmp_path, cfg, hold=1, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
 
 
 # ----------------------------------------------------------------------------- in-process cases
@@ -256,3 +267,23 @@ def test_checkpoint_every_n_rounds_and_never(tiny, tmp_path, monkeypatch):
     out = run_experiment(tiny(**{"output.checkpoint_every": 0, "output.dir": str(tmp_path / "off")}),
                          progress=False)
     assert saved == [] and "checkpoints: off (output.checkpoint_every = 0)" in (out / "run.log").read_text()
+
+
+def test_the_epsilon_mean_does_not_depend_on_the_order_clients_joined(tiny, tmp_path):
+    """A resumed run restores its clients sorted by partition; an uninterrupted one holds them in
+    the order they first trained. The mean of their epsilons must not see the difference:
+    (0.1 + 0.2) + 0.3 and (0.3 + 0.2) + 0.1 differ in the last bit."""
+    from fedsim import records as R
+
+    def mean_after(order: list[int]) -> float:
+        cfg = tiny(**{"privacy.noise_multiplier": 1.0, "output.dir": str(tmp_path / f"r{order[0]}")})
+        recorder = server.RunRecorder(cfg, Path(cfg.output.dir), progress=False)
+        for pid in order:
+            recorder.on_train_reply({R.PARTITION_ID: pid, R.NUM_EXAMPLES: 10, R.EPSILON: [0.1, 0.2, 0.3][pid],
+                                     R.SAMPLE_RATE: 0.5, R.TRAIN_LOSS: 1.0})
+        recorder.on_round_end(1, {"accuracy": 0.5, "loss": 1.0})
+        recorder.close("finished")
+        return recorder.rows[-1]["sample_epsilon_mean"]
+
+    assert (0.1 + 0.2) + 0.3 != (0.3 + 0.2) + 0.1
+    assert mean_after([0, 1, 2]) == mean_after([2, 1, 0]) == 0.6 / 3
