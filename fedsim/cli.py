@@ -435,7 +435,7 @@ COMMANDS: tuple[Command, ...] = (
             ("fedsim audit configs/audit.toml --canaries 1000",
              "fedsim audit configs/audit.toml --level user --set privacy.target_epsilon=0 "
              "--set privacy.user_noise_multiplier=4 --set federation.sampling=poisson",
-             "fedsim audit configs/audit.toml --mode blackbox --noise-multiplier 0"),
+             "fedsim audit configs/audit.toml --mode blackbox --canaries 2000"),
             cmd_audit, experiment=True, flags=(
                 flag("--level", choices=("sample", "user"), default="sample",
                      help="sample: canaries inside DP-SGD; user: canary clients through the user-level layer"),
