@@ -312,6 +312,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         for note in shown.attrs.get("paired", {}).get("dropped", []):
             sys.stderr.write(f"warning: --paired-against: {note}\n")
     text = render(shown, args.format)
+    for key, values in table.attrs.get("mixed", {}).items():  # after any refusal: that stays one line
+        sys.stderr.write(f"warning: report: rows average runs that differ in {key} ({', '.join(values)}); "
+                         f"split them with --group-by {key}, or pick one with --where {key}=VALUE\n")
     try:
         if args.output:
             Path(args.output).write_text(text)

@@ -250,6 +250,26 @@ def _epsilon_mean(values: pd.Series) -> float:
     return round(float(values.mean()), 2) if np.isfinite(values).all() else math.inf
 
 
+# Config keys that may differ between the runs of one row: what the row averages over (seeds,
+# their directories and names) and what calibration derives per run from the row's target.
+PER_RUN_KEYS = {"seed", "name", "output.dir", "privacy.noise_multiplier", "privacy.user_noise_multiplier"}
+
+
+def mixed_settings(frame: pd.DataFrame, keys: list[str]) -> dict[str, list[str]]:
+    """Config keys whose value differs between runs that land in one row (grouped by `keys`),
+    each with its values: such a row would average different experiments without saying so
+    (e.g. a sweep over privacy.user_clip_quantile reported without --group-by)."""
+    config = [c for c in frame.columns if "." in c and not c.startswith("_") and c not in PER_RUN_KEYS
+              and c not in keys]
+    mixed: dict[str, set[str]] = {}
+    for _, sub in frame.groupby(keys, sort=True, dropna=False):
+        for column in config:
+            values = {repr(v) for v in sub[column]}
+            if len(values) > 1:
+                mixed.setdefault(column, set()).update(values)
+    return {k: sorted(v) for k, v in sorted(mixed.items())}
+
+
 def build_table(frame: pd.DataFrame, group_by: list[str], median: bool = False) -> pd.DataFrame:
     """The privacy-utility table, numbers already rounded for display; `median` adds each
     run's median client beside its largest (`EPSILON_NOTE`). ``attrs["per_seed"]``
@@ -318,6 +338,7 @@ def build_table(frame: pd.DataFrame, group_by: list[str], median: bool = False) 
                               key=lambda s: s if s.name != "sample_epsilon" else s.replace(math.inf, 1e18),
                               ignore_index=True)
     table.attrs["per_seed"] = seeds
+    table.attrs["mixed"] = mixed_settings(frame, keys)
     return table
 
 
@@ -582,8 +603,9 @@ def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: st
 
     The numbers are already rounded for display. ``table.attrs`` holds ``unfinished`` (runs
     missing from the table, as "name (status)"), ``skipped`` (malformed runs left out, as
-    "name: why"), ``metric_name``, ``group_by`` and ``epsilon_note`` (what each epsilon
-    column holds), which `render` and `plot` use.
+    "name: why"), ``metric_name``, ``group_by``, ``epsilon_note`` (what each epsilon
+    column holds), which `render` and `plot` use, and ``mixed`` (`mixed_settings`: config keys
+    whose runs differ within a row, which the CLI warns about).
     Raises `FedsimError` for a missing path, no finished runs, mixed metrics, a bad key, or
     paired_against without pivot or not among the pivot column's values.
     """
@@ -594,13 +616,13 @@ def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: st
         frame = apply_filters(frame, where)
     metric_name = str(frame["metric_name"].iloc[0])
     table = build_table(frame, _keys(group_by), median)
-    per_seed = table.attrs["per_seed"]
+    per_seed, mixed = table.attrs["per_seed"], table.attrs["mixed"]
     if _keys(best_per):
         table = best_rows(table, _keys(best_per))
     table.attrs["per_seed"] = per_seed
     if pivot:
         table = pivot_table(table, pivot, paired_against)
-    table.attrs.update(unfinished=list(unfinished), skipped=skipped, metric_name=metric_name,
+    table.attrs.update(unfinished=list(unfinished), skipped=skipped, metric_name=metric_name, mixed=mixed,
                        group_by=_keys(group_by), epsilon_note=EPSILON_NOTE)
     return table
 

@@ -333,3 +333,19 @@ def test_report_help_shows_paired_against(capsys):
     text = capsys.readouterr().out
     assert "--paired-against VALUE" in text
     assert "fedsim report sweeps/fedsvd --pivot strategy --paired-against fedavg-lora" in text
+
+
+def test_rows_that_average_different_settings_are_named_in_one_warning(cli, tmp_path):
+    """Two seeds each of client.lr 0.1 and 0.3 land in one row unless split: the report says
+    which key differs, with its values, and the warning goes once --group-by splits them."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        for lr, final in ((0.1, 0.6), (0.3, 0.8)):
+            write_run(root, f"lr{lr}-{seed}", seed=seed, final=final, **{"client.lr": lr})
+    code, out, err = cli("report", root, "--format", "csv")
+    assert code == 0
+    assert err.strip() == ("warning: report: rows average runs that differ in client.lr (0.1, 0.3); split them "
+                           "with --group-by client.lr, or pick one with --where client.lr=VALUE")
+    assert report(root).attrs["mixed"] == {"client.lr": ["0.1", "0.3"]}
+    code, out, err = cli("report", root, "--format", "csv", "--group-by", "client.lr")
+    assert code == 0 and err == "" and len(out.strip().splitlines()) == 3  # header + one row per lr
