@@ -39,6 +39,7 @@ from fedsim.lora import select_keys, set_trainable
 from fedsim.models import as_tensors, build_model
 from fedsim.node_data import node_data, node_dataset, node_partition_id
 from fedsim.privacy.accounting import History, epsilon
+from fedsim.privacy.canaries import planted_canaries
 from fedsim.privacy.client_clipping import clip_own_update
 
 
@@ -100,6 +101,9 @@ class ClientJob:
     state: State
     upload_keys: list[str]  # the state-dict keys of the reply's arrays (the rule's `upload` group)
     node_key: Hashable = None  # what this node's inputs are cached under (`node_inputs`)
+    # a white-box audit's gradient canaries this client holds, and their draws' seed (`fedsim.audit`)
+    canaries: dict[str, torch.Tensor] | None = None
+    canary_seed: int = 0
 
 
 # The client side's caches, in `fedsim.caches` (one mechanism, `clear_all`), keyed on the
@@ -166,6 +170,11 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
     server_round = int(R.plain(server_cfg).get(R.SERVER_ROUND, 0)) if server_cfg is not None else 0
     pid = node_partition_id(context.node_config)
     key, data, x, y = node_inputs(cfg, context, text)
+    plan = planted_canaries()
+    examples = plan.examples_held_by(pid) if plan is not None else None
+    if examples is not None:  # a black-box audit's canary examples: from here on ordinary samples
+        x, y = np.concatenate([x, examples[0]]), np.concatenate([y, examples[1].astype(y.dtype)])
+        key = (key, "canary-examples")  # the device copy of this node's data (`_on_device`) holds them
     rule = get_algorithm(cfg.strategy.name).client
     if template is None:
         pool = spare_models(text)
@@ -189,7 +198,8 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
     state = rule.setup(start) if rule.setup is not None else {}
     return ClientJob(msg, context, cfg, pid, server_round, data, x, y, model, rule, settings,
                      derive_seed(cfg.seed, server_round, pid, "train"), load_history(context), start, state,
-                     template.upload_keys, key)
+                     template.upload_keys, key, plan.held_by(pid) if plan is not None else None,
+                     derive_seed(cfg.seed, server_round, pid, "canaries"))
 
 
 def local_task(job: ClientJob) -> LocalTask:
@@ -211,7 +221,8 @@ def run_job(job: ClientJob, batches: list[np.ndarray] | None = None) -> LocalRes
         def post_step(new, old, state):
             return rule.post_step(new, old, state, hyper)
     return train_local(job.model, job.x, job.y, job.settings, job.history, seed=job.seed,
-                       loss_term=loss_term, post_step=post_step, rule_state=job.state, batches=batches)
+                       loss_term=loss_term, post_step=post_step, rule_state=job.state, batches=batches,
+                       canaries=job.canaries, canary_seed=job.canary_seed)
 
 
 def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tensor] | None = None,
@@ -392,7 +403,8 @@ def run_vectorized(jobs: list[ClientJob], batches=None) -> list[VectorOutcome]:
             raise ValueError("run_vectorized: given batches are for the DP-SGD loop, not a rule's own loop")
         done = first.rule.local_train_batched([local_task(job) for job in jobs], first.cfg.runtime.engine_chunk)
         return [VectorOutcome(result, final) for result, final in done]
-    clients = [VectorClient(*_on_device(job), job.history, job.seed, job.state) for job in jobs]
+    clients = [VectorClient(*_on_device(job), job.history, job.seed, job.state, job.canaries, job.canary_seed)
+               for job in jobs]
     return train_clients(first.model, first.rule, first.start.hyper, first.settings, clients,
                          chunk=first.cfg.runtime.engine_chunk, batches=batches)
 

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedsim.algorithms import LocalResult, Tensors, TrainSettings, seed_everything, tree_map
 from fedsim.models import as_tensors, loss_fn
 from fedsim.privacy.accounting import History, poisson_sample_rate
+from fedsim.privacy.faults import fault
 
 log = logging.getLogger("fedsim")
 
@@ -67,7 +68,8 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
                 history: History = (), *, seed: int = 0,
                 loss_term: Callable[[torch.Tensor, torch.Tensor | None, Any], torch.Tensor] | None = None,
                 post_step: Callable[[Tensors, Tensors, Any], Tensors] | None = None,
-                rule_state: Any = None, batches: list[np.ndarray] | None = None) -> LocalResult:
+                rule_state: Any = None, batches: list[np.ndarray] | None = None,
+                canaries: dict[str, torch.Tensor] | None = None, canary_seed: int = 0) -> LocalResult:
     """Train `model` in place on (x, y); only parameters with requires_grad are trained.
 
     Freeze what must not change (LoRA A, backbone) *before* calling this: Opacus
@@ -75,7 +77,10 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     unfreezing after `make_private` fails. ``rule_state`` (the rule's tensors) is moved to
     the training device and handed to the hooks. ``batches`` replaces the sampler (Poisson
     under DP, shuffled otherwise) with given index arrays, one per step: the engine
-    equivalence tests use it to feed two engines the same batches.
+    equivalence tests use it to feed two engines the same batches. ``canaries`` ({name: (c,
+    *shape)}, `fedsim.privacy.canaries`) are gradient canaries this client holds: extra samples
+    drawn at rate q from a generator seeded by ``canary_seed``, whose per-sample gradients are
+    their directions, clipped and summed before the noise (`_CanaryHook`).
     """
     seed_everything(seed, settings.device)
     device = settings.device
@@ -115,11 +120,18 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
             noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
             poisson_sampling=batches is None)
     forward = trained if trained is not None else model
+    hook = None
+    if canaries is not None or (private and fault_hooks_needed()):
+        hook = _CanaryHook(named, canaries, canary_seed, settings, n, device)
+        if private:
+            hook.attach(optimizer)
     losses = []
     try:
         for xb, yb in _batches(loader, total_steps):
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
+            if hook is not None:
+                hook.draw(len(yb))
             if len(yb) == 0:
                 # Poisson sampling drew an empty batch: the DP step is pure noise. Run it
                 # through the same graph with a zero loss so Opacus still adds noise and counts the step.
@@ -132,6 +144,8 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
                     loss = loss + loss_term(out, None, rule_state)
                 loss.backward()
                 losses.append(float(loss.detach()))
+            if hook is not None and not private:
+                hook.add_to_mean_grads(len(yb))
             before = {k: p.detach().clone() for k, p in named.items()} if post_step is not None else None
             optimizer.step()
             if post_step is not None:
@@ -146,6 +160,95 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     q = poisson_sample_rate(n, settings.batch_size) if private else settings.batch_size / max(n, 1)
     return LocalResult(n, total_steps, float(np.mean(losses)) if losses else float("nan"),
                        [(float(s), float(qq), int(k)) for s, qq, k in new_history], min(q, 1.0))
+
+
+def fault_hooks_needed() -> bool:
+    """Whether a test-only fault (`fedsim.privacy.faults`) changes this engine's DP step."""
+    return fault("noise_div10") or fault("no_clip") or fault("empty_batch_no_noise")
+
+
+class _CanaryHook:
+    """Gradient canaries, and the test-only faults, at the DP optimizer's clip and noise points.
+
+    Opacus' DPOptimizer clips into ``p.summed_grad`` (`clip_and_accumulate`) and then adds the
+    noise (`add_noise`); the hook wraps both on the optimizer instance, so a drawn canary's
+    clipped direction joins the clipped sum before the single draw of noise, exactly as one
+    more sample's would. Without DP (sigma = 0), a drawn canary adds its direction / B to the
+    mean gradient (it joins a batch of about B samples).
+    """
+
+    def __init__(self, named: dict[str, torch.Tensor], canaries: dict[str, torch.Tensor] | None, seed: int,
+                 settings: TrainSettings, n: int, device: str) -> None:
+        self.params = list(named.values())
+        self.directions = [canaries[k].to(device) for k in named] if canaries is not None else None
+        self.count = len(self.directions[0]) if self.directions is not None else 0
+        self.generator = torch.Generator().manual_seed(int(seed))
+        private = settings.noise_multiplier > 0 or settings.dp_reference
+        self.rate = poisson_sample_rate(n, settings.batch_size) if private else min(1.0, settings.batch_size / n)
+        self.batch_size = settings.batch_size
+        self.max_grad_norm = settings.max_grad_norm
+        self.drawn = torch.zeros(0, dtype=torch.bool)
+        self.empty = False
+
+    def draw(self, real_samples: int) -> None:
+        """This step's canary draws (Poisson, rate q), and whether the whole batch is empty."""
+        if self.count:
+            self.drawn = torch.rand(self.count, generator=self.generator) < self.rate
+        self.empty = real_samples == 0 and not bool(self.drawn.any())
+
+    def _summed(self, scale_by_clip: bool) -> list[torch.Tensor] | None:
+        if not self.count or not bool(self.drawn.any()):
+            return None
+        chosen = self.drawn.nonzero().squeeze(1).to(self.directions[0].device)
+        picked = [d.index_select(0, chosen) for d in self.directions]
+        if scale_by_clip and not fault("no_clip"):
+            norms = torch.stack([p.reshape(len(p), -1).norm(dim=1) for p in picked], dim=1).norm(dim=1)
+            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clip factor
+            return [torch.einsum("i,i...", factor, p) for p in picked]
+        return [p.sum(0) for p in picked]
+
+    def add_to_mean_grads(self, real_samples: int) -> None:
+        summed = self._summed(scale_by_clip=False)
+        if summed is None:
+            return
+        for p, g in zip(self.params, summed):
+            p.grad = g.clone() / self.batch_size if p.grad is None else p.grad + g / self.batch_size
+
+    def attach(self, optimizer) -> None:
+        clip, noise = optimizer.clip_and_accumulate, optimizer.add_noise
+
+        def clip_and_accumulate() -> None:
+            if fault("no_clip"):
+                bound, optimizer.max_grad_norm = optimizer.max_grad_norm, math.inf
+                try:
+                    clip()
+                finally:
+                    optimizer.max_grad_norm = bound
+            else:
+                clip()
+            summed = self._summed(scale_by_clip=True)
+            if summed is not None:
+                for p, g in zip(optimizer.params, summed):
+                    p.summed_grad += g.to(p.summed_grad.dtype).view_as(p.summed_grad)
+
+        def add_noise() -> None:
+            if fault("empty_batch_no_noise") and self.empty:
+                for p in optimizer.params:
+                    p.grad = p.summed_grad.clone().view_as(p)
+                    p.summed_grad._processed = True  # as Opacus' add_noise marks it
+                return
+            if fault("noise_div10"):
+                # only around the draw: the accountant's step hook reads noise_multiplier afterwards
+                sigma, optimizer.noise_multiplier = optimizer.noise_multiplier, optimizer.noise_multiplier / 10
+                try:
+                    noise()
+                finally:
+                    optimizer.noise_multiplier = sigma
+            else:
+                noise()
+
+        optimizer.clip_and_accumulate = clip_and_accumulate
+        optimizer.add_noise = add_noise
 
 
 @torch.no_grad()

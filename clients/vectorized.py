@@ -58,6 +58,7 @@ from fedsim.clients.vectorized_functional import Functional, stacked_forward
 from fedsim.clients.vectorized_grads import CLIP_EPS, clip_factor, dense_chain, outer_chain
 from fedsim.models import as_tensors
 from fedsim.privacy.accounting import History, poisson_sample_rate
+from fedsim.privacy.faults import fault
 
 # the engine's entry points, and the path selectors and helpers other modules reuse
 # (learning from bags' batched loop), importable from here wherever they are defined
@@ -76,6 +77,10 @@ class VectorClient:
     history: History
     seed: int
     state: State  # the rule's per-client tensors (from `ClientRule.setup`)
+    # gradient canaries this client holds ({name: (c, *shape)}, `fedsim.privacy.canaries`) and
+    # the seed of their Poisson draws; only a white-box audit plants them
+    canaries: Tensors | None = None
+    canary_seed: int = 0
 
 
 @dataclass
@@ -282,6 +287,38 @@ def draw_batch(draws: BatchDraws, t: int, active: int) -> tuple[torch.Tensor, to
     return _pad(rows, device)
 
 
+class _Canaries:
+    """The gradient canaries of a chunk's clients (`fedsim.privacy.canaries`): at each step each
+    client's canaries are drawn at its rate from their own generator (so the real samples'
+    draws are those of a run without canaries), and the drawn ones' directions, clipped as
+    Opacus clips a sample, join the client's clipped sum before the noise."""
+
+    def __init__(self, clients: list[VectorClient], rates: list[float], device: str) -> None:
+        self.members = [(i, {k: v.to(device) for k, v in c.canaries.items()},
+                         torch.Generator().manual_seed(int(c.canary_seed)), rates[i])
+                        for i, c in enumerate(clients) if c.canaries is not None]
+        self.drawn_any = torch.zeros(len(clients), dtype=torch.bool, device=device)
+
+    def add_to(self, summed: Tensors, active: int, *, max_grad_norm: float | None, divisor: float = 1.0) -> None:
+        """Add step's drawn canaries to the first `active` clients' sums, in place: clipped to
+        `max_grad_norm` (None: unclipped, the no-DP mean gradient) and divided by `divisor`."""
+        self.drawn_any.zero_()
+        for i, directions, generator, rate in self.members:
+            if i >= active:
+                continue
+            count = len(next(iter(directions.values())))
+            chosen = (torch.rand(count, generator=generator) < rate).nonzero().squeeze(1)
+            if chosen.numel() == 0:
+                continue
+            self.drawn_any[i] = True
+            picked = {name: d.index_select(0, chosen.to(d.device)) for name, d in directions.items()}
+            norms = torch.stack([p.reshape(len(p), -1).norm(dim=1) for p in picked.values()], dim=1).norm(dim=1)
+            factor = torch.ones_like(norms) if max_grad_norm is None or fault("no_clip") \
+                else (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+            for name, p in picked.items():
+                summed[name][i] += torch.einsum("i,i...", factor, p) / divisor
+
+
 class _Noise:
     """DP-SGD's Gaussian noise N(0, std^2) on every trainable tensor, drawn at each step from
     each client's own generator into one (clients, parameters) buffer kept across rounds."""
@@ -295,12 +332,16 @@ class _Noise:
         self.parts = {name: part.view(k, *shapes[name]) for name, part in zip(shapes, self.flat.split(numels, dim=1))}
         self._active: tuple[int, Tensors] = (-1, {})
 
-    def add_to(self, summed: Tensors, active: int) -> None:
-        """Add a fresh draw to the first `active` clients' clipped sums, in place."""
+    def add_to(self, summed: Tensors, active: int, empty: torch.Tensor | None = None) -> None:
+        """Add a fresh draw to the first `active` clients' clipped sums, in place. `empty`
+        (clients whose batch drew nothing) is given only under the test-only fault that skips
+        their noise (`fedsim.privacy.faults`)."""
         for i in range(active):
             torch.randn(self.rows[i].shape, generator=self.generators[i], device=self.rows[i].device,
                         out=self.rows[i])
-        self.flat[:active] *= self.std
+        self.flat[:active] *= self.std / 10 if fault("noise_div10") else self.std
+        if empty is not None:
+            self.flat[:active] *= (~empty[:active]).to(self.flat.dtype)[:, None]
         if self._active[0] != active:
             self._active = (active, {name: part[:active] for name, part in self.parts.items()})
         for name, g in summed.items():
@@ -335,6 +376,8 @@ def _train_chunk(fn: Functional, settings: TrainSettings, clients: list[VectorCl
     noise = _Noise({name: t.shape[1:] for name, t in params.items()}, k, std, device, gens) \
         if private and std > 0 else None
     lr_steps = {name: scratch(("step", name), tuple(p.shape), device, p.dtype) for name, p in params.items()}
+    canaries = _Canaries(clients, q if private else [min(1.0, settings.batch_size / n) for n in sizes], device) \
+        if any(c.canaries is not None for c in clients) else None
     last_active = -1
     for t in range(max(steps)):
         active = sum(1 for s in steps if s > t)  # clients are sorted by steps: a prefix
@@ -357,12 +400,21 @@ def _train_chunk(fn: Functional, settings: TrainSettings, clients: list[VectorCl
             else:
                 summed = {name: torch.zeros_like(p) for name, p in current.items()}
                 batch_loss = torch.zeros(active, device=device)
+            if canaries is not None:
+                canaries.add_to(summed, active, max_grad_norm=settings.max_grad_norm)
             if noise is not None:
-                noise.add_to(summed, active)
+                empty = None
+                if fault("empty_batch_no_noise"):  # test-only: which clients' batches drew nothing at all
+                    empty = count == 0
+                    if canaries is not None:
+                        empty = empty & ~canaries.drawn_any[:active]
+                noise.add_to(summed, active, empty)
             # in place: the clipped sums are this step's own tensors (Opacus: (sum + noise) / int(q n))
             grad = {name: g.div_(divisors[name]) for name, g in summed.items()}
         else:
             grad, batch_loss = fn.mean_grads(current, sub_state, xb, yb, mask)
+            if canaries is not None:  # a drawn canary joins a batch of about B samples
+                canaries.add_to(grad, active, max_grad_norm=None, divisor=float(settings.batch_size))
         step_losses[t, :active] = batch_loss
         step_measured[t, :active] = count > 0
         grad = momentum_direction(grad, momentum, active, settings.momentum)

@@ -33,12 +33,15 @@ from torch import nn
 
 from fedsim.algorithms import ClientRule, Tensors
 from fedsim.lora import LoRALinear
+from fedsim.privacy.faults import fault
 
 CLIP_EPS = 1e-6  # Opacus' per_sample_clip_factor = C / (norm + 1e-6)
 
 
 def clip_factor(norms: torch.Tensor, max_grad_norm: float, mask: torch.Tensor) -> torch.Tensor:
     """Opacus' per-sample clip factor min(1, C / (norm + 1e-6)), zero on padded rows."""
+    if fault("no_clip"):  # test-only (`fedsim.privacy.faults`): an audit must catch it
+        return mask.to(norms.dtype)
     return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0) * mask
 
 

@@ -43,6 +43,8 @@ from fedsim.errors import ConfigError
 from fedsim.experiment import derive_seed
 from fedsim.privacy import accounting
 from fedsim.privacy import user_dp
+from fedsim.privacy.canaries import planted_canaries
+from fedsim.privacy.faults import fault
 from fedsim.schedule import user_accounting_args
 
 log = logging.getLogger("fedsim")
@@ -202,7 +204,12 @@ class CentralDP(Strategy):
         # each reply's records as a plain dict, read once (Flower's content view is rebuilt per access)
         contents = _in_partition_order([R.plain(r.content) for r in replies])
         stack, layout = self._stack(contents) if contents else self._empty_stack()
-        released = self.release(torch.from_numpy(stack), server_round, self._reported_unclipped(contents))
+        stack = torch.from_numpy(stack)
+        plan = planted_canaries()
+        if plan is not None and plan.level == "user":  # a user-level audit's canary clients (`fedsim.audit`)
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "canary-clients"))
+            stack = torch.cat([stack, plan.client_rows(layout, gen, stack.dtype)])
+        released = self.release(stack, server_round, self._reported_unclipped(contents))
         content = self._synthetic_content(user_dp.unflatten_update(released, layout))
         synthetic = Message.__new__(Message)
         metadata = replies[0].metadata if replies else self.round_metadata
@@ -253,8 +260,12 @@ class CentralDP(Strategy):
             released = (clipped_sum if noise is None else clipped_sum + noise) / self.expected_cohort
         else:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "user-dp"))
-            released = user_dp.gaussian_release(clipped_sum, noise_std=std, expected_cohort=self.expected_cohort,
-                                                generator=gen)
+            if fault("user_noise_by_replies"):  # test-only (`fedsim.privacy.faults`): an audit must catch it
+                noise = std * torch.randn(clipped_sum.shape, generator=gen, dtype=clipped_sum.dtype)
+                released = clipped_sum / self.expected_cohort + noise / max(len(stack), 1)
+            else:
+                released = user_dp.gaussian_release(clipped_sum, noise_std=std,
+                                                    expected_cohort=self.expected_cohort, generator=gen)
         if self.adaptive:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "user-dp-count"))
             fraction = user_dp.noised_unclipped_fraction(

@@ -174,6 +174,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fedsim.audit import run_audit
+
+    record = run_audit(_load(args), level=args.level, mode=args.mode, canaries=args.canaries, beta=args.beta,
+                       progress=not args.no_progress, overwrite=args.overwrite)
+    others = ", ".join(f"{name} {found['epsilon_lower']:.3g}" if isinstance(found["epsilon_lower"], float)
+                       else f"{name} {found['epsilon_lower']}"
+                       for name, found in record["analyses"].items() if name != record["analysis"])
+    print(f"epsilon_lower {record['epsilon_lower']:.3f} ({record['analysis']}, confidence 1 - beta = "
+          f"{1 - record['beta']:g}; {others})")
+    if record["epsilon_upper"] is None:
+        print(f"epsilon_upper none: no {record['level']}-level DP in this run (the accountant claims nothing)")
+    else:
+        print(f"epsilon_upper {record['epsilon_upper']:.3f} at delta={record['delta']:g} ({record['accountant']}); "
+              f"ratio lower/upper {record['ratio']:.2f}")
+    print(f"guesses {record['guesses']}, correct {record['correct']} ({record['canaries']} canaries, "
+          f"{record['level']} level, {record['mode']})")
+    print(f"audit: {Path(record['run_dir']) / 'audit.json'}")
+    return 0
+
+
+def _beta(text: str) -> float:
+    """argparse type: a confidence parameter in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1) (got {value})")
+    return value
+
+
 def cmd_partition(args: argparse.Namespace) -> int:
     from fedsim.partition import label_counts
 
@@ -397,6 +429,26 @@ COMMANDS: tuple[Command, ...] = (
                 flag("--no-progress", action="store_true", help="hide the progress bar"),
                 flag("--resume", metavar="DIR", help="continue the interrupted or killed run in DIR from its "
                                                      "checkpoint, with DIR/config.toml"),
+                OVERWRITE_RUN)),
+    Command("audit", "empirical lower bound on epsilon (one-run audit)",
+            "Run the experiment once with canaries (Steinke, Nasr & Jagielski 2023), each included with "
+            "probability 1/2, scored on the trained model and guessed in or out. Prints epsilon_lower at "
+            "confidence 1 - beta beside the accountant's epsilon_upper, and writes audit.json into the run "
+            "directory. Takes the same flags and --set as `fedsim run`; see docs/privacy.md.",
+            ("fedsim audit configs/audit.toml --canaries 1000",
+             "fedsim audit configs/audit.toml --level user --set privacy.target_epsilon=0 "
+             "--set privacy.user_noise_multiplier=4 --set federation.sampling=poisson",
+             "fedsim audit configs/audit.toml --mode blackbox --canaries 2000"),
+            cmd_audit, experiment=True, flags=(
+                flag("--level", choices=("sample", "user"), default="sample",
+                     help="sample: canaries inside DP-SGD; user: canary clients through the user-level layer"),
+                flag("--mode", choices=("whitebox", "blackbox"), default="whitebox",
+                     help="whitebox: gradient directions (or clients' updates), scored by the model's "
+                          "displacement; blackbox: canary examples (random-label outliers), scored by loss"),
+                flag("--canaries", type=_count(2), default=1000, metavar="M", help="number of canaries (default 1000)"),
+                flag("--beta", type=_beta, default=0.05,
+                     help="the bound holds with probability 1 - beta (default 0.05)"),
+                flag("--no-progress", action="store_true", help="hide the progress bar"),
                 OVERWRITE_RUN)),
     Command("partition", "show how a config splits the data",
             "Print per-client sizes and label counts; optionally plot them.",

@@ -49,7 +49,8 @@ PRIVACY_KEYS = ["privacy.target_epsilon", "privacy.user_target_epsilon", "_sigma
 EPSILON_NOTE = ("sample_epsilon: per run the largest per-client sample-level epsilon, mean over seeds; "
                 "sample_epsilon_seed_max: the largest of those over seeds; sample_epsilon_median (when shown): "
                 "per run the median client's, mean over seeds; user_epsilon: the user-level epsilon of the "
-                "run (one for all clients), mean over seeds, its accountant naming the client sampling.")
+                "run (one for all clients), mean over seeds, its accountant naming the client sampling; "
+                "epsilon_lower (audited runs only): `fedsim audit`'s empirical lower bound, mean over seeds.")
 
 
 def _flatten(d: dict) -> dict:
@@ -139,7 +140,17 @@ def read_run(run: Path, summary: dict) -> dict:
             "user_accountant": user.get("accountant", "") if user else "",
             "label_epsilon": _epsilon(label.get("epsilon")) if label else None,
             "label_accountant": label.get("accountant", "") if label else "",
-            "delta": _number(sample.get("delta"), "sample_level.delta")}
+            "delta": _number(sample.get("delta"), "sample_level.delta"),
+            "epsilon_lower": _audited_lower(run)}
+
+
+def _audited_lower(run: Path) -> float | None:
+    """The run's audited lower bound (audit.json from `fedsim audit`, at its level), or None."""
+    try:
+        value = json.loads((run / "audit.json").read_text()).get("epsilon_lower")
+    except (OSError, ValueError):
+        return None
+    return _epsilon(value) if value is not None else None
 
 
 def _number(value: Any, key: str) -> float:
@@ -296,6 +307,8 @@ def build_table(frame: pd.DataFrame, group_by: list[str], median: bool = False) 
             row["user_sigma"] = round(float(sub["privacy.user_noise_multiplier"].mean()), 3)
             row["user_epsilon"] = round(float(sub["user_epsilon"].astype(float).mean()), 2)
             row["user_accountant"] = sub["user_accountant"].iloc[0]
+        if sub["epsilon_lower"].notna().any():  # audited runs (`fedsim audit`): the mean over audited seeds
+            row["epsilon_lower"] = round(float(sub["epsilon_lower"].dropna().astype(float).mean()), 2)
         if sub["label_epsilon"].notna().any():
             row["label_epsilon"] = round(float(sub["label_epsilon"].astype(float).mean()), 2)
             row["label_accountant"] = sub["label_accountant"].iloc[0]

@@ -149,3 +149,24 @@ def restore_logging():
         logger.handlers = handlers
         for handler, handler_level in handler_levels.items():
             handler.setLevel(handler_level)
+
+
+@pytest.fixture
+def rounds_trained(monkeypatch):
+    """Which partitions replied in each round of the runs inside the test, as the server saw them."""
+    from fedsim.server import RunRecorder
+
+    seen: list[list[int]] = [[]]
+    on_reply, on_end = RunRecorder.on_train_reply, RunRecorder.on_round_end
+
+    def reply(self, metrics):
+        seen[-1].append(int(metrics["partition-id"]))
+        on_reply(self, metrics)
+
+    def end(self, server_round, evaluation):
+        seen.append([])
+        on_end(self, server_round, evaluation)
+
+    monkeypatch.setattr(RunRecorder, "on_train_reply", reply)
+    monkeypatch.setattr(RunRecorder, "on_round_end", end)
+    return lambda: [sorted(r) for r in seen[:-1]]

@@ -97,7 +97,7 @@ def test_bags_non_numeric_label_is_refused(cli, tmp_path):
     assert code == 2 and "data.label_column" in err and "numeric" in err
 
 
-COMMANDS = [["run"], ["partition"], ["datasets"], ["sweep"], ["report"], ["deploy"], ["deploy", "local"],
+COMMANDS = [["run"], ["audit"], ["partition"], ["datasets"], ["sweep"], ["report"], ["deploy"], ["deploy", "local"],
             ["deploy", "certs"]]
 
 

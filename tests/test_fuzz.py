@@ -101,8 +101,9 @@ def _bounded(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def outcome(argv: list[str]) -> tuple[int | None, str]:
-    """(exit code, stderr) of `fedsim argv`; exit code None when the input reached training."""
+def outcome(argv: list[str], *, stop_at_training: bool = True) -> tuple[int | None, str]:
+    """(exit code, stderr) of `fedsim argv`, bounded in time; with `stop_at_training` the run
+    itself is not started, and the exit code is None when the input reached training."""
     from fedsim.logs import setup_logging
 
     setup_logging(False)
@@ -112,9 +113,10 @@ def outcome(argv: list[str]) -> tuple[int | None, str]:
         stack.enter_context(_bounded(HANG_SECONDS))
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")  # Python warnings are not fedsim's lines
-        for target in ("fedsim.run.run_inprocess", "fedsim.run.run_ray", "fedsim.run.run_flower",
-                       "fedsim.deploy.deploy_local"):
-            stack.enter_context(mock.patch(target, _stop))
+        if stop_at_training:
+            for target in ("fedsim.run.run_inprocess", "fedsim.run.run_ray", "fedsim.run.run_flower",
+                           "fedsim.deploy.deploy_local"):
+                stack.enter_context(mock.patch(target, _stop))
         stack.enter_context(contextlib.redirect_stderr(err))
         stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
         previous = handler.setStream(err)
@@ -346,25 +348,7 @@ def _edges(key: str) -> list[float]:
 
 def real_outcome(argv: list[str]) -> tuple[int, str]:
     """(exit code, stderr) of a real `fedsim argv`, bounded in time."""
-    from fedsim.logs import setup_logging
-
-    setup_logging(False)
-    handler = logging.getLogger("fedsim").handlers[0]
-    err = io.StringIO()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_bounded(HANG_SECONDS))
-        stack.enter_context(warnings.catch_warnings())
-        warnings.simplefilter("ignore")
-        stack.enter_context(contextlib.redirect_stderr(err))
-        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        previous = handler.setStream(err)
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = exc.code
-        finally:
-            handler.setStream(previous)
-    return code, err.getvalue()
+    return outcome(argv, stop_at_training=False)
 
 
 def assert_refused_or_finite(code: int, err: str, out: Path) -> None:

@@ -29,27 +29,6 @@ def clients_csv(out):
     return {int(r["partition_id"]): r for r in csv.DictReader((out / "clients.csv").open())}
 
 
-@pytest.fixture
-def rounds_trained(monkeypatch):
-    """Which partitions replied in each round of the runs inside the test, as the server saw them."""
-    from fedsim.server import RunRecorder
-
-    seen: list[list[int]] = [[]]
-    on_reply, on_end = RunRecorder.on_train_reply, RunRecorder.on_round_end
-
-    def reply(self, metrics):
-        seen[-1].append(int(metrics["partition-id"]))
-        on_reply(self, metrics)
-
-    def end(self, server_round, evaluation):
-        seen.append([])
-        on_end(self, server_round, evaluation)
-
-    monkeypatch.setattr(RunRecorder, "on_train_reply", reply)
-    monkeypatch.setattr(RunRecorder, "on_round_end", end)
-    return lambda: [sorted(r) for r in seen[:-1]]
-
-
 def test_schedule_is_the_draw_flower_made_from_the_round_seed():
     """The schedule keeps what runs sampled before it existed: Flower's sample_nodes over the
     partition-ordered nodes after random.seed(derive_seed(seed, round, "sample"))."""

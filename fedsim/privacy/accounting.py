@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from fedsim.errors import ConfigError
+from fedsim.privacy.faults import fault
 from fedsim.privacy.rdp import compute_rdp_curve, privacy_spent
 
 History = Sequence[tuple[float, float, int]]
@@ -118,6 +119,8 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
     if accountant not in ACCOUNTANTS:
         raise ConfigError(f"privacy.accountant: must be one of {', '.join(ACCOUNTANTS)} (got {accountant!r})")
     hist = _normalize(history)
+    if fault("accountant_half_q"):  # test-only (`fedsim.privacy.faults`): an audit must catch it
+        hist = tuple((s, q / 2, n) for s, q, n in hist)
     if not hist:
         return 0.0
     if any(s == 0 for s, _, _ in hist):

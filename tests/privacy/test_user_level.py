@@ -333,26 +333,6 @@ def small(tmp_path, **overrides):
     return load_config(None, {**base, **overrides})
 
 
-@pytest.fixture
-def rounds_trained(monkeypatch):
-    from fedsim.server import RunRecorder
-
-    seen: list[list[int]] = [[]]
-    on_reply, on_end = RunRecorder.on_train_reply, RunRecorder.on_round_end
-
-    def reply(self, metrics):
-        seen[-1].append(int(metrics["partition-id"]))
-        on_reply(self, metrics)
-
-    def end(self, server_round, evaluation):
-        seen.append([])
-        on_end(self, server_round, evaluation)
-
-    monkeypatch.setattr(RunRecorder, "on_train_reply", reply)
-    monkeypatch.setattr(RunRecorder, "on_round_end", end)
-    return lambda: [sorted(r) for r in seen[:-1]]
-
-
 def test_poisson_run_trains_the_planned_clients_and_accounts_them(tmp_path, rounds_trained):
     """auto is poisson under user-level DP. The server trains exactly the planner's clients
     (empty rounds included: seed 7 draws none in rounds 1 and 5), and the user-level epsilon
