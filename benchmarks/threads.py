@@ -35,7 +35,7 @@ from fedsim.config import load_config  # noqa: E402
 from fedsim.logs import setup_logging  # noqa: E402
 from fedsim.privacy.accounting import clear_memos  # noqa: E402
 from fedsim.run import run_experiment  # noqa: E402
-from fedsim.runtime.threads import available_cores  # noqa: E402
+from fedsim.threads import available_cores  # noqa: E402
 
 DP = {"privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0, "client.batch_size": 8,
       "client.local_epochs": 1, "client.lr": 0.3, "model.name": "mlp", "output.checkpoint_every": 0}

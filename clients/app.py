@@ -36,6 +36,7 @@ from fedsim.datasets import Dataset
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.experiment import config_from_context, derive_seed, experiment_text
 from fedsim.lora import select_keys, set_trainable
+from fedsim.threads import apply_run_threads
 from fedsim.models import as_tensors, build_model
 from fedsim.node_data import node_data, node_dataset, node_partition_id
 from fedsim.privacy.accounting import History, epsilon
@@ -166,6 +167,7 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
     the template's model instead of building its own (the vectorized engine never changes it)."""
     text = experiment_text(context, config_text)
     cfg = config_from_context(context, config_text)
+    apply_run_threads(cfg.runtime)  # a SuperNode's process sums as its simulation does
     server_cfg = R.record_of(msg.content, R.CONFIG, ConfigRecord)
     server_round = int(R.plain(server_cfg).get(R.SERVER_ROUND, 0)) if server_cfg is not None else 0
     pid = node_partition_id(context.node_config)

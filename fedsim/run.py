@@ -22,7 +22,7 @@ from pathlib import Path
 from flwr.app import Context, RecordDict
 
 from fedsim.clients.app import choose_engine, make_client_app, release_run, train_round
-from fedsim.algorithms import algorithm_names, get_algorithm, resolve_device
+from fedsim.algorithms import algorithm_names, get_algorithm
 from fedsim.checkpoint import Checkpoint, config_difference, load_checkpoint
 from fedsim.config import Config, check_before_training, dumps_toml
 from fedsim.datasets import Dataset, load_dataset
@@ -37,7 +37,7 @@ from fedsim.results import read_summary, remove_run_files, run_log, run_state
 from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
 from fedsim.runtime.ray_engine import run_ray
 from fedsim.runtime.ray_runtime import run_flower
-from fedsim.runtime.threads import auto_threads, available_cores, torch_threads
+from fedsim.threads import run_threads, torch_threads
 from fedsim.schedule import client_sampling, participation_counts, user_accounting_args, user_mechanism
 from fedsim.server import RunRecorder, build_strategy, server_main
 
@@ -249,7 +249,7 @@ def run_experiment(cfg: Config, *, progress: bool = True, resume: bool = False, 
         cfg = prepare(cfg)
         if checkpoint is not None:
             check_resumable(cfg, checkpoint, out_dir)
-        with torch_threads(run_threads(cfg)) as threads:
+        with torch_threads(run_threads(cfg.runtime)) as threads:
             log.info("torch: %d intra-op thread(s) in this process (runtime.torch_threads = %d%s)", threads,
                      cfg.runtime.torch_threads, ", auto" if not cfg.runtime.torch_threads else "")
             if cfg.runtime.name == "inprocess":
@@ -259,18 +259,6 @@ def run_experiment(cfg: Config, *, progress: bool = True, resume: bool = False, 
             else:
                 run_flower(cfg, progress=progress)
     return out_dir
-
-
-def run_threads(cfg: Config) -> int:
-    """torch threads for this process' training: ``runtime.torch_threads``, else the auto rule
-    (`fedsim.runtime.threads.auto_threads`) over the cores this process may use, no more than
-    the threads torch has now (a sweep gives each of its processes its share that way)."""
-    import torch
-
-    if cfg.runtime.torch_threads:
-        return cfg.runtime.torch_threads
-    cores = min(available_cores(), torch.get_num_threads())
-    return auto_threads(cores, cuda=resolve_device(cfg.runtime.device).startswith("cuda"))
 
 
 def run_inprocess(cfg: Config, *, progress: bool = True, resume: Checkpoint | None = None) -> RunRecorder:

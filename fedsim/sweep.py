@@ -476,7 +476,7 @@ def _run_cell(cell: Cell, threads: int) -> dict:
     trained again; one without a checkpoint starts over.
     """
     from fedsim.run import run_experiment
-    from fedsim.runtime.threads import torch_threads
+    from fedsim.threads import torch_threads
 
     write_json(cell.record_path, {"cell": cell.name, "values": cell.values,
                                   "config_hash": config_hash(cell.identity), "config": cell.identity})

@@ -8,8 +8,8 @@ import csv
 import pytest
 import torch
 
-from fedsim.run import run_experiment, run_threads
-from fedsim.runtime.threads import auto_threads, torch_threads
+from fedsim.run import run_experiment
+from fedsim.threads import auto_threads, run_threads, torch_threads
 
 
 def rows(out, name):
@@ -26,9 +26,9 @@ def restore_threads():
 def test_auto_rule_and_explicit_count(tiny, restore_threads):
     assert auto_threads(16) == 1 and auto_threads(1) == 1  # CPU: 1 won every measured workload
     assert auto_threads(16, cuda=True) == 4 and auto_threads(2, cuda=True) == 2
-    assert run_threads(tiny(**{"runtime.torch_threads": 3})) == 3
+    assert run_threads(tiny(**{"runtime.torch_threads": 3}).runtime) == 3
     torch.set_num_threads(1)  # what a sweep gives each of its processes: auto stays within it
-    assert run_threads(tiny(**{"runtime.device": "cpu"})) == 1
+    assert run_threads(tiny(**{"runtime.device": "cpu"}).runtime) == 1
 
 
 def test_context_puts_the_count_back(restore_threads):

@@ -45,7 +45,7 @@ from fedsim.experiment import run_config_for
 from fedsim.partition import partition
 from fedsim.privacy.accounting import steps_per_round
 from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
-from fedsim.runtime.threads import auto_threads
+from fedsim.threads import auto_threads
 from fedsim.server import RunRecorder, server_main
 
 log = logging.getLogger("fedsim")

@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
+
+from fedsim.algorithms import resolve_device
 
 AUTO_MAX_THREADS = 1  # the rule's cap on a CPU: see docs/engines.md, "Threads"
 
@@ -30,6 +33,32 @@ def auto_threads(cores: int | None = None, *, cuda: bool = False) -> int:
     feed the device, and up to 4 of the process' cores are used for data and Opacus' hooks."""
     cores = available_cores() if cores is None else max(1, int(cores))
     return min(cores, 4) if cuda else min(cores, AUTO_MAX_THREADS)
+
+
+def run_threads(runtime: Any) -> int:
+    """torch threads for this process' training (``runtime`` is a config's ``[runtime]``):
+    ``runtime.torch_threads``, else the auto rule over the cores this process may use, no
+    more than the threads torch has now (a sweep gives each of its processes its share that
+    way). The driver of a run and every process that trains its clients (a SuperNode's
+    ClientApp, a Ray worker) apply the same rule, so a deployed run reduces its sums with the
+    thread count its simulation used, and gives the same bits."""
+    import torch
+
+    if runtime.torch_threads:
+        return runtime.torch_threads
+    cores = min(available_cores(), torch.get_num_threads())
+    return auto_threads(cores, cuda=resolve_device(runtime.device).startswith("cuda"))
+
+
+def apply_run_threads(runtime: Any) -> int:
+    """Set torch to `run_threads` for the rest of this process (a ClientApp process trains
+    for one experiment); a no-op where the run's driver already set it."""
+    import torch
+
+    threads = run_threads(runtime)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 @contextlib.contextmanager
