@@ -9,8 +9,10 @@ machine whose cores other processes also use they wait on each other: docs/engin
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 from fedsim.algorithms import resolve_device
@@ -52,13 +54,22 @@ def run_threads(runtime: Any) -> int:
 
 def apply_run_threads(runtime: Any) -> int:
     """Set torch to `run_threads` for the rest of this process (a ClientApp process trains
-    for one experiment); a no-op where the run's driver already set it."""
+    for one experiment); a no-op where the run's driver already set it. Called for every
+    train message, so the rule's answer is kept per (setting, device, torch's count now):
+    the rule itself costs a few microseconds (the affinity mask, the device)."""
     import torch
 
-    threads = run_threads(runtime)
-    if torch.get_num_threads() != threads:
+    current = torch.get_num_threads()
+    threads = _rule(int(runtime.torch_threads), str(runtime.device), current)
+    if current != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+@functools.lru_cache(maxsize=64)
+def _rule(torch_threads: int, device: str, current: int) -> int:
+    """`run_threads` of a runtime with these values while torch runs `current` threads."""
+    return run_threads(SimpleNamespace(torch_threads=torch_threads, device=device))
 
 
 @contextlib.contextmanager

@@ -74,3 +74,22 @@ def test_vectorized_engine_same_bits_at_one_and_two_threads(tiny, tmp_path, rest
     b = run_experiment(tiny(**kw, **{"runtime.torch_threads": 2, "output.dir": str(tmp_path / "b")}), progress=False)
     assert rows(a, "rounds.csv") == rows(b, "rounds.csv")
     assert rows(a, "clients.csv") == rows(b, "clients.csv")
+
+
+def test_a_clientapp_process_takes_the_runs_thread_rule(tiny):
+    """A deployed ClientApp process starts at torch's default (a thread per core) and must
+    train at the count its simulation used: `apply_run_threads` sets it, sets it again when
+    something else changed it since, and follows an explicit runtime.torch_threads."""
+    import torch
+
+    from fedsim.threads import apply_run_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert apply_run_threads(tiny(**{"runtime.device": "cpu"}).runtime) == 1 == torch.get_num_threads()
+        torch.set_num_threads(2)  # changed behind its back: the next message puts the rule back
+        assert apply_run_threads(tiny(**{"runtime.device": "cpu"}).runtime) == 1 == torch.get_num_threads()
+        assert apply_run_threads(tiny(**{"runtime.torch_threads": 3}).runtime) == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
