@@ -37,6 +37,7 @@ from fedsim.results import read_summary, remove_run_files, run_log, run_state
 from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
 from fedsim.runtime.ray_engine import run_ray
 from fedsim.runtime.ray_runtime import run_flower
+from fedsim.privacy.faults import FAULT_ENV, active_fault
 from fedsim.threads import run_threads, torch_threads
 from fedsim.schedule import client_sampling, participation_counts, user_accounting_args, user_mechanism
 from fedsim.server import RunRecorder, build_strategy, server_main
@@ -246,6 +247,9 @@ def run_experiment(cfg: Config, *, progress: bool = True, resume: bool = False, 
         log.info("%s: finished run, nothing to resume", out_dir)
         return out_dir
     with sigterm_as_interrupt(), run_log(out_dir):
+        if active_fault():
+            log.warning("%s=%s is set: this run contains a deliberate privacy bug of fedsim's audit tests, "
+                        "and its epsilon is wrong (summary.json records test_fault)", FAULT_ENV, active_fault())
         cfg = prepare(cfg)
         if checkpoint is not None:
             check_resumable(cfg, checkpoint, out_dir)

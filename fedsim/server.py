@@ -52,6 +52,7 @@ from fedsim.experiment import config_from_context, derive_seed
 from fedsim.models import as_tensors, build_model
 from fedsim.node_data import data_spec
 from fedsim.privacy.accounting import accountant_label, user_accountant_label
+from fedsim.privacy.faults import active_fault
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, MODEL, MODEL_BEST, ROUND_COLUMNS,
                             ROUNDS_CSV, SUMMARY_JSON, BackgroundWriter, csv_text, json_text, run_log, write_atomic)
 from fedsim.schedule import (ForwardingGrid, SampledGrid, client_sampling, sample_round, user_accounting_args,
@@ -250,6 +251,8 @@ class RunRecorder:
         }
         if error is not None:
             out["error"] = error
+        if active_fault():  # a deliberate privacy bug of the audit tests: this run's epsilon is wrong
+            out["test_fault"] = active_fault()
         return out
 
     def write(self, status: str, error: str | None = None) -> dict:

@@ -275,3 +275,20 @@ def test_audit_is_sound_over_seeds(audit, engine, seed):
     for sigma in (0.8, 1.5):
         record = audit(engine=engine, sigma=sigma, seed=seed)
         assert record["epsilon_lower"] <= record["epsilon_upper"]
+
+
+def test_a_run_under_a_test_fault_says_so(tiny, monkeypatch):
+    """The fault switch is an environment variable, so a run that inherited it by accident
+    must not pass for a sound one: run.log warns and summary.json names the fault."""
+
+
+    from fedsim.run import run_experiment
+
+    monkeypatch.setenv("FEDSIM_TEST_FAULT", "noise_div10")
+    out = run_experiment(tiny(**{"privacy.noise_multiplier": 1.0, "federation.rounds": 1}), progress=False)
+    assert json.loads((out / "summary.json").read_text())["test_fault"] == "noise_div10"
+    assert "deliberate privacy bug" in (out / "run.log").read_text()
+    monkeypatch.delenv("FEDSIM_TEST_FAULT")
+    clean = run_experiment(tiny(**{"privacy.noise_multiplier": 1.0, "federation.rounds": 1,
+                                   "output.dir": str(out) + "-clean"}), progress=False)
+    assert "test_fault" not in json.loads((clean / "summary.json").read_text())
