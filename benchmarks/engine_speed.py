@@ -97,39 +97,31 @@ CENTRAL_DP = {"privacy.user_noise_multiplier": 1.0, "privacy.user_clip": 0.5, "p
 TARGET_SPEEDUP, TARGET_E2E_OVER_ENGINE = 25.0, 1.5  # the targets at 100 clients a round, on the 2-core CPU
 
 
-def _timed(name: str) -> None:
-    """Add the time spent in ``clients.app.<name>`` to ENGINE_SECONDS."""
-    real = getattr(client_app, name)
+def _time_into(module, name: str, total: list[float]) -> None:
+    """Replace ``module.<name>`` by a wrapper that adds its time to ``total[0]``."""
+    real = getattr(module, name)
 
     def timed(*args, **kwargs):
         start = time.perf_counter()
         try:
             return real(*args, **kwargs)
         finally:
-            ENGINE_SECONDS[0] += time.perf_counter() - start
-    setattr(client_app, name, timed)
+            total[0] += time.perf_counter() - start
+    setattr(module, name, timed)
 
 
 def _timed_engine() -> None:
     """Time each engine's own training: the vectorized engine's `train_clients` for a round,
     and Opacus' `run_job` for one client (model, data loader, PrivacyEngine, local loop)."""
-    _timed("train_clients")
-    _timed("run_job")
+    _time_into(client_app, "train_clients", ENGINE_SECONDS)
+    _time_into(client_app, "run_job", ENGINE_SECONDS)
 
 
 def _timed_loop() -> None:
     """Add the time spent in the server's `_train_round` to LOOP_SECONDS."""
     import fedsim.server as server
 
-    real = server._train_round
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return real(*args, **kwargs)
-        finally:
-            LOOP_SECONDS[0] += time.perf_counter() - start
-    server._train_round = timed
+    _time_into(server, "_train_round", LOOP_SECONDS)
 
 
 def central_dp_line(name: str, overrides: dict, repeats: int, tmp: Path) -> str:

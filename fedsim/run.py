@@ -247,9 +247,9 @@ def run_experiment(cfg: Config, *, progress: bool = True, resume: bool = False, 
         log.info("%s: finished run, nothing to resume", out_dir)
         return out_dir
     with sigterm_as_interrupt(), run_log(out_dir):
-        if active_fault():
+        if fault := active_fault():
             log.warning("%s=%s is set: this run contains a deliberate privacy bug of fedsim's audit tests, "
-                        "and its epsilon is wrong (summary.json records test_fault)", FAULT_ENV, active_fault())
+                        "and its epsilon is wrong (summary.json records test_fault)", FAULT_ENV, fault)
         cfg = prepare(cfg)
         if checkpoint is not None:
             check_resumable(cfg, checkpoint, out_dir)

@@ -251,8 +251,8 @@ class RunRecorder:
         }
         if error is not None:
             out["error"] = error
-        if active_fault():  # a deliberate privacy bug of the audit tests: this run's epsilon is wrong
-            out["test_fault"] = active_fault()
+        if fault := active_fault():  # a deliberate privacy bug of the audit tests: this run's epsilon is wrong
+            out["test_fault"] = fault
         return out
 
     def write(self, status: str, error: str | None = None) -> dict:
