@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 
 import pytest
 
@@ -39,14 +38,17 @@ class DiesInRound(EngineWorker):
 
 class OneDiesInRound(EngineWorker):
     """The first worker to reach round DIE_IN_ROUND exits; the others (and its replacement)
-    train on. Which one is decided by a file only one process can create."""
+    train on. Which one is decided by a file only one process can create, at `marker`: a
+    path the test sets in a fresh subclass (pickled by value into the workers), so no file
+    left by an earlier run, in this Ray session or another, can keep the worker alive."""
+
+    marker = ""
 
     def train(self, pairs):
         rounds = {R.plain(msg.content[R.CONFIG])[R.SERVER_ROUND] for msg, _ in pairs}
         if DIE_IN_ROUND in rounds:
-            marker = os.path.join(tempfile.gettempdir(), f"fedsim-one-dies-{ray.get_runtime_context().get_job_id()}")
             try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
             except FileExistsError:
                 pass
             else:
@@ -161,10 +163,12 @@ def test_dead_worker_is_one_line_and_the_run_resumes(ray_instance, tiny, tmp_pat
 def test_dead_worker_skipped(ray_instance, tiny, tmp_path, monkeypatch):
     """Under on_client_error = "skip" the dead worker's clients are skipped for that round and
     a fresh worker serves the rounds after it."""
-    monkeypatch.setattr(ray_engine, "EngineWorker", OneDiesInRound)
+    marker = tmp_path / "one-worker-died"
+    monkeypatch.setattr(ray_engine, "EngineWorker", type("OneDies", (OneDiesInRound,), {"marker": str(marker)}))
     cfg = experiment(tiny, tmp_path / "skip", **{"runtime.name": "ray", "runtime.workers": 2,
                                                  "runtime.on_client_error": "skip"})
     out = run_experiment(cfg, progress=False)
     trained = [int(r["clients_trained"]) for r in rows(out)]
     assert trained[0] == trained[2] == 6 and 0 < trained[1] < 6
     assert json.loads((out / "summary.json").read_text())["client_failures_skipped"] == 6 - trained[1]
+    assert marker.exists()
