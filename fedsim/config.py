@@ -88,6 +88,10 @@ class DataConfig:
     classes: list[int] = param([], "keep only these classes (relabelled 0..C-1); empty = all", lo=0)
     task: str = param("auto", "classification or regression; auto infers it",
                    choices=("auto", "classification", "regression"))
+    label_range: list[float] = param([], "regression: the target's public range [a, b] in its own units; "
+                                     "the target is standardized onto [-3, 3] by it. Empty: diabetes uses its "
+                                     "documented range 25-346; a file uses its training labels' mean and std, "
+                                     "which no privacy accounting covers")
     test_fraction: float = param(0.2, "held-out share for central evaluation", lo=0.0, hi=0.9, lo_open=True,
                                  why="at least a tenth of the data must be left to train on")
     partitioner: str = param("iid", "how samples are split across clients", choices=PARTITIONERS)

@@ -83,6 +83,10 @@ class Dataset:
     y_shift: float = 0.0
     y_scale: float = 1.0
     label_values: tuple[str, ...] = ()
+    # Where y_shift and y_scale come from: "public" (a stated or documented range, or no
+    # standardization) or "train" (the training labels' own mean and std: statistics of the
+    # private labels that no accountant covers, so label-DP claims refuse them).
+    label_stats: str = "public"
 
     @property
     def num_features(self) -> int:
@@ -108,7 +112,8 @@ class Rows:
 BUILTIN_DESCRIPTIONS = {
     "digits": "scikit-learn digits: 1,797 8x8 images, 10 classes (pixels scaled to [0, 1])",
     "breast-cancer": "scikit-learn breast cancer: 569 samples, 30 features, binary (standardized)",
-    "diabetes": "scikit-learn diabetes: 442 samples, 10 features, regression (features and target standardized)",
+    "diabetes": "scikit-learn diabetes: 442 samples, 10 features, regression (features standardized, "
+                "the target by its documented range)",
     "synthetic": "Synthetic(alpha, beta) of FedProx (Li et al. 2020): 60 features, 10 classes, "
                  "one natural group per client; scales to 1,000+ clients",
     "linear": "Gaussian linear model y = x.theta + noise, d = data.linear_dim (regression)",
@@ -728,22 +733,48 @@ def _load(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
     if shape is None:
         shape = (x.shape[1],)
     y_tr, y_te = y[train], y[test]
-    mu, sd = 0.0, 1.0
-    if task == "regression" and name in ("diabetes", "file"):
-        # Standardize the target on train statistics so one learning rate fits every dataset;
-        # MSE is then in units of the target's variance.
+    mu, sd, label_stats = 0.0, 1.0, "public"
+    if cfg.label_range and task != "regression":
+        raise ConfigError(f"data.label_range: standardizes a regression target; {name} is {task} "
+                          f"(set data.label_range = [])")
+    if task == "regression" and (cfg.label_range or name in ("diabetes", "file")):
+        # Standardize the target so one learning rate fits every dataset. By a public range
+        # where one is known, so that a label-DP release (bags) does not rest on statistics of
+        # the private labels; only a file without a stated range falls back to its training
+        # labels' mean and std (MSE then in units of the target's variance).
+        public = label_range_of(cfg.label_range) if cfg.label_range else DOCUMENTED_RANGES.get(name)
+        if public is not None:
+            mu, sd = (public[0] + public[1]) / 2, (public[1] - public[0]) / (2 * STANDARD_HALF_RANGE)
+        else:
+            label_stats = "train"
+            with np.errstate(over="ignore", invalid="ignore"):
+                mu, sd = float(y_tr.astype(np.float64).mean()), float(y_tr.astype(np.float64).std() + 1e-8)
         with np.errstate(over="ignore", invalid="ignore"):
-            mu, sd = float(y_tr.mean()), float(y_tr.std() + 1e-8)
-            y_tr, y_te = (y_tr - mu) / sd, (y_te - mu) / sd
-        if not (np.isfinite(y_tr).all() and np.isfinite(y_te).all()):  # float32 overflowed: in float64
-            y_tr, y_te = y[train].astype(np.float64), y[test].astype(np.float64)
-            mu, sd = float(y_tr.mean()), float(y_tr.std() + 1e-8)
             y_tr, y_te = ((y_tr - mu) / sd).astype(np.float32), ((y_te - mu) / sd).astype(np.float32)
+        if not (np.isfinite(y_tr).all() and np.isfinite(y_te).all()):  # float32 overflowed: in float64
+            y_tr = ((y[train].astype(np.float64) - mu) / sd).astype(np.float32)
+            y_te = ((y[test].astype(np.float64) - mu) / sd).astype(np.float32)
     tokenizer = str(resolve_model_dir(cfg.tokenizer, "data.tokenizer")) if is_text else ""
     return Dataset(name=name, task=task, x_train=x[train], y_train=y_tr, x_test=x[test], y_test=y_te,
                    num_classes=num_classes, input_shape=shape,
                    groups_train=rows.groups[train] if rows.groups is not None else None,
-                   tokenizer=tokenizer, encoding=encoding, y_shift=mu, y_scale=sd, label_values=label_values)
+                   tokenizer=tokenizer, encoding=encoding, y_shift=mu, y_scale=sd, label_values=label_values,
+                   label_stats=label_stats)
+
+
+# Public target ranges of the built-in regression data. scikit-learn documents diabetes'
+# targets as "integer 25 - 346" (`sklearn.datasets.load_diabetes`).
+DOCUMENTED_RANGES: dict[str, tuple[float, float]] = {"diabetes": (25.0, 346.0)}
+# A public range [a, b] is mapped onto [-3, 3]: a target spread like a normal over its range
+# keeps about unit scale, and strategy.bags.label_range = [-3, 3] is then that range itself.
+STANDARD_HALF_RANGE = 3.0
+
+
+def label_range_of(values: list[float]) -> tuple[float, float]:
+    """``data.label_range`` checked: two finite numbers a < b."""
+    if len(values) != 2 or not all(np.isfinite(values)) or values[0] >= values[1]:
+        raise ConfigError(f"data.label_range: must be empty or [a, b] with finite a < b (got {list(values)})")
+    return float(values[0]), float(values[1])
 
 
 def load_dataset(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:

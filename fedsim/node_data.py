@@ -53,7 +53,7 @@ def data_spec(data: Dataset) -> dict:
             "feature-columns": list(enc.columns), "label-values": list(data.label_values),
             "one-hot-columns": [col for col, values in enc.categories for _ in values],
             "one-hot-values": [value for _, values in enc.categories for value in values],
-            "y-shift": float(data.y_shift), "y-scale": float(data.y_scale)}
+            "y-shift": float(data.y_shift), "y-scale": float(data.y_scale), "label-stats": data.label_stats}
     if enc.shift is not None:
         spec["x-shift"] = [float(v) for v in enc.shift]
         spec["x-scale"] = [float(v) for v in enc.scale]
@@ -84,7 +84,8 @@ def dataset_from_spec(cfg: Config, spec: Mapping) -> Dataset:
                    x_test=empty, y_test=np.zeros(0), num_classes=int(spec["num-classes"]),
                    input_shape=tuple(int(v) for v in spec["input-shape"]), groups_train=None,
                    tokenizer=tokenizer, encoding=encoding_from_spec(spec), y_shift=float(spec["y-shift"]),
-                   y_scale=float(spec["y-scale"]), label_values=tuple(spec["label-values"]))
+                   y_scale=float(spec["y-scale"]), label_values=tuple(spec["label-values"]),
+                   label_stats=str(spec.get("label-stats", "public")))
 
 
 def node_dataset(cfg: Config, node_config: Mapping, spec: Mapping | None) -> Dataset:

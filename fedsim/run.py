@@ -137,6 +137,19 @@ def warn_small_clients(cfg: Config, sizes: list[int]) -> list[str]:
     return [msg]
 
 
+def warn_private_label_stats(cfg: Config, data) -> list[str]:
+    """A DP run whose regression target is standardized by its training labels' own mean and
+    std releases two statistics of the private labels that no accountant covers."""
+    private = cfg.privacy.noise_multiplier > 0 or cfg.privacy.target_epsilon > 0
+    if not private or data.task != "regression" or data.label_stats != "train":
+        return []
+    msg = (f"the regression target of {cfg.data.path or cfg.data.dataset} is standardized with its training "
+           f"labels' mean and std, which epsilon does not cover; set data.label_range to the target's public "
+           f"range [a, b]")
+    log.warning(msg)
+    return [msg]
+
+
 def prepare(cfg: Config) -> Config:
     """Validate everything that needs data, resolve defaults and calibrate; returns a copy.
     The dataset is loaded once here and handed to each step that reads it."""
@@ -152,6 +165,7 @@ def prepare(cfg: Config) -> Config:
     build_strategy(cfg)
     calibrate(cfg, sizes)
     warn_small_clients(cfg, sizes)
+    warn_private_label_stats(cfg, data)
     return cfg
 
 

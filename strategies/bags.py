@@ -34,15 +34,17 @@ class BagsParams:
         Noise on bag means: ``laplace`` (pure epsilon-DP) or ``gaussian`` (analytic Gaussian
         at privacy.delta).
     label_range : list of float
-        Public response range [a, b] the means are clipped to; empty = the training labels'
-        range (regression with label-DP needs it set).
+        Public response range [a, b] the responses are clipped to before the means are
+        released, in the units the model sees (after ``data.label_range``'s standardization,
+        which maps a public range onto [-3, 3]); regression with label-DP needs it set.
     """
 
     bag_size: int = param(1, "samples per bag k (1 = individual labels)", lo=1)
     rho: float = param(1.0, "interpolation rho: 0 = bag-level loss, 1 = instance-level loss", lo=0.0, hi=1.0)
     label_epsilon: float = param(0.0, "label-DP epsilon of released bag means (0 = no noise)", lo=0.0)
     mechanism: str = param("laplace", "noise on bag means", choices=("laplace", "gaussian"))
-    label_range: list[float] = param([], "public response range [a, b]; empty = training-label range")
+    label_range: list[float] = param([], "public response range [a, b] in model units; empty = no clipping "
+                                                "(label-DP needs it)")
 
     def validate(self) -> None:
         r = self.label_range
@@ -54,6 +56,10 @@ def check(params: BagsParams, cfg: Any, data: Any, sizes: list[int]) -> None:
     if cfg.privacy.noise_multiplier > 0 or cfg.privacy.target_epsilon > 0:
         raise ConfigError("privacy.noise_multiplier: the bags strategy protects labels with "
                           "strategy.bags.label_epsilon; set privacy.noise_multiplier = 0")
+    if params.label_epsilon > 0 and data.task == "regression" and data.label_stats == "train":
+        raise ConfigError("data.label_range: label-DP bag means need the target standardized by a public "
+                          "range, not by the training labels' own mean and std; set data.label_range = [a, b], "
+                          "the target's public range in its own units")
     if params.bag_size > min(sizes):
         small = sizes.index(min(sizes))
         raise ConfigError(f"strategy.bags.bag_size: {params.bag_size} is larger than client {small}'s "
