@@ -171,6 +171,13 @@ class PrivacyConfig:
                             "prv (Opacus' PRV), pld (dp-accounting's PLD); fixed-cohort sampling and "
                             "DP-FTRL take rdp only at the user level", choices=("rdp", "prv", "pld"))
     target_epsilon: float = param(0.0, "calibrate sigma to this sample-level epsilon (0 = off)", lo=0.0)
+    calibration: str = param("worst-client", "how privacy.target_epsilon sets sigma: worst-client (one sigma for "
+                             "all, the tightest client at the target) or per-client (each client the smallest "
+                             "sigma that puts its own epsilon at the target; assumes client sizes are public)",
+                             choices=("worst-client", "per-client"))
+    client_noise_multipliers: list[float] = param([], "DP-SGD sigma of each client by partition id, as per-client "
+                                                  "calibration sets it (empty = privacy.noise_multiplier for all)",
+                                                  lo=0.0)
     user_noise_multiplier: float = param(0.0, "central user-level DP noise multiplier (0 = off)", lo=0.0)
     user_clip: float = param(1.0, "central DP clipping norm of client updates", lo=0.0, lo_open=True)
     user_target_epsilon: float = param(0.0, "calibrate the user-level sigma to this epsilon (0 = off)", lo=0.0)
@@ -512,6 +519,18 @@ def _check_consistency(cfg: Config) -> None:
             raise ConfigError(f"privacy.{key}: must be 0 (off) or between {MIN_NOISE_MULTIPLIER:g} and "
                               f"{MAX_NOISE_MULTIPLIER:g} (got {sigma:g}); below, epsilon exceeds 1e5 for a single "
                               f"step and its accounting does not end; above, every update is noise")
+    sigmas = cfg.privacy.client_noise_multipliers
+    if sigmas:
+        if len(sigmas) != fed.num_clients:
+            raise ConfigError(f"privacy.client_noise_multipliers: one sigma per client, {fed.num_clients} "
+                              f"(federation.num_clients), got {len(sigmas)}")
+        bad = [v for v in sigmas if not MIN_NOISE_MULTIPLIER <= v <= MAX_NOISE_MULTIPLIER]
+        if bad:
+            raise ConfigError(f"privacy.client_noise_multipliers: each must be between {MIN_NOISE_MULTIPLIER:g} "
+                              f"and {MAX_NOISE_MULTIPLIER:g} (got {bad[0]:g})")
+        if cfg.privacy.noise_multiplier != max(sigmas):
+            raise ConfigError(f"privacy.noise_multiplier: with privacy.client_noise_multipliers it is their "
+                              f"largest, {max(sigmas):g} (got {cfg.privacy.noise_multiplier:g})")
     if fed.clients_per_round > fed.num_clients:
         raise ConfigError(
             f"federation.clients_per_round: must be <= federation.num_clients ({fed.num_clients}), "
@@ -632,6 +651,8 @@ _UNUSED_RULES: tuple[tuple[tuple[str, ...], Callable[[Config], bool], str, Calla
      lambda c: "both are 0: no per-sample clipping"),
     (("privacy.noise_multiplier",), lambda c: c.privacy.target_epsilon == 0, "privacy.target_epsilon = 0",
      lambda c: f"privacy.target_epsilon is {c.privacy.target_epsilon:g}: calibration sets sigma"),
+    (("privacy.calibration",), lambda c: c.privacy.target_epsilon > 0, "privacy.target_epsilon > 0",
+     lambda c: "privacy.target_epsilon is 0: nothing is calibrated"),
     (("privacy.user_clip",), _user_dp,
      "user-level DP is on (privacy.user_noise_multiplier or privacy.user_target_epsilon > 0)",
      lambda c: "both are 0"),

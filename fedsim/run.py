@@ -31,8 +31,8 @@ from fedsim.experiment import run_config_for
 from fedsim.lora import set_trainable
 from fedsim.models import build_model
 from fedsim.partition import partition
-from fedsim.privacy.accounting import (calibrate_noise, calibrate_user_noise, check_user_accounting,
-                                      poisson_sample_rate, steps_per_round)
+from fedsim.privacy.accounting import (calibrate_noise, calibrate_per_client, calibrate_user_noise,
+                                      check_user_accounting, poisson_sample_rate, steps_per_round)
 from fedsim.results import read_summary, remove_run_files, run_log, run_state
 from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
 from fedsim.runtime.ray_engine import run_ray
@@ -62,12 +62,18 @@ def sample_level_plans(cfg: Config, sizes: list[int]) -> list[tuple[float, int]]
     client sampled more often than average above the target. Clients the schedule never
     picks release nothing and add no plan.
     """
+    return sorted({plan for plan in client_plans(cfg, sizes) if plan is not None})
+
+
+def client_plans(cfg: Config, sizes: list[int]) -> list[tuple[float, int] | None]:
+    """Each client's (q, total DP-SGD steps) at its realized participations, by partition
+    id; None for a client the schedule never picks."""
     fed, c = cfg.federation, cfg.client
     counts = participation_counts(cfg.seed, fed.rounds, fed.num_clients, fed.clients_per_round,
                                   client_sampling(cfg))
-    return sorted({(poisson_sample_rate(n, c.batch_size),
-                    times * steps_per_round(n, c.batch_size, c.local_epochs, c.local_steps))
-                   for n, times in zip(sizes, counts) if times > 0})
+    return [(poisson_sample_rate(n, c.batch_size), times * steps_per_round(n, c.batch_size, c.local_epochs,
+                                                                           c.local_steps)) if times > 0 else None
+            for n, times in zip(sizes, counts)]
 
 
 def calibrate(cfg: Config, sizes: list[int]) -> Config:
@@ -81,7 +87,18 @@ def calibrate(cfg: Config, sizes: list[int]) -> Config:
     user-level accountant that cannot bound the sampling mode is refused here, before any work.
     """
     p = cfg.privacy
-    if p.target_epsilon > 0:
+    if p.target_epsilon > 0 and p.calibration == "per-client":
+        found = calibrate_per_client(p.target_epsilon, client_plans(cfg, sizes), p.delta, p.accountant)
+        worst = max(v for v in found if v is not None)
+        # a client the schedule never picks never trains: the largest sigma, should a resumed
+        # or redeployed federation pick it after all
+        p.client_noise_multipliers = [worst if v is None else v for v in found]
+        p.noise_multiplier = worst
+        trained = sorted(v for v in found if v is not None)
+        log.info("target sample-level epsilon %.3g, per client -> noise_multiplier %.4f to %.4f (median %.4f)",
+                 p.target_epsilon, trained[0], trained[-1], trained[len(trained) // 2])
+    elif p.target_epsilon > 0:
+        p.client_noise_multipliers = []
         p.noise_multiplier = calibrate_noise(p.target_epsilon, sample_level_plans(cfg, sizes),
                                              p.delta, p.accountant)
         log.info("target sample-level epsilon %.3g -> noise_multiplier %.4f", p.target_epsilon, p.noise_multiplier)

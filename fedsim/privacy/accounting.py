@@ -356,14 +356,36 @@ def calibrate_noise(target_epsilon: float, plans: Sequence[tuple[float, int]], d
     """Smallest sigma such that every plan (q, total_steps) has epsilon <= target.
 
     Bisection on log(sigma): epsilon falls monotonically as sigma grows. The result's
-    epsilon lies in [target * (1 - rel_tol), target] for the tightest plan.
+    epsilon lies in [target * (1 - rel_tol), target] for the tightest plan. Under PRV or PLD
+    (about a second an evaluation, against microseconds for RDP's cached curves) the search
+    starts just below RDP's answer, which bounds theirs from above in practice.
     """
     tight = undominated(plans)
 
     def worst(sigma: float) -> float:
         return max(epsilon([(sigma, q, steps)], delta, accountant) for q, steps in tight)
 
-    return bisect_sigma(worst, target_epsilon, delta, "privacy.target_epsilon", rel_tol)
+    bracket = (0.05, 1.0)
+    if accountant != "rdp":
+        hint = calibrate_noise(target_epsilon, plans, delta, "rdp", rel_tol)
+        bracket = (max(0.05, hint * 0.7), hint)
+    return bisect_sigma(worst, target_epsilon, delta, "privacy.target_epsilon", rel_tol, bracket)
+
+
+def calibrate_per_client(target_epsilon: float, plans: Sequence[tuple[float, int] | None], delta: float,
+                         accountant: str = "rdp", rel_tol: float = 1e-3) -> list[float | None]:
+    """Per-client calibration: each plan (q, total_steps) its own smallest sigma whose epsilon
+    is <= target, so that every client's epsilon lies in [target * (1 - rel_tol), target].
+
+    This is the FedSVD authors' setting (seanie12/fed-svd, ``dp_init``: each client's sigma
+    from its own sampling rate and steps), which assumes the clients' sizes are public. A
+    client that never trains (None) gets None; equal plans share one bisection.
+    """
+    found: dict[tuple[float, int], float] = {}
+    for plan in plans:
+        if plan is not None and plan not in found:
+            found[plan] = calibrate_noise(target_epsilon, [plan], delta, accountant, rel_tol)
+    return [None if plan is None else found[plan] for plan in plans]
 
 
 def calibrate_user_noise(target_epsilon: float, *, num_clients: int, cohort_size: int, rounds: int, delta: float,
@@ -382,19 +404,22 @@ def calibrate_user_noise(target_epsilon: float, *, num_clients: int, cohort_size
 
 
 def bisect_sigma(worst: Callable[[float], float], target_epsilon: float, delta: float, key: str,
-                 rel_tol: float = 1e-3) -> float:
+                 rel_tol: float = 1e-3, bracket: tuple[float, float] = (0.05, 1.0)) -> float:
     """Smallest sigma with worst(sigma) <= target, by bisection on log(sigma) (epsilon falls
-    monotonically as sigma grows); worst(result) lies in [target * (1 - rel_tol), target]."""
+    monotonically as sigma grows); worst(result) lies in [target * (1 - rel_tol), target].
+    `bracket` is where the search starts; it grows upward until it holds the answer."""
     if target_epsilon <= 0:
         raise ConfigError(f"{key}: must be > 0 to calibrate")
-    lo, hi = 0.05, 1.0
+    lo, hi = bracket
     while worst(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
             raise ConfigError(f"{key}: {target_epsilon} is unreachable at delta={delta}")
     if worst(lo) <= target_epsilon:
-        raise ConfigError(f"{key}: {target_epsilon} is so large that sigma < {lo} "
-                          f"suffices; use a noise multiplier instead")
+        if lo > bracket[0] or lo <= 0.05:
+            raise ConfigError(f"{key}: {target_epsilon} is so large that sigma < {max(lo, 0.05)} "
+                              f"suffices; use a noise multiplier instead")
+        return bisect_sigma(worst, target_epsilon, delta, key, rel_tol)  # the hint was too high: from the start
     while True:
         mid = math.sqrt(lo * hi)
         eps = worst(mid)

@@ -1,0 +1,56 @@
+"""Per-client calibration (``privacy.calibration = "per-client"``): each client its own sigma,
+its own epsilon at the target. Checked against the accountant itself, plan by plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedsim.config import load_config
+from fedsim.errors import ConfigError
+from fedsim.privacy.accounting import calibrate_noise, calibrate_per_client, epsilon
+from fedsim.run import client_plans, client_sizes, prepare
+from fedsim.datasets import load_dataset
+
+T, DELTA = 3.0, 1e-5
+
+
+def test_each_plan_lands_at_the_target_and_equal_plans_share_a_sigma():
+    plans = [(0.25, 40), None, (1.0, 10), (0.25, 40), (0.05, 400)]
+    sigmas = calibrate_per_client(T, plans, DELTA, "rdp")
+    assert sigmas[1] is None and sigmas[0] == sigmas[3]
+    for plan, sigma in zip(plans, sigmas):
+        if plan is None:
+            continue
+        eps = epsilon([(sigma, plan[0], plan[1])], DELTA, "rdp")
+        assert 0.999 * T <= eps <= T, (plan, sigma, eps)
+    # the worst-client sigma is the largest of them: the same bisection on the tightest plan
+    assert calibrate_noise(T, [p for p in plans if p], DELTA, "rdp") == max(s for s in sigmas if s)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", pytest.param("prv", marks=pytest.mark.slow)])  # PRV: ~1 s a call
+def test_quickstart_every_trained_client_at_the_target(tmp_path, accountant):
+    cfg = load_config("configs/quickstart.toml", {"privacy.target_epsilon": T, "privacy.calibration": "per-client",
+                                                  "privacy.accountant": accountant, "output.dir": str(tmp_path)})
+    done = prepare(cfg)
+    p = done.privacy
+    sizes = client_sizes(done, load_dataset(done.data, done.federation.num_clients, done.seed))
+    plans = client_plans(done, sizes)
+    assert len(p.client_noise_multipliers) == 20 and p.noise_multiplier == max(p.client_noise_multipliers)
+    eps = [epsilon([(s, *plan)], DELTA, accountant) for s, plan in zip(p.client_noise_multipliers, plans) if plan]
+    assert all(0.98 * T <= e <= T for e in eps), eps
+    # the clients differ in size and participations: one sigma for all would put most far below T
+    assert min(p.client_noise_multipliers) < 0.8 * p.noise_multiplier
+
+
+def test_worst_client_calibration_leaves_no_per_client_list(tmp_path):
+    cfg = load_config("configs/quickstart.toml", {"privacy.target_epsilon": T, "output.dir": str(tmp_path)})
+    assert prepare(cfg).privacy.client_noise_multipliers == []
+
+
+def test_a_list_of_the_wrong_length_or_max_is_refused(tiny):
+    with pytest.raises(ConfigError, match=r"^privacy\.client_noise_multipliers: one sigma per client, 6"):
+        tiny(**{"privacy.noise_multiplier": 1.0, "privacy.client_noise_multipliers": [1.0, 1.0]})
+    with pytest.raises(ConfigError, match=r"^privacy\.noise_multiplier: with privacy\.client_noise_multipliers"):
+        tiny(**{"privacy.noise_multiplier": 1.0, "privacy.client_noise_multipliers": [0.5] * 6})
+    with pytest.raises(ConfigError, match=r"^privacy\.calibration: must be one of"):
+        tiny(**{"privacy.calibration": "median-client"})
