@@ -42,6 +42,7 @@ from fedsim.node_data import node_data, node_dataset, node_partition_id
 from fedsim.privacy.accounting import History, epsilon
 from fedsim.privacy.canaries import planted_canaries
 from fedsim.privacy.client_clipping import clip_own_update
+from fedsim.privacy.secure_noise import is_secret
 
 
 def query(msg: Message, context: Context, config_text: str | None = None) -> Message:
@@ -78,7 +79,8 @@ def settings_for(cfg: Config, task: str) -> TrainSettings:
     return TrainSettings(task=task, local_epochs=c.local_epochs, local_steps=c.local_steps,
                          batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
                          noise_multiplier=p.noise_multiplier, max_grad_norm=p.max_grad_norm,
-                         device=resolve_device(cfg.runtime.device))
+                         device=resolve_device(cfg.runtime.device),
+                         secure_noise=is_secret(p.secure_noise))
 
 
 @dataclass

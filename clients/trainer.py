@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ from fedsim.algorithms import LocalResult, Tensors, TrainSettings, seed_everythi
 from fedsim.models import as_tensors, loss_fn
 from fedsim.privacy.accounting import History, poisson_sample_rate
 from fedsim.privacy.faults import fault
+from fedsim.privacy.secure_noise import announce, secret_seed_everything
 
 log = logging.getLogger("fedsim")
 
@@ -82,7 +84,14 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     drawn at rate q from a generator seeded by ``canary_seed``, whose per-sample gradients are
     their directions, clipped and summed before the noise (`_CanaryHook`).
     """
-    seed_everything(seed, settings.device)
+    private = settings.noise_multiplier > 0 or settings.dp_reference
+    secret = settings.secure_noise and settings.noise_multiplier > 0
+    if secret:  # Opacus draws noise and Poisson masks from torch's default generators: a secret state
+        secret_seed_everything(settings.device)
+    else:
+        seed_everything(seed, settings.device)
+    if settings.noise_multiplier > 0:  # what this mode's noise hides and what it does not, once per process
+        announce("on" if secret else "off")
     device = settings.device
     model.to(device).train()
     rule_state = tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, rule_state)
@@ -106,12 +115,13 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
     if batches is not None:
         total_steps = len(batches)
     criterion = loss_fn(settings.task)
-    private = settings.noise_multiplier > 0 or settings.dp_reference
     engine = trained = None
     if private:
         from opacus import PrivacyEngine
 
-        engine = PrivacyEngine(accountant="rdp")
+        with warnings.catch_warnings():  # `announce` states precisely what is secret, in either mode
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+            engine = PrivacyEngine(accountant="rdp")
         if history:  # restore BEFORE make_private
             engine.accountant.load_state_dict({"history": [tuple(h) for h in history],
                                                "mechanism": engine.accountant.mechanism()})
@@ -119,6 +129,10 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, settings: TrainS
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
             poisson_sampling=batches is None)
+        # secure_noise: the noise drawn as Opacus' secure_mode draws it (four draws summed and halved,
+        # against floating-point attacks), from the secret default generator; secure_mode itself
+        # needs torchcsprng for its generator (`fedsim.privacy.secure_noise`)
+        optimizer.secure_mode = secret
     forward = trained if trained is not None else model
     hook = None
     if canaries is not None or (private and fault_hooks_needed()):

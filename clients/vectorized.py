@@ -30,6 +30,10 @@ DP-SGD exactly as Opacus 1.6 runs it (`opacus/privacy_engine.py`, `optimizers/op
 Without DP, each epoch is a fresh permutation cut into batches of B (the last one partial),
 as a shuffled DataLoader gives, and the loss is the mean over the batch.
 
+With ``privacy.secure_noise = "on"`` each client's generator (its Poisson draws and its
+noise) gets a fresh state from the OS CSPRNG every round instead of its round seed, and the
+noise is drawn as Opacus' ``secure_mode`` draws it (`fedsim.privacy.secure_noise`).
+
 Clients take different numbers of steps: they are sorted by steps, so at each step the
 active ones are a prefix of the stack. Each client draws from its own generator, seeded by
 its round seed, so its draws do not depend on how clients are grouped into chunks; the float
@@ -44,7 +48,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +62,7 @@ from fedsim.clients.vectorized_grads import CLIP_EPS, clip_factor, dense_chain, 
 from fedsim.models import as_tensors
 from fedsim.privacy.accounting import History, poisson_sample_rate
 from fedsim.privacy.faults import fault
+from fedsim.privacy.secure_noise import announce, fp_safe_standard_normal, secret_generator
 
 # the engine's entry points, and the path selectors and helpers other modules reuse
 # (learning from bags' batched loop), importable from here wherever they are defined
@@ -200,11 +204,8 @@ def train_clients(model: nn.Module, rule: ClientRule, hyper: Hyper, settings: Tr
     with ``settings.dp_reference`` and sigma = 0 they are clipped as under DP-SGD.
     """
     device = settings.device
-    if settings.noise_multiplier > 0:
-        # The same statement Opacus makes without secure_mode: the noise is not cryptographically secure.
-        warnings.warn("Secure RNG turned off: the vectorized engine draws DP-SGD noise from torch's default "
-                      "generators, as Opacus does without secure_mode. Fine for simulation; not for a "
-                      "production release of a model.", UserWarning, stacklevel=2)
+    if settings.noise_multiplier > 0:  # what this mode's noise hides and what it does not, once per process
+        announce("on" if settings.secure_noise else "off")
     model = model.to(device)
     fn = Functional(model, rule, hyper, settings.task)
     sizes = [len(c.y) for c in clients]
@@ -324,9 +325,9 @@ class _Noise:
     each client's own generator into one (clients, parameters) buffer kept across rounds."""
 
     def __init__(self, shapes: dict[str, torch.Size], k: int, std: float, device: str,
-                 generators: list[torch.Generator]) -> None:
+                 generators: list[torch.Generator], fp_safe: bool = False) -> None:
         numels = [int(np.prod(s)) for s in shapes.values()]
-        self.std, self.generators = std, generators
+        self.std, self.generators, self.fp_safe = std, generators, fp_safe
         self.flat = scratch("noise", (k, sum(numels)), device)
         self.rows = self.flat.unbind(0)
         self.parts = {name: part.view(k, *shapes[name]) for name, part in zip(shapes, self.flat.split(numels, dim=1))}
@@ -337,8 +338,12 @@ class _Noise:
         (clients whose batch drew nothing) is given only under the test-only fault that skips
         their noise (`fedsim.privacy.faults`)."""
         for i in range(active):
-            torch.randn(self.rows[i].shape, generator=self.generators[i], device=self.rows[i].device,
-                        out=self.rows[i])
+            if self.fp_safe:  # secure_noise: Opacus' secure_mode draw (`fp_safe_standard_normal`)
+                fp_safe_standard_normal(self.rows[i].shape, generator=self.generators[i],
+                                        device=self.rows[i].device, out=self.rows[i])
+            else:
+                torch.randn(self.rows[i].shape, generator=self.generators[i], device=self.rows[i].device,
+                            out=self.rows[i])
         self.flat[:active] *= self.std / 10 if fault("noise_div10") else self.std
         if empty is not None:
             self.flat[:active] *= (~empty[:active]).to(self.flat.dtype)[:, None]
@@ -365,7 +370,11 @@ def _train_chunk(fn: Functional, settings: TrainSettings, clients: list[VectorCl
     state = _stack_trees([c.state for c in clients], device) if clients[0].state else {}
     data_x, data_y = _stacked_data(clients, settings.task, device)
     offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), device=device)
-    gens = [torch.Generator(device=device).manual_seed(c.seed) for c in clients]
+    # secure_noise: the noise and Poisson masks from OS-CSPRNG state, which no seed in the run config
+    # can regenerate (`fedsim.privacy.secure_noise`); else from the client's round seed
+    secret = settings.secure_noise and settings.noise_multiplier > 0
+    gens = [secret_generator(device) if secret else torch.Generator(device=device).manual_seed(c.seed)
+            for c in clients]
     q = [poisson_sample_rate(n, settings.batch_size) for n in sizes]
     expected = torch.tensor([int(n * qq) for n, qq in zip(sizes, q)], dtype=torch.float32, device=device)
     # each step's batch loss and whether it had a sample, summed once the chunk is trained
@@ -373,7 +382,7 @@ def _train_chunk(fn: Functional, settings: TrainSettings, clients: list[VectorCl
     step_measured = torch.zeros((max(steps), k), device=device, dtype=torch.bool)
     std = settings.noise_multiplier * settings.max_grad_norm
     draws = batch_draws(settings, sizes, steps_per_epoch, gens, batches, private)
-    noise = _Noise({name: t.shape[1:] for name, t in params.items()}, k, std, device, gens) \
+    noise = _Noise({name: t.shape[1:] for name, t in params.items()}, k, std, device, gens, secret) \
         if private and std > 0 else None
     lr_steps = {name: scratch(("step", name), tuple(p.shape), device, p.dtype) for name, p in params.items()}
     canaries = _Canaries(clients, q if private else [min(1.0, settings.batch_size / n) for n in sizes], device) \

@@ -94,6 +94,9 @@ class TrainSettings:
     # Engine tests only: with sigma = 0 and given batches, still clip per sample through
     # Opacus (make_private at noise 0), the DP-SGD reference for the vectorized engine.
     dp_reference: bool = False
+    # privacy.secure_noise resolved: DP-SGD noise and Poisson masks from OS-CSPRNG state, not from the
+    # seed (`fedsim.privacy.secure_noise`)
+    secure_noise: bool = False
 
 
 @dataclass

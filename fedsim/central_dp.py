@@ -21,7 +21,8 @@ The layer reads only the replies' arrays and a seed derived from (experiment see
 so the same updates and seed give bit-identical output whichever engine or runtime
 produced them; it keeps no generator state (tree noise is regenerated per node from its
 seed), so a resumed run continues exactly. Its only state across rounds is the adaptive
-clip (`state_dict`).
+clip (`state_dict`). Under ``privacy.secure_noise = "on"`` a secret key, drawn once per run
+and kept in that state, replaces the seed (`fedsim.privacy.secure_noise`).
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ from fedsim.privacy import accounting
 from fedsim.privacy import user_dp
 from fedsim.privacy.canaries import planted_canaries
 from fedsim.privacy.faults import fault
+from fedsim.privacy.secure_noise import announce, is_secret, keyed_generator, secret_key
 from fedsim.schedule import user_accounting_args
 
 log = logging.getLogger("fedsim")
 
 MECHANISMS = ("gaussian", "tree")
 _STATE_CLIP = "central-dp/clip"
+_STATE_KEY = "central-dp/noise-key"
 
 
 def user_epsilon(cfg: Any, rounds: int) -> float | None:
@@ -103,6 +106,12 @@ class CentralDP(Strategy):
         "gaussian" (one release per round) or "tree" (DP-FTRL's tree aggregation).
     restart_every : int
         Tree only: restart the tree every n rounds (0 = one tree for the run).
+    secure_noise : bool
+        ``privacy.secure_noise`` resolved to on: every draw of noise comes from a generator keyed by
+        a 256-bit key from the OS CSPRNG, drawn once per run (`fedsim.privacy.secure_noise`),
+        instead of from (seed, round), so no one who holds the run config can regenerate it.
+        The key is the layer's state (`state_dict`): a resumed run draws DP-FTRL's tree nodes
+        again as they were, and a checkpoint holds the key until the run finishes.
     clipped_by_clients : bool
         ``privacy.user_clipping = "client"``: the round's clip goes to the clients in the train
         config (``user-clip``), each clips its own update before replying
@@ -114,7 +123,7 @@ class CentralDP(Strategy):
     def __init__(self, strategy: Strategy, *, noise_multiplier: float, clip: float, expected_cohort: float,
                  seed: int, min_cohort: int = 1, target_quantile: float = 0.0, clip_lr: float = 0.2,
                  count_noise: float = 0.0, noise_cohort_size: int = 0, mechanism: str = "gaussian",
-                 restart_every: int = 0, clipped_by_clients: bool = False) -> None:
+                 restart_every: int = 0, clipped_by_clients: bool = False, secure_noise: bool = False) -> None:
         super().__init__()
         if noise_multiplier < 0 or not clip > 0 or not expected_cohort > 0 or min_cohort < 1:
             raise ValueError(f"CentralDP: noise_multiplier >= 0, clip > 0, expected_cohort > 0 and min_cohort >= 1 "
@@ -143,6 +152,7 @@ class CentralDP(Strategy):
         self.mechanism = mechanism
         self.restart_every = restart_every
         self.clipped_by_clients = clipped_by_clients
+        self.noise_key = secret_key() if secure_noise else None
         self.sent: dict[str, np.ndarray] = {}
         self.sampled: float = math.inf  # clients this round's configure_train addressed
         self.round_metadata = None
@@ -166,12 +176,18 @@ class CentralDP(Strategy):
         inner = stateful_strategy(self.strategy)
         if inner is None:
             raise TypeError(f"{type(self.strategy).__name__} does not expose its state")
-        return {**inner.state_dict(), _STATE_CLIP: np.array(self.clip)}
+        state = {**inner.state_dict(), _STATE_CLIP: np.array(self.clip)}
+        if self.noise_key is not None:
+            state[_STATE_KEY] = np.frombuffer(self.noise_key, dtype=np.uint8).copy()
+        return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         state = dict(state)
         if _STATE_CLIP in state:
             self.clip = float(state.pop(_STATE_CLIP))
+        key = state.pop(_STATE_KEY, None)
+        if key is not None and self.noise_key is not None:
+            self.noise_key = np.asarray(key, dtype=np.uint8).tobytes()
         stateful_strategy(self.strategy).load_state_dict(state)
 
     # ------------------------------------------------------------------ rounds
@@ -246,20 +262,23 @@ class CentralDP(Strategy):
     def release(self, stack: torch.Tensor, server_round: int, unclipped: torch.Tensor | None = None) -> torch.Tensor:
         """The round's released mean update, a (P,) row, from the (K, P) stack of updates;
         moves the adaptive clip, counting ``unclipped`` (the clients' own b_i, when they clip)
-        or else the stack's norms. Everything random is drawn from (seed, round)."""
+        or else the stack's norms. Everything random is drawn from (seed, round), or from the run's
+        secret key under ``secure_noise``."""
+        if self.noise_multiplier > 0:  # what this mode's noise hides and what it does not, once per process
+            announce("off" if self.noise_key is None else "on")
         clipped_sum, norms = user_dp.clip_and_sum(stack, self.clip)
         std = self.update_noise * self.clip * self.noise_scale  # on the sum
         if self.mechanism == "tree":
             tree, step = user_dp.tree_position(server_round, self.restart_every)
 
             def node_noise(level: int, index: int) -> torch.Tensor:
-                gen = torch.Generator().manual_seed(derive_seed(self.seed, "user-dp-tree", tree, level, index))
+                gen = self._generator("user-dp-tree", tree, level, index)
                 return std * torch.randn(clipped_sum.shape, generator=gen, dtype=clipped_sum.dtype)
 
             noise = user_dp.tree_round_noise(step, node_noise) if std > 0 else None
             released = (clipped_sum if noise is None else clipped_sum + noise) / self.expected_cohort
         else:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "user-dp"))
+            gen = self._generator(server_round, "user-dp")
             if fault("user_noise_by_replies"):  # test-only (`fedsim.privacy.faults`): an audit must catch it
                 noise = std * torch.randn(clipped_sum.shape, generator=gen, dtype=clipped_sum.dtype)
                 released = clipped_sum / self.expected_cohort + noise / max(len(stack), 1)
@@ -267,7 +286,7 @@ class CentralDP(Strategy):
                 released = user_dp.gaussian_release(clipped_sum, noise_std=std,
                                                     expected_cohort=self.expected_cohort, generator=gen)
         if self.adaptive:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "user-dp-count"))
+            gen = self._generator(server_round, "user-dp-count")
             fraction = user_dp.noised_unclipped_fraction(
                 norms <= self.clip if unclipped is None else unclipped,
                 count_noise=self.count_noise if self.noise_multiplier > 0 else 0.0,
@@ -277,6 +296,12 @@ class CentralDP(Strategy):
                      server_round, self.clip, clip, fraction, self.target_quantile)
             self.clip = clip
         return released
+
+    def _generator(self, *parts: int | str) -> torch.Generator:
+        """The generator of one draw of noise: from (seed, parts), or (secret key, parts)."""
+        if self.noise_key is not None:
+            return keyed_generator(self.noise_key, *parts)
+        return torch.Generator().manual_seed(derive_seed(self.seed, *parts))
 
     def _stack(self, contents: list[dict]) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:
         """Every reply's update as one (K, P) matrix, and its layout ("record/key", shape).
@@ -372,4 +397,5 @@ def build_central_dp(strategy: Strategy, cfg: Any, algorithm: Any) -> CentralDP:
                      expected_cohort=cfg.federation.clients_per_round, seed=cfg.seed, min_cohort=p.min_cohort,
                      target_quantile=p.user_clip_quantile, clip_lr=p.user_clip_lr, count_noise=count_noise,
                      noise_cohort_size=p.noise_cohort_size, mechanism=p.user_mechanism,
-                     restart_every=p.user_tree_restart, clipped_by_clients=p.user_clipping == "client")
+                     restart_every=p.user_tree_restart, clipped_by_clients=p.user_clipping == "client",
+                     secure_noise=is_secret(p.secure_noise))

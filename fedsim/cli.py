@@ -342,7 +342,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     if not cfg.output.dir:
         cfg.output.dir = default_out_dir(cfg)
     cfg.output.dir = str(Path(cfg.output.dir).resolve())
-    cfg = prepare(cfg)
+    cfg = prepare(cfg, deployment=True)  # real SuperNodes: privacy.secure_noise auto is on
     try:
         out = deploy_local(cfg, args.nodes, tls=args.tls, auth=args.auth, host=args.host, timeout=args.timeout)
     except OSError as exc:  # unwritable run directory, full disk: one line, exit 1

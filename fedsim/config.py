@@ -204,6 +204,9 @@ class PrivacyConfig:
                                 "(DP-FTRL's tree aggregation, Kairouz et al. 2021)", choices=("gaussian", "tree"))
     user_tree_restart: int = param(0, "tree: restart the tree every n rounds (0 = one tree for the run)", lo=0,
                                    hi=MAX_ROUNDS, why="more rounds than a run can have")
+    secure_noise: str = param("auto", "where DP noise and Poisson masks come from: on = OS-CSPRNG state (secret from "
+                              "whoever holds the run config), off = the seed (reproducible), auto = on under a "
+                              "deployment, off in simulation (docs/privacy.md)", choices=("auto", "on", "off"))
 
 
 @dataclass
@@ -277,7 +280,8 @@ class OutputConfig:
 class Config:
     name: str = param("experiment", "experiment name, used in the default run directory", pattern=NAME_PATTERN,
                       why="the name becomes a directory name under runs/ or sweeps/, at most 100 characters")
-    seed: int = param(0, "one seed fixes partition, sampling, initialization and noise", lo=0)
+    seed: int = param(0, "one seed fixes partition, sampling, initialization and, unless privacy.secure_noise is "
+                      "on, noise", lo=0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -670,8 +674,8 @@ _UNUSED_RULES: tuple[tuple[tuple[str, ...], Callable[[Config], bool], str, Calla
     (("privacy.user_noise_multiplier",), lambda c: c.privacy.user_target_epsilon == 0,
      "privacy.user_target_epsilon = 0",
      lambda c: f"privacy.user_target_epsilon is {c.privacy.user_target_epsilon:g}: calibration sets it"),
-    (("privacy.accountant",), lambda c: _dp(c) or _user_dp(c), "sample- or user-level DP is on",
-     lambda c: "no noise is configured"),
+    (("privacy.accountant", "privacy.secure_noise"), lambda c: _dp(c) or _user_dp(c),
+     "sample- or user-level DP is on", lambda c: "no noise is configured"),
     (("privacy.delta",), lambda c: _dp(c) or _user_dp(c) or _label_delta(c) > 0,
      "some guarantee has a delta (DP-SGD, user-level DP, Gaussian label DP)", lambda c: "none is on"),
     (("runtime.num_cpus", "runtime.num_gpus"), lambda c: c.runtime.name == "flower",

@@ -38,6 +38,7 @@ from fedsim.runtime.inprocess import SERVER_NODE_ID, InProcessGrid
 from fedsim.runtime.ray_engine import run_ray
 from fedsim.runtime.ray_runtime import run_flower
 from fedsim.privacy.faults import FAULT_ENV, active_fault
+from fedsim.privacy.secure_noise import resolve_secure_noise
 from fedsim.threads import run_threads, torch_threads
 from fedsim.schedule import client_sampling, participation_counts, user_accounting_args, user_mechanism
 from fedsim.server import RunRecorder, build_strategy, server_main
@@ -157,7 +158,8 @@ def warn_small_clients(cfg: Config, sizes: list[int]) -> list[str]:
 def warn_private_label_stats(cfg: Config, data) -> list[str]:
     """A DP run whose regression target is standardized by its training labels' own mean and
     std releases two statistics of the private labels that no accountant covers."""
-    private = cfg.privacy.noise_multiplier > 0 or cfg.privacy.target_epsilon > 0
+    p = cfg.privacy
+    private = p.noise_multiplier > 0 or p.target_epsilon > 0 or p.user_noise_multiplier > 0 or p.user_target_epsilon > 0
     if not private or data.task != "regression" or data.label_stats != "train":
         return []
     msg = (f"the regression target of {cfg.data.path or cfg.data.dataset} is standardized with its training "
@@ -167,10 +169,13 @@ def warn_private_label_stats(cfg: Config, data) -> list[str]:
     return [msg]
 
 
-def prepare(cfg: Config) -> Config:
+def prepare(cfg: Config, *, deployment: bool = False) -> Config:
     """Validate everything that needs data, resolve defaults and calibrate; returns a copy.
-    The dataset is loaded once here and handed to each step that reads it."""
+    The dataset is loaded once here and handed to each step that reads it. `deployment`:
+    the clients are real SuperNodes (`fedsim.serverapp`), which ``privacy.secure_noise =
+    "auto"`` turns on for; the resolved mode is what the clients receive."""
     cfg = copy.deepcopy(cfg)
+    resolve_noise_mode(cfg, deployment=deployment)
     if not cfg.output.dir:
         cfg.output.dir = default_out_dir(cfg)
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
@@ -184,6 +189,20 @@ def prepare(cfg: Config) -> Config:
     warn_small_clients(cfg, sizes)
     warn_private_label_stats(cfg, data)
     return cfg
+
+
+def resolve_noise_mode(cfg: Config, *, deployment: bool) -> None:
+    """``privacy.secure_noise = "auto"`` resolved, and said so in the run log. Under a
+    deployment `cfg` gets ``on``: the nodes read it from the experiment the server sends them.
+    A simulation keeps ``auto``, which every reader takes as off (`is_secret`): its
+    config.toml stays what the user wrote, as sweeps and resumes compare it."""
+    resolved = resolve_secure_noise(cfg.privacy.secure_noise, deployment=deployment)
+    if cfg.privacy.secure_noise == "auto":
+        log.info("privacy.secure_noise: auto is %s (%s)", resolved,
+                 "a deployment: noise from the OS CSPRNG" if deployment
+                 else "a simulation: noise from the seed, reproducible")
+        if deployment:
+            cfg.privacy.secure_noise = resolved
 
 
 class Terminated(KeyboardInterrupt):

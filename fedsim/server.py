@@ -53,6 +53,7 @@ from fedsim.models import as_tensors, build_model
 from fedsim.node_data import data_spec
 from fedsim.privacy.accounting import accountant_label, user_accountant_label
 from fedsim.privacy.faults import active_fault
+from fedsim.privacy.secure_noise import is_secret
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, MODEL, MODEL_BEST, ROUND_COLUMNS,
                             ROUNDS_CSV, SUMMARY_JSON, BackgroundWriter, csv_text, json_text, run_log, write_atomic)
 from fedsim.schedule import (ForwardingGrid, SampledGrid, client_sampling, sample_round, user_accounting_args,
@@ -244,6 +245,8 @@ class RunRecorder:
             "final_test_loss": last.get("test_loss"),
             "sample_level": sample, "user_level": user, "label_level": label,
             "client_failures_skipped": self.skipped_failures, "engine": self.engine,
+            # privacy.secure_noise that ran (auto resolved): whether the noise came from the seed
+            "secure_noise": "on" if is_secret(self.cfg.privacy.secure_noise) else "off",
             "wall_seconds": self.wall_seconds, "versions": package_versions(),
             # who writes this run, and when it last did: `fedsim.results.run_state` tells a
             # live run from one whose process is gone

@@ -144,12 +144,19 @@ def federation_size(grid: Grid, requested: int | None, *, simulation: bool, time
 
 # --------------------------------------------------------------------------- the app
 
+def is_deployment(grid: Grid) -> bool:
+    """Whether this `flwr run` reaches real SuperNodes: Flower's simulation engine hands the
+    ServerApp an `InMemoryGrid`, a SuperLink a gRPC one. What ``privacy.secure_noise = "auto"``
+    turns on for."""
+    return not isinstance(grid, InMemoryGrid)
+
+
 def run_flower_app(grid: Grid, context: Context, *, root: Path | None = None, stamp: str | None = None,
                    timeout: float = 120.0) -> Path:
     """One `flwr run`: resolve, check, run. Returns the run directory."""
     run_config = dict(context.run_config)
     experiment_from_run_config(run_config)  # bad input is refused before waiting for SuperNodes
-    simulation = isinstance(grid, InMemoryGrid)
+    simulation = not is_deployment(grid)
     nodes = federation_size(grid, requested_num_clients(run_config), simulation=simulation, timeout=timeout)
     cfg = experiment_from_run_config(run_config, nodes)
     out = run_directory(cfg.output.dir, cfg.name, output_root() if root is None else root,
@@ -158,7 +165,7 @@ def run_flower_app(grid: Grid, context: Context, *, root: Path | None = None, st
     log.info("experiment %r: %d clients, %d per round, %d rounds; run directory %s", cfg.name,
              cfg.federation.num_clients, cfg.federation.clients_per_round, cfg.federation.rounds, out)
     try:
-        cfg = prepare(cfg)
+        cfg = prepare(cfg, deployment=is_deployment(grid))
     except BaseException:
         if not any(out.iterdir()):
             out.rmdir()  # nothing ran: leave no empty run directory behind
