@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedsim-installed
 
-.PHONY: demo test test-slow test-all bench clean
+.PHONY: demo test test-slow test-all bench peers-venv peers clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -36,5 +36,23 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/runtime_overhead.py
 	$(BIN)/python benchmarks/fedld_aggregation.py
 
+# pfl-research for benchmarks/peers.py, in a venv of its own: pfl 0.6.0 pins dp-accounting < 0.6,
+# fedsim needs >= 0.6 (the pin is the [peers] extra of pyproject.toml). pfl wants Python < 3.13;
+# torch first, as above, so that pip keeps the small CPU wheel.
+PFL_PYTHON ?= python3.11
+PFL_VENV := .pflvenv
+PFL_STAMP := $(PFL_VENV)/.pfl-installed
+
+$(PFL_STAMP):
+	test -d $(PFL_VENV) || $(PFL_PYTHON) -m venv $(PFL_VENV)
+	$(PFL_VENV)/bin/pip install -q torch==2.13.0
+	$(PFL_VENV)/bin/pip install -q pfl==0.6.0 numpy
+	touch $(PFL_STAMP)
+
+peers-venv: $(PFL_STAMP)
+
+peers: $(STAMP) $(PFL_STAMP)
+	$(BIN)/python benchmarks/peers.py --quick --pfl-python $(PFL_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) runs sweeps
+	rm -rf $(VENV) $(PFL_VENV) runs sweeps

@@ -149,14 +149,19 @@ def _cifar_cnn(cfg, data, cache_dir=""):
                          nn.Linear(128, 10))
 
 
+# DP-SGD and the local training of every workload here (benchmarks/peers.py takes the same
+# local training and the digits shape of workload (ii), without DP-SGD)
+DP_SGD = {"privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0}
+LOCAL = {"client.batch_size": 8, "client.local_epochs": 1, "client.lr": 0.3, "model.name": "mlp", "model.hidden": [64]}
+DIGITS_200X100 = {"federation.num_clients": 200, "federation.clients_per_round": 100}
+
+
 def workloads(quick: bool, tmp: Path) -> list[tuple[str, dict]]:
-    dp = {"privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0, "client.batch_size": 8,
-          "client.local_epochs": 1, "client.lr": 0.3, "model.name": "mlp", "model.hidden": [64]}
+    dp = {**DP_SGD, **LOCAL}
     out = [
         ("digits-mlp-100x10", {**dp, "federation.num_clients": 100, "federation.clients_per_round": 10,
                                "federation.rounds": 10 if quick else 20}),
-        ("digits-mlp-200x100", {**dp, "federation.num_clients": 200, "federation.clients_per_round": 100,
-                                "federation.rounds": 5 if quick else 10}),
+        ("digits-mlp-200x100", {**dp, **DIGITS_200X100, "federation.rounds": 5 if quick else 10}),
         ("synthetic-1000x100", {**dp, "data.dataset": "synthetic", "data.partitioner": "natural-id",
                                 "federation.num_clients": 1000, "federation.clients_per_round": 100,
                                 "federation.rounds": 3 if quick else 10}),
