@@ -286,6 +286,14 @@ class SecAggPlus(SecAggPlusWorkflow):
                                for node in state.nid_to_fitins}
         return ok
 
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        # A node lost before its key shares were forwarded is in no one's masks (each node masks
+        # only with the nodes whose shares it received): nothing of it is left to unmask. Flower
+        # would still ask for its shares and halt, so a node lost in stage 0 or 1 is forgotten.
+        state.sampled_node_ids = set(state.active_node_ids)
+        return ok
+
     def _check_threshold(self, state: Any) -> bool:
         ok = super()._check_threshold(state)
         if not ok:
@@ -325,5 +333,5 @@ def secure_train_round(strategy: Strategy, grid: Any, server_round: int, arrays:
     workflow(getattr(grid, "inner", grid), context)
     if adapter.result is None:
         raise ClientFailure(f"round {server_round}: secure aggregation failed: "
-                            f"{workflow.halted or 'no node contributed'}")
+                            f"{workflow.halted or 'the protocol halted (see the run log)'}")
     return adapter.result, adapter.metrics

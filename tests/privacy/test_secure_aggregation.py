@@ -233,6 +233,26 @@ def test_a_dropped_node_is_survived_up_to_the_threshold(tmp_path):
     assert sorted(m[R.PARTITION_ID] for m in client_metrics) == [0, 1]
 
 
+def test_a_node_lost_before_sharing_its_keys_is_survived(tmp_path):
+    """A SuperNode killed as the round starts never answers the setup stage: the others never
+    mask with it, and the round aggregates them."""
+    nodes = [100, 101, 102]
+    app = client_app(dict(zip(nodes, TRAINED)))
+    grid = MemoryGrid(app, nodes)
+    real = grid.send_and_receive
+
+    def without_102(messages, *, timeout=None):
+        return [r for r in real([m for m in messages if m.metadata.dst_node_id != 102], timeout=timeout)]
+
+    grid.send_and_receive = without_102
+    layer = SecureAggregation(unit_fedavg(fraction_train=1.0, min_available_nodes=3), noise_multiplier=0.0,
+                              clip=1.0, expected_cohort=3, seed=0)
+    arrays, client_metrics = secure_train_round(layer, grid, 1, R.numpy_to_record(SENT), secagg_cfg(tmp_path))
+    bound = secagg.quantization_error_bound(8.0, 2**10)
+    np.testing.assert_allclose(R.record_to_numpy(arrays)["w"], [1.05, 3.1, 2.5], atol=bound + 1e-6)
+    assert sorted(m[R.PARTITION_ID] for m in client_metrics) == [0, 1]
+
+
 def test_beyond_the_threshold_the_round_fails_with_one_line(tmp_path):
     with pytest.raises(ClientFailure) as err:
         run_protocol(secagg_cfg(tmp_path), TRAINED, failing={101, 102})
