@@ -43,6 +43,7 @@ from fedsim.privacy.accounting import History, epsilon
 from fedsim.privacy.canaries import planted_canaries
 from fedsim.privacy.client_clipping import clip_own_update
 from fedsim.privacy.secure_noise import is_secret
+from fedsim.privacy.secagg import secagg_mod
 
 
 def query(msg: Message, context: Context, config_text: str | None = None) -> Message:
@@ -422,7 +423,7 @@ def make_client_app(config_text: str | None = None) -> ClientApp:
     def _query(msg: Message, context: Context) -> Message:
         return query(msg, context, config_text)
 
-    @client_app.train()
+    @client_app.train(mods=[secagg_mod])  # Flower's SecAgg+ when the server runs it; else a no-op
     def _train(msg: Message, context: Context) -> Message:
         return train(msg, context, config_text)
 

@@ -219,6 +219,10 @@ class Algorithm:
     central_dp_refused  why not, where central DP is refused (one line the error shows).
     label_privacy optional ``label_privacy(params, delta) -> dict | None``: a label-level
                   privacy statement for summary.json (learning from bags).
+    secure_aggregation  it can run under secure aggregation (`fedsim.secure_aggregation`): its
+                  server step reads the replies only through their mean, their sum and their
+                  count, which the sum and the number of replies give.
+    secure_aggregation_refused  why not, where refused (one line the error shows).
     summary       one line for the run log: what the algorithm is.
     """
 
@@ -231,6 +235,8 @@ class Algorithm:
     central_dp_refused: str = ""
     label_privacy: Callable[[Any, float], Mapping | None] = _none
     summary: str = ""
+    secure_aggregation: bool = False
+    secure_aggregation_refused: str = ""
 
 
 _REGISTRY: dict[str, Algorithm] = {}

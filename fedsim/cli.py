@@ -338,6 +338,13 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     overrides = overrides_from(args)
     # --nodes is the number of clients, unless --num-clients (or --set) names it too; then the two must agree
     overrides.setdefault("federation.num_clients", args.nodes)
+    if args.secagg:
+        if overrides.get("privacy.secure_aggregation") is False:
+            from fedsim.errors import ConfigError
+
+            raise ConfigError("privacy.secure_aggregation: --secagg and --set privacy.secure_aggregation=false "
+                              "contradict each other; give one")
+        overrides["privacy.secure_aggregation"] = True
     cfg = _load(args, overrides)
     if not cfg.output.dir:
         cfg.output.dir = default_out_dir(cfg)
@@ -493,13 +500,19 @@ COMMANDS: tuple[Command, ...] = (
                         ("fedsim deploy local configs/quickstart.toml --nodes 20 --tls",
                          "fedsim deploy local --nodes 3 --dataset digits --rounds 2",
                          "fedsim deploy local configs/quickstart.toml --nodes 20 --auth "
-                         "--set runtime.discovery_timeout=900"),
+                         "--set runtime.discovery_timeout=900",
+                         "fedsim deploy local --nodes 3 --dataset digits --rounds 2 --secagg",
+                         "fedsim deploy local --nodes 5 --dataset digits --secagg "
+                         "--set privacy.user_noise_multiplier=1 --set privacy.user_clipping=client"),
                         cmd_deploy_local, experiment=True, flags=(
                             flag("--nodes", type=_count(1), required=True, help="SuperNodes to start; sets "
                                  "federation.num_clients unless --num-clients is given"),
                             flag("--tls", action="store_true", help="generate a CA and serve the SuperLink over TLS"),
                             flag("--auth", action="store_true", help="SuperNode authentication (implies --tls): "
                                  "each node registers its own EC key"),
+                            flag("--secagg", action="store_true", help="Flower's SecAgg+ secure aggregation "
+                                 "(privacy.secure_aggregation = true): the server learns only the sum of the updates; "
+                                 "docs/privacy.md"),
                             flag("--host", default="127.0.0.1",
                                  help="interface to bind (default loopback; anything else exposes the ports)"),
                             flag("--timeout", type=_seconds, default=1800.0,

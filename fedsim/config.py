@@ -207,6 +207,24 @@ class PrivacyConfig:
     secure_noise: str = param("auto", "where DP noise and Poisson masks come from: on = OS-CSPRNG state (secret from "
                               "whoever holds the run config), off = the seed (reproducible), auto = on under a "
                               "deployment, off in simulation (docs/privacy.md)", choices=("auto", "on", "off"))
+    secure_aggregation: bool = param(False, "the server learns only the sum of a round's updates: Flower's SecAgg+ "
+                                     "protocol in a deployment, its trust model in simulation; every client weighs "
+                                     "1 and adds its share of the user-level noise (docs/privacy.md)")
+    secagg_clipping_range: float = param(0.0, "secure aggregation: r, each coordinate of a client's (noised) update "
+                                         "is clipped to [-r, r] before quantization; 0 = privacy.user_clip plus 6 "
+                                         "noise-share stds under user-level DP, else 8", lo=0.0)
+    secagg_quantization_range: int = param(2**22, "secure aggregation: Q, the integers a coordinate is quantized to; "
+                                           "the aggregate's error is below 2r/Q per coordinate", lo=2, hi=2**31,
+                                           why="Flower quantizes into int32")
+    secagg_modulus: int = param(2**32, "secure aggregation: M, a power of 2 the masked sums are taken modulo; "
+                                "federation.clients_per_round x Q must be below it", lo=4, hi=2**32,
+                                why="Flower's masks are drawn below 2**32")
+    secagg_num_shares: int = param(0, "SecAgg+: nodes that hold a share of each node's keys, itself included "
+                                   "(0 = the whole round)", lo=0, hi=MAX_CLIENTS,
+                                   why="more than federation.num_clients can be")
+    secagg_threshold: int = param(0, "SecAgg+: shares that reconstruct a key; a round survives while every node "
+                                  "keeps this many live share holders (0 = half the shares, at least 2)", lo=0,
+                                  hi=MAX_CLIENTS, why="more than federation.num_clients can be")
 
 
 @dataclass
@@ -555,6 +573,7 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"model.hidden: {_show(hidden)} has {weights} hidden-to-hidden weights; at most "
                           f"{MAX_MLP_WEIGHTS}, as DP-SGD holds one gradient per batch row in memory")
     _check_user_dp(cfg)
+    _check_secure_aggregation(cfg)
     for table in cfg.strategy.tables.values():
         check = getattr(table, "validate", None)  # rules between a table's own keys
         if check is not None:
@@ -582,6 +601,65 @@ def _check_user_dp(cfg: Config) -> None:
                 f"{p.user_noise_multiplier / 2:g} for adaptive clipping (Andrew et al. 2021: the count's noise would "
                 f"take the whole budget), got {count_noise:g}"
                 + (" (clients_per_round / 20, the default)" if not p.user_clip_count_noise else ""))
+
+
+def secagg_shares(cfg: Config) -> tuple[int, int]:
+    """(shares, threshold) of SecAgg+ for a full round, 0s resolved as Flower resolves its
+    fractions 1.0 and 0.5 (`SecAggPlusWorkflow.setup_stage`)."""
+    p, k = cfg.privacy, cfg.federation.clients_per_round
+    shares = p.secagg_num_shares or k
+    return shares, p.secagg_threshold or max(round(0.5 * shares), 2)
+
+
+def _check_secure_aggregation(cfg: Config) -> None:
+    """What secure aggregation needs (fedsim.secure_aggregation, docs/privacy.md)."""
+    p, fed = cfg.privacy, cfg.federation
+    if not p.secure_aggregation:
+        return
+    algorithm = get_algorithm(cfg.strategy.name)
+    if not algorithm.secure_aggregation:
+        reason = algorithm.secure_aggregation_refused or "its registry entry does not declare secure_aggregation"
+        raise ConfigError(f"privacy.secure_aggregation: strategy {cfg.strategy.name!r} cannot work from the sum of "
+                          f"the updates: {reason}")
+    if fed.clients_per_round < 2:
+        raise ConfigError(f"federation.clients_per_round: secure aggregation needs at least 2 (got "
+                          f"{fed.clients_per_round}): the sum of one update is that update")
+    q, m = p.secagg_quantization_range, p.secagg_modulus
+    if m & (m - 1) or m <= q:
+        raise ConfigError(f"privacy.secagg_modulus: must be a power of 2 above privacy.secagg_quantization_range "
+                          f"({q}), got {m}")
+    if fed.clients_per_round * q >= m:
+        raise ConfigError(f"privacy.secagg_modulus: federation.clients_per_round x privacy.secagg_quantization_range "
+                          f"= {fed.clients_per_round * q} must be below it ({m}), or the masked sum wraps around")
+    if p.secagg_num_shares and not 3 <= p.secagg_num_shares <= fed.clients_per_round:
+        raise ConfigError(f"privacy.secagg_num_shares: must be 0 (the whole round) or between 3 and "
+                          f"federation.clients_per_round ({fed.clients_per_round}), got {p.secagg_num_shares}")
+    shares, _ = secagg_shares(cfg)
+    if p.secagg_threshold and not 2 <= p.secagg_threshold < shares:
+        raise ConfigError(f"privacy.secagg_threshold: must be 0 (half the shares) or at least 2 and below the shares "
+                          f"({shares}), got {p.secagg_threshold}")
+    if not _user_dp(cfg):
+        return
+    where = "under privacy.secure_aggregation, where the server sees only the noised sum"
+    if algorithm.label_privacy(cfg.strategy.params, p.delta) is not None:
+        reason = algorithm.central_dp_refused or "it states a label-level guarantee"
+        raise ConfigError(f"privacy.user_noise_multiplier: user-level noise does not apply to strategy "
+                          f"{cfg.strategy.name!r}: {reason}")
+    if p.user_clipping != "client":
+        raise ConfigError(f"privacy.user_clipping: must be 'client' {where} and cannot clip "
+                          f"(got {p.user_clipping!r})")
+    if p.user_clip_quantile > 0:
+        raise ConfigError(f"privacy.user_clip_quantile: must be 0 (fixed clipping) {where}: adaptive clipping "
+                          f"needs each client's unclipped bit")
+    if p.user_mechanism != "gaussian":
+        raise ConfigError(f"privacy.user_mechanism: must be 'gaussian' {where}: each client adds a share of one "
+                          f"round's Gaussian noise")
+    if p.noise_cohort_size:
+        raise ConfigError(f"privacy.noise_cohort_size: must be 0 {where}: the clients add the noise")
+    if fed.sampling not in ("auto", "fixed"):
+        raise ConfigError(f"federation.sampling: must be 'fixed' (or auto) {where}: each client's share is "
+                          f"sigma C / sqrt(clients_per_round), so the round needs that many clients "
+                          f"(got {fed.sampling!r})")
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -660,10 +738,15 @@ _UNUSED_RULES: tuple[tuple[tuple[str, ...], Callable[[Config], bool], str, Calla
     (("privacy.user_clip",), _user_dp,
      "user-level DP is on (privacy.user_noise_multiplier or privacy.user_target_epsilon > 0)",
      lambda c: "both are 0"),
-    (("privacy.user_clipping", "privacy.user_clip_quantile", "privacy.noise_cohort_size", "privacy.min_cohort",
+    (("privacy.user_clipping", "privacy.user_clip_quantile", "privacy.noise_cohort_size",
       "privacy.user_mechanism"), _user_dp,
      "user-level DP is on (privacy.user_noise_multiplier or privacy.user_target_epsilon > 0)",
      lambda c: "both are 0"),
+    (("privacy.min_cohort",), lambda c: _user_dp(c) or c.privacy.secure_aggregation,
+     "user-level DP or secure aggregation is on", lambda c: "neither is"),
+    (("privacy.secagg_clipping_range", "privacy.secagg_quantization_range", "privacy.secagg_modulus",
+      "privacy.secagg_num_shares", "privacy.secagg_threshold"), lambda c: c.privacy.secure_aggregation,
+     "privacy.secure_aggregation = true", lambda c: "it is false"),
     (("privacy.user_clip_lr", "privacy.user_clip_count_noise"),
      lambda c: _user_dp(c) and c.privacy.user_clip_quantile > 0,
      "adaptive clipping is on (user-level DP and privacy.user_clip_quantile > 0)",

@@ -62,6 +62,8 @@ def resolve_sampling(sampling: str, user_dp: bool, mechanism: str = "gaussian") 
 def client_sampling(cfg: Config) -> str:
     """`federation.sampling` of this config, ``auto`` resolved (what summary.json records)."""
     p = cfg.privacy
+    if p.secure_aggregation and cfg.federation.sampling == "auto":
+        return "fixed"  # each client's noise share assumes the cohort it is one of (fedsim.secure_aggregation)
     return resolve_sampling(cfg.federation.sampling, p.user_noise_multiplier > 0 or p.user_target_epsilon > 0,
                             user_mechanism(cfg))
 

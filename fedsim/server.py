@@ -45,7 +45,7 @@ from fedsim.algorithms import (get_algorithm, load_strategy_state, resolve_devic
 from fedsim.central_dp import build_central_dp
 from fedsim.central_dp import user_epsilon as central_dp_epsilon
 from fedsim.checkpoint import Checkpoint, NodeMemo, checkpoint_path, model_meta, save_checkpoint, save_model
-from fedsim.config import Config, dumps_toml
+from fedsim.config import Config, dumps_toml, secagg_shares
 from fedsim.datasets import load_dataset
 from fedsim.errors import ClientFailure, ConfigError, Diverged
 from fedsim.experiment import config_from_context, derive_seed
@@ -54,8 +54,10 @@ from fedsim.node_data import data_spec
 from fedsim.privacy.accounting import accountant_label, user_accountant_label
 from fedsim.privacy.faults import active_fault
 from fedsim.privacy.secure_noise import is_secret
+from fedsim.privacy.secagg import clipping_range, quantization_error_bound
 from fedsim.results import (CLIENT_COLUMNS, CLIENTS_CSV, CONFIG_TOML, MODEL, MODEL_BEST, ROUND_COLUMNS,
                             ROUNDS_CSV, SUMMARY_JSON, BackgroundWriter, csv_text, json_text, run_log, write_atomic)
+from fedsim.secure_aggregation import build_secure_aggregation, secure_train_round
 from fedsim.schedule import (ForwardingGrid, SampledGrid, client_sampling, sample_round, user_accounting_args,
                              user_mechanism)
 from fedsim.trackers import open_trackers
@@ -96,6 +98,7 @@ class RunRecorder:
     out_dir: Path
     progress: bool = True
     restored: dict | None = None
+    secure_protocol: bool = False  # rounds run Flower's SecAgg+ protocol (a deployment)
     clients: dict[int, ClientRecord] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
     trained_this_round: int = 0
@@ -232,6 +235,9 @@ class RunRecorder:
                 user["simulated"] = {"population": args["num_clients"], "cohort_size": args["cohort_size"],
                                      "note": "epsilon of a deployment sampling noise_cohort_size clients a round "
                                              "at the same rate; the clients trained here were fewer"}
+        if user is not None and p.secure_aggregation:
+            user["noise"] = ("distributed: each client adds N(0, (sigma C)^2 / clients_per_round); a round with "
+                             "fewer contributions carries less noise than accounted (run.log warns)")
         label = get_algorithm(self.cfg.strategy.name).label_privacy(self.cfg.strategy.params, p.delta)
         out = {
             "status": status, "name": self.cfg.name, "seed": self.cfg.seed,
@@ -244,6 +250,7 @@ class RunRecorder:
             "best_metric": best.get("metric"), "best_round": best.get("round"),
             "final_test_loss": last.get("test_loss"),
             "sample_level": sample, "user_level": user, "label_level": label,
+            "secure_aggregation": self.secure_aggregation(),
             "client_failures_skipped": self.skipped_failures, "engine": self.engine,
             # privacy.secure_noise that ran (auto resolved): whether the noise came from the seed
             "secure_noise": "on" if is_secret(self.cfg.privacy.secure_noise) else "off",
@@ -257,6 +264,21 @@ class RunRecorder:
         if fault := active_fault():  # a deliberate privacy bug of the audit tests: this run's epsilon is wrong
             out["test_fault"] = fault
         return out
+
+    def secure_aggregation(self) -> dict | None:
+        """What secure aggregation did (None when off): Flower's protocol and its quantization
+        bound in a deployment, the trust model alone in simulation."""
+        p, k = self.cfg.privacy, self.cfg.federation.clients_per_round
+        if not p.secure_aggregation:
+            return None
+        if not self.secure_protocol:
+            return {"protocol": "simulated: the strategy sees only the exact sum of the updates"}
+        r = clipping_range(p.secagg_clipping_range, p.user_noise_multiplier, p.user_clip, k,
+                           p.user_noise_multiplier > 0)
+        shares, threshold = secagg_shares(self.cfg)
+        return {"protocol": "SecAgg+ (Flower)", "clipping_range": r, "quantization_range": p.secagg_quantization_range,
+                "modulus": p.secagg_modulus, "shares": shares, "threshold": threshold,
+                "error_bound": quantization_error_bound(r, p.secagg_quantization_range)}
 
     def write(self, status: str, error: str | None = None) -> dict:
         self.writer.write(self.out_dir / ROUNDS_CSV, csv_text(ROUND_COLUMNS, self.rows, self._csv_memo[ROUNDS_CSV]))
@@ -468,8 +490,10 @@ def fedavg_kwargs(cfg: Config) -> dict:
     because fedsim evaluates the global model centrally on the held-out split.
     Under central DP the average is unweighted: with example weights a large client's
     influence would exceed C/K and the noise would no longer cover it.
+    So is it under secure aggregation (`fedsim.secure_aggregation`).
     """
-    central_dp = cfg.privacy.user_noise_multiplier > 0
+    # under secure aggregation too: the server learns a sum, to which every client adds once
+    central_dp = cfg.privacy.user_noise_multiplier > 0 or cfg.privacy.secure_aggregation
     fed = cfg.federation
     poisson = client_sampling(cfg) == "poisson"
     k = 1 if poisson else fed.clients_per_round
@@ -481,9 +505,12 @@ def fedavg_kwargs(cfg: Config) -> dict:
 
 def build_strategy(cfg: Config) -> Strategy:
     """The configured algorithm's strategy from the registry, wrapped in fedsim's user-level
-    DP layer (`fedsim.central_dp`) when a user-level noise multiplier is set."""
+    DP layer (`fedsim.central_dp`) when a user-level noise multiplier is set, or in the secure
+    aggregation layer (`fedsim.secure_aggregation`, whose clients add that noise)."""
     algorithm = get_algorithm(cfg.strategy.name)
     strategy = algorithm.build(cfg.strategy.params, cfg, fedavg_kwargs(cfg))
+    if cfg.privacy.secure_aggregation:  # the clients add the user-level noise; the server never sees an update
+        return build_secure_aggregation(strategy, cfg)
     if cfg.privacy.user_noise_multiplier > 0:
         strategy = build_central_dp(strategy, cfg, algorithm)
     return strategy
@@ -550,12 +577,15 @@ class SeededRounds(Strategy):
 
 
 def server_main(grid: Grid, context: Context, *, progress: bool = True, config_text: str | None = None,
-                resume: Checkpoint | None = None) -> RunRecorder:
+                resume: Checkpoint | None = None, secure_protocol: bool = False) -> RunRecorder:
     """Run the experiment of `context` on `grid`; `resume` continues from a checkpoint (the
-    in-process runtime only: it is the one whose node states a checkpoint can hold)."""
+    in-process runtime only: it is the one whose node states a checkpoint can hold).
+    `secure_protocol`: the grid's nodes run fedsim's ClientApp (a deployment), so that
+    ``privacy.secure_aggregation`` runs Flower's SecAgg+ protocol rather than its simulation."""
     cfg = config_from_context(context, config_text)
     recorder = RunRecorder(cfg, Path(cfg.output.dir or "runs/deployed"), progress=progress,
-                           restored=resume.recorder if resume is not None else None)
+                           restored=resume.recorder if resume is not None else None,
+                           secure_protocol=secure_protocol and cfg.privacy.secure_aggregation)
     # set by `fedsim deploy local`, whose nodes share this machine's CPUs (fedsim.deploy)
     window = int(context.run_config.get(R.DISCOVERY_WINDOW_KEY) or 0) or None
     with run_log(recorder.out_dir):
@@ -596,7 +626,10 @@ def _run_rounds(cfg: Config, grid: Grid, recorder: RunRecorder, discovery_window
         every = cfg.output.checkpoint_every
         node_memo: NodeMemo = {}  # nodes that did not train since the last checkpoint are not re-encoded
         for server_round in range(first, cfg.federation.rounds + 1):
-            arrays = _train_round(strategy, tracked, recorder, server_round, arrays, cfg.runtime.round_timeout)
+            if recorder.secure_protocol:
+                arrays = _secure_round(strategy, tracked, recorder, server_round, arrays, cfg)
+            else:
+                arrays = _train_round(strategy, tracked, recorder, server_round, arrays, cfg.runtime.round_timeout)
             evaluate_fn(server_round, arrays)  # loads `arrays` into `model` and writes the round
             if cfg.output.keep_best and recorder.best_row().get("round") == server_round:
                 save_model(recorder.out_dir / MODEL_BEST, model, model_meta(cfg, spec, server_round))
@@ -657,6 +690,19 @@ def _train_round(strategy: Strategy, grid: TrackedGrid, recorder: RunRecorder, s
         arrays = aggregated
     evaluate_replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
                                              timeout=timeout)
+    strategy.aggregate_evaluate(server_round, evaluate_replies)
+    return arrays
+
+
+def _secure_round(strategy: Strategy, grid: TrackedGrid, recorder: RunRecorder, server_round: int,
+                  arrays: ArrayRecord, cfg: Config) -> ArrayRecord:
+    """One round through Flower's SecAgg+ protocol (`fedsim.secure_aggregation`); the
+    contributing clients' metrics are recorded as replies are in `_train_round`."""
+    arrays, metrics = secure_train_round(strategy, grid, server_round, arrays, cfg)
+    for values in metrics:
+        recorder.on_train_reply(values)
+    evaluate_replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                                             timeout=cfg.runtime.round_timeout)
     strategy.aggregate_evaluate(server_round, evaluate_replies)
     return arrays
 

@@ -172,7 +172,7 @@ def run_flower_app(grid: Grid, context: Context, *, root: Path | None = None, st
         raise
     server_context = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
                              state=context.state, run_config=run_config_for(cfg))
-    server_main(grid, server_context, progress=False)
+    server_main(grid, server_context, progress=False, secure_protocol=True)  # nodes run fedsim's ClientApp
     return out
 
 
