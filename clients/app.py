@@ -14,6 +14,8 @@ one client), and `finish_job` (result -> reply, node state saved).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import traceback
 from collections.abc import Hashable, Mapping
@@ -196,6 +198,9 @@ def prepare_job(msg: Message, context: Context, config_text: str | None = None,
     else:
         settings = settings_for(cfg, data.task)
         hyper = Hyper(params=cfg.strategy.params, lr=settings.lr, private=settings.noise_multiplier > 0)
+    sigmas = cfg.privacy.client_noise_multipliers
+    if sigmas and sigmas[pid] != settings.noise_multiplier:  # per-client calibration: this client's own sigma
+        settings = dataclasses.replace(settings, noise_multiplier=sigmas[pid])
     kept = R.record_of(context.state, R.ALGORITHM_STATE, ArrayRecord)
     model = template.model
     start = RoundStart(hyper=hyper, global_params=template.global_params, server_arrays=template.server_arrays,
@@ -408,8 +413,8 @@ def run_vectorized(jobs: list[ClientJob], batches=None) -> list[VectorOutcome]:
             raise ValueError("run_vectorized: given batches are for the DP-SGD loop, not a rule's own loop")
         done = first.rule.local_train_batched([local_task(job) for job in jobs], first.cfg.runtime.engine_chunk)
         return [VectorOutcome(result, final) for result, final in done]
-    clients = [VectorClient(*_on_device(job), job.history, job.seed, job.state, job.canaries, job.canary_seed)
-               for job in jobs]
+    clients = [VectorClient(*_on_device(job), job.history, job.seed, job.state, job.canaries, job.canary_seed,
+                            job.settings.noise_multiplier) for job in jobs]
     return train_clients(first.model, first.rule, first.start.hyper, first.settings, clients,
                          chunk=first.cfg.runtime.engine_chunk, batches=batches)
 

@@ -85,6 +85,8 @@ class VectorClient:
     # the seed of their Poisson draws; only a white-box audit plants them
     canaries: Tensors | None = None
     canary_seed: int = 0
+    # this client's DP-SGD sigma where it differs from the round's (per-client calibration)
+    noise_multiplier: float | None = None
 
 
 @dataclass
@@ -324,7 +326,7 @@ class _Noise:
     """DP-SGD's Gaussian noise N(0, std^2) on every trainable tensor, drawn at each step from
     each client's own generator into one (clients, parameters) buffer kept across rounds."""
 
-    def __init__(self, shapes: dict[str, torch.Size], k: int, std: float, device: str,
+    def __init__(self, shapes: dict[str, torch.Size], k: int, std: float | torch.Tensor, device: str,
                  generators: list[torch.Generator], fp_safe: bool = False) -> None:
         numels = [int(np.prod(s)) for s in shapes.values()]
         self.std, self.generators, self.fp_safe = std, generators, fp_safe
@@ -344,13 +346,19 @@ class _Noise:
             else:
                 torch.randn(self.rows[i].shape, generator=self.generators[i], device=self.rows[i].device,
                             out=self.rows[i])
-        self.flat[:active] *= self.std / 10 if fault("noise_div10") else self.std
+        std = self.std[:active] if isinstance(self.std, torch.Tensor) else self.std  # a column: per-client sigmas
+        self.flat[:active] *= std / 10 if fault("noise_div10") else std
         if empty is not None:
             self.flat[:active] *= (~empty[:active]).to(self.flat.dtype)[:, None]
         if self._active[0] != active:
             self._active = (active, {name: part[:active] for name, part in self.parts.items()})
         for name, g in summed.items():
             g.add_(self._active[1][name])
+
+
+def client_sigmas(settings: TrainSettings, clients: list[VectorClient]) -> list[float]:
+    """Each client's DP-SGD sigma: its own under per-client calibration, else the round's."""
+    return [settings.noise_multiplier if c.noise_multiplier is None else c.noise_multiplier for c in clients]
 
 
 def _stacked_data(clients: list[VectorClient], task: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,10 +388,13 @@ def _train_chunk(fn: Functional, settings: TrainSettings, clients: list[VectorCl
     # each step's batch loss and whether it had a sample, summed once the chunk is trained
     step_losses = torch.zeros((max(steps), k), device=device)
     step_measured = torch.zeros((max(steps), k), device=device, dtype=torch.bool)
-    std = settings.noise_multiplier * settings.max_grad_norm
+    sigmas = client_sigmas(settings, clients)
+    # one number while every client has the round's sigma; a column of stds under per-client calibration
+    std = sigmas[0] * settings.max_grad_norm if len(set(sigmas)) == 1 else \
+        torch.tensor(sigmas, dtype=torch.float32, device=device)[:, None] * settings.max_grad_norm
     draws = batch_draws(settings, sizes, steps_per_epoch, gens, batches, private)
     noise = _Noise({name: t.shape[1:] for name, t in params.items()}, k, std, device, gens, secret) \
-        if private and std > 0 else None
+        if private and max(sigmas) > 0 else None
     lr_steps = {name: scratch(("step", name), tuple(p.shape), device, p.dtype) for name, p in params.items()}
     canaries = _Canaries(clients, q if private else [min(1.0, settings.batch_size / n) for n in sizes], device) \
         if any(c.canaries is not None for c in clients) else None
@@ -445,7 +456,7 @@ def _outcomes(settings: TrainSettings, clients: list[VectorClient], params: Tens
     """Each client's `LocalResult` and trained tensors (on the CPU) once its chunk is trained."""
     private = settings.noise_multiplier > 0 or settings.dp_reference
     sizes = [len(c.y) for c in clients]
-    sigma = settings.noise_multiplier
+    sigmas = client_sigmas(settings, clients)
     # summed in float64 in step order (cumsum runs the steps in order), as a running sum of
     # Python floats adds them up
     loss_sum = torch.where(step_measured, step_losses.double(), 0.0).cumsum(0)[-1] if len(step_losses) \
@@ -457,7 +468,7 @@ def _outcomes(settings: TrainSettings, clients: list[VectorClient], params: Tens
     final = {name: to_host(p.detach()).unbind(0) for name, p in params.items()}
     outcomes = []
     for i, c in enumerate(clients):
-        history = extend_history(c.history, sigma, q[i], steps[i]) if settings.noise_multiplier > 0 \
+        history = extend_history(c.history, sigmas[i], q[i], steps[i]) if sigmas[i] > 0 \
             else [tuple(h) for h in c.history]
         rate = q[i] if private else min(1.0, settings.batch_size / max(sizes[i], 1))
         result = LocalResult(sizes[i], steps[i], mean_loss[i] if measured[i] else float("nan"), history, rate)

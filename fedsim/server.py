@@ -220,6 +220,10 @@ class RunRecorder:
                           note="no DP-SGD (noise_multiplier = 0): no finite sample-level epsilon")
         if self.private:  # the distribution over clients that trained, not only its largest
             sample.update(epsilon_stats([c.epsilon for c in self.clients.values()]))
+        if p.client_noise_multipliers:  # per-client calibration: sigma differs by client
+            sigmas = sorted(p.client_noise_multipliers)
+            sample.update(calibration=p.calibration, noise_multiplier_min=sigmas[0],
+                          noise_multiplier_median=float(np.median(sigmas)), noise_multiplier_max=sigmas[-1])
         sampling = client_sampling(self.cfg)
         user = None
         if p.user_noise_multiplier > 0:
