@@ -16,6 +16,7 @@ import importlib.util
 import os
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,7 +154,10 @@ def _hf_dataset(labels: np.ndarray, groups: np.ndarray | None, seed: int, shuffl
 
 def _load_all(part, num_clients: int) -> list[np.ndarray]:
     """Every client's row indices (the dataset is in Arrow format: see `_hf_dataset`)."""
-    with _quiet_natural_id_progress():
+    with _quiet_natural_id_progress(), warnings.catch_warnings():
+        # datasets' `sort` (flwr-datasets' shard partitioner) passes pyarrow an option that
+        # pyarrow 25 deprecates: a FutureWarning on every shard run that no fedsim user can act on
+        warnings.filterwarnings("ignore", message=".*null_placement.*", category=FutureWarning)
         return [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(num_clients)]
 
 

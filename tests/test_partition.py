@@ -135,3 +135,14 @@ print(visualization.plot_label_distributions.__name__, compute_counts.__name__, 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["[]", "plot_label_distributions compute_counts module"]
+
+
+def test_shard_partition_is_silent(tiny):
+    """flwr-datasets' shard partitioner sorts through datasets, which passes pyarrow an option
+    it deprecates: the FutureWarning is not the user's to act on, so a run never shows it."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        partition(tiny(**{"data.partitioner": "shard", "data.classes_per_client": 2}))
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
