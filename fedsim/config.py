@@ -90,6 +90,10 @@ class DataConfig:
                    choices=("auto", "classification", "regression"))
     test_fraction: float = param(0.2, "held-out share for central evaluation", lo=0.0, hi=0.9, lo_open=True,
                                  why="at least a tenth of the data must be left to train on")
+    validation_fraction: float = param(0.1, "share of the training split held out centrally for model selection "
+                                       "(the best round); 0 = none, the best round is then picked on the test "
+                                       "split", lo=0.0, hi=1.0, hi_open=True,
+                                       why="some training data must be left to partition")
     partitioner: str = param("iid", "how samples are split across clients", choices=PARTITIONERS)
     alpha: float = param(0.5, "Dirichlet concentration (smaller = more label skew)", lo=0.0, lo_open=True)
     classes_per_client: int = param(2, "classes per client for shard / pathological", lo=1)

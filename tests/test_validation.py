@@ -89,6 +89,8 @@ def test_cli_refuses_non_finite_values(refused, argv, key):
     (["--set", "model.hidden=[8192, 8192]"], "model.hidden", "at most 16777216"),
     (["--rounds", "100000000"], "federation.rounds", "must be <= 1000000"),
     (["--set", "client.momentum=1.0"], "client.momentum", "must be < 1.0"),
+    (["--set", "data.validation_fraction=1"], "data.validation_fraction", "must be < 1.0"),
+    (["--set", "data.validation_fraction=-0.1"], "data.validation_fraction", "must be >= 0"),
     (["--set", "seed=-1"], "seed", "must be >= 0"),
     (["--set", "name='../../x'"], "name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,99}"),
     (["--set", "name='a/b'"], "name", "must match"),
