@@ -183,8 +183,12 @@ def test_check_delta_is_strict_at_one_over_n():
 
 
 def test_delta_against_largest_client(refused):
-    """digits: 1,438 training samples over 2 clients, 719 each, so delta must be < 1/719."""
+    """digits: 1,438 training samples, 144 of them the validation split, 1,294 over 2 clients,
+    647 each, so delta must be < 1/647; without the validation split 719 each."""
     line = refused(["run", *TINY, "--noise-multiplier", "1", "--delta", "0.002"], "privacy.delta")
+    assert "n = 647 samples in the largest client" in line
+    line = refused(["run", *TINY, "--noise-multiplier", "1", "--delta", "0.002", "--set",
+                    "data.validation_fraction=0"], "privacy.delta")
     assert "n = 719 samples in the largest client" in line
 
 
@@ -474,7 +478,8 @@ def test_a_run_that_diverges_stops_with_exit_1_and_keeps_the_rounds_before(cli, 
     def nan_in_round_2(*args, **kwargs):
         result = real(*args, **kwargs)
         calls.append(1)
-        return {**result, "loss": math.nan} if len(calls) == 2 else result
+        # a round evaluates the test split, then the validation split: call 3 is round 2's test
+        return {**result, "loss": math.nan} if len(calls) == 3 else result
 
     monkeypatch.setattr(fedsim.server, "evaluate", nan_in_round_2)
     out = tmp_path / "run"
@@ -491,7 +496,7 @@ def test_a_run_that_diverges_stops_with_exit_1_and_keeps_the_rounds_before(cli, 
 def test_a_learning_rate_that_overflows_the_model_ends_diverged(cli, tmp_path):
     code, _, err = cli("run", "--dataset", "diabetes", "--set", 'model.name="linear"', "--lr", "1e9",
                        "--num-clients", "2", "--rounds", "2", "--out", tmp_path / "run", "--no-progress")
-    assert code == 1 and "error: run diverged at round 1: test_loss is nan, mse is nan (lower client.lr = 1e+09" in err
+    assert code == 1 and "error: run diverged at round 1: test_loss is nan, mse is nan, val_loss is nan (lower client.lr = 1e+09" in err
 
 
 # --------------------------------------------------------------------------- inputs once taken silently or misnamed
