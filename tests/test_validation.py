@@ -496,7 +496,8 @@ def test_a_run_that_diverges_stops_with_exit_1_and_keeps_the_rounds_before(cli, 
 def test_a_learning_rate_that_overflows_the_model_ends_diverged(cli, tmp_path):
     code, _, err = cli("run", "--dataset", "diabetes", "--set", 'model.name="linear"', "--lr", "1e9",
                        "--num-clients", "2", "--rounds", "2", "--out", tmp_path / "run", "--no-progress")
-    assert code == 1 and "error: run diverged at round 1: test_loss is nan, mse is nan, val_loss is nan (lower client.lr = 1e+09" in err
+    assert code == 1 and ("error: run diverged at round 1: test_loss is nan, mse is nan, val_loss is nan "
+                          "(lower client.lr = 1e+09") in err
 
 
 # --------------------------------------------------------------------------- inputs once taken silently or misnamed
