@@ -253,7 +253,8 @@ class OutputConfig:
     dir: str = param("", "run directory (default runs/<name>-<timestamp>)")
     checkpoint_every: int = param(1, "write checkpoint.safetensors (model, strategy and client state) every n "
                                   "rounds, for `fedsim run --resume`; 0 = never", lo=0)
-    keep_best: bool = param(False, "also keep model-best.safetensors, the global model of the best round")
+    keep_best: bool = param(False, "also keep model-best.safetensors, the global model of the best round (on the "
+                            "validation split; on the test split without one)")
     trackers: list[str] = param([], "experiment trackers that also get every round and the summary, any of "
                                     f"{', '.join(TRACKERS)} (docs/tracking.md)")
 

@@ -325,10 +325,16 @@ def _recorded_identity(cell: Cell) -> dict[str, Any] | None:
     return None
 
 
+# Keys added with a default that changes what runs do: the value that reproduces a run made
+# before the key existed (it then had no validation split), which a record without the key holds.
+BEFORE_THE_KEY = {"data.validation_fraction": 0.0}
+
+
 def config_differences(recorded: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
     """``key: old -> new`` for every key whose value differs. A key the record lacks (added
-    to fedsim since) differs only if the planned value is not its default."""
-    defaults = config_identity(load_config(None))
+    to fedsim since) differs only if the planned value is not the one such runs had: its
+    default, or `BEFORE_THE_KEY`'s value where the key's default changed what runs do."""
+    defaults = {**config_identity(load_config(None)), **BEFORE_THE_KEY}
     out = []
     for key in sorted(set(recorded) | set(planned)):
         if key not in planned:
