@@ -74,6 +74,10 @@ WHY_LONG = "a bound against typos: no experiment needs more, and the run would n
 WHY_MEMORY = "the simulation holds this in one process's memory"
 WHY_STD = "in units of the standardized features' std: beyond 100 the features are noise or shift alone"
 WHY_OVERFLOW = "a bound against typos and overflow: training computes in float32 (at most 3.4e38)"
+# Keys added with a default that changes what runs do: the value that reproduces a run made
+# before the key existed (it had no validation split then). A recorded config without the key
+# (a sweep cell's, a checkpoint's) holds this value, not today's default.
+BEFORE_THE_KEY = {"data.validation_fraction": 0.0}
 
 
 @dataclass

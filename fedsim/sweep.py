@@ -60,8 +60,8 @@ from typing import Any
 
 import pandas as pd
 
-from fedsim.config import (Config, config_from_dict, config_to_dict, flatten, load_config, parse_value, read_experiment,
-                           read_toml, report_unused, unused_keys)
+from fedsim.config import (BEFORE_THE_KEY, Config, config_from_dict, config_to_dict, flatten, load_config, parse_value,
+                           read_experiment, read_toml, report_unused, unused_keys)
 from fedsim.errors import ClientFailure, ConfigError, FedsimError
 from fedsim.logs import setup_logging
 from fedsim.results import CONFIG_TOML, is_finished, read_summary, write_atomic, write_json
@@ -323,11 +323,6 @@ def _recorded_identity(cell: Cell) -> dict[str, Any] | None:
                 recorded[sigma] = planned[sigma]
         return recorded
     return None
-
-
-# Keys added with a default that changes what runs do: the value that reproduces a run made
-# before the key existed (it then had no validation split), which a record without the key holds.
-BEFORE_THE_KEY = {"data.validation_fraction": 0.0}
 
 
 def config_differences(recorded: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
