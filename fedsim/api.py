@@ -269,15 +269,17 @@ def sweep(config: Config | str | Path | None = None, *, grid: Mapping[str, Seque
 
 def report(runs: str | Path | RunResult | pd.DataFrame, *, group_by: str | Sequence[str] = (),
            best_per: str | Sequence[str] = (), where: Mapping[str, Any] | None = None,
-           pivot: str = "", paired_against: Any = None) -> pd.DataFrame:
+           pivot: str = "", paired_against: Any = None, unpaired: bool = False) -> pd.DataFrame:
     """The privacy-utility table (`fedsim.report.report`): one row per strategy and privacy
     level (and group-by value), averaged over seeds.
 
     runs: a sweep or run directory, a `RunResult`, or the frame `sweep` returned. group_by:
     config keys that split rows. best_per: keep the best row per group of these keys. where:
     only runs whose config has these values. pivot: one column per value of this column.
-    paired_against: with pivot, the baseline value (e.g. "fedavg-lora"): the other columns hold
-    their paired difference from it over the seeds both have.
+    Comparisons are paired by default, over the seeds both sides have: with pivot, every
+    column but the reference holds its paired difference from it; without, a table of several
+    strategies gains diff_vs_<reference> columns. paired_against: the reference (a value of the
+    pivot column, or a strategy; default the first). unpaired: no differences.
     Render it with ``fedsim.report.render(table, "md")`` (or "csv", "latex", "json").
     """
     from fedsim.report import report as build
@@ -290,4 +292,4 @@ def report(runs: str | Path | RunResult | pd.DataFrame, *, group_by: str | Seque
                               f"fedsim.sweep returned (got {type(runs).__name__})")
         runs = runs.attrs["out"]
     return build(runs, group_by=group_by, best_per=best_per, where=where, pivot=pivot,
-                 paired_against=paired_against)
+                 paired_against=paired_against, unpaired=unpaired)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim import records as R
-from fedsim.config import config_to_dict, dumps_toml, loads_toml
+from fedsim.config import BEFORE_THE_KEY, config_to_dict, dumps_toml, flatten, loads_toml
 from fedsim.errors import FedsimError
 from fedsim.models import build_model
 from fedsim.node_data import dataset_from_spec
@@ -216,7 +217,8 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint | None:
 def config_difference(saved: str, current: str) -> str | None:
     """The first config key whose value differs between two config TOMLs, as
     ``"key (saved X, now Y)"``; None if they agree. ``output.dir`` is not compared: a run
-    directory may be resumed under another path."""
+    directory may be resumed under another path. A key a TOML lacks that `BEFORE_THE_KEY`
+    names holds the value runs had before it existed, not today's default."""
     def flat(text: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
 
@@ -227,6 +229,8 @@ def config_difference(saved: str, current: str) -> str | None:
             else:
                 out[prefix[:-1]] = node
         walk(config_to_dict(loads_toml(text)), "")
+        named = flatten(tomllib.loads(text))
+        out.update({k: v for k, v in BEFORE_THE_KEY.items() if k not in named})
         out.pop("output.dir", None)
         return out
 

@@ -159,7 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = run_experiment(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     summary = read_summary(out) or {}
     line = (f"{summary.get('metric_name')}: final {summary.get('final_metric'):.4f}, "
-            f"best {summary.get('best_metric'):.4f}")
+            f"best {summary.get('best_metric'):.4f} (round {summary.get('best_round')}, "
+            f"selected on {summary.get('best_selected_on', 'test')})")
     sample = summary.get("sample_level") or {}
     if sample.get("accountant"):
         median = sample.get("epsilon_median")
@@ -298,19 +299,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.report import check_paired, pivot_table, plot, render, report
 
-    check_paired(args.pivot, args.paired_against)
+    check_paired(args.pivot, args.paired_against, args.unpaired)
     _check_plot(args.plot)
     where = [(key, value) for key, _, value in (item.partition("=") for item in args.where)]
+    # with --pivot the comparison is the pivot's (paired there); the long table is the plot's
     table = report(args.path, group_by=args.group_by, best_per=args.best_per, where=where,
-                   median=args.median_client)
+                   median=args.median_client, paired_against=None if args.pivot else args.paired_against,
+                   unpaired=args.unpaired or bool(args.pivot))
     for entry in table.attrs["skipped"]:
         sys.stderr.write(f"warning: skipped malformed run {entry}\n")
     shown = table
     if args.pivot:  # the plot keeps the long table: one row per setting
-        shown = pivot_table(table, args.pivot, args.paired_against)
+        shown = pivot_table(table, args.pivot, args.paired_against, args.unpaired)
         shown.attrs.update(table.attrs)
-        for note in shown.attrs.get("paired", {}).get("dropped", []):
-            sys.stderr.write(f"warning: --paired-against: {note}\n")
+    for note in shown.attrs.get("paired", {}).get("dropped", []):
+        sys.stderr.write(f"warning: paired: {note}\n")
     text = render(shown, args.format)
     for key, values in table.attrs.get("mixed", {}).items():  # after any refusal: that stays one line
         sys.stderr.write(f"warning: report: rows average runs that differ in {key} ({', '.join(values)}); "
@@ -534,6 +537,7 @@ COMMANDS: tuple[Command, ...] = (
              "fedsim report sweeps/privacy-utility --plot pu.pdf --log-epsilon",
              "fedsim report sweeps/my-alpha-sweep --group-by data.alpha --plot alpha.png",
              "fedsim report sweeps/fedsvd --pivot strategy --paired-against fedavg-lora",
+             "fedsim report sweeps/fedld-heterogeneity --pivot strategy --unpaired",
              "fedsim report sweeps/privacy-utility --median-client"),
             cmd_report, flags=(
                 flag("path", help="a run directory or a sweep directory"),
@@ -552,10 +556,16 @@ COMMANDS: tuple[Command, ...] = (
                 flag("--where", action="append", default=[], metavar="KEY=VALUE",
                      help="only runs whose config has this value, e.g. data.dataset=diabetes (repeatable)"),
                 flag("--pivot", default="", metavar="COLUMN",
-                     help="one column per value of COLUMN (e.g. strategy) holding final +- ci95"),
+                     help="one column per value of COLUMN (e.g. strategy); paired by default: every column but "
+                          "the first (or --paired-against) holds \"V − first\", the paired difference over the "
+                          "seeds both have"),
                 flag("--paired-against", default="", metavar="VALUE",
-                     help="with --pivot: the other columns become \"V − VALUE\", the paired difference from VALUE "
-                          "over the seeds both have (mean +- 95%% t-interval of the per-seed differences)"))),
+                     help="the reference of the paired comparison: a value of --pivot's column, or without "
+                          "--pivot a strategy (default: the first); differences are mean +- 95%% t-interval of "
+                          "the per-seed differences"),
+                flag("--unpaired", action="store_true",
+                     help="no paired differences: every cell its own mean +- ci95 (comparisons whose runs share "
+                          "seeds are paired by default, unpaired where none is shared, as the caption says)"))),
 )
 
 

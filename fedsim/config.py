@@ -74,6 +74,10 @@ WHY_LONG = "a bound against typos: no experiment needs more, and the run would n
 WHY_MEMORY = "the simulation holds this in one process's memory"
 WHY_STD = "in units of the standardized features' std: beyond 100 the features are noise or shift alone"
 WHY_OVERFLOW = "a bound against typos and overflow: training computes in float32 (at most 3.4e38)"
+# Keys added with a default that changes what runs do: the value that reproduces a run made
+# before the key existed (it had no validation split then). A recorded config without the key
+# (a sweep cell's, a checkpoint's) holds this value, not today's default.
+BEFORE_THE_KEY = {"data.validation_fraction": 0.0}
 
 
 @dataclass
@@ -94,6 +98,10 @@ class DataConfig:
                                      "which no privacy accounting covers")
     test_fraction: float = param(0.2, "held-out share for central evaluation", lo=0.0, hi=0.9, lo_open=True,
                                  why="at least a tenth of the data must be left to train on")
+    validation_fraction: float = param(0.1, "share of the training split held out centrally for model selection "
+                                       "(the best round); 0 = none, the best round is then picked on the test "
+                                       "split", lo=0.0, hi=1.0, hi_open=True,
+                                       why="some training data must be left to partition")
     partitioner: str = param("iid", "how samples are split across clients", choices=PARTITIONERS)
     alpha: float = param(0.5, "Dirichlet concentration (smaller = more label skew)", lo=0.0, lo_open=True)
     classes_per_client: int = param(2, "classes per client for shard / pathological", lo=1)
@@ -281,7 +289,8 @@ class OutputConfig:
     dir: str = param("", "run directory (default runs/<name>-<timestamp>)")
     checkpoint_every: int = param(1, "write checkpoint.safetensors (model, strategy and client state) every n "
                                   "rounds, for `fedsim run --resume`; 0 = never", lo=0)
-    keep_best: bool = param(False, "also keep model-best.safetensors, the global model of the best round")
+    keep_best: bool = param(False, "also keep model-best.safetensors, the global model of the best round (on the "
+                            "validation split; on the test split without one)")
     trackers: list[str] = param([], "experiment trackers that also get every round and the summary, any of "
                                     f"{', '.join(TRACKERS)} (docs/tracking.md)")
 

@@ -20,7 +20,7 @@ import gzip
 import importlib.util
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,10 @@ class Dataset:
     num_classes: int  # 1 for regression
     input_shape: tuple[int, ...]  # per-sample shape, e.g. (1, 8, 8) for digits
     groups_train: np.ndarray | None = field(default=None, repr=False)  # natural client ids
+    # The validation split (`hold_out_validation`): training rows held out centrally, the only
+    # data model selection may read. None when data.validation_fraction = 0.
+    x_val: np.ndarray | None = field(default=None, repr=False)
+    y_val: np.ndarray | None = field(default=None, repr=False)
     tokenizer: str = ""  # text data: the model directory that tokenized it (hf-text's default model)
     # How raw rows become model inputs and labels, so that a data holder can transform its own
     # file the same way (`fedsim.node_data`): the feature encoding, the target's standardization
@@ -784,4 +788,41 @@ def load_dataset(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
 
 @cached(maxsize=8)
 def _load_cached(cfg: Snapshot, num_clients: int, seed: int) -> Dataset:
-    return _load(cfg.thaw(), num_clients, seed)
+    data_cfg = cfg.thaw()
+    return hold_out_validation(_load(data_cfg, num_clients, seed), data_cfg.validation_fraction, seed)
+
+
+def hold_out_validation(data: Dataset, fraction: float, seed: int) -> Dataset:
+    """`data` with round(fraction * n) of its n training rows moved to a validation split.
+
+    Selecting the best round on the test split would make the reported test number an
+    optimistic, selected one; the validation rows are what selection reads instead. They leave
+    the training pool here, before any partitioning, so no client trains on them. Which rows
+    is a seeded permutation (its own stream, apart from the test split's), and one row of each
+    natural group stays in training, so a natural-id partition keeps all its clients. The
+    feature (and regression target) standardization was fit on the training split before this
+    hold-out: validation rows share the training split's statistics, the test rows never enter
+    them. A split too small to select on is refused, as for the test split."""
+    if fraction <= 0:
+        return data
+    n = len(data.y_train)
+    n_val = int(round(fraction * n))
+    need = max(MIN_TEST_SAMPLES, data.num_classes)
+    if n_val < need:
+        fix = (f"set data.validation_fraction >= {math.ceil(need / n * 1000) / 1000}"
+               if n and need / n < 0.5 else "the training split is too small to hold out a validation split")
+        raise ConfigError(f"data.validation_fraction: {fraction} of {n} training samples holds out {n_val}; "
+                          f"model selection needs at least {need} = max({MIN_TEST_SAMPLES}, classes) validation "
+                          f"samples; {fix}, or 0 for no validation split")
+    order = np.random.default_rng([seed, 0x76616C]).permutation(n)  # 0x76616C: "val", a stream of its own
+    if data.groups_train is not None:  # each group's first row in the order stays in training
+        _, first = np.unique(data.groups_train[order], return_index=True)
+        order = np.delete(order, first)
+    val = np.sort(order[:n_val])
+    if len(val) < n_val:
+        raise ConfigError(f"data.validation_fraction: {fraction} would leave some natural group without a "
+                          f"training row; lower it")
+    train = np.setdiff1d(np.arange(n), val)
+    groups = data.groups_train[train] if data.groups_train is not None else None
+    return replace(data, x_train=data.x_train[train], y_train=data.y_train[train], groups_train=groups,
+                   x_val=data.x_train[val], y_val=data.y_train[val])

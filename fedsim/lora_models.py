@@ -36,7 +36,8 @@ def _source_config(data: Dataset, cfg: ModelConfig):
     """The DataConfig of the source task: the target's dataset with the pretraining classes."""
     from fedsim.config import DataConfig
 
-    return DataConfig(dataset=data.name, classes=list(cfg.pretrain_classes), test_fraction=0.2)
+    return DataConfig(dataset=data.name, classes=list(cfg.pretrain_classes), test_fraction=0.2,
+                      validation_fraction=0.0)  # central pretraining selects nothing
 
 
 def pretrain_backbone(cfg: ModelConfig, data: Dataset, seed: int, cache_dir: str = "") -> dict[str, torch.Tensor]:

@@ -181,7 +181,7 @@ def group_keys(table: pd.DataFrame) -> list[str]:
     if keys is not None:
         return [k for k in keys if k in table]
     return [c for c in table.columns if c not in REPORT_COLUMNS and c != "strategy"
-            and not c.startswith(("final_", "best_"))]
+            and not c.startswith(("final_", "best_", "diff_"))]
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:

@@ -8,9 +8,18 @@ epsilon is its largest per-client one; across seeds, `sample_epsilon` is their m
 `sample_epsilon_seed_max` their maximum (`median=True` adds the median client's). A non-private row
 (sigma = 0, epsilon = inf) is the reference. Every output format is rendered from the
 same rounded numbers, so markdown, CSV, LaTeX and JSON agree digit for digit.
-Unfinished or missing cells are listed, never dropped silently. A pivoted table can show
-methods as paired differences from a baseline over the seeds both have
-(`pivot_table(..., paired_against=...)`, `paired_difference`).
+Unfinished or missing cells are listed, never dropped silently.
+
+Comparisons are paired by default: runs of two methods with the same seed share their data
+split, partition and client sampling, so the per-seed difference has far less spread than
+either method's own results. A pivoted table shows every value of its column but the
+reference (the first, or ``paired_against``) as the paired difference from it over the seeds
+both have; the long table, when it holds several strategies, adds the paired difference of
+each row from the reference strategy's row at the same setting (`paired_columns`). Where no
+seed is shared the comparison falls back to unpaired, and the caption says which
+(``unpaired=True`` asks for unpaired throughout). "best" numbers are the test metric at the
+round selected on the validation split (`BEST_NOTE`); best rows (``best_per``) are chosen on
+validation too, where the runs have one.
 
 From a notebook::
 
@@ -74,6 +83,13 @@ REQUIRED_CONFIG = ("strategy.name", "privacy.noise_multiplier", "privacy.target_
 REQUIRED_NUMBERS = ("final_metric", "best_metric")
 
 
+BEST_NOTE = {"validation": "best_*: the test metric at the round with the best validation metric "
+                             "(data.validation_fraction), mean over seeds",
+             "test": "best_*: the best round's test metric, the round selected on the test split (these runs "
+                     "have data.validation_fraction = 0): an optimistic number, not an estimate of held-out "
+                     "performance"}
+
+
 class MalformedRun(Exception):
     """A run directory that cannot be read: the message says which file and why."""
 
@@ -131,6 +147,9 @@ def read_run(run: Path, summary: dict) -> dict:
     return {**cfg, "run": run.name, "metric_name": str(summary["metric_name"]),
             "final_metric": _finite(summary["final_metric"], "final_metric"),
             "best_metric": _finite(summary["best_metric"], "best_metric"),
+            # runs written before the validation split selected their best round on the test split
+            "best_selected_on": str(summary.get("best_selected_on") or "test"),
+            "final_val_metric": _number(summary.get("final_val_metric"), "final_val_metric"),
             "sample_epsilon": _epsilon(sample.get("epsilon_max")) if private else math.inf,
             # runs written before summary.json kept the distribution have no median: NaN
             "sample_epsilon_median": (_epsilon(sample["epsilon_median"]) if sample.get("epsilon_median") is not None
@@ -232,7 +251,7 @@ def _scale_digits(metric_name: str) -> tuple[float, int]:
 
 def _is_statistic(column: str) -> bool:
     """A column computed over seeds (the rest describe the setting and name the row)."""
-    return column.startswith(("final_", "best_")) or column in ("ci95", "seeds")
+    return column.startswith(("final_", "best_", "diff_")) or column in ("ci95", "seeds")
 
 
 def _row_key(values: Mapping[str, Any]) -> tuple:
@@ -284,7 +303,7 @@ def build_table(frame: pd.DataFrame, group_by: list[str], median: bool = False) 
         _sigma=frame["privacy.noise_multiplier"].where(frame["privacy.target_epsilon"] <= 0, -1.0),
         _user_sigma=frame["privacy.user_noise_multiplier"].where(frame["privacy.user_target_epsilon"] <= 0, -1.0))
     keys = ["strategy.name"] + extra + PRIVACY_KEYS
-    out, per_seed = [], []
+    out, per_seed, settings, val_means = [], [], [], []
     for group, sub in frame.groupby(keys, sort=True, dropna=False):
         group = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
         final_mean, final_ci = mean_ci95(sub["final_metric"].to_numpy() * scale)
@@ -325,34 +344,55 @@ def build_table(frame: pd.DataFrame, group_by: list[str], median: bool = False) 
         out.append(row)
         run_seeds = sub["seed"].tolist() if "seed" in sub else [None] * len(sub)
         per_seed.append(tuple(zip(run_seeds, (sub["final_metric"].to_numpy() * scale).tolist())))
+        # the row's setting but its strategy: what a paired comparison of strategies matches on
+        settings.append(tuple(None if isinstance(group[k], float) and math.isnan(group[k]) else group[k]
+                              for k in keys[1:]))
+        val = sub["final_val_metric"].to_numpy(dtype=float)
+        val_means.append(float(val.mean()) if np.isfinite(val).all() else math.nan)
     table = pd.DataFrame(out)
     if "label_epsilon" in table:  # a bags run without label noise is the non-private reference
         table["label_epsilon"] = table["label_epsilon"].fillna(math.inf)
         table["label_accountant"] = table["label_accountant"].fillna("-")
     seeds: dict[tuple, tuple | None] = {}
-    for row, pairs in zip(table.to_dict("records"), per_seed):
+    setting_of: dict[tuple, tuple | None] = {}
+    val_of: dict[tuple, float] = {}
+    for row, pairs, setting, val in zip(table.to_dict("records"), per_seed, settings, val_means):
         key = _row_key(row)
         seeds[key] = None if key in seeds else pairs  # None: two groups look alike, cannot pair
+        setting_of[key] = None if key in setting_of else setting
+        val_of[key] = math.nan if key in val_of else val
     # non-private reference first within each strategy, then by growing epsilon
     table = table.sort_values(["strategy", "sample_epsilon", "sigma"], ascending=[True, False, True],
                               key=lambda s: s if s.name != "sample_epsilon" else s.replace(math.inf, 1e18),
                               ignore_index=True)
     table.attrs["per_seed"] = seeds
+    table.attrs["setting"] = setting_of
+    table.attrs["val_mean"] = val_of
+    table.attrs["best_selected_on"] = sorted(set(frame["best_selected_on"]))
     table.attrs["mixed"] = mixed_settings(frame, keys)
     return table
 
 
 def best_rows(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """The best row (by final metric) within each group of `keys`: e.g. the best
-    (bag size, rho) at each label epsilon."""
+    """The best row within each group of `keys` (e.g. the best (bag size, rho) at each label
+    epsilon), chosen by the mean final validation metric when every run has a validation
+    split, else by the final test metric. ``attrs["best_per_on"]`` says which: a row picked
+    on the test split reports an optimistic, selected number."""
     metric = next(c for c in table.columns if c.startswith("final_"))
     ascending = not metric.endswith("accuracy")
     missing = [k for k in keys if k not in table]
     if missing:
         raise FedsimError(f"report: --best-per key {missing[0]!r} is not a table column; "
                           f"add it to --group-by")
-    ordered = table.sort_values(metric, ascending=ascending)
-    return ordered.groupby(keys, sort=True, dropna=False).head(1).sort_values(keys, ignore_index=True)
+    val_of = table.attrs.get("val_mean") or {}
+    val = [val_of.get(_row_key(r), math.nan) for r in table.to_dict("records")]
+    on_validation = bool(val) and all(math.isfinite(v) for v in val)
+    ordered = table.assign(_by=val if on_validation else table[metric]).sort_values(
+        "_by", ascending=ascending, kind="stable")
+    out = (ordered.groupby(keys, sort=True, dropna=False).head(1).drop(columns="_by")
+           .sort_values(keys, ignore_index=True))
+    out.attrs["best_per_on"] = "validation" if on_validation else "test"
+    return out
 
 
 def paired_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
@@ -371,44 +411,123 @@ def paired_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, int]:
     return mean, ci, len(common)
 
 
-def check_paired(pivot: str, paired_against: Any) -> None:
-    """--paired-against needs --pivot: refused before any run is read."""
-    if paired_against not in (None, "") and not pivot:
-        raise FedsimError(f"report: --paired-against {paired_against} needs --pivot COLUMN, the column "
-                          f"whose value {paired_against} is the baseline (e.g. --pivot strategy)")
+def check_paired(pivot: str, paired_against: Any, unpaired: bool = False) -> None:
+    """--paired-against names a reference, --unpaired asks for none: the two together are
+    refused before any run is read."""
+    if paired_against not in (None, "") and unpaired:
+        raise FedsimError(f"report: --paired-against {paired_against} and --unpaired contradict each other; "
+                          f"give one (comparisons are paired by default)")
+
+
+def welch_difference(a: pd.Series, b: pd.Series) -> tuple[float, float]:
+    """Unpaired difference of means a - b and the half-width of its 95% Welch t-interval
+    (nan for a side with fewer than two runs): the fallback where no seed is shared."""
+    from scipy import stats
+
+    a, b = a.to_numpy(dtype=float), b.to_numpy(dtype=float)
+    mean = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return mean, math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return mean, 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return mean, float(stats.t.ppf(0.975, df) * math.sqrt(va + vb))
+
+
+def _series(pairs: tuple) -> pd.Series:
+    return pd.Series([v for _, v in pairs], index=[s for s, _ in pairs], dtype=float)
+
+
+def paired_columns(table: pd.DataFrame, reference: Any = None) -> pd.DataFrame:
+    """The long table with, for every row of a strategy other than the reference (the first
+    strategy, or `reference`), its difference from the reference strategy's row at the same
+    setting (group-by keys and privacy level): ``diff_vs_<reference>`` (in the table's unit),
+    ``diff_ci95`` and ``diff_seeds``. Paired over the seeds both rows have
+    (`paired_difference`); where they share none, unpaired (`welch_difference`, diff_seeds 0),
+    which ``attrs["paired"]["unpaired"]`` lists. A table with one strategy comes back as it is."""
+    metric = next(c for c in table.columns if c.startswith("final_"))
+    strategies = list(dict.fromkeys(table["strategy"]))
+    if reference not in (None, "") and str(reference) not in map(str, strategies):
+        raise FedsimError(f"report: --paired-against {reference!r} is not a strategy of these runs; "
+                          f"allowed: {', '.join(map(str, strategies))}")
+    if len(strategies) < 2:
+        return table
+    base = next(s for s in strategies if str(s) == str(reference)) if reference not in (None, "") else strategies[0]
+    per_seed, setting_of = table.attrs.get("per_seed") or {}, table.attrs.get("setting") or {}
+    _, digits = _scale_digits(metric[len("final_"):])
+    keys = [_row_key(r) for r in table.to_dict("records")]
+    reference_rows = {setting_of.get(k): k for k, s in zip(keys, table["strategy"]) if s == base}
+    column = f"diff_vs_{base}"
+    diffs, cis, ns, unpaired, dropped = [], [], [], [], []
+    for key, row in zip(keys, table.to_dict("records")):
+        setting, pairs = setting_of.get(key), per_seed.get(key)
+        ref = reference_rows.get(setting) if setting is not None else None
+        ref_pairs = per_seed.get(ref) if ref is not None else None
+        if row["strategy"] == base or setting is None or not pairs or not ref_pairs:
+            diffs.append(math.nan), cis.append(math.nan), ns.append(0)
+            continue
+        a, b = _series(pairs), _series(ref_pairs)
+        where = f"{row['strategy']} at sigma={_cell(row.get('sigma'), 'sigma')}"
+        try:
+            mean, ci, n = paired_difference(a, b)
+        except ValueError:  # a seed twice on one side: the runs cannot be paired
+            n = 0
+        if n == 0:
+            mean, ci = welch_difference(a, b)
+            unpaired.append(where)
+        elif n < max(len(a), len(b)):
+            dropped.append(f"{where}: n = {n} of {len(a)} and {len(b)} {base} seeds")
+        diffs.append(round(mean, digits) + 0.0)
+        cis.append(round(ci, digits) if ci == ci else math.nan)
+        ns.append(n)
+    out = table.assign(**{column: diffs, "diff_ci95": cis, "diff_seeds": ns})
+    out.attrs.update(table.attrs)
+    out.attrs["paired"] = {"column": "strategy", "against": str(base), "long": True, "unpaired": unpaired,
+                           "dropped": dropped, "n": {column: ns}}
+    return out
 
 
 def _plus_minus(mean: float, ci: float, sign: str = "") -> str:
     return f"{mean:{sign}g} ± {ci:g}" if ci == ci else f"{mean:{sign}g}"
 
 
-def pivot_table(table: pd.DataFrame, column: str, paired_against: Any = None) -> pd.DataFrame:
-    """One column per value of `column` (e.g. strategy) holding "final +- ci95"; the other
-    descriptive columns stay as the row index. Compact tables for papers and READMEs.
+def pivot_table(table: pd.DataFrame, column: str, paired_against: Any = None,
+                unpaired: bool = False) -> pd.DataFrame:
+    """One column per value of `column` (e.g. strategy); the other descriptive columns stay
+    as the row index. Compact tables for papers and READMEs.
 
-    paired_against: a value of `column` (e.g. "fedavg-lora"), the baseline. Its column keeps
-    "final +- ci95"; every other value V becomes a column "V − baseline" holding the paired
-    difference (`paired_difference`) over the seeds both have in that row, in the table's
-    unit. ``attrs["paired"]`` holds the column, the baseline, n per cell and the seeds left
-    out; `render` writes them under the markdown table and into JSON."""
+    Paired by default: the reference value (`paired_against`, else the column's first value)
+    keeps "final +- ci95"; every other value V becomes a column "V − reference" holding the
+    paired difference (`paired_difference`) over the seeds both have in that row, in the
+    table's unit. A value that shares no seed with the reference in any row (or whose rows
+    cannot be told apart, when the reference was not named) keeps "final +- ci95", unpaired,
+    and the caption says so. ``attrs["paired"]`` holds the column, the reference, n per cell,
+    the seeds left out and the unpaired columns; `render` writes them under the markdown
+    table and into JSON. `unpaired` (--unpaired) gives "final +- ci95" in every column."""
     metric = next(c for c in table.columns if c.startswith("final_"))
     if column not in table:
         raise FedsimError(f"report: --pivot column {column!r} is not in the table")
     drop = {metric, "ci95", f"best_{metric[6:]}", column, "seeds"}
-    index = [c for c in table.columns if c not in drop]
+    index = [c for c in table.columns if c not in drop and not c.startswith("diff_")]
     cells = table.assign(_v=[_plus_minus(m, c) for m, c in zip(table[metric], table["ci95"])])
     wide = cells.pivot_table(index=index, columns=column, values="_v", aggfunc="first", sort=False)
     wide.columns = [str(c) for c in wide.columns]
     wide = wide.reset_index()
-    wide.attrs.pop("per_seed", None)
-    if paired_against in (None, ""):
+    for name in ("per_seed", "setting", "val_mean", "paired"):
+        wide.attrs.pop(name, None)
+    values = [c for c in wide.columns if c not in index]
+    if unpaired or len(values) < 2 and paired_against in (None, ""):
         return wide
-    return _paired(wide, table, column, str(paired_against), index, metric)
+    named = paired_against not in (None, "")
+    return _paired(wide, table, column, str(paired_against) if named else values[0], index, metric, named)
 
 
 def _paired(wide: pd.DataFrame, table: pd.DataFrame, column: str, base: str, index: list[str],
-            metric: str) -> pd.DataFrame:
-    """`wide` with each non-baseline column replaced by its paired difference from `base`."""
+            metric: str, named: bool = True) -> pd.DataFrame:
+    """`wide` with each non-reference column replaced by its paired difference from `base`;
+    `named`: the reference was asked for (--paired-against), so rows that cannot be paired are
+    refused rather than shown unpaired."""
     original = {str(v): v for v in table[column].unique()}
     values = [c for c in wide.columns if c not in index]
     if base not in values:
@@ -416,6 +535,11 @@ def _paired(wide: pd.DataFrame, table: pd.DataFrame, column: str, base: str, ind
                           f"allowed: {', '.join(values)}")
     per_seed = table.attrs.get("per_seed")
     if per_seed is None:
+        if not named:
+            wide.attrs["paired"] = {"column": column, "against": base, "n": {}, "dropped": [],
+                                    "unpaired": [v for v in values if v != base],
+                                    "why": "the table holds no per-seed values"}
+            return wide
         raise FedsimError("report: --paired-against needs the per-seed values that fedsim.report.report "
                           "keeps in the table's attrs; pivot a table it returned")
     _, digits = _scale_digits(metric[len("final_"):])
@@ -425,6 +549,17 @@ def _paired(wide: pd.DataFrame, table: pd.DataFrame, column: str, base: str, ind
                 len({tuple(r) for r in wide[varying].astype(str).to_numpy()}):
             varying.append(c)
     others = [v for v in values if v != base]
+    # a value that shares no seed with the reference in any row stays unpaired; rows that
+    # cannot be told apart are refused below when the reference was named, else left unpaired
+    try:
+        kept = [v for v in others if _shares_seeds(wide, per_seed, original, index, column, base, v)]
+    except FedsimError:
+        kept = others if named else []
+    if not kept:
+        wide.attrs["paired"] = {"column": column, "against": base, "n": {}, "dropped": [], "unpaired": others}
+        return wide
+    unpaired_values = [v for v in others if v not in kept]
+    others = kept
     headers = {v: f"{v} − {base}" for v in others}
     counts: dict[str, list[int]] = {headers[v]: [] for v in others}
     dropped: list[str] = []
@@ -468,22 +603,70 @@ def _paired(wide: pd.DataFrame, table: pd.DataFrame, column: str, base: str, ind
                 continue
             rounded = round(mean, digits) + 0.0  # + 0.0: no "-0"
             out.at[i, value] = _plus_minus(rounded, round(ci, digits) if ci == ci else ci, "+")
-    out = out[index + [base] + others].rename(columns=headers)
-    out.attrs["paired"] = {"column": column, "against": base, "n": counts, "dropped": dropped}
+    out = out[index + [base] + [v for v in values if v != base]].rename(columns=headers)
+    out.attrs["paired"] = {"column": column, "against": base, "n": counts, "dropped": dropped,
+                           "unpaired": unpaired_values}
     return out
 
 
+def _shares_seeds(wide: pd.DataFrame, per_seed: Mapping, original: Mapping, index: list[str], column: str,
+                  base: str, value: str) -> bool:
+    """Whether `value` shares a seed with `base` in some row of the pivot (and every row of
+    both can be told apart); raises `FedsimError` where rows are ambiguous."""
+    shared = False
+    for _, row in wide.iterrows():
+        setting = {c: row[c] for c in index}
+        a = per_seed.get(_row_key({**setting, column: original[value]}), ())
+        b = per_seed.get(_row_key({**setting, column: original[base]}), ())
+        if a is None or b is None:
+            raise FedsimError("ambiguous rows")
+        if {s for s, _ in a} & {s for s, _ in b}:
+            shared = True
+    return shared
+
+
 def paired_note(paired: Mapping[str, Any]) -> str:
-    """The sentence under a paired table: what its difference columns hold, with n."""
+    """The sentences under a paired table: what its difference columns hold, with n, and
+    which comparisons are unpaired (no shared seed) instead."""
     ns = sorted({n for cells in paired["n"].values() for n in cells if n})
     n = "no seed" if not ns else f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]} to {ns[-1]} per cell"
     base = paired["against"]
-    text = (f"Columns \"V − {base}\" are paired differences from {paired['column']} {base}: per seed, "
-            f"V's final metric minus {base}'s, over the seeds both have in that row ({n}); mean ± "
-            f"half-width of the 95% t-interval of the differences. The {base} column is its own mean ± ci95.")
+    unpaired = paired.get("unpaired", [])
+    if paired.get("long"):
+        text = (f"Paired: diff_vs_{base} is each row's final metric minus {paired['column']} {base}'s at the "
+                f"same setting, per seed, over the seeds both have (diff_seeds: {n}); mean ± diff_ci95, the "
+                f"half-width of the 95% t-interval of the per-seed differences.")
+        if unpaired:
+            text += (" Unpaired (no shared seed; difference of means ± 95% Welch interval, diff_seeds 0): "
+                     + "; ".join(unpaired) + ".")
+    elif not paired["n"]:
+        why = paired.get("why", "no seed is shared with it")
+        text = (f"Unpaired: every column is its own mean ± ci95; no column could be paired with "
+                f"{paired['column']} {base} ({why}).")
+    else:
+        text = (f"Paired: columns \"V − {base}\" are paired differences from {paired['column']} {base}: per "
+                f"seed, V's final metric minus {base}'s, over the seeds both have in that row ({n}); mean ± "
+                f"half-width of the 95% t-interval of the differences. The {base} column is its own mean ± ci95.")
+        if unpaired:
+            text += (f" Unpaired (no seed shared with {base}), each its own mean ± ci95: "
+                     + ", ".join(unpaired) + ".")
     if paired["dropped"]:
         text += " Seeds on one side only are left out: " + "; ".join(paired["dropped"]) + "."
     return text
+
+
+def best_note(selected_on: Sequence[str], best_per_on: str | None = None) -> str:
+    """The sentence under a table on what its best_* column and --best-per rows selected on."""
+    on = list(selected_on)
+    text = BEST_NOTE[on[0]] if len(on) == 1 else (
+        "best_*: the test metric at the best round, selected on the validation split where a run has one "
+        "and on the test split (optimistic) where it has none (data.validation_fraction = 0)")
+    if best_per_on == "validation":
+        text += "; --best-per rows chosen by their mean final validation metric"
+    elif best_per_on == "test":
+        text += ("; --best-per rows chosen by their final test metric (the runs have no validation split): "
+                 "the chosen rows' numbers are optimistic")
+    return text + "."
 
 
 def _cell(value, column: str) -> str:
@@ -499,13 +682,14 @@ def _cell(value, column: str) -> str:
 
 
 def to_markdown(table: pd.DataFrame, unit: str, paired: Mapping[str, Any] | None = None,
-                epsilon_note: str = "") -> str:
+                epsilon_note: str = "", best: str = "") -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(_cell(row[c], c) for c in cols) + " |")
     notes = (f"\n\nMetric: {unit}, mean over seeds; ci95 (or ±) is the half-width "
              "of the 95% t-interval over seeds.\n") + (paired_note(paired) + "\n" if paired else "")
+    notes += f"Best: {best}\n" if best and any(c.startswith("best_") for c in cols) else ""
     return "\n".join(lines) + notes + (f"Epsilon: {epsilon_note}\n" if epsilon_note else "")
 
 
@@ -530,13 +714,15 @@ def to_latex(table: pd.DataFrame) -> str:
 
 
 def to_json(table: pd.DataFrame, unfinished: list[str], skipped: Sequence[str] = (),
-            paired: Mapping[str, Any] | None = None, epsilon_note: str = "") -> str:
+            paired: Mapping[str, Any] | None = None, epsilon_note: str = "", best: str = "") -> str:
     records = [{k: (None if isinstance(v, float) and math.isnan(v) else
                     ("inf" if isinstance(v, float) and math.isinf(v) else v))
                 for k, v in row.items()} for row in table.to_dict("records")]
     extra = {"paired": {**paired, "note": paired_note(paired)}} if paired else {}
     if epsilon_note:
         extra["epsilon_note"] = epsilon_note
+    if best:
+        extra["best_note"] = best
     return json.dumps({"rows": records, "unfinished": unfinished, "skipped": list(skipped), **extra}, indent=2,
                       default=str) + "\n"
 
@@ -590,40 +776,52 @@ def metric_unit(metric_name: str) -> str:
 
 def report(path: str | Path, *, group_by: str | Sequence[str] = (), best_per: str | Sequence[str] = (),
            where: Where | None = None, pivot: str = "", paired_against: Any = None,
-           median: bool = False) -> pd.DataFrame:
+           median: bool = False, unpaired: bool = False) -> pd.DataFrame:
     """The privacy-utility table of the runs under `path` (a run or a sweep directory).
 
     group_by: extra config keys that split rows (e.g. ["data.alpha"]). best_per: keep only
     the best row per group of these columns (they must be table columns, so group-by keys).
     where: only runs whose config has these values (a dict, or (key, value) pairs). pivot:
-    one column per value of this table column (e.g. "strategy") holding "final ± ci95".
-    paired_against: with pivot, a value of that column (e.g. "fedavg-lora"): every other
-    column becomes "V − value", the paired difference over the seeds both have (`pivot_table`).
-    median: show each run's median client's sample-level epsilon beside its largest.
+    one column per value of this table column (e.g. "strategy"). Comparisons are paired by
+    default: with pivot every column but the reference becomes "V − reference", the paired
+    difference over the seeds both have (`pivot_table`); without, a table of several
+    strategies gains diff_vs_<reference>, diff_ci95 and diff_seeds (`paired_columns`).
+    paired_against: the reference (a value of the pivot column, or a strategy; default the
+    first). unpaired: no differences, every cell its own mean ± ci95. median: show each run's
+    median client's sample-level epsilon beside its largest.
 
     The numbers are already rounded for display. ``table.attrs`` holds ``unfinished`` (runs
     missing from the table, as "name (status)"), ``skipped`` (malformed runs left out, as
     "name: why"), ``metric_name``, ``group_by``, ``epsilon_note`` (what each epsilon
-    column holds), which `render` and `plot` use, and ``mixed`` (`mixed_settings`: config keys
-    whose runs differ within a row, which the CLI warns about).
+    column holds), ``best_note`` (what the best_* column and best_per selected on: validation,
+    or test for runs without a validation split), which `render` and `plot` use, and ``mixed``
+    (`mixed_settings`: config keys whose runs differ within a row, which the CLI warns about).
     Raises `FedsimError` for a missing path, no finished runs, mixed metrics, a bad key, or
-    paired_against without pivot or not among the pivot column's values.
+    paired_against with unpaired or not among the compared values.
     """
-    check_paired(pivot, paired_against)
+    check_paired(pivot, paired_against, unpaired)
     frame, unfinished = load_runs(path)
     skipped = list(frame.attrs.get("skipped", []))
     if where:
         frame = apply_filters(frame, where)
     metric_name = str(frame["metric_name"].iloc[0])
     table = build_table(frame, _keys(group_by), median)
-    per_seed, mixed = table.attrs["per_seed"], table.attrs["mixed"]
+    kept = {k: table.attrs[k] for k in ("per_seed", "setting", "val_mean")}
+    mixed, selected_on = table.attrs["mixed"], table.attrs["best_selected_on"]
+    best_per_on = None
+    if not pivot and not unpaired:
+        table = paired_columns(table, paired_against)
+        if "paired" in table.attrs:
+            kept["paired"] = table.attrs["paired"]
     if _keys(best_per):
         table = best_rows(table, _keys(best_per))
-    table.attrs["per_seed"] = per_seed
+        best_per_on = table.attrs["best_per_on"]
+    table.attrs.update(kept)
     if pivot:
-        table = pivot_table(table, pivot, paired_against)
+        table = pivot_table(table, pivot, paired_against, unpaired)
     table.attrs.update(unfinished=list(unfinished), skipped=skipped, metric_name=metric_name, mixed=mixed,
-                       group_by=_keys(group_by), epsilon_note=EPSILON_NOTE)
+                       group_by=_keys(group_by), epsilon_note=EPSILON_NOTE,
+                       best_note=best_note(selected_on, best_per_on))
     return table
 
 
@@ -640,10 +838,11 @@ def render(table: pd.DataFrame, fmt: str = "md", unfinished: list[str] | None = 
             (c[len("final_"):] for c in table.columns if c.startswith("final_")), "")
         unit = metric_unit(name)
     if fmt == "md":
-        return to_markdown(table, unit, table.attrs.get("paired"), table.attrs.get("epsilon_note", ""))
+        return to_markdown(table, unit, table.attrs.get("paired"), table.attrs.get("epsilon_note", ""),
+                           table.attrs.get("best_note", ""))
     if fmt == "csv":
         return to_csv(table)
     if fmt == "latex":
         return to_latex(table)
     return to_json(table, unfinished, table.attrs.get("skipped", []), table.attrs.get("paired"),
-                   table.attrs.get("epsilon_note", ""))
+                   table.attrs.get("epsilon_note", ""), table.attrs.get("best_note", ""))

@@ -44,7 +44,7 @@ MODEL_BEST = "model-best.safetensors"
 # What a run writes; `--overwrite` removes exactly these (and nothing else in the directory).
 RUN_FILES = (ROUNDS_CSV, CLIENTS_CSV, SUMMARY_JSON, CONFIG_TOML, RUN_LOG, CHECKPOINT, MODEL, MODEL_BEST)
 
-ROUND_COLUMNS = ["round", "metric_name", "metric", "test_loss", "train_loss",
+ROUND_COLUMNS = ["round", "metric_name", "metric", "test_loss", "val_metric", "val_loss", "train_loss",
                  "sample_epsilon_max", "sample_epsilon_mean", "user_epsilon",
                  "clients_trained", "wall_seconds"]
 CLIENT_COLUMNS = ["partition_id", "num_examples", "participations", "sample_epsilon", "sample_rate"]

@@ -166,15 +166,21 @@ class RunRecorder:
         runs (`fedsim.schedule.user_accounting_args`); None without central DP."""
         return central_dp_epsilon(self.cfg, rounds)
 
-    def on_round_end(self, server_round: int, evaluation: dict[str, float]) -> None:
+    def on_round_end(self, server_round: int, evaluation: dict[str, float],
+                     validation: dict[str, float] | None = None) -> None:
+        """Record a round: the test split's `evaluation`, and the validation split's (None
+        without one, data.validation_fraction = 0), the one the best round is selected on."""
         metric_name = "accuracy" if "accuracy" in evaluation else "mse"
-        check_finite(self.cfg, server_round, {"test_loss": evaluation["loss"], metric_name: evaluation[metric_name]})
+        check_finite(self.cfg, server_round, {"test_loss": evaluation["loss"], metric_name: evaluation[metric_name],
+                                              **({"val_loss": validation["loss"]} if validation else {})})
         # Sample-level epsilon over clients that have trained at least once; a client that
         # never trained has released nothing (epsilon 0) and is left out of the mean.
         eps = [c.epsilon for c in self.clients.values()]
         row = {
             "round": server_round, "metric_name": metric_name, "metric": evaluation[metric_name],
             "test_loss": evaluation["loss"],
+            "val_metric": validation[metric_name] if validation else None,
+            "val_loss": validation["loss"] if validation else None,
             "train_loss": float(np.mean(self.train_losses)) if self.train_losses else float("nan"),
             "sample_epsilon_max": max(eps) if eps and self.private else (math.inf if eps else 0.0),
             # fsum is exact, so the mean does not depend on the order clients joined in (a resumed
@@ -200,12 +206,21 @@ class RunRecorder:
             self._bar.set_postfix_str(text)
             self._bar.update(1)
 
+    @property
+    def selected_on(self) -> str:
+        """The split the best round is selected on: validation, or test where there is none
+        (data.validation_fraction = 0; its best test number is then an optimistic one)."""
+        return "validation" if self.rows and self.rows[-1].get("val_metric") is not None else "test"
+
     def best_row(self) -> dict:
-        """The row of the best evaluated round (the first one, on ties); {} before round 1."""
+        """The row of the best round on the validation split (on the test split without
+        one; the first such round, on ties); {} before round 1. Its "metric" is the test
+        metric at that round: the test split is never what picks it, when there is a choice."""
         if not self.rows:
             return {}
         better = max if self.rows[-1]["metric_name"] == "accuracy" else min
-        return better(self.rows, key=lambda r: r["metric"])
+        key = "val_metric" if self.selected_on == "validation" else "metric"
+        return better(self.rows, key=lambda r: r[key])
 
     def summary(self, status: str, error: str | None = None) -> dict:
         p = self.cfg.privacy
@@ -251,7 +266,10 @@ class RunRecorder:
             "clients_per_round": self.cfg.federation.clients_per_round,
             "sampling": sampling,  # federation.sampling that ran (auto resolved)
             "metric_name": metric_name, "final_metric": last.get("metric"),
+            # the test metric at the round of the best validation metric (`best_row`)
             "best_metric": best.get("metric"), "best_round": best.get("round"),
+            "best_selected_on": self.selected_on, "best_val_metric": best.get("val_metric"),
+            "final_val_metric": last.get("val_metric"),
             "final_test_loss": last.get("test_loss"),
             "sample_level": sample, "user_level": user, "label_level": label,
             "secure_aggregation": self.secure_aggregation(),
@@ -463,19 +481,23 @@ class TrackedGrid(ForwardingGrid):
 
 
 def evaluation_function(cfg: Config, recorder: RunRecorder):
-    """Central evaluation on the held-out split after every round, which also writes the round."""
+    """Central evaluation after every round, which also writes the round: on the validation
+    split (which selects the best round) and on the test split (the reported numbers)."""
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     model = build_model(cfg.model, data, cfg.seed, cfg.output.dir)
     device = resolve_device(cfg.runtime.device)
-    x_test, y_test = data.x_test, data.y_test
+    x_test, y_test, x_val, y_val = data.x_test, data.y_test, data.x_val, data.y_val
     if device != "cpu":  # on the device once per run, not copied there every round
         x_test, y_test = as_tensors(x_test, y_test, data.task, device)
+        if x_val is not None:
+            x_val, y_val = as_tensors(x_val, y_val, data.task, device)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         R.load_record(model, arrays)
         result = evaluate(model, x_test, y_test, data.task, device)
+        validation = evaluate(model, x_val, y_val, data.task, device) if x_val is not None else None
         if server_round > 0:
-            recorder.on_round_end(server_round, result)
+            recorder.on_round_end(server_round, result, validation)
         return MetricRecord(result)
 
     return model, evaluate_fn

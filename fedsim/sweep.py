@@ -60,8 +60,8 @@ from typing import Any
 
 import pandas as pd
 
-from fedsim.config import (Config, config_from_dict, config_to_dict, flatten, load_config, parse_value, read_experiment,
-                           read_toml, report_unused, unused_keys)
+from fedsim.config import (BEFORE_THE_KEY, Config, config_from_dict, config_to_dict, flatten, load_config, parse_value,
+                           read_experiment, read_toml, report_unused, unused_keys)
 from fedsim.errors import ClientFailure, ConfigError, FedsimError
 from fedsim.logs import setup_logging
 from fedsim.results import CONFIG_TOML, is_finished, read_summary, write_atomic, write_json
@@ -327,8 +327,9 @@ def _recorded_identity(cell: Cell) -> dict[str, Any] | None:
 
 def config_differences(recorded: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
     """``key: old -> new`` for every key whose value differs. A key the record lacks (added
-    to fedsim since) differs only if the planned value is not its default."""
-    defaults = config_identity(load_config(None))
+    to fedsim since) differs only if the planned value is not the one such runs had: its
+    default, or `BEFORE_THE_KEY`'s value where the key's default changed what runs do."""
+    defaults = {**config_identity(load_config(None)), **BEFORE_THE_KEY}
     out = []
     for key in sorted(set(recorded) | set(planned)):
         if key not in planned:

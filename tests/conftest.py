@@ -163,9 +163,9 @@ def rounds_trained(monkeypatch):
         seen[-1].append(int(metrics["partition-id"]))
         on_reply(self, metrics)
 
-    def end(self, server_round, evaluation):
+    def end(self, server_round, evaluation, validation=None):
         seen.append([])
-        on_end(self, server_round, evaluation)
+        on_end(self, server_round, evaluation, validation)
 
     monkeypatch.setattr(RunRecorder, "on_train_reply", reply)
     monkeypatch.setattr(RunRecorder, "on_round_end", end)

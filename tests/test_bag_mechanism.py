@@ -51,3 +51,21 @@ def test_label_proportions_stay_on_the_simplex():
     exact = release_label_proportions(labels, bags := make_bags(60, 6, np.random.default_rng(1)), 3,
                                       epsilon=0, delta=1e-5, mechanism="laplace", rng=rng)
     assert np.allclose(exact, np.eye(3)[labels][bags].mean(1))
+
+
+def test_bag_sensitivity_is_the_replace_one_change_of_a_bag_mean():
+    """Measured: over bags of k responses clipped to [a, b], replacing one response moves the
+    mean by up to (b - a)/k, which bag_sensitivity returns; the add/remove-with-centring
+    change (the removed response counted as the centre) reaches only half of it."""
+    a, b, k = -3.0, 5.0, 8
+    rng = np.random.default_rng(0)
+    bags = np.clip(rng.uniform(a - 2, b + 2, (2000, k)), a, b)
+    bags[0] = a  # a bag at one end of the range: its worst neighbour sits at the other
+    replaced = bags.copy()
+    replaced[:, 0] = np.where(bags[:, 0] - a > b - bags[:, 0], a, b)  # the farthest value in range
+    replace_one = np.abs(replaced.mean(1) - bags.mean(1)).max()
+    centred = bags.copy()
+    centred[:, 0] = (a + b) / 2
+    add_remove = np.abs(centred.mean(1) - bags.mean(1)).max()
+    assert replace_one == pytest.approx(bag_sensitivity((a, b), k)) == pytest.approx((b - a) / k)
+    assert add_remove == pytest.approx(bag_sensitivity((a, b), k) / 2)

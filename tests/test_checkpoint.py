@@ -57,6 +57,17 @@ def test_config_difference_names_the_key_and_ignores_the_directory():
     assert diff == "federation.rounds (checkpoint 10, now 7)"
 
 
+def test_a_checkpoint_from_before_the_validation_split_resumes_only_at_fraction_zero():
+    """A checkpoint whose config has no data.validation_fraction trained on the whole training
+    split: resuming it under the new default 0.1 would change its data, and is refused."""
+    old = "\n".join(line for line in dumps_toml(load_config(None)).splitlines()
+                    if not line.startswith("validation_fraction"))
+    assert "validation_fraction" not in old
+    diff = config_difference(old, dumps_toml(load_config(None)))
+    assert diff == "data.validation_fraction (checkpoint 0.0, now 0.1)"
+    assert config_difference(old, dumps_toml(load_config(None, {"data.validation_fraction": 0.0}))) is None
+
+
 def test_node_memo_reencodes_exactly_the_nodes_whose_records_were_replaced(tmp_path):
     """A run passes one memo to every checkpoint: a node that trained since the last one holds
     new record objects and must be encoded anew, the others may reuse their encoding. The file

@@ -29,7 +29,7 @@ def file_cfg(tiny, path, **kw):
 
 
 def test_diabetes_is_standardized_by_its_documented_range(tiny):
-    data = load_dataset(tiny(**{"data.dataset": "diabetes"}).data, 6, 0)
+    data = load_dataset(tiny(**{"data.dataset": "diabetes", "data.validation_fraction": 0.0}).data, 6, 0)
     # scikit-learn documents the targets as "integer 25 - 346"; [25, 346] maps onto [-3, 3]
     assert (data.y_shift, data.y_scale, data.label_stats) == (185.5, 53.5, "public")
     raw = np.sort(load_diabetes().target)
@@ -39,7 +39,8 @@ def test_diabetes_is_standardized_by_its_documented_range(tiny):
 
 
 def test_a_stated_range_does_not_depend_on_the_training_labels(tiny, tmp_path):
-    a = load_dataset(file_cfg(tiny, houses(tmp_path / "a.csv", 0), **{"data.label_range": [0.0, 600.0]}).data, 6, 0)
+    whole = {"data.label_range": [0.0, 600.0], "data.validation_fraction": 0.0}
+    a = load_dataset(file_cfg(tiny, houses(tmp_path / "a.csv", 0), **whole).data, 6, 0)
     b = load_dataset(file_cfg(tiny, houses(tmp_path / "b.csv", 1), **{"data.label_range": [0.0, 600.0]}).data, 6, 0)
     assert (a.y_shift, a.y_scale, a.label_stats) == (b.y_shift, b.y_scale, "public") == (300.0, 100.0, "public")
     raw = pd.read_csv(tmp_path / "a.csv").price.to_numpy()
@@ -48,7 +49,7 @@ def test_a_stated_range_does_not_depend_on_the_training_labels(tiny, tmp_path):
 
 
 def test_a_file_without_a_range_uses_its_training_statistics_and_says_so(tiny, tmp_path):
-    data = load_dataset(file_cfg(tiny, houses(tmp_path / "h.csv")).data, 6, 0)
+    data = load_dataset(file_cfg(tiny, houses(tmp_path / "h.csv"), **{"data.validation_fraction": 0.0}).data, 6, 0)
     assert data.label_stats == "train"
     assert float(np.mean(data.y_train)) == pytest.approx(0.0, abs=1e-5)
     assert float(np.std(data.y_train)) == pytest.approx(1.0, abs=1e-4)

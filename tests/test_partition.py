@@ -146,3 +146,48 @@ def test_shard_partition_is_silent(tiny):
         warnings.simplefilter("always")
         partition(tiny(**{"data.partitioner": "shard", "data.classes_per_client": 2}))
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+# ----------------------------------------------------------------------------- the validation split
+
+def _rows(x: np.ndarray) -> list[bytes]:
+    return [r.tobytes() for r in np.asarray(x)]
+
+
+def test_validation_rows_leave_the_training_pool_before_partitioning(tiny):
+    """data.validation_fraction = 0.1 moves round(0.1 n) of the n training rows (a seeded draw)
+    to x_val: train and validation together are exactly the training split of fraction 0, in
+    its order, the test split is untouched, and no client's partition holds a validation row."""
+    whole = load_dataset(tiny(**{"data.validation_fraction": 0.0}).data, 10, 0)
+    cfg = tiny(**{"federation.num_clients": 10})
+    data = load_dataset(cfg.data, 10, 0)
+    assert whole.x_val is None and cfg.data.validation_fraction == 0.1
+    n = len(whole.y_train)
+    assert len(data.y_val) == int(round(0.1 * n)) and len(data.y_train) + len(data.y_val) == n
+    np.testing.assert_array_equal(data.x_test, whole.x_test)
+    position = {row: i for i, row in enumerate(_rows(whole.x_train))}
+    assert len(position) == n  # digits rows are distinct: a row names its position
+    train_at, val_at = [position[r] for r in _rows(data.x_train)], [position[r] for r in _rows(data.x_val)]
+    assert train_at == sorted(train_at) and not set(train_at) & set(val_at)
+    np.testing.assert_array_equal(data.y_val, whole.y_train[val_at])
+    clients = np.concatenate([client_data(cfg, pid)[0] for pid in range(10)])
+    assert not set(_rows(clients)) & set(_rows(data.x_val)) and len(clients) == len(data.y_train)
+    # one seed, the same rows; another seed, others
+    again = load_dataset(tiny(**{"data.validation_fraction": 0.1, "data.test_fraction": 0.2}).data, 10, 0)
+    np.testing.assert_array_equal(again.x_val, data.x_val)
+    other = load_dataset(cfg.data, 10, 1)
+    assert set(_rows(other.x_val)) != set(_rows(data.x_val))
+
+
+def test_validation_split_keeps_every_natural_group_and_refuses_too_few_rows(tiny):
+    cfg = tiny(**{"data.dataset": "synthetic", "data.validation_fraction": 0.5, "federation.num_clients": 30,
+                  "data.synthetic_samples": 10})
+    whole = load_dataset(tiny(**{"data.dataset": "synthetic", "data.validation_fraction": 0.0,
+                                 "data.synthetic_samples": 10}).data, 30, 0)
+    data = load_dataset(cfg.data, 30, 0)
+    assert set(data.groups_train) == set(whole.groups_train)
+    small = tiny(**{"data.dataset": "breast-cancer", "data.validation_fraction": 0.005})
+    with pytest.raises(FedsimError, match=r"^data\.validation_fraction: 0\.005 of 455 training samples holds out 2; "
+                                          r"model selection needs at least 5 .* set data\.validation_fraction >= "
+                                          r"0\.011, or 0 for no validation split"):
+        load_dataset(small.data, 10, 0)

@@ -266,16 +266,18 @@ def test_paired_against_columns_hold_the_paired_differences(cli, paired_runs):
     # by hand: d = 3, -0.5, 1, 2.5: mean 1.5, sd sqrt(7.5 / 3), t(0.975, 3) = 3.182; 96 - 91 on the one shared seed
     assert (dp["fedprox − fedavg"], dp["scaffold − fedavg"]) == ("+1.5 ± 2.5", "+0.3 ± 8")
     assert (nodp["fedprox − fedavg"], nodp["scaffold − fedavg"]) == ("+4 ± 6.6", "+5")  # one shared seed: no interval
-    # the baseline column is the plain pivot's, unchanged
-    plain = md_rows(cli("report", paired_runs, "--pivot", "strategy")[1])
+    # paired by default: a plain --pivot pairs against its first value, fedavg, the same table
+    assert cli("report", paired_runs, "--pivot", "strategy")[1] == out
+    # the baseline column is the unpaired pivot's, unchanged
+    plain = md_rows(cli("report", paired_runs, "--pivot", "strategy", "--unpaired")[1])
     assert [r["fedavg"] for r in rows] == [r["fedavg"] for r in plain]
     assert plain[1]["fedprox"] != dp["fedprox − fedavg"]
     # the footer says what the columns hold, with n, and which seeds were left out (also on stderr)
     footer = out.split("\n\n", 1)[1]
-    assert 'Columns "V − fedavg" are paired differences from strategy fedavg' in footer
+    assert 'Paired: columns "V − fedavg" are paired differences from strategy fedavg' in footer
     assert "(n = 1 to 4 per cell)" in footer
     assert "scaffold − fedavg at sigma=1: n = 3 (left out: seed 4, only in scaffold; seed 3, only in fedavg)" in footer
-    warnings = [line for line in err.splitlines() if line.startswith("warning: --paired-against: ")]
+    warnings = [line for line in err.splitlines() if line.startswith("warning: paired: ")]
     assert len(warnings) == 2
     assert warnings[0].endswith("scaffold − fedavg at sigma=0: n = 1 (left out: seed 7, only in scaffold; "
                                 "seeds 0, 1, only in fedavg)")
@@ -303,17 +305,19 @@ def test_paired_against_from_python_matches_the_cli(cli, paired_runs):
     assert table.attrs["paired"]["n"]["fedprox − fedavg"] == [3, 4]
 
 
-@pytest.mark.parametrize("pivot, against, message", [
-    ("", "fedavg", "--paired-against fedavg needs --pivot COLUMN, the column whose value fedavg is the baseline "
-                   "(e.g. --pivot strategy)"),
-    ("strategy", "nope", "--paired-against 'nope' is not a value of --pivot column 'strategy'; "
-                         "allowed: fedavg, fedprox, scaffold"),
+@pytest.mark.parametrize("pivot, against, unpaired, message", [
+    ("", "nope", False, "--paired-against 'nope' is not a strategy of these runs; allowed: fedavg, fedprox, scaffold"),
+    ("strategy", "nope", False, "--paired-against 'nope' is not a value of --pivot column 'strategy'; "
+                                "allowed: fedavg, fedprox, scaffold"),
+    ("strategy", "fedavg", True, "--paired-against fedavg and --unpaired contradict each other; give one "
+                                 "(comparisons are paired by default)"),
 ])
-def test_paired_against_bad_input_is_one_line_exit_2(cli, paired_runs, pivot, against, message):
-    code, out, err = cli("report", paired_runs, *(["--pivot", pivot] if pivot else []), "--paired-against", against)
+def test_paired_against_bad_input_is_one_line_exit_2(cli, paired_runs, pivot, against, unpaired, message):
+    code, out, err = cli("report", paired_runs, *(["--pivot", pivot] if pivot else []), "--paired-against", against,
+                         *(["--unpaired"] if unpaired else []))
     assert (code, out, err) == (2, "", f"error: report: {message}\n")
     with pytest.raises(FedsimError) as refused:
-        fedsim.report(paired_runs, pivot=pivot, paired_against=against)
+        fedsim.report(paired_runs, pivot=pivot, paired_against=against, unpaired=unpaired)
     assert str(refused.value) == f"report: {message}"
 
 
@@ -331,7 +335,7 @@ def test_report_help_shows_paired_against(capsys):
     with pytest.raises(SystemExit):
         main(["report", "--help"])
     text = capsys.readouterr().out
-    assert "--paired-against VALUE" in text
+    assert "--paired-against VALUE" in text and "--unpaired" in text
     assert "fedsim report sweeps/fedsvd --pivot strategy --paired-against fedavg-lora" in text
 
 
@@ -349,3 +353,82 @@ def test_rows_that_average_different_settings_are_named_in_one_warning(cli, tmp_
     assert report(root).attrs["mixed"] == {"client.lr": ["0.1", "0.3"]}
     code, out, err = cli("report", root, "--format", "csv", "--group-by", "client.lr")
     assert code == 0 and err == "" and len(out.strip().splitlines()) == 3  # header + one row per lr
+
+
+# ----------------------------------------------------------------------------- paired by default
+
+def test_long_table_pairs_strategies_by_default(cli, paired_runs):
+    """Without --pivot, a table of several strategies gains each row's paired difference from
+    the first strategy's row at the same sigma: the numpy re-derivation of mean and 95%
+    t-interval of the per-seed differences, n in diff_seeds; --unpaired drops the columns."""
+    code, out, err = cli("report", paired_runs, "--format", "json")
+    assert code == 0, err
+    body = json.loads(out)
+    rows = {(r["strategy"], r["sigma"]): r for r in body["rows"]}
+    for sigma, finals in ((1.0, PAIRED_DP), (0.0, PAIRED_NODP)):
+        assert rows[("fedavg", sigma)]["diff_vs_fedavg"] is None  # the reference itself
+        for name in ("fedprox", "scaffold"):
+            a, b = pct(finals[name]), pct(finals["fedavg"])
+            seeds = sorted(set(a) & set(b))
+            d = np.array([a[s] for s in seeds]) - np.array([b[s] for s in seeds])
+            half = stats.t.ppf(0.975, len(d) - 1) * np.std(d, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else None
+            row = rows[(name, sigma)]
+            assert row["diff_vs_fedavg"] == round(float(d.mean()), 1) + 0.0, (name, sigma)
+            assert row["diff_ci95"] == (None if half is None else round(float(half), 1)), (name, sigma)
+            assert row["diff_seeds"] == len(d)
+    assert body["paired"]["against"] == "fedavg" and body["paired"]["unpaired"] == []
+    assert "Paired: diff_vs_fedavg is each row's final metric minus strategy fedavg's" in body["paired"]["note"]
+    # against another reference, and not at all
+    other = json.loads(cli("report", paired_runs, "--format", "json", "--paired-against", "fedprox")[1])
+    assert {r["strategy"]: r["diff_vs_fedprox"] for r in other["rows"] if r["sigma"] == 1.0}["fedprox"] is None
+    unpaired = json.loads(cli("report", paired_runs, "--format", "json", "--unpaired")[1])
+    assert "paired" not in unpaired and not any(k.startswith("diff_") for k in unpaired["rows"][0])
+    assert [r["final_accuracy"] for r in unpaired["rows"]] == [r["final_accuracy"] for r in body["rows"]]
+
+
+def test_no_shared_seed_falls_back_to_unpaired_and_says_so(cli, paired_runs):
+    """A strategy whose seeds fedavg never ran: its long-table difference is Welch's unpaired
+    interval (numpy re-derivation), its pivot column its own mean ± ci95; both captions say so."""
+    other = {10: 0.61, 11: 0.75, 12: 0.70}
+    for seed, final in other.items():
+        write_run(paired_runs, f"fedadam-{seed}", strategy="fedadam", sigma=1.0, seed=seed, final=final, eps=3.0)
+    # fedadam sorts first, so it would be the reference: name fedavg
+    body = json.loads(cli("report", paired_runs, "--format", "json", "--paired-against", "fedavg")[1])
+    row = next(r for r in body["rows"] if r["strategy"] == "fedadam")
+    a, b = np.array(list(pct(other).values())), np.array(list(pct(PAIRED_DP["fedavg"]).values()))
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    assert row["diff_vs_fedavg"] == round(float(a.mean() - b.mean()), 1)
+    assert row["diff_ci95"] == round(float(stats.t.ppf(0.975, df) * np.sqrt(va + vb)), 1)
+    assert row["diff_seeds"] == 0
+    assert "Unpaired (no shared seed; difference of means ± 95% Welch interval" in body["paired"]["note"]
+    assert "fedadam at sigma=1" in body["paired"]["note"]
+    code, out, err = cli("report", paired_runs, "--pivot", "strategy", "--paired-against", "fedavg")
+    rows = md_rows(out)
+    assert list(rows[0])[-4:] == ["fedavg", "fedadam", "fedprox − fedavg", "scaffold − fedavg"]
+    mean, half = a.mean(), stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))
+    dp = next(r for r in rows if r["sigma"] == "1")
+    assert dp["fedadam"] == f"{round(mean, 1):g} ± {round(half, 1):g}"
+    assert "Unpaired (no seed shared with fedavg), each its own mean ± ci95: fedadam." in out
+
+
+def test_best_is_the_validation_selected_number_and_the_caption_says_so(cli, tmp_path):
+    """best_* is read from summary.json (the test metric at the best-validation round); the
+    caption names the split that selected it, and --best-per picks rows on validation when
+    every run has one: here the row with the higher test but lower validation metric loses."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        for lr, final, val in ((0.1, 0.80, 0.60), (0.3, 0.70, 0.65)):
+            run = write_run(root, f"lr{lr}-{seed}", seed=seed, final=final, **{"client.lr": lr})
+            edit_summary(run, lambda s, v=val: s.update(best_selected_on="validation", final_val_metric=v))
+    code, out, err = cli("report", root, "--group-by", "client.lr")
+    assert code == 0, err
+    assert "Best: best_*: the test metric at the round with the best validation metric" in out
+    rows = md_rows(cli("report", root, "--group-by", "client.lr,privacy.delta", "--best-per", "privacy.delta")[1])
+    assert [r["client.lr"] for r in rows] == ["0.3"]
+    # runs without a validation split: selected on test, and said to be optimistic
+    for run in root.iterdir():
+        edit_summary(run, lambda s: (s.pop("best_selected_on"), s.pop("final_val_metric")))
+    out = cli("report", root, "--group-by", "client.lr,privacy.delta", "--best-per", "privacy.delta")[1]
+    assert [r["client.lr"] for r in md_rows(out)] == ["0.1"]
+    assert "selected on the test split" in out and "--best-per rows chosen by their final test metric" in out

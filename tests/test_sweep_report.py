@@ -103,6 +103,23 @@ def test_a_changed_config_is_refused_never_reused(cli, tmp_path):
     assert code == 2 and "client.momentum: 0.0 -> 0.9" in err and summary.read_bytes() == before
 
 
+def test_a_cell_made_before_the_validation_split_is_reused_at_fraction_zero(cli, tmp_path):
+    """A cell recorded before data.validation_fraction existed trained on the whole training
+    split: it is the planned cell at validation_fraction = 0 (what the published configs pin),
+    and another experiment under the new default 0.1."""
+    sweep = tmp_path / "sw"
+    pinned = [*ONE_CELL, "--set", "data.validation_fraction=0"]
+    assert cli("sweep", *pinned, "--out", sweep)[0] == 0
+    record = sweep / ".cells" / "client.lr=0.1.json"
+    old = json.loads(record.read_text())
+    del old["config"]["data.validation_fraction"]  # as a cell of an earlier fedsim recorded it
+    record.write_text(json.dumps(old))
+    code, out, _ = cli("sweep", *pinned, "--out", sweep)
+    assert code == 0 and "1 already finished, running 0" in out
+    code, _, err = cli("sweep", *ONE_CELL, "--out", sweep)
+    assert code == 2 and "data.validation_fraction: 0.0 -> 0.1" in err
+
+
 def test_close_values_make_distinct_faithful_cells(tmp_path):
     plan = plan_sweep(None, grid={"client.lr": [0.1, 0.1000001, 1 / 3, 1e-5, 2.0]}, out=tmp_path / "sw")
     names = list(plan["cell"])

@@ -30,7 +30,8 @@ def test_user_text_file_is_tokenized_as_ids_then_mask(tiny, tmp_path):
     path = tmp_path / "reviews.csv"
     pd.DataFrame({"review": texts, "stars": labels}).to_csv(path, index=False)
     cfg = tiny(**{"data.dataset": "file", "data.path": str(path), "data.text_column": "review",
-                  "data.label_column": "stars", "data.max_length": 48, "data.test_fraction": 0.2})
+                  "data.label_column": "stars", "data.max_length": 48, "data.test_fraction": 0.2,
+                  "data.validation_fraction": 0.0})  # 24 training rows: too few to hold 5 out
     data = load_dataset(cfg.data, 6, 0)
     assert data.input_shape == (96,) and data.task == "classification" and data.num_classes == 4
     ids, mask = data.x_train[:, :48].astype(int), data.x_train[:, 48:].astype(int)

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("restore_logging")
 
 # digits, MLP(32), 6 clients, 3 per round, 2 rounds, DP-SGD (finite epsilons)
 TINY = dict(num_clients=6, clients_per_round=3, rounds=2, batch_size=32, lr=0.3, noise_multiplier=1.0)
-SCALARS = {"accuracy": "metric", "test_loss": "test_loss", "train_loss": "train_loss",
+SCALARS = {"accuracy": "metric", "test_loss": "test_loss", "val_metric": "val_metric", "val_loss": "val_loss",
+           "train_loss": "train_loss",
            "sample_epsilon_max": "sample_epsilon_max", "sample_epsilon_mean": "sample_epsilon_mean",
            "clients_trained": "clients_trained", "wall_seconds": "wall_seconds"}  # tracker name -> column
 

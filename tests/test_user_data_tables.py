@@ -62,7 +62,11 @@ def split_positions(n: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[
 
 
 def file_cfg(tiny, path, label="species", **kw):
-    return tiny(**{"data.dataset": "file", "data.path": str(path), "data.label_column": label, **kw})
+    """A user file's config, without a validation split: these tests hold the test split and the
+    encoding to their re-derivations on the whole training split (tests/test_partition.py holds
+    the validation split to its own)."""
+    return tiny(**{"data.dataset": "file", "data.path": str(path), "data.label_column": label,
+                   "data.validation_fraction": 0.0, **kw})
 
 
 @pytest.fixture
@@ -220,7 +224,7 @@ def test_builtin_data_with_nan_is_not_trained_on_silently(tiny, monkeypatch, fed
     monkeypatch.setattr(datasets, "linear_gaussian", with_nan)
     cfg = tiny(**{"data.dataset": "linear", "data.linear_dim": 5, "data.synthetic_samples": 20})
     data = load_dataset(cfg.data, 6, 0)
-    assert len(data.y_train) + len(data.y_test) == 120 - 2 and np.isfinite(data.x_train).all()
+    assert len(data.y_train) + len(data.y_val) + len(data.y_test) == 120 - 2 and np.isfinite(data.x_train).all()
     (drop,) = [r.getMessage() for r in fedsim_log.records if "missing" in r.getMessage()]
     assert "dropped 2 of 120 rows of linear" in drop
     cfg.data.missing = "error"

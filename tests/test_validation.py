@@ -92,6 +92,8 @@ def test_cli_refuses_non_finite_values(refused, argv, key):
     (["--set", "model.hidden=[8192, 8192]"], "model.hidden", "at most 16777216"),
     (["--rounds", "100000000"], "federation.rounds", "must be <= 1000000"),
     (["--set", "client.momentum=1.0"], "client.momentum", "must be < 1.0"),
+    (["--set", "data.validation_fraction=1"], "data.validation_fraction", "must be < 1.0"),
+    (["--set", "data.validation_fraction=-0.1"], "data.validation_fraction", "must be >= 0"),
     (["--set", "seed=-1"], "seed", "must be >= 0"),
     (["--set", "name='../../x'"], "name", "must match [A-Za-z0-9][A-Za-z0-9._-]{0,99}"),
     (["--set", "name='a/b'"], "name", "must match"),
@@ -184,8 +186,12 @@ def test_check_delta_is_strict_at_one_over_n():
 
 
 def test_delta_against_largest_client(refused):
-    """digits: 1,438 training samples over 2 clients, 719 each, so delta must be < 1/719."""
+    """digits: 1,438 training samples, 144 of them the validation split, 1,294 over 2 clients,
+    647 each, so delta must be < 1/647; without the validation split 719 each."""
     line = refused(["run", *TINY, "--noise-multiplier", "1", "--delta", "0.002"], "privacy.delta")
+    assert "n = 647 samples in the largest client" in line
+    line = refused(["run", *TINY, "--noise-multiplier", "1", "--delta", "0.002", "--set",
+                    "data.validation_fraction=0"], "privacy.delta")
     assert "n = 719 samples in the largest client" in line
 
 
@@ -475,7 +481,8 @@ def test_a_run_that_diverges_stops_with_exit_1_and_keeps_the_rounds_before(cli, 
     def nan_in_round_2(*args, **kwargs):
         result = real(*args, **kwargs)
         calls.append(1)
-        return {**result, "loss": math.nan} if len(calls) == 2 else result
+        # a round evaluates the test split, then the validation split: call 3 is round 2's test
+        return {**result, "loss": math.nan} if len(calls) == 3 else result
 
     monkeypatch.setattr(fedsim.server, "evaluate", nan_in_round_2)
     out = tmp_path / "run"
@@ -492,7 +499,8 @@ def test_a_run_that_diverges_stops_with_exit_1_and_keeps_the_rounds_before(cli, 
 def test_a_learning_rate_that_overflows_the_model_ends_diverged(cli, tmp_path):
     code, _, err = cli("run", "--dataset", "diabetes", "--set", 'model.name="linear"', "--lr", "1e9",
                        "--num-clients", "2", "--rounds", "2", "--out", tmp_path / "run", "--no-progress")
-    assert code == 1 and "error: run diverged at round 1: test_loss is nan, mse is nan (lower client.lr = 1e+09" in err
+    assert code == 1 and ("error: run diverged at round 1: test_loss is nan, mse is nan, val_loss is nan "
+                          "(lower client.lr = 1e+09") in err
 
 
 # --------------------------------------------------------------------------- inputs once taken silently or misnamed

@@ -3,10 +3,12 @@
 Math kept apart from training: `bag_sensitivity` and `noise_scale` are closed
 forms; `release_bag_means` applies them once per client.
 
-Neighbouring datasets differ in ONE response (replace-one). A bag mean of k
-responses clipped to [a, b] then moves by at most (b - a)/k. Note: the paper's
-scale omits this factor; with responses in [a, b] a replaced response can move the
-sum by the full range b - a, so fedsim uses Delta = (b - a)/k, not half of it.
+Neighbouring datasets differ in ONE response (replace-one, label-DP's relation). A
+replaced response in [a, b] can move the bag's sum by the full range b - a, so a bag
+mean of k responses moves by at most Delta = (b - a)/k. Half of it, (b - a)/(2k), is
+the sensitivity under add/remove neighbours with responses centred on (a + b)/2; used
+for replace-one it would understate Delta by 2 (and double the true epsilon of Laplace
+noise), so fedsim uses (b - a)/k. docs/methods.md says the same.
 
 Bags are disjoint, so each label is in exactly one released mean: by parallel
 composition the whole release is (epsilon, delta)-label-DP. Each client releases
@@ -21,7 +23,8 @@ import numpy as np
 
 
 def bag_sensitivity(label_range: tuple[float, float], bag_size: int) -> float:
-    """Replace-one sensitivity of a mean of `bag_size` responses clipped to [a, b]."""
+    """Replace-one sensitivity of a mean of `bag_size` responses clipped to [a, b]:
+    (b - a)/k, not the add/remove-with-centring (b - a)/(2k) (module docstring)."""
     a, b = label_range
     return (b - a) / bag_size
 

@@ -102,10 +102,15 @@ def test_saved_models_rebuild_without_the_dataset(tiny, monkeypatch):
     assert isinstance(final, torch.nn.Module) and not final.training
     assert evaluate(final, data.x_test, data.y_test, data.task)["accuracy"] == summary["final_metric"]
     assert evaluate(best, data.x_test, data.y_test, data.task)["accuracy"] == summary["best_metric"]
-    metrics = [float(r["metric"]) for r in csv.DictReader((out / "rounds.csv").open())]
+    rounds = list(csv.DictReader((out / "rounds.csv").open()))
     if summary["best_round"] != 4:  # a different round's model indeed
         assert any(not torch.equal(a, b) for a, b in zip(final.state_dict().values(), best.state_dict().values()))
-    assert max(metrics) == summary["best_metric"]
+    # the best round is the first with the highest validation accuracy; its test accuracy is the number
+    val = [float(r["val_metric"]) for r in rounds]
+    chosen = val.index(max(val))
+    assert summary["best_selected_on"] == "validation" and summary["best_round"] == chosen + 1
+    assert float(rounds[chosen]["metric"]) == summary["best_metric"]
+    assert evaluate(best, data.x_val, data.y_val, data.task)["accuracy"] == max(val) == summary["best_val_metric"]
 
     plain = run_experiment(tiny(**{"federation.rounds": 1, "output.dir": str(out.parent / "plain")}), progress=False)
     assert not (plain / "model-best.safetensors").exists()

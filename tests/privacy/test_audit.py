@@ -30,9 +30,11 @@ from fedsim.privacy.canaries import make_gradient_canaries
 from fedsim.privacy.faults import FAULT_ENV
 from tests.clients.test_vectorized import BASE, _jobs, _poisson_batches, _trainable
 
-# one client holding 20 samples, the whole batch every step (q = 1), ten rounds of one step
+# one client holding 20 samples, the whole batch every step (q = 1), ten rounds of one step;
+# no validation split, as in configs/audit.toml (an audit selects nothing)
 AUDITED = {"name": "audit", "data.dataset": "synthetic", "data.partitioner": "iid", "data.synthetic_samples": 40,
-           "data.test_fraction": 0.5, "model.name": "mlp", "model.hidden": [32], "federation.num_clients": 1,
+           "data.test_fraction": 0.5, "data.validation_fraction": 0.0, "model.name": "mlp", "model.hidden": [32],
+           "federation.num_clients": 1,
            "federation.clients_per_round": 1, "federation.rounds": 10, "client.batch_size": 64,
            "client.lr": 0.1, "privacy.max_grad_norm": 1.0, "privacy.delta": 1e-5}
 
