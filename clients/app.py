@@ -46,6 +46,7 @@ from fedsim.privacy.canaries import planted_canaries
 from fedsim.privacy.client_clipping import clip_own_update
 from fedsim.privacy.secure_noise import is_secret
 from fedsim.privacy.secagg import secagg_mod
+from fedsim.startup import startup_probe
 
 
 def query(msg: Message, context: Context, config_text: str | None = None) -> Message:
@@ -220,6 +221,7 @@ def local_task(job: ClientJob) -> LocalTask:
 
 def run_job(job: ClientJob, batches: list[np.ndarray] | None = None) -> LocalResult:
     """Train one job with the Opacus engine (or the rule's own loop)."""
+    startup_probe()
     rule, hyper = job.rule, job.start.hyper
     if rule.local_train is not None:
         return rule.local_train(local_task(job))
@@ -407,6 +409,7 @@ def _on_device(job: ClientJob) -> tuple:
 def run_vectorized(jobs: list[ClientJob], batches=None) -> list[VectorOutcome]:
     """Train jobs that start from the same arrays with the vectorized engine (or the rule's
     own batched loop, `ClientRule.local_train_batched`)."""
+    startup_probe()
     first = jobs[0]
     if first.rule.local_train_batched is not None:
         if batches is not None:

@@ -259,6 +259,39 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def cmd_cache_info(args: argparse.Namespace) -> int:
+    from fedsim.caches import CACHE_ENV, cache_dir, disk_entries
+
+    root = cache_dir()
+    if root is None:
+        print(f"cache: off ({CACHE_ENV}=off)")
+        return 0
+    entries = disk_entries()
+    kinds: dict[str, int] = {}
+    for path in entries:
+        kinds[path.parent.name] = kinds.get(path.parent.name, 0) + 1
+    size = sum(path.stat().st_size for path in entries)
+    what = ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items()))
+    print(f"cache: {root}: {len(entries)} entries, {_mb(size)}" + (f" ({what})" if what else ""))
+    return 0
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> int:
+    from fedsim.caches import CACHE_ENV, cache_dir, clear_disk
+
+    root = cache_dir()
+    if root is None:
+        print(f"cache: off ({CACHE_ENV}=off); nothing to clear")
+        return 0
+    count, size = clear_disk()
+    print(f"cache: removed {count} entries ({_mb(size)}) from {root}")
+    return 0
+
+
 def _csv_values(text: str | None, flag: str) -> list | None:
     """A comma-separated flag's values; an empty list or an empty item is refused, not read as
     "no axis"."""
@@ -530,6 +563,23 @@ COMMANDS: tuple[Command, ...] = (
                             flag("--hosts", default="127.0.0.1,localhost", help="names the certificate is valid for"),
                             flag("--overwrite", action="store_true",
                                  help="replace existing ca.crt, server.pem and server.key (refused otherwise)"))),
+            )),
+    Command("cache", "show or clear the on-disk cache of datasets and partitions",
+            "fedsim keeps every dataset it loads and every partition it computes on disk, so that the next "
+            "run of the same data starts without rebuilding them (nor importing flwr-datasets, Hugging Face "
+            "datasets and pandas). An entry is found by content: the data config, the number of clients, the "
+            "seed, a data file's bytes and the code that built it, so a changed file or an upgraded library "
+            "makes a new entry and a stale one is never read. The directory is $FEDSIM_CACHE_DIR, else "
+            "$XDG_CACHE_HOME/fedsim, else ~/.cache/fedsim; FEDSIM_CACHE_DIR=off turns the cache off. "
+            "Clearing it (or rm -rf of the directory) only costs the next run the rebuild.",
+            ("fedsim cache info", "fedsim cache clear"),
+            subcommands=(
+                Command("info", "where the cache is, its entries and size",
+                        "Print the cache directory, its number of entries per kind and their size.",
+                        ("fedsim cache info",), cmd_cache_info),
+                Command("clear", "delete every entry",
+                        "Delete every entry of the cache directory; the next run rebuilds what it needs.",
+                        ("fedsim cache clear",), cmd_cache_clear),
             )),
     Command("report", "privacy-utility table from runs",
             "Aggregate run directories (over seeds) into a privacy-utility table.",

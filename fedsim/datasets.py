@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.caches import Snapshot, cached, frozen
+from fedsim.caches import Snapshot, Source, cached, file_source, frozen, module_source, on_disk
 from fedsim.config import MAX_WIDTH, WHY_MEMORY, DataConfig
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.text import resolve_model_dir, tokenize, topic_corpus
@@ -223,6 +223,9 @@ def category_text(values: Any) -> np.ndarray:
     """Each value as the text that names its category or class, whatever type a file gave it:
     2, 2.0 and '2' are all '2', True is 'True'. The server and data holders match categories
     and labels by this text, since one file may read a column as numbers and another as text."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":  # a built-in's labels: without pandas
+        uniques, codes = np.unique(values, return_inverse=True)  # NaNs are one unique, whose text is 'nan'
+        return np.array([_text(u) for u in uniques.tolist()], dtype=object)[codes.reshape(-1)]
     import pandas as pd
 
     codes, uniques = pd.factorize(pd.Series(values), use_na_sentinel=True)
@@ -788,8 +791,11 @@ def load_dataset(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
 
 @cached(maxsize=8)
 def _load_cached(cfg: Snapshot, num_clients: int, seed: int) -> Dataset:
-    data_cfg = cfg.thaw()
-    return hold_out_validation(_load(data_cfg, num_clients, seed), data_cfg.validation_fraction, seed)
+    def build() -> Dataset:
+        data_cfg = cfg.thaw()
+        return hold_out_validation(_load(data_cfg, num_clients, seed), data_cfg.validation_fraction, seed)
+
+    return on_disk("dataset", disk_key(cfg, num_clients, seed), build, Dataset)
 
 
 def hold_out_validation(data: Dataset, fraction: float, seed: int) -> Dataset:
@@ -826,3 +832,26 @@ def hold_out_validation(data: Dataset, fraction: float, seed: int) -> Dataset:
     groups = data.groups_train[train] if data.groups_train is not None else None
     return replace(data, x_train=data.x_train[train], y_train=data.y_train[train], groups_train=groups,
                    x_val=data.x_train[val], y_val=data.y_train[val])
+
+
+# scikit-learn's files that a built-in dataset is read from
+SKLEARN_FILES = {"digits": ("digits.csv.gz",), "breast-cancer": ("breast_cancer.csv",),
+                 "diabetes": ("diabetes_data_raw.csv.gz", "diabetes_target.csv.gz")}
+
+
+def disk_key(cfg: Snapshot, num_clients: int, seed: int) -> tuple | None:
+    """The dataset's key on disk (`fedsim.caches.on_disk`): the in-process key, the code that
+    builds it (this module, numpy, scikit-learn) and the files it is read from. None, not
+    kept on disk, for text data: its tokenizer is a directory of model files."""
+    name = cfg.get("dataset")
+    if name == "text-topics" or cfg.get("text_column"):
+        return None
+    sources = [module_source(__name__), module_source("numpy")]
+    if name == "file":
+        sources.append(file_source("data.path", cfg.get("path")))
+    if name in SKLEARN_FILES:
+        sources.append(module_source("sklearn"))
+        for file in SKLEARN_FILES[name]:
+            path = _sklearn_data_file(file)
+            sources.append(file_source(file, path) if path is not None else Source(file, None))
+    return cfg, num_clients, seed, tuple(sources)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.caches import Snapshot, cached, frozen
+from fedsim.caches import Snapshot, cached, frozen, module_source, on_disk
 from fedsim.config import Config, FederationConfig
-from fedsim.datasets import Dataset, load_dataset
+from fedsim.datasets import Dataset, disk_key, load_dataset
 from fedsim.errors import FedsimError
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -219,10 +219,9 @@ def assign_leftovers(indices: list[np.ndarray], labels: np.ndarray, cfg: Config)
 
 @dataclass(frozen=True)
 class Partition:
-    """Row indices of the training split for each client, plus the partitioner (for plots)."""
+    """Row indices of the training split for each client."""
 
     indices: list[np.ndarray]
-    partitioner: object
 
 
 def partition(cfg: Config, data: Dataset | None = None) -> Partition:
@@ -234,15 +233,24 @@ def partition(cfg: Config, data: Dataset | None = None) -> Partition:
     in `clients.trainer`).
 
     The partition is a function of ``cfg.data``, the number of clients and the seed alone,
-    and is cached per process on them (`fedsim.caches`). `data` is accepted from callers
-    that hold the experiment's dataset; it is not needed, since a miss loads the same
-    dataset from its own cache (``load_dataset(cfg.data, num_clients, seed)``).
+    and is cached per process on them and on disk across runs (`fedsim.caches`), so a
+    second run of the same data imports neither flwr-datasets nor Hugging Face ``datasets``.
+    `data` is accepted from callers that hold the experiment's dataset; it is not needed,
+    since a miss loads the same dataset from its own cache
+    (``load_dataset(cfg.data, num_clients, seed)``).
     """
     return _partition_cached(frozen(cfg.data), cfg.federation.num_clients, cfg.seed)
 
 
 @cached(maxsize=16)
 def _partition_cached(data_cfg: Snapshot, num_clients: int, seed: int) -> Partition:
+    data_key = disk_key(data_cfg, num_clients, seed)
+    # the dataset's key (its files' contents) and the code that splits it
+    key = None if data_key is None else (data_key, module_source(__name__), module_source("flwr_datasets"))
+    return on_disk("partition", key, lambda: _partition(data_cfg, num_clients, seed), Partition)
+
+
+def _partition(data_cfg: Snapshot, num_clients: int, seed: int) -> Partition:
     # Only these three fields are read below; the rest of the Config keeps its defaults.
     cfg = Config(seed=seed, data=data_cfg.thaw(),
                  federation=FederationConfig(num_clients=num_clients, clients_per_round=num_clients))
@@ -257,10 +265,10 @@ def _partition_cached(data_cfg: Snapshot, num_clients: int, seed: int) -> Partit
     def split(min_partition_size: int):
         part = _make_partitioner(cfg, labels, data.groups_train, min_partition_size)
         part.dataset = _hf_dataset(labels, data.groups_train, cfg.seed, shuffled)
-        return part, _load_all(part, cfg.federation.num_clients)
+        return _load_all(part, cfg.federation.num_clients)
 
     try:
-        part, indices = split(1)
+        indices = split(1)
     except ValueError as exc:
         if cfg.data.partitioner != "dirichlet":
             raise FedsimError(f"data.partitioner: {cfg.data.partitioner} could not split "
@@ -268,14 +276,14 @@ def _partition_cached(data_cfg: Snapshot, num_clients: int, seed: int) -> Partit
         # flwr-datasets gave up after 10 draws that each left a client empty (tiny alpha).
         # Documented rule: draw once with no minimum size, then give each empty client one
         # sample from the largest client, so every sample still goes to exactly one client.
-        part, indices = split(0)
+        indices = split(0)
         indices = fill_empty_clients(indices)
     indices = assign_leftovers(indices, labels, cfg)
     empty = [i for i, idx in enumerate(indices) if len(idx) == 0]
     if empty:
         raise FedsimError(f"data.partitioner: client {empty[0]} got no samples "
                           f"({len(empty)} empty clients); raise data.alpha or lower federation.num_clients")
-    return Partition(indices, part)
+    return Partition(indices)
 
 
 def client_data(cfg: Config, partition_id: int, data: Dataset | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,14 @@ def tiny_config(tmp_path, **overrides) -> Config:
     return load_config(None, base)
 
 
+@pytest.fixture(autouse=True)
+def own_disk_cache(tmp_path_factory, monkeypatch):
+    """Each test's on-disk cache (`fedsim.caches.cache_dir`) is a fresh directory of its own,
+    inherited by the subprocesses it starts: tests never write to the user's ~/.cache, and
+    none reads an entry that another test's run left."""
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(tmp_path_factory.mktemp("fedsim-cache")))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def full_float32_on_cuda():
     """On a machine with a GPU the suite trains there (``runtime.device = "auto"``). cuDNN's

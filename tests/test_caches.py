@@ -83,10 +83,11 @@ def test_mutated_config_does_not_return_stale_partition(tiny):
     assert len(partition(cfg).indices) == 4
 
 
-def test_cached_results_are_bit_identical_to_fresh_ones(tiny):
+def test_cached_results_are_bit_identical_to_fresh_ones(tiny, monkeypatch):
     cfg = tiny(**{"data.partitioner": "shard"})
     cached = [idx.copy() for idx in partition(cfg).indices]
     clear_all()
+    monkeypatch.setenv(caches.CACHE_ENV, "off")  # built again, not read from disk
     fresh = partition(cfg).indices
     assert all(np.array_equal(a, b) for a, b in zip(cached, fresh))
 
@@ -214,3 +215,163 @@ def test_prepare_loads_the_dataset_once_and_hands_it_on(tiny, monkeypatch):
                         or real_check(cfg, sizes, data))
     run.prepare(tiny())
     assert len(loaded) == 1 and checked == loaded
+
+
+# ----------------------------------------------------------------------------- on disk, across runs
+
+def _entries(kind: str) -> list:
+    return [p for p in caches.disk_entries() if p.parent.name == kind]
+
+
+def _forbid_builds(monkeypatch) -> None:
+    """Any dataset load or partition computed from scratch fails the test: what follows must
+    come from the disk."""
+    from fedsim import datasets, partition as partition_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("built again instead of read from the disk cache")
+
+    monkeypatch.setattr(datasets, "_load", refuse)
+    monkeypatch.setattr(partition_module, "_partition", refuse)
+
+
+def test_the_test_suite_never_writes_to_the_users_cache():
+    from pathlib import Path
+
+    root = caches.cache_dir()
+    assert root is not None and not root.is_relative_to(Path.home() / ".cache")
+
+
+def test_a_disk_hit_equals_a_fresh_build(tiny, monkeypatch):
+    cfg = tiny(**{"data.partitioner": "dirichlet", "data.alpha": 0.3})
+    data, part = load_dataset(cfg.data, 6, cfg.seed), partition(cfg)
+    assert len(_entries("dataset")) == 1 and len(_entries("partition")) == 1
+    clear_all()  # as a new process: nothing in memory, the entries on disk
+    _forbid_builds(monkeypatch)
+    again, part_again = load_dataset(cfg.data, 6, cfg.seed), partition(cfg)
+    assert again is not data and part_again is not part
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        got, want = getattr(again, name), getattr(data, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+    assert (again.num_classes, again.input_shape, again.label_values) == (data.num_classes, data.input_shape,
+                                                                          data.label_values)
+    assert len(part_again.indices) == 6
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(part_again.indices, part.indices))
+
+
+def test_a_disk_entry_is_per_key(tiny):
+    partition(tiny(**{"data.partitioner": "dirichlet", "data.alpha": 0.3}))
+    clear_all()
+    other = partition(tiny(**{"data.partitioner": "dirichlet", "data.alpha": 3.0}))
+    assert len(_entries("partition")) == 2
+    clear_all()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(caches.CACHE_ENV, "off")
+        fresh = partition(tiny(**{"data.partitioner": "dirichlet", "data.alpha": 3.0}))
+    assert all(np.array_equal(a, b) for a, b in zip(other.indices, fresh.indices))
+
+
+def _csv(path, rows) -> None:
+    path.write_text("a,b,label\n" + "".join(f"{a},{b},{y}\n" for a, b, y in rows))
+
+
+def test_a_changed_data_file_is_read_again_even_with_its_size_and_times_kept(tmp_path):
+    import os
+
+    path = tmp_path / "data.csv"
+    rows = [(i % 7, (3 * i) % 5, i % 2) for i in range(40)]
+    _csv(path, rows)
+    cfg = DataConfig(dataset="file", path=str(path), test_fraction=0.25)
+    first = load_dataset(cfg, 2, 0)
+    stat = path.stat()
+    _csv(path, [(a if i else 9, b, y) for i, (a, b, y) in enumerate(rows)])  # one digit: 0 -> 9, same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    clear_all()
+    caches._sha256.cache_clear()  # as in the next run's process: nothing kept in memory
+    second = load_dataset(cfg, 2, 0)
+    assert len(_entries("dataset")) == 2
+    both = np.concatenate([second.x_train, second.x_test]), np.concatenate([first.x_train, first.x_test])
+    assert not np.array_equal(*both)  # the new file's values, not the old entry's
+    clear_all()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(caches.CACHE_ENV, "off")
+        fresh = load_dataset(cfg, 2, 0)
+    assert np.array_equal(second.x_train, fresh.x_train) and np.array_equal(second.x_test, fresh.x_test)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty", "other key"])
+def test_a_damaged_entry_is_rebuilt_not_fatal(tiny, damage, caplog):
+    cfg = tiny(**{"data.partitioner": "dirichlet", "data.alpha": 0.3})
+    want = [idx.copy() for idx in partition(cfg).indices]
+    [entry] = _entries("partition")
+    blob = entry.read_bytes()
+    if damage == "flip":  # inside the index arrays' bytes: it still unpickles, to other indices
+        mid = len(blob) // 2
+        entry.write_bytes(blob[:mid] + bytes([blob[mid] ^ 0x01]) + blob[mid + 1:])
+    elif damage == "truncate":
+        entry.write_bytes(blob[:len(blob) // 2])
+    elif damage == "garbage":
+        entry.write_bytes(b"\x80\x05not a pickle at all")
+    elif damage == "empty":
+        entry.write_bytes(b"")
+    else:  # a whole, valid entry of another key under this key's name
+        partition(tiny(**{"data.partitioner": "dirichlet", "data.alpha": 3.0}))
+        [other] = [p for p in _entries("partition") if p != entry]
+        entry.write_bytes(other.read_bytes())
+    clear_all()
+    with caplog.at_level("INFO", logger="fedsim"):
+        got = partition(cfg).indices
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    assert any("damaged entry" in r.getMessage() for r in caplog.records)
+    assert entry.read_bytes() == blob  # rewritten whole
+    assert not list(entry.parent.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_a_cached_build_logs_what_the_build_logged(tmp_path, caplog):
+    """A user file with missing values: the warning that rows were dropped is logged again when
+    the dataset comes from the disk, once (not again through the partition's entry)."""
+    path = tmp_path / "data.csv"
+    path.write_text("a,b,label\n" + "".join(f"{i % 5},{'' if i % 10 == 3 else i % 3},{i % 2}\n" for i in range(60)))
+    from fedsim.config import Config, FederationConfig
+
+    cfg = Config(data=DataConfig(dataset="file", path=str(path), partitioner="iid"),
+                 federation=FederationConfig(num_clients=3, clients_per_round=3))
+
+    def dropped() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "missing values" in r.getMessage()]
+
+    with caplog.at_level("INFO", logger="fedsim"):
+        partition(cfg)
+        first = dropped()
+        assert len(first) == 1 and "dropped 6 of 60 rows" in first[0]
+        caplog.clear()
+        clear_all()
+        partition(cfg)
+        load_dataset(cfg.data, 3, cfg.seed)
+        assert dropped() == first
+
+
+def test_the_disk_cache_can_be_turned_off(tiny, monkeypatch):
+    monkeypatch.setenv(caches.CACHE_ENV, "off")
+    assert caches.cache_dir() is None
+    partition(tiny(**{"data.partitioner": "dirichlet"}))
+    assert caches.disk_entries() == []
+
+
+def test_an_unwritable_cache_directory_does_not_fail_the_run(tiny, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache directory would be")
+    monkeypatch.setenv(caches.CACHE_ENV, str(blocker))
+    assert len(partition(tiny()).indices) == 6
+
+
+def test_cache_info_and_clear_commands(cli, tiny):
+    partition(tiny(**{"data.partitioner": "dirichlet"}))
+    code, out, _ = cli("cache", "info")
+    assert code == 0 and "2 entries" in out and "dataset: 1, partition: 1" in out
+    code, out, _ = cli("cache", "clear")
+    assert code == 0 and "removed 2 entries" in out
+    assert caches.disk_entries() == [] and caches.cache_dir().is_dir()
+    code, out, _ = cli("cache", "info")
+    assert "0 entries" in out

@@ -98,7 +98,7 @@ def test_bags_non_numeric_label_is_refused(cli, tmp_path):
 
 
 COMMANDS = [["run"], ["audit"], ["partition"], ["datasets"], ["sweep"], ["report"], ["deploy"], ["deploy", "local"],
-            ["deploy", "certs"]]
+            ["deploy", "certs"], ["cache"], ["cache", "info"], ["cache", "clear"]]
 
 
 def help_text(command: list[str]) -> str:

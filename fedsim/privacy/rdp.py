@@ -32,16 +32,24 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import special
 
 # Opacus stops a fractional order's series after the first term i with max(log_s0, log_s1) < this.
 SERIES_STOP = -30.0
 FIRST_CHUNK = 64  # terms per order in the first block of a fractional series; blocks then double
 
 
+def _special():
+    """scipy.special, imported at the first curve rather than with the module: its import
+    (about 0.1 s) is then not part of a run's start, which reaches its first round without
+    asking for epsilon."""
+    from scipy import special
+
+    return special
+
+
 def log_erfc(x: np.ndarray) -> np.ndarray:
     """log(erfc(x)), accurate for large x (Opacus' `_log_erfc`, elementwise)."""
-    return math.log(2) + special.log_ndtr(-x * 2**0.5)
+    return math.log(2) + _special().log_ndtr(-x * 2**0.5)
 
 
 def signed_logsumexp(log_terms: np.ndarray, signs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +90,7 @@ def _integer_terms(alphas: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, n
     i = (np.arange(counts.sum()) - starts[row]).astype(float)
     alpha = values[row]
     with np.errstate(divide="ignore"):  # C(alpha, i) = 0 would be -inf: no term (i <= alpha here)
-        log_binom = np.log(special.binom(alpha, i))
+        log_binom = np.log(_special().binom(alpha, i))
     for array in (starts, row, alpha, i, log_binom):
         array.setflags(write=False)
     return starts, row, alpha, i, log_binom
@@ -103,7 +111,7 @@ def log_a_int(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
 def log_binomial(alpha: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(log |C(alpha, i)|, sign of C(alpha, i)) elementwise: the part of a fractional order's
     series that depends on neither q nor sigma."""
-    coef = special.binom(alpha, i)
+    coef = _special().binom(alpha, i)
     return np.log(np.abs(coef)), np.where(coef > 0, 1.0, -1.0)
 
 
