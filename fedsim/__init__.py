@@ -17,16 +17,60 @@ work as before, and the module files stay where they are.
 ``import fedsim`` also makes the built-in algorithms and models (`fedsim.registry`) load on
 the first registry lookup, so every entry point (the CLI, a notebook, a SuperNode loading the
 ClientApp) sees the same registry, whichever module it imports first.
+
+In a Flower App Bundle built from the checkout (`flwr run .`, `fedsim deploy local`),
+``fedsim.strategies`` and ``fedsim.clients`` are the bundle's own ``strategies/`` and
+``clients/`` (`_BundleFinder`).
 """
 
 import importlib
+import importlib.util
 import inspect
+import os
 import sys
 import types
 
 from fedsim.algorithms import Algorithm, ClientRule, add_registry_loader, get_algorithm, register_algorithm
 
 __version__ = "0.1.0"
+
+
+class _BundleFinder:
+    """Finds ``fedsim.strategies`` and ``fedsim.clients`` in the directories beside ``fedsim/``.
+
+    Flower builds an app bundle (FAB) from the files of the app directory and skips symbolic
+    links, so a bundle of the checkout holds ``fedsim/`` without the links ``fedsim/strategies``
+    and ``fedsim/clients``, and ``strategies/`` and ``clients/`` at its top. A SuperNode puts
+    the unpacked bundle first on ``sys.path``, so ``fedsim`` comes from there, ahead of any
+    installed copy: without this finder ``import fedsim.clients`` fails where fedsim was
+    installed from a wheel (an editable install only hid it, importing the checkout's clients
+    beside the bundle's core). It maps the two names as the wheel's ``package-dir`` does."""
+
+    def __init__(self, dirs: dict[str, str]) -> None:
+        self.dirs = dirs
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        where = self.dirs.get(fullname)
+        if where is None:
+            return None
+        return importlib.util.spec_from_file_location(fullname, os.path.join(where, "__init__.py"),
+                                                      submodule_search_locations=[where])
+
+
+def _find_bundle_subpackages() -> None:
+    """Install `_BundleFinder` when this is an app bundle's (or a copy's) fedsim/: the two
+    subpackages missing inside it, present beside it, with the app's pyproject.toml above."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    dirs = {f"{__name__}.{name}": os.path.join(root, name) for name in ("strategies", "clients")
+            if not os.path.exists(os.path.join(here, name))
+            and os.path.isfile(os.path.join(root, name, "__init__.py"))}
+    if dirs and os.path.isfile(os.path.join(root, "pyproject.toml")) and not any(
+            isinstance(f, _BundleFinder) and f.dirs == dirs for f in sys.meta_path):
+        sys.meta_path.insert(0, _BundleFinder(dirs))  # ahead of an editable install's finder
+
+
+_find_bundle_subpackages()
 
 add_registry_loader(lambda: importlib.import_module("fedsim.registry"))
 

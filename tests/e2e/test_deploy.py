@@ -265,6 +265,43 @@ def test_deploy_certs_refuses_a_file_and_never_overwrites_silently(cli, tmp_path
     assert (certs / "server.key").stat().st_mode & 0o777 == 0o600
 
 
+# ----------------------------------------------------------------------------- the app bundle
+
+BUNDLE_PROBE = """
+import json, sys
+# fedsim as a wheel installs it: an editable install's finder would serve the checkout's
+# clients/ and strategies/ beside the bundle's fedsim/, and hide what a wheel user meets
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+from flwr.supercore.object_ref import load_app  # what a SuperNode's ClientApp process calls
+app = load_app("fedsim.clients.app:app", ValueError, sys.argv[1])
+import fedsim, fedsim.clients.app, fedsim.strategies.fedavg
+print(json.dumps([type(app).__name__] + [m.__file__ for m in (fedsim, fedsim.clients.app, fedsim.strategies.fedavg)]))
+"""
+
+
+def test_the_app_bundle_imports_its_own_clients_and_strategies(tmp_path):
+    """`flwr run .` and `fedsim deploy local` ship the checkout as a Flower App Bundle, which
+    leaves out symbolic links such as fedsim/clients and fedsim/strategies. Unpacked and
+    loaded as a SuperNode loads it, it must still import fedsim.clients and
+    fedsim.strategies, from the bundle itself (not from an installed fedsim)."""
+    import zipfile
+    from io import BytesIO
+
+    from flwr.cli.build import build_fab_from_disk
+
+    bundle = tmp_path / "app"
+    with zipfile.ZipFile(BytesIO(build_fab_from_disk(ROOT))) as fab:
+        fab.extractall(bundle)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    done = subprocess.run([sys.executable, "-c", BUNDLE_PROBE, str(bundle)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kind, *files = json.loads(done.stdout.strip().splitlines()[-1])
+    assert kind == "ClientApp"
+    assert [Path(f).relative_to(bundle).as_posix() for f in files] == [
+        "fedsim/__init__.py", "clients/app.py", "strategies/fedavg.py"]
+
+
 @pytest.mark.slow
 def test_twenty_authenticated_nodes_end_to_end(tiny, tmp_path):
     """The README's `deploy local --nodes 20 --auth` on the tiny experiment (2 rounds, 4 nodes a
