@@ -281,7 +281,7 @@ def test_a_changed_data_file_is_read_again_even_with_its_size_and_times_kept(tmp
     path = tmp_path / "data.csv"
     rows = [(i % 7, (3 * i) % 5, i % 2) for i in range(40)]
     _csv(path, rows)
-    cfg = DataConfig(dataset="file", path=str(path), test_fraction=0.25)
+    cfg = DataConfig(dataset="file", path=str(path), test_fraction=0.25, validation_fraction=0.0)
     first = load_dataset(cfg, 2, 0)
     stat = path.stat()
     _csv(path, [(a if i else 9, b, y) for i, (a, b, y) in enumerate(rows)])  # one digit: 0 -> 9, same size
@@ -335,7 +335,7 @@ def test_a_cached_build_logs_what_the_build_logged(tmp_path, caplog):
     path.write_text("a,b,label\n" + "".join(f"{i % 5},{'' if i % 10 == 3 else i % 3},{i % 2}\n" for i in range(60)))
     from fedsim.config import Config, FederationConfig
 
-    cfg = Config(data=DataConfig(dataset="file", path=str(path), partitioner="iid"),
+    cfg = Config(data=DataConfig(dataset="file", path=str(path), partitioner="iid", validation_fraction=0.0),
                  federation=FederationConfig(num_clients=3, clients_per_round=3))
 
     def dropped() -> list[str]:
