@@ -142,7 +142,8 @@ def stacked_to_arrays(rows: np.ndarray | Sequence[np.ndarray]) -> list[Array]:
     shape and dtype), with the dtype name and header looked up once for all rows: the
     vectorized engine's replies, a round at a time."""
     # np.require costs 2 us a row even when there is nothing to do (a stack's rows are C-contiguous)
-    rows = [row if row.flags.c_contiguous else np.require(row, requirements="C") for row in rows]
+    rows = [row if isinstance(row, np.ndarray) and row.flags.c_contiguous else np.require(row, requirements="C")
+            for row in rows]
     if not rows:
         return []
     dtype, header = _name_and_header(rows[0].dtype, rows[0].shape)
