@@ -511,10 +511,16 @@ def drawn_indices_torch(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def _pad(rows: list[torch.Tensor], device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Index rows of different lengths as one (rows, longest) tensor and its validity mask."""
-    width = max((len(r) for r in rows), default=0)
-    local = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    valid = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
-    for i, r in enumerate(rows):
-        local[i, :len(r)] = r.to(device)
-        valid[i, :len(r)] = True
-    return local, valid
+    # the rows joined and scattered by the mask in one go, row after row (a row's own two slice
+    # assignments cost about 10 us on the CPU, paid per client per step of a no-DP round)
+    lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+    valid = np.arange(int(lengths.max(initial=0)))[None, :] < lengths[:, None]
+    joined = torch.cat(rows).to(torch.long) if rows else torch.zeros(0, dtype=torch.long)
+    if joined.device.type == "cpu":
+        local = np.zeros(valid.shape, np.int64)
+        local[valid] = joined.numpy()
+        return torch.from_numpy(local).to(device), torch.from_numpy(valid).to(device)
+    mask = torch.from_numpy(valid).to(joined.device)
+    local = torch.zeros(valid.shape, dtype=torch.long, device=joined.device)
+    local[mask] = joined
+    return local.to(device), mask.to(device)

@@ -17,6 +17,7 @@ cache                                       maxsize  key
 `clients.bags` bag releases                    4096  seed, client, bag params, labels' digest
 `clients.app` a node's dataset view, (x, y)    4096  experiment TOML, node config, data spec
 `clients.app` a node's (x, y) on the GPU       4096  the same, and the device
+`clients.app` a node's view, by object (memo)  4096  the node config's and data spec's ids
 `clients.app` spare round model (a pool)          4  experiment TOML
 ==========================================  =======  ==========================================
 
@@ -27,6 +28,10 @@ Mutating a config after a call therefore never returns stale data: the next call
 new snapshot, which is a different key. Inputs that a computation needs but that must not
 split the cache (the loaded dataset a model is built for, the run directory a backbone is
 saved in) ride along in a `Key`'s ``payload``, which equality and hashing ignore.
+
+The memo in front of the node cache (`clients.app.node_inputs`) skips taking the snapshot on
+every client-round: it keeps the node config and spec objects themselves, with copies of what
+they held, and answers only while they are those objects, unchanged, under the same TOML.
 
 The ClientApp's caches (`clients.app`) hold a run's client data, so the in-process runtime
 empties them when a run ends (`clients.app.release_run`); a new run with the same

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import gc
 import logging
 import signal
 import threading
@@ -321,6 +322,38 @@ def run_inprocess(cfg: Config, *, progress: bool = True, resume: Checkpoint | No
     context = Context(run_id=1, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
                       run_config=run_config)
     try:
-        return server_main(grid, context, progress=progress, resume=resume)
+        with frozen_heap():
+            return server_main(grid, context, progress=progress, resume=resume)
     finally:
         release_run()  # what the clients kept between rounds (buffers, a model), not between runs
+
+
+_FREEZERS = [0]  # runs of this process inside `frozen_heap` now (a sweep may run several in threads)
+_FREEZE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The objects alive when the rounds start (torch, Flower, the datasets: about 300k) moved
+    out of the collector's reach (`gc.freeze`) until the last run in here ends (`gc.unfreeze`).
+
+    A round's replies live long enough to be promoted to the oldest generation, so every few
+    dozen rounds they trigger a full collection, which walks every object of the process: 0.15 s
+    of CPU on the 2-core machine, over a quarter of the rounds' own CPU time on the digits
+    workload of benchmarks/peers.py (docs/engines.md). Frozen objects are still freed by reference counting; only cycles
+    among them wait for the unfreeze. A process whose heap something else froze, or with the
+    collector off, is left as it is."""
+    with _FREEZE_LOCK:
+        mine = _FREEZERS[0] > 0 or (gc.isenabled() and gc.get_freeze_count() == 0)
+        if mine:
+            if _FREEZERS[0] == 0:
+                gc.freeze()
+            _FREEZERS[0] += 1
+    try:
+        yield
+    finally:
+        if mine:
+            with _FREEZE_LOCK:
+                _FREEZERS[0] -= 1
+                if _FREEZERS[0] == 0:
+                    gc.unfreeze()

@@ -375,3 +375,44 @@ def test_cache_info_and_clear_commands(cli, tiny):
     assert caches.disk_entries() == [] and caches.cache_dir().is_dir()
     code, out, _ = cli("cache", "info")
     assert "0 entries" in out
+
+
+def test_node_inputs_memo_hits_the_same_node_and_retakes_the_key_after_any_change(tiny, monkeypatch):
+    """`node_inputs` remembers a node's answer by the node config and data spec it was
+    computed from, but only while they are the same objects with the same contents, under
+    the same experiment text: mutating either in place, or another text, takes the key anew
+    (`node_key`), exactly as without the memo."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedsim import records as R
+    from fedsim.experiment import run_config_for
+
+    cfg = tiny()
+    (text,) = run_config_for(cfg).values()
+    spec = ConfigRecord({"task": "classification", "x-shift": [0.0, 1.0]})
+    node_config = {"partition-id": 1, "num-partitions": cfg.federation.num_clients}
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict({R.DATA_SPEC: spec}),
+                      run_config={})
+    keys = []
+    real = app.node_key
+    monkeypatch.setattr(app, "node_key", lambda *a: keys.append(real(*a)) or keys[-1])
+    first = app.node_inputs(cfg, context, text)
+    assert app.node_inputs(cfg, context, text) is first and len(keys) == 1  # the memo: no new key
+    assert first[0] == real(text, context.node_config, spec)
+
+    R.plain(spec)["x-shift"].append(2.0)  # the spec's list mutated in place: a new key
+    changed = app.node_inputs(cfg, context, text)
+    assert len(keys) == 2 and changed[0] != first[0] and changed[0] == real(text, context.node_config, spec)
+
+    context.node_config["partition-id"] = 2  # the node config mutated in place: a new key, other data
+    moved = app.node_inputs(cfg, context, text)
+    assert len(keys) == 3 and moved[0] != changed[0]
+    assert not np.array_equal(moved[2], changed[2]) or len(moved[3]) != len(changed[3])
+
+    other = app.node_inputs(cfg, context, text + "\n")  # another experiment text: a new key
+    assert len(keys) == 4 and other[0][0] == text + "\n"
+
+    app.release_run()
+    assert app._node_memo.cache_info().currsize == 0
+    app.node_inputs(cfg, context, text)
+    assert len(keys) == 5  # released with the run

@@ -488,3 +488,16 @@ def test_drawn_indices_on_the_cpu_match_the_device_version():
 
 def test_non_private_mlp_matches_plain_torch_loop(tiny):
     _compare(tiny(**BASE), steps=4, empty_at=2, dp_reference=False)
+
+
+def test_pad_matches_row_by_row_padding():
+    """`_pad` (one scatter for all rows) gives what padding each row in turn gives."""
+    from fedsim.clients.vectorized import _pad
+
+    rows = [torch.tensor([3, 1, 4]), torch.tensor([], dtype=torch.long), torch.tensor([5]), torch.tensor([9, 2])]
+    local, valid = _pad(rows, "cpu")
+    assert local.tolist() == [[3, 1, 4], [0, 0, 0], [5, 0, 0], [9, 2, 0]]
+    assert valid.tolist() == [[True] * 3, [False] * 3, [True, False, False], [True, True, False]]
+    assert local.dtype == torch.long and valid.dtype == torch.bool
+    empty_local, empty_valid = _pad([torch.tensor([], dtype=torch.long)] * 2, "cpu")
+    assert empty_local.shape == empty_valid.shape == (2, 0)
