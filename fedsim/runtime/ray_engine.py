@@ -253,8 +253,10 @@ def run_ray(cfg: Config, *, progress: bool = True, resume: Checkpoint | None = N
 
     started = not ray.is_initialized()
     if started:
-        address = os.environ.get("RAY_ADDRESS") or None
-        if address:
+        # "local" when RAY_ADDRESS is unset: Ray's own default (None) would join whatever cluster
+        # `ray start` last left on this machine (/tmp/ray/ray_current_cluster), someone else's
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        if address != "local":
             log.info("joining the Ray cluster at RAY_ADDRESS=%s", address)
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,

@@ -45,6 +45,8 @@ def run_flower(cfg: Config, *, progress: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         log.info("joining the Ray cluster at RAY_ADDRESS=%s", os.environ["RAY_ADDRESS"])
         backend_config["init_args"]["address"] = os.environ["RAY_ADDRESS"]
+    else:  # a fresh local instance, never the cluster `ray start` last left on this machine
+        backend_config["init_args"]["address"] = "local"
     # Flower's Ray backend hands the driver's sys.path to Ray's workers by writing it into this
     # process' PYTHONPATH, where every later subprocess of the caller (a notebook's, a sweep's)
     # would inherit it: the workers got it through Ray's runtime_env; here it is put back

@@ -58,7 +58,9 @@ class OneDiesInRound(EngineWorker):
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # "local": a fresh instance, never a cluster another test (test_ray_cluster.py, in the
+    # other pytest worker) has running on this machine at the time
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -172,3 +174,32 @@ def test_dead_worker_skipped(ray_instance, tiny, tmp_path, monkeypatch):
     assert trained[0] == trained[2] == 6 and 0 < trained[1] < 6
     assert json.loads((out / "summary.json").read_text())["client_failures_skipped"] == 6 - trained[1]
     assert marker.exists()
+
+
+def test_without_ray_address_each_runtime_starts_a_fresh_local_instance(tiny, tmp_path, monkeypatch):
+    """Ray's default address (None) joins the cluster `ray start` last left on this machine,
+    someone else's; without RAY_ADDRESS both Ray runtimes ask for a fresh one ("local")."""
+    import flwr.simulation
+
+    from fedsim.runtime.ray_runtime import run_flower
+
+    class Stop(Exception):
+        pass
+
+    seen: dict = {}
+
+    def capture(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", capture)
+    with pytest.raises(Stop):
+        ray_engine.run_ray(experiment(tiny, tmp_path / "engine", **{"runtime.name": "ray"}), progress=False)
+    assert seen["address"] == "local"
+    seen.clear()
+    monkeypatch.setattr(flwr.simulation, "run_simulation", capture)
+    with pytest.raises(Stop):
+        run_flower(experiment(tiny, tmp_path / "flower", **{"runtime.name": "flower"}), progress=False)
+    assert seen["backend_config"]["init_args"]["address"] == "local"
