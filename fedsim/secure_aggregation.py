@@ -272,7 +272,8 @@ class LegacyStrategy(LegacyStrategyBase):
 class SecAggPlus(SecAggPlusWorkflow):
     """Flower's ``SecAggPlusWorkflow``, unchanged in protocol and crypto, with two additions:
     each node's train instruction (stage 2) is the fedsim strategy's own message content
-    instead of a legacy FitIns, and the reason a round halted is kept for the error."""
+    instead of a legacy FitIns, and the reason a round halted is kept for the error (the
+    threshold checks of stages 0-2, and the unmask stage's own)."""
 
     def __init__(self, adapter: LegacyStrategy, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -302,6 +303,19 @@ class SecAggPlus(SecAggPlusWorkflow):
             self.halted = (f"{len(state.active_node_ids)} of {len(state.sampled_node_ids)} nodes left, and "
                            f"{len(short)} node(s) kept fewer than {state.threshold} live share holders "
                            f"(privacy.secagg_threshold)")
+        return ok
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        ok = super().unmask_stage(grid, context, state)
+        # Flower halts here without `_check_threshold` when a node's mask has fewer shares than
+        # the threshold: the nodes that died in this stage took theirs with them. Its active
+        # nodes are now those that sent their shares.
+        if not ok and self.halted is None:
+            short = [n for n in state.sampled_node_ids
+                     if len(state.nid_to_neighbours[n] & state.active_node_ids) < state.threshold]
+            self.halted = (f"{len(state.active_node_ids)} of {len(state.sampled_node_ids)} nodes left in the unmask "
+                           f"stage, and {len(short)} node(s) kept fewer than {state.threshold} live share holders "
+                           f"to remove their masks (privacy.secagg_threshold)")
         return ok
 
 

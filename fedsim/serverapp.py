@@ -14,8 +14,9 @@
 4. validates with data and calibrates target epsilons (`fedsim.run.prepare`), then runs the
    same `server_main` as every other runtime.
 
-fedsim's INFO log goes to the run's log stream (``flwr run --stream``, ``flwr log``), and a
-failure ends it with one line, ``run failed: ...``, before Flower's traceback.
+fedsim's INFO log goes to the run's log stream (``flwr run --stream``, ``flwr log``) in
+fedsim's console format (`run_log_stream`), and a failure ends it with one line,
+``error: run failed: ...``, before Flower's traceback.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.app import Context
@@ -34,6 +35,7 @@ from flwr.superlink.grid import InMemoryGrid
 
 from fedsim.errors import ClientFailure, ConfigError
 from fedsim.experiment import experiment_from_run_config, requested_num_clients, run_config_for
+from fedsim.logs import FEDSIM_FORMAT, ConsoleHandler
 from fedsim.results import CONFIG_TOML, ROUNDS_CSV, SUMMARY_JSON
 from fedsim.run import prepare
 from fedsim.server import server_main
@@ -176,12 +178,43 @@ def run_flower_app(grid: Grid, context: Context, *, root: Path | None = None, st
     return out
 
 
-def _root_prints_info() -> bool:
-    """Whether the root logger already prints INFO to stdout/stderr (Flower's simulation sets
-    one up), where fedsim's records arrive anyway."""
-    return any(type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr, sys.__stderr__,
-                                                                   sys.__stdout__) and h.level <= logging.INFO
-               for h in logging.getLogger().handlers)
+@contextmanager
+def run_log_stream() -> Iterator[None]:
+    """fedsim's INFO lines, once each and in fedsim's console format (``info: ...``, as ``-v``
+    prints them), on stderr, which Flower mirrors into the run's log stream; everything put
+    back afterwards.
+
+    Once each: Opacus calls ``logging.basicConfig`` when it is imported (the server imports it
+    for some accountants), which gives the root logger a console handler of its own; every
+    record that reached it through propagation showed a second time, in Opacus' format. So
+    neither fedsim's logger nor Flower's propagates while the run is on. Flower's lines keep
+    Flower's format (``INFO :      configure_train: ...``): its console handler is its own,
+    reconfiguring it would change what `flwr log` shows for every app, and its lines are not
+    fedsim's to restyle."""
+    fedsim_log, flower_log = logging.getLogger("fedsim"), logging.getLogger("flwr")
+    saved = fedsim_log.level, fedsim_log.propagate, flower_log.propagate
+    ours = [h for h in fedsim_log.handlers if isinstance(h, ConsoleHandler)]  # the CLI's, where set up
+    levels = [h.level for h in ours]
+    added = None
+    if not ours:
+        added = ConsoleHandler(FEDSIM_FORMAT)
+        fedsim_log.addHandler(added)
+        ours = [added]
+    for handler in ours:
+        handler.setLevel(logging.INFO)
+    if fedsim_log.level == logging.NOTSET or fedsim_log.level > logging.INFO:
+        fedsim_log.setLevel(logging.INFO)
+    fedsim_log.propagate = flower_log.propagate = False
+    try:
+        yield
+    finally:
+        if added is not None:
+            fedsim_log.removeHandler(added)
+        else:
+            for handler, level in zip(ours, levels):
+                handler.setLevel(level)
+        fedsim_log.setLevel(saved[0])
+        fedsim_log.propagate, flower_log.propagate = saved[1], saved[2]
 
 
 app = ServerApp()
@@ -190,20 +223,11 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point when Flower loads fedsim as an app (`flwr run`, a deployment)."""
-    handler = logging.StreamHandler(sys.stderr)  # Flower mirrors stderr into the run's log stream
-    handler.setFormatter(logging.Formatter("%(levelname)s fedsim: %(message)s"))
-    handler.setLevel(logging.INFO)
-    if not _root_prints_info():  # else every line would show twice
-        log.addHandler(handler)
-    level = log.level
-    if level == logging.NOTSET or level > logging.INFO:
-        log.setLevel(logging.INFO)
-    try:
-        out = run_flower_app(grid, context)
-        log.info("run finished: %s", out)
-    except BaseException as exc:
-        log.error("run failed: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        raise
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
+    with run_log_stream():
+        try:
+            out = run_flower_app(grid, context)
+            log.info("run finished: %s", out)
+        except BaseException as exc:
+            log.error("run failed: %s",
+                      str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            raise

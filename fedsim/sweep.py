@@ -638,8 +638,11 @@ def _run_cells(todo: list[Cell], jobs: int, threads: int, bar) -> dict[str, Outc
             outcomes[cell.name] = _attempt(cell, threads)
             _tick(bar, cell.name, outcomes[cell.name])
         return outcomes
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=_pool_context(), initializer=_worker_init,
-                               initargs=(os.getpid(),))
+    from fedsim.privacy.secure_noise import shared_record  # imports torch, as running a cell does
+
+    context = _pool_context()
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
+                               initargs=(os.getpid(), shared_record(context or multiprocessing)))
     try:
         futures = {pool.submit(_attempt_in_worker, cell, threads): cell for cell in todo}
         for fut in as_completed(futures):
@@ -666,12 +669,17 @@ def _pool_context() -> multiprocessing.context.BaseContext | None:
     return None
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int, statements: Any) -> None:
     """Set up a sweep worker: as quiet as the CLI, once (so a warning shown "once" is shown once
-    per worker, not per cell); Ctrl-C left to the parent, which stops the workers; SIGTERM
-    ending the worker once its cell has closed (`_stop_cell`); and, on Linux, SIGTERM when
-    the parent dies, even by ``kill -9``."""
+    per worker, not per cell); the statement of what the DP noise hides made once per sweep,
+    not per worker (``statements``, `fedsim.privacy.secure_noise.share_announcements`);
+    Ctrl-C left to the parent, which stops the workers; SIGTERM ending the worker once its
+    cell has closed (`_stop_cell`); and, on Linux, SIGTERM when the parent dies, even by
+    ``kill -9``."""
+    from fedsim.privacy.secure_noise import share_announcements
+
     setup_logging(False)
+    share_announcements(statements)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A handler of fedsim's, not SIG_DFL: a run turns a default SIGTERM into an interrupt of
     # its own (`fedsim.run.sigterm_as_interrupt`), which would end the cell and leave the worker

@@ -7,6 +7,8 @@ The run configs here are parsed by Flower's own `parse_config_args`, exactly as
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import re
 import tomllib
 from pathlib import Path
@@ -20,7 +22,8 @@ from fedsim.errors import ClientFailure, ConfigError
 from fedsim.experiment import (FLAT_KEYS, config_from_context, experiment_from_run_config,
                                flat_key_table, requested_num_clients, run_config_keys)
 from fedsim.records import CLIENT_STATE, RUN_CONFIG_KEY
-from fedsim.serverapp import federation_size, output_root, run_directory, run_flower_app, safe_name
+from fedsim.serverapp import (federation_size, output_root, run_directory, run_flower_app, run_log_stream,
+                              safe_name)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the checkout
 
@@ -233,3 +236,31 @@ def test_flwr_run_config_end_to_end_in_process(tmp_path):
     assert (saved.federation.num_clients, saved.client.lr, saved.data.dataset) == (3, 0.2, "breast-cancer")
     assert re.search(r'"status": "finished"', (out / "summary.json").read_text())
     assert Path(saved.output.dir) == out
+
+
+def test_the_run_log_stream_shows_fedsims_lines_once_in_fedsims_format(capsys):
+    """Opacus' import calls ``logging.basicConfig``: a root console handler that printed every
+    fedsim and Flower line of the ServerApp a second time, in Opacus' format. Inside the
+    ServerApp's set-up a fedsim line shows once, as the CLI's ``-v`` shows it, nothing reaches
+    the root, and the loggers are put back afterwards."""
+    from flwr.common.logger import log as flower_log
+
+    fedsim_log, flower_logger = logging.getLogger("fedsim"), logging.getLogger("flwr")
+    before = (fedsim_log.level, fedsim_log.propagate, list(fedsim_log.handlers),
+              [h.level for h in fedsim_log.handlers], flower_logger.propagate)
+    root_lines = io.StringIO()
+    root = logging.StreamHandler(root_lines)  # as Opacus' basicConfig leaves it: level NOTSET
+    logging.getLogger().addHandler(root)
+    try:
+        with run_log_stream():
+            fedsim_log.info("experiment 'x': 2 clients")
+            fedsim_log.error("run failed: no")
+            flower_log(logging.INFO, "configure_train: Sampled 2 nodes (out of 2)")
+    finally:
+        logging.getLogger().removeHandler(root)
+    err = capsys.readouterr().err.splitlines()
+    assert err.count("info: experiment 'x': 2 clients") == 1 and err.count("error: run failed: no") == 1
+    assert not any("experiment 'x'" in line for line in err if not line.startswith("info: "))
+    assert root_lines.getvalue() == ""
+    assert (fedsim_log.level, fedsim_log.propagate, list(fedsim_log.handlers),
+            [h.level for h in fedsim_log.handlers], flower_logger.propagate) == before

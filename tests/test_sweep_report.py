@@ -534,6 +534,19 @@ def test_cli_run_shows_the_secure_rng_warning_once_and_no_noise(tmp_path):
     assert res.stderr.splitlines() == [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
 
 
+def test_a_parallel_sweep_shows_the_secure_rng_warning_once(tmp_path):
+    """Two DP cells in two worker processes: the statement of what seeded noise hides is a
+    property of the sweep, said once, not once per worker (each worker used to say it)."""
+    res = subprocess.run([sys.executable, "-m", "fedsim", "sweep", "--num-clients", "4", "--clients-per-round",
+                          "2", "--rounds", "1", "--set", "model.hidden=[8]", "--noise-multiplier", "1.0",
+                          "--seeds", "0,1", "--jobs", "2", "--out", str(tmp_path / "sw")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "2/2 cells finished" in res.stdout
+    assert all((tmp_path / "sw" / f"seed={s}" / "summary.json").is_file() for s in (0, 1))
+    assert res.stderr.count("Secure RNG turned off") == 1, res.stderr
+
+
 def test_an_interrupted_cell_resumes_from_its_checkpoint(cli, tmp_path, monkeypatch):
     """A sweep killed inside a cell continues that cell at the round after its last checkpoint
     (run.log says so) and ends with the rows an uninterrupted sweep writes."""

@@ -29,9 +29,11 @@ SuperLink) and ``off`` in simulation, where reproducibility is the point
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import secrets
 import sys
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,13 +152,38 @@ STATEMENTS = {
            "(bags) noise. This run is not reproducible."),
 }
 _ANNOUNCED: set[str] = set()
+# One flag per statement, shared by processes that together are one run for their user (a
+# sweep's workers, `share_announcements`); None in a process on its own.
+_SHARED: Any = None
+
+
+def shared_record(context: Any = multiprocessing) -> Any:
+    """A record of the statements made, for processes of ``context`` (a multiprocessing context)
+    to share through `share_announcements`: one byte per statement, under one lock."""
+    return context.Array("b", len(STATEMENTS))
+
+
+def share_announcements(record: Any) -> None:
+    """Make `announce` once per group of processes, not per process: a sweep hands its workers
+    one `shared_record`, so its users read each statement once per sweep, not once per
+    worker. The first process to make a statement sets its flag; the others stay silent."""
+    global _SHARED
+    _SHARED = record
 
 
 def announce(mode: str) -> None:
-    """Say once per process what the noise of this mode does and does not hide (the engines and the
-    central-DP layer call it wherever they draw noise; Python's own "once" forgets at every
-    ``warnings.catch_warnings``, so this module keeps its own record)."""
+    """Say once per process (or per group, `share_announcements`) what the noise of this mode
+    does and does not hide (the engines and the central-DP layer call it wherever they draw
+    noise; Python's own "once" forgets at every ``warnings.catch_warnings``, so this module
+    keeps its own record)."""
     if mode in _ANNOUNCED:
         return
     _ANNOUNCED.add(mode)
+    if _SHARED is not None:
+        index = list(STATEMENTS).index(mode)
+        with _SHARED.get_lock():
+            said = _SHARED[index]
+            _SHARED[index] = 1
+        if said:
+            return
     warnings.warn(STATEMENTS[mode], UserWarning, stacklevel=3)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.serverapp import Grid
 
 from fedsim import records as R
@@ -260,6 +262,49 @@ def test_beyond_the_threshold_the_round_fails_with_one_line(tmp_path):
     assert "\n" not in text
     assert text.startswith("round 1: secure aggregation failed: 1 of 3 nodes left")
     assert "privacy.secagg_threshold" in text
+
+
+def dying_in_the_unmask_stage(grid: MemoryGrid, dead: set[int]) -> None:
+    """`dead` answer every stage up to their masked vectors, then nothing: killed before they
+    send their shares of the others' masks (no reply, as from a SuperNode gone)."""
+    real = grid.send_and_receive
+
+    def send_and_receive(messages, *, timeout=None):
+        def unmask(m):
+            return m.content.config_records[RECORD_KEY_CONFIGS][SecAggKey.STAGE] == Stage.UNMASK
+        return real([m for m in messages if not (unmask(m) and m.metadata.dst_node_id in dead)], timeout=timeout)
+
+    grid.send_and_receive = send_and_receive
+
+
+def unmask_round(tmp_path, dead: set[int]):
+    nodes = [100, 101, 102]
+    grid = MemoryGrid(client_app(dict(zip(nodes, TRAINED))), nodes)
+    dying_in_the_unmask_stage(grid, dead)
+    layer = SecureAggregation(unit_fedavg(fraction_train=1.0, min_available_nodes=3), noise_multiplier=0.0,
+                              clip=1.0, expected_cohort=3, seed=0)
+    arrays, client_metrics = secure_train_round(layer, grid, 1, R.numpy_to_record(SENT), secagg_cfg(tmp_path))
+    return R.record_to_numpy(arrays), client_metrics
+
+
+def test_a_node_lost_in_the_unmask_stage_still_counts(tmp_path):
+    """Its masked vector is in the sum already; the two others' shares (threshold 2) remove its
+    mask, so the round's mean is all three clients'."""
+    got, client_metrics = unmask_round(tmp_path, {102})
+    bound = secagg.quantization_error_bound(8.0, 2**10)
+    for key, value in EXPECTED.items():
+        np.testing.assert_allclose(got[key], value, atol=bound + 1e-6)
+    assert sorted(m[R.PARTITION_ID] for m in client_metrics) == [0, 1, 2]
+
+
+def test_too_few_nodes_left_in_the_unmask_stage_fail_naming_it(tmp_path):
+    """Two of three die after sending their masked vectors: each mask has 1 share of the 2 it
+    needs. The one line names the stage and who was left, not a generic halt."""
+    with pytest.raises(ClientFailure) as err:
+        unmask_round(tmp_path, {101, 102})
+    assert str(err.value) == ("round 1: secure aggregation failed: 1 of 3 nodes left in the unmask stage, and 3 "
+                              "node(s) kept fewer than 2 live share holders to remove their masks "
+                              "(privacy.secagg_threshold)")
 
 
 def test_client_noise_shares_reach_the_protocol_sum(tmp_path):

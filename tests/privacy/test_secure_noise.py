@@ -153,6 +153,22 @@ def test_the_statement_is_made_once_per_process_and_mode(monkeypatch):
     assert texts[1].startswith("Secure noise on") and "os.urandom" in texts[1] and "not reproducible" in texts[1]
 
 
+def test_processes_that_share_a_record_make_each_statement_once(monkeypatch):
+    """A sweep's workers share one record: a second process (its own, empty, per-process set)
+    stays silent about a statement the first made, and still makes one not made yet."""
+    monkeypatch.setattr(sn, "_SHARED", None)
+    sn.share_announcements(sn.shared_record())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # two processes, each with its own record of what it said
+            monkeypatch.setattr(sn, "_ANNOUNCED", set())
+            sn.announce("off")
+        sn.announce("on")
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == 2
+    assert texts[0].startswith("Secure RNG turned off") and texts[1].startswith("Secure noise on")
+
+
 # ----------------------------------------------------------------------------- the engines
 
 def _train(cfg, engine: str, secure: bool, sigma: float = 1.0):
