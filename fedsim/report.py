@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import tomllib
 
-from fedsim.config import flatten
+from fedsim.config import BEFORE_THE_KEY, flatten
 from fedsim.errors import FedsimError
 from fedsim.results import CONFIG_TOML, SUMMARY_JSON
 
@@ -142,6 +142,9 @@ def read_run(run: Path, summary: dict) -> dict:
     lacking = [k for k in REQUIRED_CONFIG if k not in cfg]
     if lacking:
         raise MalformedRun(f"config.toml lacks {', '.join(lacking)}")
+    # a run written before a key existed ran with what that key now names (`BEFORE_THE_KEY`):
+    # read so, a sweep that mixes old and new cells of one setting is not "mixed settings"
+    cfg = {**BEFORE_THE_KEY, **cfg}
     sample, user, label = _level(summary, "sample_level"), _level(summary, "user_level"), _level(summary, "label_level")
     private = bool(sample.get("accountant"))
     return {**cfg, "run": run.name, "metric_name": str(summary["metric_name"]),

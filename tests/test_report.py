@@ -355,6 +355,22 @@ def test_rows_that_average_different_settings_are_named_in_one_warning(cli, tmp_
     assert code == 0 and err == "" and len(out.strip().splitlines()) == 3  # header + one row per lr
 
 
+def test_a_run_from_before_a_key_reads_as_that_keys_old_value(cli, tmp_path):
+    """A run whose config.toml predates data.validation_fraction ran without a validation
+    split: beside a new run pinned at 0 it is the same setting, not "mixed settings"."""
+    root = tmp_path / "runs"
+    old = write_run(root, "old", seed=0, final=0.6, **{"data.validation_fraction": 0.0})
+    text = (old / "config.toml").read_text()
+    (old / "config.toml").write_text("\n".join(line for line in text.splitlines()
+                                               if not line.startswith("validation_fraction")))
+    write_run(root, "new", seed=1, final=0.8, **{"data.validation_fraction": 0.0})
+    code, out, err = cli("report", root, "--format", "csv")
+    assert code == 0 and err == "", err
+    assert report(root).attrs["mixed"] == {}
+    write_run(root, "split", seed=2, final=0.7, **{"data.validation_fraction": 0.1})  # a real difference
+    assert report(root).attrs["mixed"] == {"data.validation_fraction": ["0.0", "0.1"]}
+
+
 # ----------------------------------------------------------------------------- paired by default
 
 def test_long_table_pairs_strategies_by_default(cli, paired_runs):
