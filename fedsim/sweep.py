@@ -202,7 +202,11 @@ def _fmt(value: Any, top: bool = True) -> str:
 
 
 def cell_name(assignment: dict[str, Any]) -> str:
-    return "__".join(f"{k}={_fmt(v)}" for k, v in assignment.items()).replace("/", "_") or "base"
+    """The cell's directory name and its name in messages: a control character in a value
+    (a carriage return, a newline) is written as its escape, so that neither a directory
+    name nor a one-line error is broken by it."""
+    name = "__".join(f"{k}={_fmt(v)}" for k, v in assignment.items()).replace("/", "_") or "base"
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
 
 
 def config_identity(cfg: Config) -> dict[str, Any]:

@@ -624,3 +624,13 @@ def test_a_stopped_parallel_sweep_leaves_no_worker_running(tmp_path, sig):
     finally:
         for pid in _processes_mentioning(str(out)):
             os.kill(pid, 9)
+
+
+def test_a_control_character_in_a_grid_value_is_escaped_in_the_cell_name():
+    """A cell's name is a directory name and part of one-line errors: a carriage return or a
+    newline from a value would break both (the long fuzz found data.text_column = '\\r')."""
+    from fedsim.sweep import cell_name
+
+    assert cell_name({"data.text_column": "\r"}) == "data.text_column=\\r"
+    assert cell_name({"data.path": "a/b\nc"}) == "data.path=a_b\\nc"
+    assert cell_name({"client.lr": 0.1, "strategy.name": "fedavg"}) == "client.lr=0.1__strategy.name=fedavg"

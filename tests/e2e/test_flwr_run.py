@@ -87,7 +87,11 @@ def flower(tmp_path):
            # there (yours, a parallel test's) would take the run, with its own environment
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-           "FEDSIM_OUTPUT_ROOT": str(tmp_path / "runs")}  # where the ServerApp writes: not the checkout
+           "FEDSIM_OUTPUT_ROOT": str(tmp_path / "runs"),  # where the ServerApp writes: not the checkout
+           # Flower's simulation calls ray.init() with no address, which joins the Ray instance
+           # another test has running on this machine (its CPUs taken: "ActorPool is empty");
+           # Ray reads RAY_ADDRESS first, and "local" starts one of its own
+           "RAY_ADDRESS": "local"}
     yield env, home
     for pid in flower_processes(home):
         try:
