@@ -298,11 +298,7 @@ class SecAggPlus(SecAggPlusWorkflow):
     def _check_threshold(self, state: Any) -> bool:
         ok = super()._check_threshold(state)
         if not ok:
-            short = [n for n in state.sampled_node_ids
-                     if len(state.nid_to_neighbours[n] & state.active_node_ids) < state.threshold]
-            self.halted = (f"{len(state.active_node_ids)} of {len(state.sampled_node_ids)} nodes left, and "
-                           f"{len(short)} node(s) kept fewer than {state.threshold} live share holders "
-                           f"(privacy.secagg_threshold)")
+            self.halted = _short_of_shares(state, "", "")
         return ok
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
@@ -311,12 +307,17 @@ class SecAggPlus(SecAggPlusWorkflow):
         # the threshold: the nodes that died in this stage took theirs with them. Its active
         # nodes are now those that sent their shares.
         if not ok and self.halted is None:
-            short = [n for n in state.sampled_node_ids
-                     if len(state.nid_to_neighbours[n] & state.active_node_ids) < state.threshold]
-            self.halted = (f"{len(state.active_node_ids)} of {len(state.sampled_node_ids)} nodes left in the unmask "
-                           f"stage, and {len(short)} node(s) kept fewer than {state.threshold} live share holders "
-                           f"to remove their masks (privacy.secagg_threshold)")
+            self.halted = _short_of_shares(state, " in the unmask stage", " to remove their masks")
         return ok
+
+
+def _short_of_shares(state: Any, where: str, why: str) -> str:
+    """Why SecAgg+ halted: how many nodes are left, and how many kept too few live holders of
+    their key shares for the threshold."""
+    short = [n for n in state.sampled_node_ids
+             if len(state.nid_to_neighbours[n] & state.active_node_ids) < state.threshold]
+    return (f"{len(state.active_node_ids)} of {len(state.sampled_node_ids)} nodes left{where}, and {len(short)} "
+            f"node(s) kept fewer than {state.threshold} live share holders{why} (privacy.secagg_threshold)")
 
 
 def secure_train_round(strategy: Strategy, grid: Any, server_round: int, arrays: ArrayRecord,
