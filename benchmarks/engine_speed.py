@@ -19,6 +19,8 @@ Workloads (DP-SGD sigma = 1, C = 1, batch 8, one local epoch, as in the issue):
   steps-heavy: digits MLP(64), 50 clients, 10 a round, 3 local epochs, 10 rounds (also in
         --quick): a round's clients take about 12 steps each, where in (i)-(iii) most take 1-4,
         so ``e2e_over_engine`` shows what the message path costs beside real local training
+  steps-heavy-20: the same with 5 local epochs, so that clients take the 20 steps a round that
+        the e2e target names (digits' 50 clients hold about 26 samples: 4 batches of 8 an epoch)
   (iv)  with a GPU: pfl-research's CIFAR-10 CNN (without its dropout) on random 32x32x3 data,
         1,000 users of 50 images, 50 a round; also reports rounds per second.
 
@@ -167,6 +169,8 @@ def workloads(quick: bool, tmp: Path) -> list[tuple[str, dict]]:
         ("digits-mlp-200x100", {**dp, **DIGITS_200X100, "federation.rounds": 5 if quick else 10}),
         ("steps-heavy", {**dp, "federation.num_clients": 50, "federation.clients_per_round": 10,
                          "client.local_epochs": 3, "federation.rounds": 10}),
+        ("steps-heavy-20", {**dp, "federation.num_clients": 50, "federation.clients_per_round": 10,
+                            "client.local_epochs": 5, "federation.rounds": 10}),
         ("synthetic-1000x100", {**dp, "data.dataset": "synthetic", "data.partitioner": "natural-id",
                                 "federation.num_clients": 1000, "federation.clients_per_round": 100,
                                 "federation.rounds": 3 if quick else 10}),

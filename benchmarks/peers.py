@@ -31,6 +31,8 @@ simulation engine (``runtime.name = "flower"``), after one untimed one-round run
 
     peers workload=NAME fedsim_loop_s=... pfl_loop_s=... loop_ratio=... fedsim_e2e_s=... pfl_e2e_s=...
           e2e_ratio=... [flower_e2e_s=...]   (one line)
+    floor workload=NAME message_floor_ms=... pfl_round_ms=... fedsim_round_ms=... engine_round_ms=...
+          best_loop_ratio=... best_loop_ratio_trained=...   (one line; see `floor_line`)
     accuracy workload=NAME fedsim=... pfl=... [flower=...]
     followed workload=NAME rounds=... users=... datapoints=... fedsim=yes pfl=yes
 
@@ -202,12 +204,31 @@ class PflWorker:
         self.proc.wait(timeout=60)
 
 
-def fedsim_run(overrides: dict, out: Path) -> tuple[float, float, float]:
-    """One fedsim run: (end-to-end s, training rounds s, final accuracy)."""
+def fedsim_run(overrides: dict, out: Path) -> tuple[float, float, float, float]:
+    """One fedsim run: (end-to-end s, training rounds s, final accuracy, in-engine training s)."""
     es.LOOP_SECONDS[0] = 0.0
-    e2e, _ = es.run_once(overrides, "vectorized", out)
+    e2e, engine = es.run_once(overrides, "vectorized", out)
     accuracy = json.loads((out / "summary.json").read_text())["final_metric"]
-    return e2e, es.LOOP_SECONDS[0], accuracy
+    return e2e, es.LOOP_SECONDS[0], accuracy, engine
+
+
+def floor_line(name: str, rounds: int, floors: list[float], fed: list[tuple], pfl: list[tuple]) -> str:
+    """The ``floor`` line: what the loop target asks against what the message contract allows.
+
+    ``message_floor_ms`` is one round's Flower messages and FedAvg's aggregation alone
+    (`engine_speed.message_floor`, 100 clients of this model), measured beside each pair of
+    runs. ``best_loop_ratio`` is pfl's loop over that floor times the rounds: the ratio a
+    fedsim loop that spent nothing on training, sampling, accounting or state would reach.
+    ``best_loop_ratio_trained`` adds the engine's own measured training time. A value under
+    the target says no engine reaches it while every client gets an ordinary Flower reply."""
+    med = statistics.median
+    best = med(p[1] / (rounds * f) for f, p in zip(floors, pfl))
+    trained = med(p[1] / (rounds * f + r[3]) for f, p, r in zip(floors, pfl, fed))
+    return (f"floor workload={name} message_floor_ms={med(floors) * 1e3:.2f} "
+            f"pfl_round_ms={med(p[1] for p in pfl) / rounds * 1e3:.2f} "
+            f"fedsim_round_ms={med(r[1] for r in fed) / rounds * 1e3:.2f} "
+            f"engine_round_ms={med(r[3] for r in fed) / rounds * 1e3:.2f} "
+            f"best_loop_ratio={best:.1f} best_loop_ratio_trained={trained:.1f}")
 
 
 def _quiet() -> None:
@@ -241,6 +262,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     _quiet()
     es._timed_loop()
+    es._timed_engine()
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         worker = PflWorker(python, args.threads, tmp / "pfl.log")
@@ -254,18 +276,23 @@ def main() -> None:
             worker.run(npz, 1)
             if flower:
                 fedsim_run({**overrides, "federation.rounds": 1, "runtime.name": "flower"}, tmp / f"{name}-warm-fl")
-            runs: dict[str, list[tuple[float, float, float]]] = {"fedsim": [], "pfl": [], "flower": []}
+            runs: dict[str, list[tuple[float, ...]]] = {"fedsim": [], "pfl": [], "flower": []}
+            floors: list[float] = []
+            shapes = {}
             for r in range(repeats):
                 runs["fedsim"].append(fedsim_run(overrides, tmp / f"{name}-{r}"))
                 result = worker.run(npz, args.rounds)
                 runs["pfl"].append((result["e2e_s"], result["loop_s"], result["accuracy"]))
+                shapes = shapes or es.model_shapes(tmp / f"{name}-{r}")
+                floors.append(es.message_floor(overrides["federation.clients_per_round"], shapes))
                 problems = followed(inputs, result, tmp / f"{name}-{r}")
                 if problems:
                     raise SystemExit(f"peers: {name} did not train the same work: " + "; ".join(problems[:5]))
                 if r < flower:
                     runs["flower"].append(fedsim_run({**overrides, "runtime.name": "flower"}, tmp / f"{name}-fl-{r}"))
             print(peers_line(name, runs), flush=True)
-            accuracy = " ".join(f"{k}={statistics.median(a for *_, a in v):.4f}" for k, v in runs.items() if v)
+            print(floor_line(name, args.rounds, floors, runs["fedsim"], runs["pfl"]), flush=True)
+            accuracy = " ".join(f"{k}={statistics.median(run[2] for run in v):.4f}" for k, v in runs.items() if v)
             print(f"accuracy workload={name} {accuracy}", flush=True)
             schedule = inputs["schedule"]
             points = int(np.diff(inputs["user_offsets"])[schedule].sum())
@@ -276,7 +303,7 @@ def main() -> None:
     print(f"machine: {describe()}; pfl-research {worker.version} in {python}")
 
 
-def peers_line(name: str, runs: dict[str, list[tuple[float, float, float]]]) -> str:
+def peers_line(name: str, runs: dict[str, list[tuple[float, ...]]]) -> str:
     """The ``peers`` line: medians, and pfl-over-fedsim ratios as medians of side-by-side pairs."""
     fed, pfl = runs["fedsim"], runs["pfl"]
     med = statistics.median

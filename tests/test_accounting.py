@@ -56,6 +56,29 @@ def test_prv_matches_pld():
     assert epsilon(hist, 1e-5, "prv") == pytest.approx(reference_pld(hist, 1e-5), rel=0.02)
 
 
+def test_prv_memo_keeps_opacus_values_and_is_reused():
+    # the memo on Opacus' one-order RDP must change no value: compare against Opacus' PRV
+    # accountant computing with the unwrapped function, on histories that grow step by step
+    # as a run's per-round epsilon does, and check that the growth is answered from the memo
+    from opacus.accountants import PRVAccountant
+
+    from fedsim.privacy.accounting import clear_memos, memoize_opacus_rdp
+
+    memoize_opacus_rdp()
+    clear_memos()
+    ours = [epsilon([(1.1, 0.125, n)], 1e-5, "prv") for n in (30, 31, 32)]
+    assert opacus_rdp._compute_rdp.cache_info().hits > 0
+    memo = opacus_rdp._compute_rdp
+    try:
+        opacus_rdp._compute_rdp = memo.__wrapped__
+        for n, ours_n in zip((30, 31, 32), ours):
+            acc = PRVAccountant()
+            acc.history = [(1.1, 0.125, n)]
+            assert ours_n == acc.get_epsilon(delta=1e-5)
+    finally:
+        opacus_rdp._compute_rdp = memo
+
+
 def test_cached_curve_equals_opacus_get_epsilon():
     acc = RDPAccountant()
     acc.history = [(1.1, 0.125, 37), (0.9, 0.5, 4)]

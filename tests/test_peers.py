@@ -127,3 +127,19 @@ def test_pfl_trains_the_schedule_and_matches_fedsims_fedavg(tmp_path):
     assert peers.followed(inputs, result, tmp_path / "run") == []
     fedsim_accuracy = peers.json.loads((tmp_path / "run" / "summary.json").read_text())["final_metric"]
     assert abs(result["accuracy"] - fedsim_accuracy) <= 1 / len(inputs["y_test"])
+
+
+def test_floor_line_divides_pfl_loop_by_the_message_floor_over_the_rounds():
+    # two side-by-side pairs, hand-computed: pfl loops 3.0 s and 2.4 s over 30 rounds against
+    # floors of 10 ms and 8 ms: 3.0 / 0.30 = 10 and 2.4 / 0.24 = 10, median 10; with the engine's
+    # training (0.2 s, 0.16 s) added, 3.0 / 0.5 = 6 and 2.4 / 0.4 = 6
+    fed = [(1.0, 0.6, 0.9, 0.2), (1.1, 0.5, 0.9, 0.16)]
+    pfl = [(4.0, 3.0, 0.9), (3.5, 2.4, 0.9)]
+    line = peers.floor_line("x", 30, [0.010, 0.008], fed, pfl)
+    fields = dict(item.split("=") for item in line.split()[1:])
+    assert fields["workload"] == "x"
+    assert float(fields["best_loop_ratio"]) == pytest.approx(10.0)
+    assert float(fields["best_loop_ratio_trained"]) == pytest.approx(6.0)
+    assert float(fields["message_floor_ms"]) == pytest.approx(9.0)
+    assert float(fields["pfl_round_ms"]) == pytest.approx(2.7 / 30 * 1e3, abs=0.01)
+    assert float(fields["engine_round_ms"]) == pytest.approx(0.18 / 30 * 1e3, abs=0.01)
