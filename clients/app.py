@@ -285,8 +285,11 @@ def finish_job(job: ClientJob, result: LocalResult, final: dict[str, torch.Tenso
         R.METRICS: R.trusted(MetricRecord, {
             R.NUM_EXAMPLES: int(result.num_examples), R.UNIT_WEIGHT: 1.0, R.PARTITION_ID: int(job.partition_id),
             R.EPSILON: float(eps) if math.isfinite(eps) else -1.0,  # -1 = no DP (MetricRecord is finite-only)
-            # -1 = no loss measured (every Poisson batch was empty); MetricRecord takes no NaN
-            R.TRAIN_LOSS: float(result.mean_loss) if math.isfinite(result.mean_loss) else -1.0,
+            # -1 = no loss to report: every Poisson batch was empty (MetricRecord takes no NaN), or
+            # secure aggregation, whose server is not trusted with anything but the sum: a client's
+            # training loss is a function of its data that no noise covers, so it is withheld
+            R.TRAIN_LOSS: (float(result.mean_loss) if math.isfinite(result.mean_loss)
+                           and not cfg.privacy.secure_aggregation else -1.0),
             R.LOCAL_STEPS: int(result.steps),
             R.SAMPLE_RATE: float(result.sample_rate)}),
     })

@@ -354,3 +354,22 @@ def test_automatic_sampling_is_fixed_under_secure_aggregation(tmp_path):
 
     cfg = secagg_cfg(tmp_path, **{"privacy.user_noise_multiplier": 1.0, "privacy.user_clipping": "client"})
     assert client_sampling(cfg) == "fixed"
+
+
+def test_clients_withhold_their_training_loss_from_a_secure_aggregation_server(tmp_path):
+    # the server is trusted with the sum only: a client's training loss (a function of its data
+    # that no noise covers) must not reach it; the same run without secure aggregation reports it
+    import csv
+
+    from fedsim.run import run_experiment
+
+    losses = {}
+    for secure in (True, False):
+        out = tmp_path / str(secure)
+        cfg = secagg_cfg(out, **{"privacy.secure_aggregation": secure, "federation.rounds": 2,
+                                 "model.hidden": [8]})
+        run_experiment(cfg, progress=False)
+        with open(out / "rounds.csv") as f:
+            losses[secure] = [row["train_loss"] for row in csv.DictReader(f)]
+    assert all(float(v) > 0 for v in losses[False])
+    assert all(v in ("", "nan") for v in losses[True]), losses[True]
