@@ -208,15 +208,17 @@ def _beta(text: str) -> float:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from fedsim.partition import label_counts
+    from fedsim.partition import label_counts, partition
 
     _check_plot(args.plot)
     cfg = _load(args)
     counts = label_counts(cfg)
+    left_out = partition(cfg).left_out  # the same partition, cached
     width = max(3, len(str(counts.max())))
     header = "client  size  " + " ".join(f"{c:>{width}}" for c in range(counts.shape[1]))
+    unused = f", {left_out} left out" if left_out else ""
     print(f"{cfg.data.dataset}: {counts.sum()} training samples over {len(counts)} clients "
-          f"({cfg.data.partitioner}); label counts per client:")
+          f"({cfg.data.partitioner}{unused}); label counts per client:")
     print(header)
     for i, row in enumerate(counts):
         print(f"{i:>6} {row.sum():>5}  " + " ".join(f"{c:>{width}}" for c in row))

@@ -53,7 +53,7 @@ def param(default: Any, help: str, *, choices: tuple | Callable[[], Any] | None 
 
 DATASETS = ("digits", "breast-cancer", "diabetes", "synthetic", "linear", "text-topics", "file")
 TRACKERS = ("tensorboard", "mlflow")
-PARTITIONERS = ("iid", "dirichlet", "shard", "pathological", "quantity", "natural-id", "feature-skew")
+PARTITIONERS = ("iid", "dirichlet", "shard", "pathological", "quantity", "natural-id", "feature-skew", "iid-mix")
 GENERATED_DATASETS = ("synthetic", "linear", "text-topics")  # sized by data.synthetic_samples
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a directory name, with room for a timestamp
 # Upper bounds, each with its reason (the error says it).
@@ -104,7 +104,11 @@ class DataConfig:
                                        why="some training data must be left to partition")
     partitioner: str = param("iid", "how samples are split across clients", choices=PARTITIONERS)
     alpha: float = param(0.5, "Dirichlet concentration (smaller = more label skew)", lo=0.0, lo_open=True)
-    classes_per_client: int = param(2, "classes per client for shard / pathological", lo=1)
+    classes_per_client: int = param(2, "classes per client for shard / pathological; for iid-mix the size of "
+                                    "each client's group of skewed classes", lo=1)
+    iid_fraction: float = param(0.8, "iid-mix: share of each client's samples spread evenly over all classes, "
+                                "the rest over its group of data.classes_per_client classes (FedLD's noniid_s / "
+                                "100; 1 = IID)", lo=0.0, hi=1.0, why="it is a share of each client's samples")
     quantity_power: float = param(1.0, "power-law exponent of client sizes for 'quantity'", lo=0.0, hi=10.0,
                                   why="at 10 the second client already gets 1/1024 of the first's samples")
     natural_id_column: str = param("group", "column that names each sample's client for 'natural-id'")
@@ -706,8 +710,11 @@ BUILTIN_MODELS = ("logreg", "linear", "mlp", "cnn", "lora-mlp", "hf-text")
 _UNUSED_RULES: tuple[tuple[tuple[str, ...], Callable[[Config], bool], str, Callable[[Config], str]], ...] = (
     (("data.alpha",), lambda c: c.data.partitioner == "dirichlet",
      "data.partitioner = 'dirichlet'", lambda c: f"data.partitioner is {c.data.partitioner!r}"),
-    (("data.classes_per_client",), lambda c: c.data.partitioner in ("shard", "pathological"),
-     "data.partitioner is 'shard' or 'pathological'", lambda c: f"data.partitioner is {c.data.partitioner!r}"),
+    (("data.classes_per_client",), lambda c: c.data.partitioner in ("shard", "pathological", "iid-mix"),
+     "data.partitioner is 'shard', 'pathological' or 'iid-mix'",
+     lambda c: f"data.partitioner is {c.data.partitioner!r}"),
+    (("data.iid_fraction",), lambda c: c.data.partitioner == "iid-mix",
+     "data.partitioner = 'iid-mix'", lambda c: f"data.partitioner is {c.data.partitioner!r}"),
     (("data.quantity_power",), lambda c: c.data.partitioner == "quantity",
      "data.partitioner = 'quantity'", lambda c: f"data.partitioner is {c.data.partitioner!r}"),
     (("data.natural_id_column",), lambda c: c.data.partitioner == "natural-id" and c.data.dataset == "file",

@@ -2,9 +2,11 @@
 
 The label- and size-based splits are flwr-datasets partitioners run over a local
 ``datasets.Dataset`` holding only the label and the row index (no hub, no copy of
-the features). fedsim adds two things they don't have: a power-law ``quantity``
-size vector and ``feature-skew`` (an IID split whose clients each see shifted or
-noisier features; the shift itself is applied in `client_data`).
+the features). fedsim adds three things they don't have: a power-law ``quantity``
+size vector, ``feature-skew`` (an IID split whose clients each see shifted or
+noisier features; the shift itself is applied in `client_data`) and ``iid-mix``
+(FedLD's label skew: a share of each client IID, the rest over a few classes;
+`iid_mix_indices`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import contextlib
 import functools
 import importlib.machinery
 import importlib.util
+import logging
+import math
 import os
 import sys
 import types
@@ -24,9 +28,10 @@ import numpy as np
 from fedsim.caches import Snapshot, cached, frozen, module_source, on_disk
 from fedsim.config import Config, FederationConfig
 from fedsim.datasets import Dataset, disk_key, load_dataset
-from fedsim.errors import FedsimError
+from fedsim.errors import ConfigError, FedsimError
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+log = logging.getLogger("fedsim")
 
 REGRESSION_BINS = 10  # label-skew partitioners see regression targets as deciles
 
@@ -51,6 +56,74 @@ def power_law_sizes(n: int, num_clients: int, power: float, seed: int) -> list[i
         sizes[np.argmax(sizes)] -= 1
     sizes[np.argmax(sizes)] += n - sizes.sum()
     return sizes.tolist()
+
+
+def iid_mix_groups(num_clients: int, num_classes: int, k: int) -> np.ndarray:
+    """(num_clients, k) skewed classes of each client for ``iid-mix``: k consecutive classes
+    (mod C) from class i * (k - 1) mod C (stride 1 for k = 1). Consecutive groups share one
+    class, so for C = 10, k = 3 they are exactly FedLD's list [[0,1,2], [2,3,4], [4,5,6],
+    [6,7,8], [8,9,0]], client i taking group i mod 5 (Zeng et al., MICCAI 2024, their
+    ``data_loader.py``)."""
+    start = np.arange(num_clients)[:, None] * max(k - 1, 1)
+    return (start + np.arange(k)[None, :]) % num_classes
+
+
+def iid_mix_counts(n: int, iid_fraction: float, groups: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_clients, C) class counts of ``iid-mix`` clients of n samples each, with FedLD's
+    integer rounding (``cifar_noniid_s``): floor(n s) IID samples, floor(./C) per class and the
+    remainder to the last class; the other n - floor(n s) over the client's group, floor(./k)
+    per class and the remainder to the group's last class. The 1e-9 keeps a decimal share
+    exact (float gives 100 * 0.29 = 28.999...; the authors' int() takes 28 there)."""
+    num_clients, k = groups.shape
+    n_iid = math.floor(n * iid_fraction + 1e-9)
+    iid = np.full(num_classes, n_iid // num_classes, dtype=np.int64)
+    iid[-1] = n_iid - (num_classes - 1) * (n_iid // num_classes)
+    n_skew = n - n_iid
+    skew = np.full(k, n_skew // k, dtype=np.int64)
+    skew[-1] = n_skew - (k - 1) * (n_skew // k)
+    counts = np.tile(iid, (num_clients, 1))
+    np.add.at(counts, (np.repeat(np.arange(num_clients), k), groups.ravel()), np.tile(skew, num_clients))
+    return counts
+
+
+def iid_mix_indices(labels: np.ndarray, num_clients: int, k: int, iid_fraction: float,
+                    seed: int) -> tuple[list[np.ndarray], int]:
+    """FedLD's label skew (Zeng et al., MICCAI 2024; ``--noniid_s`` = 100 s): every client
+    gets n samples, a share s spread evenly over all C classes and the rest evenly over its
+    group of k classes (`iid_mix_groups`, `iid_mix_counts`). Returns each client's row
+    indices and the number of rows left out.
+
+    The authors fix n (``local_size`` 600) and, when a class runs out, start over at its
+    first sample, so clients share samples. fedsim never gives a sample to two clients:
+    n is the largest value <= floor(N / num_clients) whose class counts, summed over the
+    clients, fit in every class (demand is not monotone in n, as the last class takes a
+    rounding remainder, so every n is tried downward). Each client then draws its counts
+    without replacement from per-class pools shuffled by the seed. The samples no client
+    needs, N - num_clients * n (the classes in fewer groups keep most of them), are LEFT
+    OUT of training: the caller logs how many.
+    """
+    num_classes = int(labels.max()) + 1
+    if k > num_classes:
+        raise ConfigError(f"data.classes_per_client: iid-mix groups k of the {num_classes} classes; "
+                          f"got {k} > {num_classes}")
+    pools = np.bincount(labels, minlength=num_classes)
+    groups = iid_mix_groups(num_clients, num_classes, k)
+    n = len(labels) // num_clients
+    while n > 0 and np.any(iid_mix_counts(n, iid_fraction, groups, num_classes).sum(0) > pools):
+        n -= 1
+    if n == 0:
+        raise ConfigError(f"federation.num_clients: iid-mix cannot give {num_clients} clients one sample each "
+                          f"without reusing one (class sizes {pools.tolist()}, data.classes_per_client {k}, "
+                          f"data.iid_fraction {iid_fraction:g}); lower federation.num_clients")
+    counts = iid_mix_counts(n, iid_fraction, groups, num_classes)
+    rng = np.random.default_rng(seed)
+    order = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    # client i's rows of class c: the next counts[i, c] of the class's shuffled pool
+    ends = np.cumsum(counts, axis=0)
+    indices = [rng.permutation(np.concatenate([order[c][ends[i, c] - counts[i, c]:ends[i, c]]
+                                               for c in range(num_classes)])).astype(np.int64)
+               for i in range(num_clients)]
+    return indices, len(labels) - num_clients * n
 
 
 # flwr-datasets' package import also imports its plotting and metrics helpers (seaborn,
@@ -219,15 +292,19 @@ def assign_leftovers(indices: list[np.ndarray], labels: np.ndarray, cfg: Config)
 
 @dataclass(frozen=True)
 class Partition:
-    """Row indices of the training split for each client."""
+    """Row indices of the training split for each client; `left_out`: training rows no
+    client holds (only ``iid-mix`` leaves any out)."""
 
     indices: list[np.ndarray]
+    left_out: int = 0
 
 
 def partition(cfg: Config, data: Dataset | None = None) -> Partition:
     """Split the training rows across ``cfg.federation.num_clients`` clients.
 
-    Every row goes to exactly one client. A client left with no rows is refused here,
+    Every row goes to exactly one client, except under ``iid-mix``, which leaves out the
+    rows that equal-sized clients cannot use without reusing a sample (`iid_mix_indices`;
+    logged, and counted in `Partition.left_out`). A client left with no rows is refused here,
     with the knob to turn, rather than crashing inside training later. Clients smaller
     than a batch are allowed: Poisson sampling handles them (with q = 1, see the warning
     in `clients.trainer`).
@@ -259,6 +336,14 @@ def _partition(data_cfg: Snapshot, num_clients: int, seed: int) -> Partition:
         raise FedsimError(f"data.partitioner: {len(data.y_train)} training samples cannot give "
                           f"{cfg.federation.num_clients} clients one sample each; lower federation.num_clients")
     labels = partition_labels(data)
+    if cfg.data.partitioner == "iid-mix":
+        indices, left_out = iid_mix_indices(labels, cfg.federation.num_clients, cfg.data.classes_per_client,
+                                            cfg.data.iid_fraction, cfg.seed)
+        log.info("data.partitioner: iid-mix gives each of %d clients %d samples (data.iid_fraction %g over all "
+                 "classes, the rest over %d); %d of %d training samples are left out, as more would reuse "
+                 "a sample", cfg.federation.num_clients, len(indices[0]), cfg.data.iid_fraction,
+                 cfg.data.classes_per_client, left_out, len(labels))
+        return Partition(indices, left_out)
     # quantity (SizePartitioner) takes contiguous rows, so it needs a shuffled dataset;
     # the other partitioners shuffle on their own and see the rows in order.
     shuffled = cfg.data.partitioner in ("quantity", "iid", "feature-skew")

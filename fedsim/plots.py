@@ -130,7 +130,8 @@ def plot_label_distribution(cfg, counts: np.ndarray, path: str | Path) -> Path:
 
     data = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
     d = cfg.data
-    how = d.partitioner + (f", α = {d.alpha:g}" if d.partitioner == "dirichlet" else "")
+    how = d.partitioner + {"dirichlet": f", α = {d.alpha:g}",
+                           "iid-mix": f", s = {d.iid_fraction:g}, k = {d.classes_per_client}"}.get(d.partitioner, "")
     fig = label_distribution_figure(counts, regression=data.task == "regression", label_names=data.label_values,
                                     title=f"{d.dataset}: {how}, {len(counts)} clients, seed {cfg.seed}")
     return save_figure(fig, path)
