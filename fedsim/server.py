@@ -785,8 +785,12 @@ def log_settings(cfg: Config, strategy: Strategy) -> None:
     """The resolved settings, at the top of run.log: the key config values and the strategy's
     own `summary()` (config.toml beside it has every key)."""
     fed, c, p, rt, d = cfg.federation, cfg.client, cfg.privacy, cfg.runtime, cfg.data
-    log.info("run %s: seed %d; data %s, partitioner %s (alpha %g); model %s", cfg.name, cfg.seed, d.dataset,
-             d.partitioner, d.alpha, cfg.model.name)
+    knobs = {"dirichlet": f" (alpha {d.alpha:g})", "shard": f" ({d.classes_per_client} classes a client)",
+             "pathological": f" ({d.classes_per_client} classes a client)",
+             "iid-mix": f" (iid_fraction {d.iid_fraction:g}, {d.classes_per_client} classes)",
+             "quantity": f" (power {d.quantity_power:g})"}
+    log.info("run %s: seed %d; data %s, partitioner %s%s; model %s", cfg.name, cfg.seed, d.dataset,
+             d.partitioner, knobs.get(d.partitioner, ""), cfg.model.name)
     log.info("federation: %d clients, %d per round, %d rounds, %s client sampling; local: %s, batch %d, lr %g, "
              "momentum %g", fed.num_clients, fed.clients_per_round, fed.rounds, client_sampling(cfg),
              f"{c.local_steps} steps" if c.local_steps else f"{c.local_epochs} epoch(s)", c.batch_size, c.lr,
