@@ -241,6 +241,9 @@ class BatchDraws:
     steps_per_epoch: list[int]
     given: list[Sequence[np.ndarray]] | None = None
     rates: torch.Tensor | None = None  # (clients,) q, for "poisson"
+    # on the CPU: the same q as a float32 column and the uniforms as a numpy view, for the comparison in numpy
+    rates_np: np.ndarray | None = None
+    uniforms_np: np.ndarray | None = None
     # "poisson": one (clients, largest n) buffer of uniforms for the whole chunk, padded with
     # 2.0 (never below q), and each client's row of it: one view per client per chunk, not per
     # step (a Python-level view costs about as much as drawing a small client's rand)
@@ -264,6 +267,8 @@ def batch_draws(settings: TrainSettings, sizes: list[int], steps_per_epoch: list
         draws.rates = torch.tensor([poisson_sample_rate(n, settings.batch_size) for n in sizes], device=device)
         draws.uniforms = scratch("draws", (k, max(sizes)), device).fill_(2.0)
         draws.rows = [draws.uniforms[i, :n] for i, n in enumerate(sizes)]
+        if draws.uniforms.device.type == "cpu":
+            draws.rates_np, draws.uniforms_np = draws.rates.numpy()[:, None], draws.uniforms.numpy()
     return draws
 
 
@@ -276,8 +281,10 @@ def draw_batch(draws: BatchDraws, t: int, active: int) -> tuple[torch.Tensor, to
         return _pad([torch.as_tensor(np.asarray(draws.given[i][t], dtype=np.int64)) for i in range(active)],
                     device)
     if draws.mode == "poisson":
-        for i in range(active):
-            torch.rand(draws.sizes[i], generator=draws.generators[i], device=device, out=draws.rows[i])
+        if draws.uniforms_np is not None:
+            local, valid = _poisson_numpy(draws, active)
+            return torch.from_numpy(local), torch.from_numpy(valid)
+        _draw_uniforms(draws, active)
         if draws._rate_col[0] != active:
             draws._rate_col = (active, draws.rates[:active, None])
         return drawn_indices(draws.uniforms[:active] < draws._rate_col[1])
@@ -288,6 +295,20 @@ def draw_batch(draws: BatchDraws, t: int, active: int) -> tuple[torch.Tensor, to
             draws.perms[i] = torch.randperm(draws.sizes[i], generator=draws.generators[i], device=device)
         rows.append(draws.perms[i][j * draws.batch_size:(j + 1) * draws.batch_size])
     return _pad(rows, device)
+
+
+def _draw_uniforms(draws: BatchDraws, active: int) -> None:
+    """Each active client's uniforms for its Poisson draw, from its own generator."""
+    # uniform_ on each row is what torch.rand(out=row) runs, without its argument parsing and resize
+    for row, generator in zip(draws.rows[:active], draws.generators[:active]):
+        row.uniform_(generator=generator)
+
+
+def _poisson_numpy(draws: BatchDraws, active: int) -> tuple[np.ndarray, np.ndarray]:
+    """`draw_batch`'s Poisson draw on the CPU, as numpy arrays (local indices, valid): the
+    float32 comparison with q in numpy, the dispatches of torch's a few microseconds each."""
+    _draw_uniforms(draws, active)
+    return drawn_indices_numpy(draws.uniforms_np[:active] < draws.rates_np[:active])
 
 
 class _Canaries:
@@ -343,17 +364,16 @@ class _Noise:
             if self.fp_safe:  # secure_noise: Opacus' secure_mode draw (`fp_safe_standard_normal`)
                 fp_safe_standard_normal(self.rows[i].shape, generator=self.generators[i],
                                         device=self.rows[i].device, out=self.rows[i])
-            else:
-                torch.randn(self.rows[i].shape, generator=self.generators[i], device=self.rows[i].device,
-                            out=self.rows[i])
+            else:  # what torch.randn(out=row) runs, without its argument parsing and resize
+                self.rows[i].normal_(generator=self.generators[i])
         std = self.std[:active] if isinstance(self.std, torch.Tensor) else self.std  # a column: per-client sigmas
         self.flat[:active] *= std / 10 if fault("noise_div10") else std
         if empty is not None:
             self.flat[:active] *= (~empty[:active]).to(self.flat.dtype)[:, None]
         if self._active[0] != active:
             self._active = (active, {name: part[:active] for name, part in self.parts.items()})
-        for name, g in summed.items():
-            g.add_(self._active[1][name])
+        parts = self._active[1]
+        torch._foreach_add_(list(summed.values()), [parts[name] for name in summed])
 
 
 def client_sigmas(settings: TrainSettings, clients: list[VectorClient]) -> list[float]:
@@ -385,9 +405,6 @@ def _train_chunk(fn: Functional, settings: TrainSettings, clients: list[VectorCl
             for c in clients]
     q = [poisson_sample_rate(n, settings.batch_size) for n in sizes]
     expected = torch.tensor([int(n * qq) for n, qq in zip(sizes, q)], dtype=torch.float32, device=device)
-    # each step's batch loss and whether it had a sample, summed once the chunk is trained
-    step_losses = torch.zeros((max(steps), k), device=device)
-    step_measured = torch.zeros((max(steps), k), device=device, dtype=torch.bool)
     sigmas = client_sigmas(settings, clients)
     # one number while every client has the round's sigma; a column of stds under per-client calibration
     std = sigmas[0] * settings.max_grad_norm if len(set(sigmas)) == 1 else \
@@ -398,21 +415,54 @@ def _train_chunk(fn: Functional, settings: TrainSettings, clients: list[VectorCl
     lr_steps = {name: scratch(("step", name), tuple(p.shape), device, p.dtype) for name, p in params.items()}
     canaries = _Canaries(clients, q if private else [min(1.0, settings.batch_size / n) for n in sizes], device) \
         if any(c.canaries is not None for c in clients) else None
+    # Opacus' steps without autograd where the step takes none (the dense path differentiates
+    # by hand): inference mode skips autograd's two dispatch layers on each of a step's ~80 small
+    # operations, about a sixth of a one-client step; the same kernels, the same bits
+    no_autograd = fn.by_hand_task is not None and fn.rule.post_step is None
+    with torch.inference_mode(no_autograd):
+        losses, counts = _run_steps(fn, settings, params, momentum, state, data_x, data_y, offsets, steps, expected,
+                                    draws, noise, lr_steps, canaries, private)
+    # each step's batch loss and whether it had a sample, summed once the chunk is trained;
+    # zero where a client was done, as a buffer of zeros filled step by step was
+    step_losses, step_measured = _by_step(losses, k, device), _by_step(counts, k, device) > 0
+    return _outcomes(settings, clients, params, steps, q, step_losses, step_measured)
+
+
+def _run_steps(fn: Functional, settings: TrainSettings, params: Tensors, momentum: Tensors | None, state: State,
+               data_x: torch.Tensor, data_y: torch.Tensor, offsets: torch.Tensor, steps: list[int],
+               expected: torch.Tensor, draws: BatchDraws, noise: _Noise | None, lr_steps: Tensors,
+               canaries: _Canaries | None, private: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A chunk's steps, the stacks in `params` (and `momentum`) updated in place; each step's
+    batch loss and real-sample count for its active clients."""
+    device = settings.device
+    names = list(params)
+    losses, counts = [], []
+    offsets_np = offsets.numpy() if offsets.device.type == "cpu" else None
+    actives = np.searchsorted(-np.asarray(steps), -np.arange(max(steps)), side="left").tolist() if steps else []
     last_active = -1
-    for t in range(max(steps)):
-        active = sum(1 for s in steps if s > t)  # clients are sorted by steps: a prefix
+    for t, active in enumerate(actives):  # clients are sorted by steps: the active ones are a prefix
         if active != last_active:  # views of the stacks for this prefix, kept while it lasts
             last_active = active
             current = {name: p[:active] for name, p in params.items()}
+            current_list = list(current.values())
             sub_state = tree_map(lambda v: v[:active], state)
             offset_col = offsets[:active, None]
-            divisors = {name: expected[:active].view(-1, *([1] * (p.dim() - 1))) for name, p in params.items()}
-            lr_step = {name: buffer[:active] for name, buffer in lr_steps.items()}
-        local, valid = draw_batch(draws, t, active)
-        mask = valid.to(torch.float32)
-        index = torch.where(valid, local + offset_col, offset_col)
-        xb, yb = data_x[index], data_y[index]
-        count = mask.sum(1)
+            divisors = [expected[:active].view(-1, *([1] * (p.dim() - 1))) for p in current_list]
+            lr_step = [lr_steps[name][:active] for name in names]
+        if offsets_np is not None and draws.uniforms_np is not None:  # DP-SGD on the CPU: in numpy
+            local_np, valid_np = _poisson_numpy(draws, active)
+            off = offsets_np[:active, None]  # the samples' rows in the chunk's data; padding reads the client's first
+            index = torch.from_numpy(np.where(valid_np, local_np + off, off))
+            mask_np = valid_np.astype(np.float32)
+            mask, count = torch.from_numpy(mask_np), torch.from_numpy(mask_np.sum(1))  # whole numbers: exact
+        else:
+            local, valid = draw_batch(draws, t, active)
+            mask = valid.to(torch.float32)
+            index = torch.where(valid, local + offset_col, offset_col)
+            count = mask.sum(1)
+        flat = index.view(-1)  # index_select copies the rows data_x[index] would, with less indexing machinery
+        xb = data_x.index_select(0, flat).view(*index.shape, *data_x.shape[1:])
+        yb = data_y.index_select(0, flat).view(*index.shape, *data_y.shape[1:])
         if private:
             if xb.shape[1] > 0:
                 summed, values = fn.clipped_sum(current, sub_state, xb, yb, mask, settings.max_grad_norm)
@@ -430,25 +480,36 @@ def _train_chunk(fn: Functional, settings: TrainSettings, clients: list[VectorCl
                         empty = empty & ~canaries.drawn_any[:active]
                 noise.add_to(summed, active, empty)
             # in place: the clipped sums are this step's own tensors (Opacus: (sum + noise) / int(q n))
-            grad = {name: g.div_(divisors[name]) for name, g in summed.items()}
+            summed_list = [summed[name] for name in names]
+            torch._foreach_div_(summed_list, divisors)
+            grad = dict(zip(names, summed_list))
         else:
             grad, batch_loss = fn.mean_grads(current, sub_state, xb, yb, mask)
             if canaries is not None:  # a drawn canary joins a batch of about B samples
                 canaries.add_to(grad, active, max_grad_norm=None, divisor=float(settings.batch_size))
-        step_losses[t, :active] = batch_loss
-        step_measured[t, :active] = count > 0
+        losses.append(batch_loss)
+        counts.append(count)
         grad = momentum_direction(grad, momentum, active, settings.momentum)
         # p - lr * d with the product rounded first, not add_'s fused alpha: the results of
         # published tables depend on this rounding
         if fn.rule.post_step is None:  # in place, on the active prefix of the stack
-            for name in params:
-                current[name].sub_(torch.mul(grad[name], settings.lr, out=lr_step[name]))
+            for d, out in zip([grad[name] for name in names], lr_step):
+                torch.mul(d, settings.lr, out=out)
+            torch._foreach_sub_(current_list, lr_step)
         else:
             new = fn.post_step({name: current[name] - settings.lr * grad[name] for name in current},
                                current, sub_state)
             for name in params:
                 params[name][:active] = new[name]
-    return _outcomes(settings, clients, params, steps, q, step_losses, step_measured)
+    return losses, counts
+
+
+def _by_step(rows: list[torch.Tensor], k: int, device: str) -> torch.Tensor:
+    """(steps, k): each step's values for its active prefix of the `k` clients, zero after it."""
+    if not rows:
+        return torch.zeros((0, k), device=device)
+    out = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    return nn.functional.pad(out, (0, k - out.shape[1])) if out.shape[1] < k else out
 
 
 def _outcomes(settings: TrainSettings, clients: list[VectorClient], params: Tensors, steps: list[int],
@@ -494,11 +555,16 @@ def drawn_indices(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     every step); elsewhere in torch (`drawn_indices_torch`), on the device."""
     if chosen.device.type != "cpu":
         return drawn_indices_torch(chosen)
-    drawn = chosen.numpy()
+    local, valid = drawn_indices_numpy(chosen.numpy())
+    return torch.from_numpy(local), torch.from_numpy(valid)
+
+
+def drawn_indices_numpy(drawn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`drawn_indices` of a boolean numpy array, as numpy arrays."""
     counts = drawn.sum(1)
     width = int(counts.max(initial=0))
     local = np.argsort(~drawn, axis=1, kind="stable")[:, :width]
-    return torch.from_numpy(local), torch.from_numpy(np.arange(width)[None, :] < counts[:, None])
+    return local, np.arange(width)[None, :] < counts[:, None]
 
 
 def drawn_indices_torch(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -204,7 +204,10 @@ def _dense_output_grads(chain, params: Tensors, x: torch.Tensor, y: torch.Tensor
         found = _chain_backward(chain, params, x, y, weight, task)
         if found is not None:
             return found
-    with torch.enable_grad():
+    # the engine may call in inference mode (`vectorized._train_chunk`, where the chain is
+    # differentiated by hand): autograd needs it off, and ordinary tensors for what it saves
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y, weight = (v.clone() if v.is_inference() else v for v in (x, y, weight))
         out, linears = dense_forward(chain, params, x)
         k, b = x.shape[:2]
         per_sample = losses(out.flatten(0, 1), y.flatten(0, 1)).reshape(k, b)
@@ -232,10 +235,11 @@ def dense_clipped_sum(chain, params: Tensors, x: torch.Tensor, y: torch.Tensor, 
     """Opacus' clipped sum of per-sample gradients, without materializing them: a sample's
     gradient norm squared is sum over Linears of ||g||^2 (||a||^2 + 1 with a bias)."""
     layers, per_sample = _dense_output_grads(chain, params, x, y, mask, losses, task)
-    norm_sq = torch.zeros_like(mask)
+    norm_sq = None  # the first layer's term as it is: 0 + x is x for these sums of squares
     for name, a, g in layers:
         inputs_sq = a.square().sum(-1) + (1.0 if f"{name}.bias" in params else 0.0)
-        norm_sq = norm_sq + g.square().sum(-1) * inputs_sq
+        term = g.square().sum(-1) * inputs_sq
+        norm_sq = term if norm_sq is None else norm_sq + term
     return _dense_weight_grads(layers, params, clip_factor(norm_sq.sqrt(), max_grad_norm, mask)), per_sample
 
 
