@@ -274,7 +274,8 @@ def _epsilon_mean(values: pd.Series) -> float:
 
 # Config keys that may differ between the runs of one row: what the row averages over (seeds,
 # their directories and names) and what calibration derives per run from the row's target.
-PER_RUN_KEYS = {"seed", "name", "output.dir", "privacy.noise_multiplier", "privacy.user_noise_multiplier"}
+PER_RUN_KEYS = {"seed", "name", "output.dir", "privacy.noise_multiplier", "privacy.user_noise_multiplier",
+                "privacy.client_noise_multipliers"}
 
 
 def mixed_settings(frame: pd.DataFrame, keys: list[str]) -> dict[str, list[str]]:

@@ -355,6 +355,20 @@ def test_rows_that_average_different_settings_are_named_in_one_warning(cli, tmp_
     assert code == 0 and err == "" and len(out.strip().splitlines()) == 3  # header + one row per lr
 
 
+def test_per_client_sigmas_calibrated_per_seed_are_not_mixed_settings(cli, tmp_path):
+    """Per-client calibration derives each seed's sigma list from its own client sizes, as
+    worst-client calibration derives one sigma: seeds of one target are one setting."""
+    root = tmp_path / "runs"
+    for seed, sigmas in ((0, [1.5, 2.0, 3.0]), (1, [1.2, 2.5, 4.0])):
+        write_run(root, f"pc-{seed}", sigma=max(sigmas), seed=seed, final=0.7, eps=3.0,
+                  **{"privacy.calibration": "per-client", "privacy.client_noise_multipliers": sigmas,
+                     "privacy.target_epsilon": 3.0, "federation.num_clients": 3,
+                     "federation.clients_per_round": 3})
+    code, out, err = cli("report", root, "--format", "csv")
+    assert code == 0 and err == "", err
+    assert len(out.strip().splitlines()) == 2  # header + the one row of both seeds
+
+
 def test_a_run_from_before_a_key_reads_as_that_keys_old_value(cli, tmp_path):
     """A run whose config.toml predates data.validation_fraction ran without a validation
     split: beside a new run pinned at 0 it is the same setting, not "mixed settings"."""
