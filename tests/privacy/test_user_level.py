@@ -422,3 +422,22 @@ def test_cyclic_run_trains_the_planned_blocks(tmp_path, rounds_trained):
     assert user["sampling"] == "cyclic" and "cyclic cohorts" in user["accountant"]
     reference = dpa_rdp(dpa.GaussianDpEvent(2.0), 2, NR.REPLACE_SPECIAL).get_epsilon(1e-5)  # 5 rounds, B = 3
     assert user["epsilon"] == pytest.approx(reference, rel=1e-6)
+
+
+def test_the_without_replacement_curve_is_kept_on_disk_and_read_back_unchanged(tmp_path, monkeypatch):
+    # dp-accounting's curve for fixed-K rounds takes about a second of scalar Python; the next
+    # process reads it from the disk cache: the same values as dp-accounting's own accountant
+    from fedsim.caches import disk_entries
+    from fedsim.privacy.accounting import clear_memos, without_replacement_rdp
+
+    monkeypatch.setenv("FEDSIM_CACHE_DIR", str(tmp_path))
+    clear_memos()
+    first = without_replacement_rdp(1.3, 50, 10)
+    assert [p.parent.name for p in disk_entries()] == ["without-replacement-rdp"]
+    clear_memos()  # as a new process: the memory memo is gone, the disk entry is not
+    again = without_replacement_rdp(1.3, 50, 10)
+    acc = RdpAccountant(orders=list(ORDERS), neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dpa.SampledWithoutReplacementDpEvent(50, 10, dpa.GaussianDpEvent(1.3 / 2)))
+    np.testing.assert_array_equal(again, np.asarray(acc._rdp, dtype=float))
+    np.testing.assert_array_equal(first, again)
+    assert not again.flags.writeable
