@@ -425,7 +425,7 @@ def _train_chunk(fn: Functional, settings: TrainSettings, clients: list[VectorCl
     # each step's batch loss and whether it had a sample, summed once the chunk is trained;
     # zero where a client was done, as a buffer of zeros filled step by step was
     step_losses, step_measured = _by_step(losses, k, device), _by_step(counts, k, device) > 0
-    return _outcomes(settings, clients, params, steps, q, step_losses, step_measured)
+    return _outcomes(settings, clients, params, steps, q, sigmas, step_losses, step_measured)
 
 
 def _run_steps(fn: Functional, settings: TrainSettings, params: Tensors, momentum: Tensors | None, state: State,
@@ -513,11 +513,12 @@ def _by_step(rows: list[torch.Tensor], k: int, device: str) -> torch.Tensor:
 
 
 def _outcomes(settings: TrainSettings, clients: list[VectorClient], params: Tensors, steps: list[int],
-              q: list[float], step_losses: torch.Tensor, step_measured: torch.Tensor) -> list[VectorOutcome]:
-    """Each client's `LocalResult` and trained tensors (on the CPU) once its chunk is trained."""
+              q: list[float], sigmas: list[float], step_losses: torch.Tensor,
+              step_measured: torch.Tensor) -> list[VectorOutcome]:
+    """Each client's `LocalResult` and trained tensors (on the CPU) once its chunk is trained;
+    `sigmas` are the chunk's `client_sigmas`, which its accountant histories record."""
     private = settings.noise_multiplier > 0 or settings.dp_reference
     sizes = [len(c.y) for c in clients]
-    sigmas = client_sigmas(settings, clients)
     # summed in float64 in step order (cumsum runs the steps in order), as a running sum of
     # Python floats adds them up
     loss_sum = torch.where(step_measured, step_losses.double(), 0.0).cumsum(0)[-1] if len(step_losses) \
