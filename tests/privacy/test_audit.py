@@ -294,3 +294,15 @@ def test_a_run_under_a_test_fault_says_so(tiny, monkeypatch):
     clean = run_experiment(tiny(**{"privacy.noise_multiplier": 1.0, "federation.rounds": 1,
                                    "output.dir": str(out) + "-clean"}), progress=False)
     assert "test_fault" not in json.loads((clean / "summary.json").read_text())
+
+
+def test_audit_is_sound_under_per_client_calibration(audit):
+    """Each of 3 clients of unequal size gets its own sigma for epsilon = 8 (the FedSVD
+    authors' setting); canaries in all three face that claim, and the bound stays below it."""
+    record = audit(sigma=0.0, **{"federation.num_clients": 3, "federation.clients_per_round": 3,
+                                 "data.partitioner": "quantity", "data.synthetic_samples": 60, "client.batch_size": 8,
+                                 "privacy.target_epsilon": 8.0, "privacy.calibration": "per-client"})
+    summary = json.loads(open(f"{record['run_dir']}/summary.json").read())["sample_level"]
+    assert summary["noise_multiplier_min"] < summary["noise_multiplier_max"]  # three sigmas, one target
+    assert 0.999 * 8.0 <= record["epsilon_upper"] <= 8.0
+    assert 0 < record["epsilon_lower"] <= record["epsilon_upper"]
