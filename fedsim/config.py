@@ -76,8 +76,9 @@ WHY_STD = "in units of the standardized features' std: beyond 100 the features a
 WHY_OVERFLOW = "a bound against typos and overflow: training computes in float32 (at most 3.4e38)"
 # Keys added with a default that changes what runs do: the value that reproduces a run made
 # before the key existed (it had no validation split then). A recorded config without the key
-# (a sweep cell's, a checkpoint's) holds this value, not today's default.
-BEFORE_THE_KEY = {"data.validation_fraction": 0.0}
+# (a sweep cell's, a checkpoint's) holds this value, not today's default. data.iid_fraction
+# is read only by the iid-mix partitioner, which came with it: any older run holds its default.
+BEFORE_THE_KEY = {"data.validation_fraction": 0.0, "data.iid_fraction": 0.8}
 
 
 @dataclass

@@ -371,12 +371,14 @@ def test_per_client_sigmas_calibrated_per_seed_are_not_mixed_settings(cli, tmp_p
 
 def test_a_run_from_before_a_key_reads_as_that_keys_old_value(cli, tmp_path):
     """A run whose config.toml predates data.validation_fraction ran without a validation
-    split: beside a new run pinned at 0 it is the same setting, not "mixed settings"."""
+    split, and one that predates data.iid_fraction (read only by the iid-mix partitioner, which
+    came with it) ran as its default would: beside a new run pinned at 0 it is the same
+    setting, not "mixed settings"."""
     root = tmp_path / "runs"
     old = write_run(root, "old", seed=0, final=0.6, **{"data.validation_fraction": 0.0})
     text = (old / "config.toml").read_text()
     (old / "config.toml").write_text("\n".join(line for line in text.splitlines()
-                                               if not line.startswith("validation_fraction")))
+                                               if not line.startswith(("validation_fraction", "iid_fraction"))))
     write_run(root, "new", seed=1, final=0.8, **{"data.validation_fraction": 0.0})
     code, out, err = cli("report", root, "--format", "csv")
     assert code == 0 and err == "", err
