@@ -34,7 +34,8 @@ import threading
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ConfigRecord, Context, Error, Message, RecordDict
 
 from fedsim import records as R
 from fedsim.checkpoint import Checkpoint
@@ -53,15 +54,37 @@ log = logging.getLogger("fedsim")
 READY_TIMEOUT_S = 300.0  # a worker that is not up by then cannot be placed (or cannot import fedsim)
 
 
+def array_to_wire(array: Array) -> tuple:
+    """A Flower `Array` as Ray sends it from a worker: its payload as a numpy view, which Ray's
+    serializer moves out of band (one copy into the object store), where the `bytes` it holds
+    would be copied into the pickle stream, the stream into the store and out again. A round
+    of 200 replies of the scale-out MLP is 68 MB; this takes about 25 ms off each round."""
+    return array.dtype, array.shape, array.stype, np.frombuffer(array.data, dtype=np.uint8)
+
+
+def array_from_wire(wire: tuple) -> Array:
+    """`array_to_wire` undone in the driver. The payload is copied into `bytes` (Flower's type
+    for it): a view would pin the worker's whole reply buffer in Ray's object store for as
+    long as any node state kept one of its arrays."""
+    dtype, shape, stype, payload = wire
+    array = Array.__new__(Array)
+    array.__dict__.update(dtype=dtype, shape=tuple(shape), stype=stype, data=payload.tobytes(), _is_dirty=True)
+    return array
+
+
 class EngineWorker:
     """One engine worker (a Ray actor): trains the train messages it is handed with the
     in-process round handler. Its process keeps the clients' data and the engine's buffers
     between rounds (`fedsim.clients.app`'s caches), so a client's data is read once a run."""
 
     def __init__(self, threads: int) -> None:
+        import ray
         import torch
 
         torch.set_num_threads(threads)
+        # in this process only: the replies it returns; the driver needs nothing registered
+        # (the deserializer travels by reference, as a function of this module)
+        ray.util.register_serializer(Array, serializer=array_to_wire, deserializer=array_from_wire)
 
     def where(self) -> tuple[int, str, str]:
         """(pid, host IP, Ray node id): what a failure report names."""

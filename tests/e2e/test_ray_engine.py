@@ -101,6 +101,35 @@ def test_pool_size_from_the_cluster():
     assert workers_that_fit(nodes, 1.0, 1.0) == 1 and workers_that_fit(nodes, 1.0, 0.5) == 2
 
 
+class Echo:
+    """An actor that registers the workers' wire format, as `EngineWorker` does, and sends back
+    what it is given."""
+
+    def __init__(self) -> None:
+        EngineWorker.__init__(self, 1)
+
+    def echo(self, value):
+        return value
+
+
+def test_replies_cross_from_a_worker_unchanged(ray_instance):
+    """A reply's Arrays reach the driver with the same dtype, shape, stype and bytes (Flower's
+    own `numpy()` reads them back), as `bytes`: a view would pin Ray's buffer."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    values = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.zeros(0, dtype=np.float64),
+              "i": np.array([[1, -2]], dtype=np.int64).T}
+    sent = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in values.items()})})
+    back = ray.get(ray.remote(Echo).remote().echo.remote(sent))
+    for key, value in values.items():
+        a, b = sent["arrays"][key], back["arrays"][key]
+        assert type(b.data) is bytes and b.data == a.data
+        assert (b.dtype, b.shape, b.stype) == (a.dtype, a.shape, a.stype)
+        np.testing.assert_array_equal(b.numpy(), value)
+    assert ray_engine.array_from_wire(ray_engine.array_to_wire(sent["arrays"]["w"])) == sent["arrays"]["w"]
+
+
 def test_two_workers_equal_inprocess(ray_instance, tiny, tmp_path):
     """With one client per batched computation the chunk boundaries match whatever the
     split: rounds, clients and model bit for bit (SCAFFOLD, whose nodes keep control
