@@ -16,6 +16,10 @@ and prints, with the machine:
 steady state a long run spends its time in (the first round is where each worker reads its
 clients' data; Ray's own start, about 8 s here, is in the ``_e2e_s`` figures, which are whole
 runs). ``speedup`` is ``inprocess_s / ray_s``; the target on a 2-core machine is >= 1.6.
+Of ``ray_s``, ``ray_workers_s`` is the slowest worker's training each round and
+``ray_beyond_s`` the driver's wait beyond it (dispatch, the replies' trip back, an uneven
+split), read from the run's log; the rest of ``ray_s`` is the driver's own work (the
+aggregation, the central evaluation, the accounting and the files).
 With a GPU, each worker takes one (``runtime.worker_gpus = 1``) and a line per worker count
 up to the GPUs reports the scaling per GPU.
 
@@ -29,6 +33,7 @@ import csv
 import gc
 import logging
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -55,6 +60,17 @@ def workload(rounds: int, clients: int = 1000, per_round: int = 200) -> dict:
             "model.name": "mlp", "model.hidden": [256, 256], "privacy.noise_multiplier": 1.0,
             "privacy.max_grad_norm": 1.0, "client.batch_size": 8, "client.local_epochs": 1, "client.lr": 0.1,
             "runtime.torch_threads": 1, "output.checkpoint_every": 0}
+
+
+ROUND_LINE = re.compile(r"ray: round (\d+): workers trained [\d.]+-([\d.]+) s, the driver waited ([\d.]+) s")
+
+
+def ray_split(out: Path) -> tuple[float, float]:
+    """From a Ray run's log, over the rounds after the first: (seconds the slowest worker
+    trained, seconds the driver waited beyond it: dispatch, the replies' trip, an uneven split)."""
+    rounds = [(float(slowest), float(waited)) for number, slowest, waited
+              in ROUND_LINE.findall((out / "run.log").read_text()) if int(number) > 1]
+    return sum(s for s, _ in rounds), sum(w - s for s, w in rounds)
 
 
 def run_once(overrides: dict, out: Path) -> tuple[float, float]:
@@ -92,15 +108,18 @@ def main() -> None:
         for workers in counts:
             ray_cfg = {**base, "runtime.name": "ray", "runtime.workers": workers,
                        **({"runtime.worker_gpus": 1.0} if gpus > 1 else {})}
-            inproc, ray = [], []
+            inproc, ray, splits = [], [], []
             for i in range(args.repeats):
                 inproc.append(run_once(base, Path(tmp) / f"inprocess-{i}"))
                 ray.append(run_once(ray_cfg, Path(tmp) / f"ray-{i}"))
+                splits.append(ray_split(Path(tmp) / f"ray-{i}"))
             a = statistics.median(x for x, _ in inproc)
             b = statistics.median(x for x, _ in ray)
             print(f"scale_out workload={name} workers={workers} inprocess_s={a:.2f} "
                   f"ray_s={b:.2f} speedup={a / b:.2f} inprocess_e2e_s={statistics.median(e for _, e in inproc):.2f} "
-                  f"ray_e2e_s={statistics.median(e for _, e in ray):.2f}"
+                  f"ray_e2e_s={statistics.median(e for _, e in ray):.2f} "
+                  f"ray_workers_s={statistics.median(w for w, _ in splits):.3f} "
+                  f"ray_beyond_s={statistics.median(x for _, x in splits):.3f}"
                   + (f" target>={TARGET_SPEEDUP}" if gpus <= 1 else ""), flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
