@@ -57,8 +57,8 @@ READY_TIMEOUT_S = 300.0  # a worker that is not up by then cannot be placed (or 
 def array_to_wire(array: Array) -> tuple:
     """A Flower `Array` as Ray sends it from a worker: its payload as a numpy view, which Ray's
     serializer moves out of band (one copy into the object store), where the `bytes` it holds
-    would be copied into the pickle stream, the stream into the store and out again. A round
-    of 200 replies of the scale-out MLP is 68 MB; this takes about 25 ms off each round."""
+    would be copied into the pickle stream, the stream into the store and out again. 100
+    replies of the scale-out benchmark's MLP (34 MB) cross in 42 ms instead of 74."""
     return array.dtype, array.shape, array.stype, np.frombuffer(array.data, dtype=np.uint8)
 
 
