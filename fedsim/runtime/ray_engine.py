@@ -212,11 +212,11 @@ class RayEngineGrid(InProcessGrid):
 
         pids = [context.node_config["partition-id"] for _, context in pairs]
         shares = balance([self.client_steps[p] for p in pids], len(self.pool.actors))
+        start = time.monotonic()  # before the dispatch, which the round's log counts in the wait
         calls = {i: self.pool.actors[i].train.remote([pairs[j] for j in share])
                  for i, share in enumerate(shares) if share}
         replies: list[Message | None] = [None] * len(pairs)
-        start = time.monotonic()
-        deadline = start + self.round_timeout
+        deadline = time.monotonic() + self.round_timeout
         trained: list[float] = []
         failure: ClientFailure | None = None
         for index, call in calls.items():
